@@ -1,0 +1,159 @@
+"""Loading weights from safetensors files in the published (reference) key layout.
+
+Models are built on the meta device, so no random weights are ever allocated, and each tensor is
+read straight to its target device and dtype, one at a time: host memory never holds a second copy
+of a 7B model. Loading is strict: the file must contain exactly the model's keys with the model's
+shapes, otherwise ``CheckpointError`` lists the differences and names the preset that fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import PRESETS, LMConfig, MimiConfig
+from .errors import CheckpointError
+from .lm.model import LMModel
+
+Layout = dict[str, tuple[int, ...]]
+
+
+def model_layout(module: nn.Module) -> Layout:
+    """Key -> shape of a module's state dict (works on meta modules)."""
+    return {name: tuple(t.shape) for name, t in module.state_dict().items()}
+
+
+def file_layout(path: str | Path) -> Layout:
+    """Key -> shape of a safetensors file, read from its header only."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+@dataclass
+class LayoutDiff:
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # key, expected, found
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.wrong_shape)
+
+    @property
+    def size(self) -> int:
+        return len(self.missing) + len(self.unexpected) + len(self.wrong_shape)
+
+    def describe(self, limit: int = 8) -> str:
+        def clip(items: list[str]) -> str:
+            more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+            return ", ".join(items[:limit]) + more
+
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing: {clip(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected: {clip(self.unexpected)}")
+        if self.wrong_shape:
+            shapes = [f"{k} expected {list(e)} found {list(f)}" for k, e, f in self.wrong_shape]
+            parts.append(f"{len(self.wrong_shape)} wrong shape: {clip(shapes)}")
+        return "; ".join(parts)
+
+
+def compare_layouts(expected: Layout, found: Layout) -> LayoutDiff:
+    return LayoutDiff(
+        missing=sorted(set(expected) - set(found)),
+        unexpected=sorted(set(found) - set(expected)),
+        wrong_shape=sorted((k, expected[k], found[k]) for k in expected.keys() & found.keys() if expected[k] != found[k]),
+    )
+
+
+def build_lm(config: LMConfig, device: torch.device | str = "meta", dtype: torch.dtype = torch.float32) -> LMModel:
+    """An LM with uninitialised weights (meta by default: no memory is allocated)."""
+    with torch.device(device):
+        model = LMModel(config)
+    return model.to(dtype=dtype)
+
+
+def build_mimi(config: MimiConfig, device: torch.device | str = "meta") -> "Mimi":
+    from .codec import Mimi
+
+    with torch.device(device):
+        return Mimi(config)
+
+
+def _presets_matching(found: Layout, kind: str) -> list[str]:
+    names = []
+    for preset in PRESETS.values():
+        module = build_lm(preset.lm) if kind == "lm" else build_mimi(preset.mimi)
+        if compare_layouts(model_layout(module), found).ok:
+            names.append(preset.name)
+    return names
+
+
+def _check_layout(module: nn.Module, found: Layout, path: Path, kind: str, wanted: str) -> None:
+    diff = compare_layouts(model_layout(module), found)
+    if diff.ok:
+        return
+    fitting = _presets_matching(found, kind)
+    if fitting:
+        hint = f"this file has the layout of preset {' / '.join(repr(n) for n in fitting)}; load it with that preset"
+    else:
+        hint = "no known preset fits this file; is it the right file (LM vs Mimi), and not truncated?"
+    raise CheckpointError(f"{path} does not fit {wanted}: {diff.describe()}. Hint: {hint}")
+
+
+def _load_into(module: nn.Module, path: Path, device: torch.device | str, dtype: torch.dtype | None) -> None:
+    tensors = {}
+    with safe_open(str(path), framework="pt", device=str(device) if str(device) != "meta" else "cpu") as f:
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensors[name] = tensor
+    module.load_state_dict(tensors, strict=True, assign=True)
+    module.requires_grad_(False)
+
+
+def detect_lm_preset(path: str | Path) -> str:
+    """Name of the preset whose LM layout the file has; CheckpointError if none."""
+    found = file_layout(path)
+    fitting = _presets_matching(found, "lm")
+    if not fitting:
+        raise CheckpointError(f"{path}: no known LM preset fits this file ({len(found)} tensors)")
+    return fitting[0]
+
+
+def load_lm(
+    path: str | Path,
+    config: LMConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    preset_name: str = "the requested LM config",
+) -> LMModel:
+    """Load an LM checkpoint strictly. Every tensor is cast to ``dtype`` (bfloat16 on GPU is the norm)."""
+    path = Path(path)
+    found = file_layout(path)
+    model = build_lm(config, "meta", dtype)
+    _check_layout(model, found, path, "lm", preset_name)
+    _load_into(model, path, device, dtype)
+    return model.eval()
+
+
+def load_mimi(path: str | Path, config: MimiConfig, device: torch.device | str = "cpu", preset_name: str = "the requested Mimi config") -> Mimi:
+    """Load a Mimi checkpoint strictly, in float32."""
+    path = Path(path)
+    found = file_layout(path)
+    model = build_mimi(config, "meta")
+    _check_layout(model, found, path, "mimi", preset_name)
+    _load_into(model, path, device, torch.float32)
+    return model.eval()

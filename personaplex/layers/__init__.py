@@ -1,0 +1,1 @@
+"""Building blocks shared by the codec and the LM: rotary embeddings and ring-buffer attention."""

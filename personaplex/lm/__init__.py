@@ -1,0 +1,1 @@
+"""The Moshi-family language model: temporal transformer, depth transformer, sampling, step logic."""

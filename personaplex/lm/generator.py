@@ -1,0 +1,188 @@
+"""Frame-by-frame generation with per-channel delays: the reference ``LMGen.step`` semantics.
+
+Each slot keeps a small circular token buffer (``cache``, 4 frames) with flags saying which entries
+the caller forced (``provided``), and an ``offset`` counting its steps since reset. A step writes the
+caller's tokens at their delayed positions, runs the model on the previous column, fills the free
+channels of the current column with chosen tokens, and returns the column that is complete (each
+channel read at its own delay). The first ``1 + max_delay`` steps return nothing.
+
+All slots of a batch step together, each at its own offset; nothing here loops over slots or
+synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import LMModel, LMState
+from .sampling import SamplingParams, choose_tokens
+
+CACHE_FRAMES = 4  # max_delay + 3, as in the reference; enough for any delay pattern used here
+
+
+@dataclass
+class GeneratorState:
+    """Token buffers of a batch of slots: cache/provided [B, channels, 4], offset [B]."""
+
+    cache: torch.Tensor  # int64
+    provided: torch.Tensor  # bool
+    offset: torch.Tensor  # int64, steps taken since reset
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.shape[0]
+
+
+@dataclass
+class StepResult:
+    """What one step produced for every slot of the batch."""
+
+    tokens: torch.Tensor  # [B, channels] the completed frame (valid where ``valid``)
+    valid: torch.Tensor  # [B] bool: False during the first 1 + max_delay steps of a slot
+    text_logits: torch.Tensor  # [B, text_card] float
+    audio_logits: torch.Tensor | None  # [B, depth steps, card] when requested
+    transformer_out: torch.Tensor  # [B, dim]
+
+
+@dataclass
+class SamplingSettings:
+    """Per-slot sampling for text and audio, and the per-slot seeds. None => greedy everywhere."""
+
+    text: SamplingParams
+    audio: SamplingParams
+    seed: torch.Tensor  # [B] int64
+    max_text_top_k: int = 25
+    max_audio_top_k: int = 250
+
+
+class Generator:
+    """Steps a batch of conversations through an ``LMModel``."""
+
+    def __init__(self, model: LMModel):
+        self.model = model
+        cfg = model.config
+        self.config = cfg
+        device = model.device
+        self.delays = torch.tensor(cfg.delays, device=device)
+        self.initial = torch.tensor(
+            [cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q, device=device, dtype=torch.long
+        )
+
+    def new_state(self, batch_size: int) -> GeneratorState:
+        """Buffers for ``batch_size`` slots, each as after ``reset`` (offset 1, see ``reset``)."""
+        channels = self.config.num_channels
+        device = self.model.device
+        state = GeneratorState(
+            cache=torch.zeros(batch_size, channels, CACHE_FRAMES, dtype=torch.long, device=device),
+            provided=torch.zeros(batch_size, channels, CACHE_FRAMES, dtype=torch.bool, device=device),
+            offset=torch.zeros(batch_size, dtype=torch.long, device=device),
+        )
+        self.reset(state, torch.ones(batch_size, dtype=torch.bool, device=device))
+        return state
+
+    def reset(self, state: GeneratorState, slots: torch.Tensor, forced: torch.Tensor | None = None) -> None:
+        """Restart the given slots (bool mask [B]) as the reference's reset followed by its step 0.
+
+        The reference's first step after a reset runs no model and overwrites everything it was given
+        with initial tokens, so it is folded into the reset. ``forced`` [B, channels] (-1 = not given)
+        only marks the delayed channels as provided one frame ahead, as that step did; those values are
+        overwritten by the next step, so they never reach the model.
+        """
+        slots = slots.to(torch.bool)
+        keep = ~slots[:, None, None]
+        cache = torch.zeros_like(state.cache)
+        provided = torch.zeros_like(state.provided)
+        cache[:, :, 0] = self.initial
+        provided[:, :, 0] = True
+        if forced is not None:
+            ahead = self.delays > 0
+            given = (forced >= 0) & ahead
+            cache[:, :, 1] = torch.where(given, forced, 0)
+            provided[:, :, 1] = given
+        state.cache.copy_(torch.where(keep, state.cache, cache))
+        state.provided.copy_(torch.where(keep, state.provided, provided))
+        state.offset.copy_(torch.where(slots, torch.ones_like(state.offset), state.offset))
+
+    def step(
+        self,
+        state: GeneratorState,
+        lm_state: LMState,
+        forced: torch.Tensor,
+        *,
+        depth_steps: int | None = None,
+        sampling: SamplingSettings | None = None,
+        input_embeddings: torch.Tensor | None = None,
+        return_audio_logits: bool = False,
+    ) -> StepResult:
+        """One frame for every slot.
+
+        forced: [B, channels] int64 tokens the caller imposes for this frame (-1 = let the model choose),
+        text first, then agent codebooks, then user codebooks. Each is stored at its channel's delay.
+        depth_steps: how many codebooks the depformer computes; defaults to the agent codebooks only,
+        which is exact whenever all user codebooks are forced (their predictions would be discarded).
+        input_embeddings: [B, dim] to feed the temporal transformer instead of the embedded tokens
+        (replay of saved voice-prompt embeddings).
+        """
+        cfg = self.config
+        batch = state.batch_size
+        depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
+        offset = state.offset
+        slot_index = torch.arange(batch, device=offset.device)
+
+        # Write the caller's tokens at their delayed positions.
+        write_at = (offset[:, None] + self.delays) % CACHE_FRAMES  # [B, K]
+        given = forced >= 0
+        current = state.cache.gather(2, write_at[..., None])[..., 0]
+        state.cache.scatter_(2, write_at[..., None], torch.where(given, forced, current)[..., None])
+        was_provided = state.provided.gather(2, write_at[..., None])[..., 0]
+        state.provided.scatter_(2, write_at[..., None], (given | was_provided)[..., None])
+
+        # Channels still inside their initial delay get the initial token.
+        now = offset % CACHE_FRAMES
+        warming = offset[:, None] <= self.delays  # [B, K]
+        now_column = state.cache[slot_index, :, now]
+        state.cache[slot_index, :, now] = torch.where(warming, self.initial, now_column)
+        state.provided[slot_index, :, now] = warming | state.provided[slot_index, :, now]
+
+        previous = (offset - 1) % CACHE_FRAMES
+        model_input = state.cache[slot_index, :, previous]  # [B, K]
+        target = state.cache[slot_index, :, now]
+        target_forced = state.provided[slot_index, :, now]
+
+        if input_embeddings is None:
+            embeddings = self.model.embed(model_input[:, None, :])
+        else:
+            embeddings = input_embeddings[:, None, :].to(self.model.dtype)
+        transformer_out, text_logits = self.model.forward_temporal(embeddings, offset - 1, lm_state)
+        transformer_out, text_logits = transformer_out[:, 0], text_logits[:, 0]
+
+        counter = offset
+        text_params = sampling.text if sampling is not None else None
+        seed = sampling.seed if sampling is not None else None
+        chosen_text = choose_tokens(
+            text_logits, text_params, seed, counter, stream=0,
+            max_top_k=sampling.max_text_top_k if sampling is not None else 1,
+        )
+        text = torch.where(target_forced[:, 0], target[:, 0], chosen_text)
+        forced_audio = torch.where(target_forced[:, 1:], target[:, 1:], -1)
+        depth = self.model.forward_depth(
+            transformer_out, text, forced_audio, depth_steps,
+            sampling.audio if sampling is not None else None, seed, counter,
+            return_logits=return_audio_logits,
+        )
+        if depth_steps < cfg.n_q:
+            # Codebooks the depformer skipped must be forced; the forced value stands.
+            depth_tokens = torch.cat([depth.tokens, forced_audio[:, depth_steps:]], dim=1)
+        else:
+            depth_tokens = depth.tokens
+        state.provided[slot_index, :, previous] = False
+        new_column = torch.where(target_forced, target, torch.cat([text[:, None], depth_tokens], dim=1))
+        state.cache[slot_index, :, now] = new_column
+
+        read_at = (offset[:, None] - 1 + self.delays) % CACHE_FRAMES
+        tokens = state.cache.gather(2, read_at[..., None])[..., 0]
+        valid = offset > cfg.max_delay
+        state.offset.add_(1)
+        return StepResult(tokens, valid, text_logits, depth.logits, transformer_out)

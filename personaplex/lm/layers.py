@@ -1,0 +1,96 @@
+"""Transformer pieces of the LM: gated feed-forward and the temporal (per-frame) transformer stack."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LMConfig
+from ..layers.kv_ring import ring_positions, ring_visibility, write_ring
+from ..layers.norm import RMSNorm
+from ..layers.rope import apply_rope
+
+
+class GatedFeedForward(nn.Module):
+    """``linear_out(silu(a) * b)`` with ``[a, b] = linear_in(x)``; no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.linear_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.linear_in(x).chunk(2, dim=-1)
+        return self.linear_out(F.silu(gate) * value)
+
+
+class SelfAttentionWeights(nn.Module):
+    """Holds the fused q/k/v projection and the output projection under the checkpoint's names."""
+
+    def __init__(self, dim: int, qkv_rows: int, out_rows: int):
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.empty(qkv_rows, dim))
+        # For the depformer, rows of every depth step are stacked: [steps * dim, dim].
+        self.out_proj = nn.Linear(dim, out_rows, bias=False)
+
+
+class TemporalLayer(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = SelfAttentionWeights(config.dim, 3 * config.dim, config.dim)
+        self.norm2 = RMSNorm(config.dim, config.norm_eps)
+        self.gating = GatedFeedForward(config.dim, config.ffn_hidden)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, H*D] -> [B, H, T, D]"""
+    batch, steps, _ = x.shape
+    return x.view(batch, steps, num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H*D]"""
+    batch, _, steps, _ = x.shape
+    return x.transpose(1, 2).reshape(batch, steps, -1)
+
+
+class TemporalTransformer(nn.Module):
+    """The main transformer: one pass per frame over the summed token embeddings.
+
+    Stateless: the KV rings are passed in (``keys``/``values`` [layers, B, H, C, head_dim]) and written
+    in place at the given positions.
+    """
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(TemporalLayer(config) for _ in range(config.num_layers))
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """x: [B, T, dim] frames at absolute positions ``positions[b] + t`` (positions: [B]).
+
+        Frames are written to the rings, then each query attends to the C-1 most recent positions
+        up to itself, exactly what the reference computes when it feeds one frame per call. ``T``
+        must be 1 or 2 here: larger blocks would overwrite keys their first queries still need.
+        """
+        cfg = self.config
+        steps = x.shape[1]
+        query_positions = positions[:, None] + torch.arange(steps, device=x.device)
+        last = query_positions[:, -1]
+        capacity = keys.shape[3]
+        mask = ring_visibility(ring_positions(last, capacity), query_positions, query_positions - capacity + 2)
+        for index, layer in enumerate(self.layers):
+            h = layer.norm1(x)
+            q, k, v = F.linear(h, layer.self_attn.in_proj_weight).chunk(3, dim=-1)
+            q = apply_rope(split_heads(q, cfg.num_heads), query_positions, cfg.max_period)
+            k = apply_rope(split_heads(k, cfg.num_heads), query_positions, cfg.max_period)
+            write_ring(keys[index], k, positions)
+            write_ring(values[index], split_heads(v, cfg.num_heads), positions)
+            attended = F.scaled_dot_product_attention(q, keys[index], values[index], attn_mask=mask)
+            x = x + layer.self_attn.out_proj(merge_heads(attended))
+            x = x + layer.gating(layer.norm2(x))
+        return x

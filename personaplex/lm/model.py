@@ -1,0 +1,131 @@
+"""The LM as one module, under the checkpoint's parameter names.
+
+``LMModel`` computes; it remembers nothing. The temporal transformer's KV rings live in an
+``LMState`` owned by the caller, one slot per conversation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import LMConfig
+from ..layers.norm import RMSNorm
+from .depformer import DepthTransformer
+from .layers import TemporalTransformer
+from .sampling import SamplingParams, choose_tokens
+
+
+@dataclass
+class LMState:
+    """KV rings of the temporal transformer for a batch of slots: [layers, B, heads, context, head_dim]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+
+@dataclass
+class DepthOutput:
+    tokens: torch.Tensor  # [B, steps] int64: chosen (or forced) audio tokens
+    logits: torch.Tensor | None  # [B, steps, card] when requested
+
+
+class LMModel(nn.Module):
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        cfg = config
+        # Row `card` / `text_card` is the "initial" token fed before anything was generated.
+        self.emb = nn.ModuleList(nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q))
+        self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
+        self.transformer = TemporalTransformer(cfg)
+        self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        self.depformer_in = nn.ModuleList(nn.Linear(cfg.dim, cfg.depformer_dim, bias=False) for _ in range(cfg.dep_q))
+        self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, cfg.depformer_dim)
+        self.depformer_emb = nn.ModuleList(
+            nn.Embedding(cfg.card + 1, cfg.depformer_dim) for _ in range(cfg.dep_q - 1)
+        )
+        self.depformer = DepthTransformer(cfg)
+        self.linears = nn.ModuleList(nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q))
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_emb.weight.dtype
+
+    def new_state(self, batch_size: int, device: torch.device | str | None = None) -> LMState:
+        """Zeroed KV rings for ``batch_size`` slots (their content is never read before written)."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch_size, cfg.num_heads, cfg.context, cfg.head_dim)
+        device = self.device if device is None else device
+        return LMState(torch.zeros(shape, device=device, dtype=self.dtype), torch.zeros(shape, device=device, dtype=self.dtype))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Sum of the channel embeddings. tokens: [B, T, 1 + n_q] (text first) -> [B, T, dim].
+
+        A token of -1 contributes nothing (a channel left out on purpose).
+        """
+        def lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+            return table(ids.clamp(min=0)) * (ids != -1).unsqueeze(-1).to(table.weight.dtype)
+
+        x = lookup(self.emb[0], tokens[..., 1])
+        for codebook in range(1, self.config.n_q):
+            x = x + lookup(self.emb[codebook], tokens[..., 1 + codebook])
+        return x + lookup(self.text_emb, tokens[..., 0])
+
+    def forward_temporal(
+        self, embeddings: torch.Tensor, positions: torch.Tensor, state: LMState
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the temporal transformer on embeddings [B, T, dim] at positions [B] (+t).
+
+        Returns (transformer_out after out_norm [B, T, dim], text logits [B, T, text_card]).
+        """
+        x = self.transformer(embeddings, positions, state.keys, state.values)
+        out = self.out_norm(x)
+        return out, self.text_linear(out)
+
+    def forward_depth(
+        self,
+        transformer_out: torch.Tensor,
+        text_token: torch.Tensor,
+        forced_audio: torch.Tensor,
+        steps: int,
+        sampling: SamplingParams | None = None,
+        seed: torch.Tensor | None = None,
+        counter: torch.Tensor | None = None,
+        return_logits: bool = False,
+    ) -> DepthOutput:
+        """Choose the first ``steps`` audio codebooks of one frame per slot.
+
+        transformer_out: [B, dim]; text_token: [B] (the text token of this frame, forced or sampled);
+        forced_audio: [B, >= steps] int64, -1 where the codebook is free. A forced codebook is used as
+        is (and feeds the next depth step); a free one is chosen from the logits.
+        """
+        cfg = self.config
+        batch = transformer_out.shape[0]
+        keys, values = self.depformer.new_cache(batch, transformer_out.device, transformer_out.dtype)
+        hidden = transformer_out[:, None, :]
+        previous = self.depformer_text_emb(text_token)[:, None, :]
+        tokens, all_logits = [], []
+        for step in range(steps):
+            x = self.depformer_in[step](hidden) + previous
+            x = self.depformer(x, step, keys, values)
+            logits = self.linears[step](x)[:, 0]
+            chosen = choose_tokens(logits, sampling, seed, counter, stream=1 + step, max_top_k=cfg.card)
+            token = torch.where(forced_audio[:, step] >= 0, forced_audio[:, step], chosen)
+            tokens.append(token)
+            if return_logits:
+                all_logits.append(logits)
+            if step + 1 < steps:
+                previous = self.depformer_emb[step](token)[:, None, :]
+        return DepthOutput(torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1) if return_logits else None)

@@ -1,0 +1,45 @@
+"""Shared test fixtures.
+
+Golden fixtures (tensors recorded from the reference implementation) are found through
+``PERSONAPLEX_GOLDEN_DIR``, by default ``shared/golden`` beside the repository. Every golden test
+reads its configs from that directory, so any fixture set in the same format runs through them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DEFAULT_GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden"
+
+
+def golden_dir() -> Path:
+    return Path(os.environ.get("PERSONAPLEX_GOLDEN_DIR", DEFAULT_GOLDEN_DIR))
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    """The golden fixture directory; skips the test with the reason when it is absent."""
+    path = golden_dir()
+    if not (path / "tiny_config.json").is_file():
+        pytest.skip(f"golden fixtures not found at {path}; set PERSONAPLEX_GOLDEN_DIR to their directory")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden_config(golden: Path) -> dict:
+    return json.loads((golden / "tiny_config.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # The fixtures were recorded with 2 threads; results are identical with 1, so pin it for speed
+    # and reproducibility on small CI machines.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
