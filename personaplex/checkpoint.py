@@ -100,6 +100,18 @@ def _presets_matching(found: Layout, kind: str) -> list[str]:
     return names
 
 
+def _layout_summary(found: Layout) -> str:
+    """A one-phrase description of what a file holds, to tell users what they actually passed."""
+    if "text_emb.weight" in found:
+        layers = sum(1 for k in found if k.startswith("transformer.layers.") and k.endswith(".norm1.alpha"))
+        dep_q = sum(1 for k in found if k.startswith("linears.") and k.endswith(".weight"))
+        rows, dim = found["text_emb.weight"]
+        return f"an LM with dim {dim}, {layers} layers, dep_q {dep_q}, text vocabulary {rows - 1}"
+    if any(k.startswith("encoder.model.") for k in found):
+        return "a Mimi codec checkpoint"
+    return f"{len(found)} tensors of an unknown model"
+
+
 def _check_layout(module: nn.Module, found: Layout, path: Path, kind: str, wanted: str) -> None:
     diff = compare_layouts(model_layout(module), found)
     if diff.ok:
@@ -108,7 +120,7 @@ def _check_layout(module: nn.Module, found: Layout, path: Path, kind: str, wante
     if fitting:
         hint = f"this file has the layout of preset {' / '.join(repr(n) for n in fitting)}; load it with that preset"
     else:
-        hint = "no known preset fits this file; is it the right file (LM vs Mimi), and not truncated?"
+        hint = f"the file holds {_layout_summary(found)}, which no known preset fits; is it the right, complete file?"
     raise CheckpointError(f"{path} does not fit {wanted}: {diff.describe()}. Hint: {hint}")
 
 

@@ -160,6 +160,45 @@ class MimiConfig:
         """25 Hz encoder frames per 12.5 Hz code frame (the down/upsampling stride)."""
         return self.frame_size // self.seanet.hop_length
 
+    @classmethod
+    def from_reference_kwargs(cls, kwargs: dict) -> "MimiConfig":
+        """Build from the reference Mimi constructor arguments (the ``mimi`` section of a fixture's config json:
+        ``seanet_kwargs``, ``transformer_kwargs``, ``quantizer_kwargs``, ``MimiModel``, ``set_num_codebooks``)."""
+        seanet_kw, transformer_kw = kwargs["seanet_kwargs"], kwargs["transformer_kwargs"]
+        quantizer_kw, model_kw = kwargs["quantizer_kwargs"], kwargs.get("MimiModel", {})
+        fixed = [
+            (seanet_kw, {"causal": True, "activation": "ELU", "norm": "none", "pad_mode": "constant",
+                         "true_skip": True, "disable_norm_outer_blocks": 0}),
+            (transformer_kw, {"causal": True, "conv_layout": True, "gating": "none", "norm": "layer_norm",
+                              "positional_embedding": "rope"}),
+            (model_kw, {"causal": True, "resample_method": "conv", "upsample_channel_wise_bug": True}),
+        ]
+        for section, values in fixed:
+            for key, value in values.items():
+                if section.get(key, value) != value:
+                    raise ValueError(f"unsupported Mimi variant: {key}={section[key]!r} (only {value!r} is implemented)")
+        if transformer_kw.get("layer_scale") is None:  # its init value does not matter, its presence does
+            raise ValueError("unsupported Mimi variant: transformers without layer scale")
+        dimension = seanet_kw["dimension"]
+        projections = (transformer_kw.get("input_dimension", dimension), *transformer_kw.get("output_dimensions", [dimension]),
+                       quantizer_kw.get("input_dimension", dimension), quantizer_kw.get("output_dimension", dimension))
+        if transformer_kw["d_model"] != dimension or any(d != dimension for d in projections):
+            raise ValueError("unsupported Mimi variant: transformer/quantizer widths must equal the SEANet dimension")
+        seanet_names = {f.name for f in dataclasses.fields(SeanetConfig)}
+        seanet = SeanetConfig(**{k: (tuple(v) if k == "ratios" else v) for k, v in seanet_kw.items() if k in seanet_names})
+        transformer_names = {f.name for f in dataclasses.fields(MimiTransformerConfig)} - {"norm_eps"}
+        transformer = MimiTransformerConfig(**{k: v for k, v in transformer_kw.items() if k in transformer_names})
+        return cls(
+            seanet=seanet,
+            transformer=transformer,
+            quantizer_dim=quantizer_kw["dimension"],
+            quantizer_bins=quantizer_kw["bins"],
+            quantizer_total_codebooks=quantizer_kw["n_q"],
+            num_codebooks=kwargs.get("set_num_codebooks", cls.num_codebooks),
+            sample_rate=model_kw.get("sample_rate", SAMPLE_RATE),
+            frame_rate=model_kw.get("frame_rate", FRAME_RATE),
+        )
+
 
 @dataclass(frozen=True)
 class ModelPreset:

@@ -1,0 +1,162 @@
+"""The small causal transformers Mimi runs on its 25 Hz latent frames (one after the SEANet encoder,
+one before the SEANet decoder).
+
+Pre-norm layers: LayerNorm (weight and bias), multi-head self-attention with RoPE over a per-slot KV
+ring, an exact-erf GELU MLP, and LayerScale on both residual branches; no biases in the linear layers.
+The reference feeds 2 frames per 1920-sample call and its ring labels the oldest stored key with a
+future position, so that key is never seen (``reference_lowest_visible``); this is reproduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MimiTransformerConfig
+from ..layers.kv_ring import reference_lowest_visible, ring_positions, ring_visibility, write_ring
+from ..layers.rope import apply_rope
+
+
+@dataclass
+class TransformerState:
+    """KV rings and frame counter of one transformer, one row per slot.
+
+    keys, values: one [B, heads, context, head_dim] ring per layer (post-RoPE keys); position [B]: frames
+    seen so far by each slot, i.e. the absolute position of its next frame. Zeros are a fresh stream.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    position: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values, self.position]
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (``scale`` [dim])."""
+
+    def __init__(self, dim: int, init: float = 0.01):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x
+
+
+class AttentionWeights(nn.Module):
+    """Fused q/k/v projection ``in_proj_weight`` [3*dim, dim] and ``out_proj``, under the checkpoint's names."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, T, H*D] -> [B, H, T, D]"""
+    batch, steps, _ = x.shape
+    return x.view(batch, steps, num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H*D]"""
+    batch, _, steps, _ = x.shape
+    return x.transpose(1, 2).reshape(batch, steps, -1)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: MimiTransformerConfig):
+        super().__init__()
+        dim = config.d_model
+        self.config = config
+        self.self_attn = AttentionWeights(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.norm2 = nn.LayerNorm(dim, eps=config.norm_eps)
+        self.linear1 = nn.Linear(dim, config.dim_feedforward, bias=False)
+        self.linear2 = nn.Linear(config.dim_feedforward, dim, bias=False)
+        self.layer_scale_1 = LayerScale(dim)
+        self.layer_scale_2 = LayerScale(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        query_positions: torch.Tensor,
+        mask: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        """x: [B, T, dim]; query_positions: [B, T]; mask: [B, 1, T, context]; rings updated in place."""
+        cfg = self.config
+        q, k, v = F.linear(self.norm1(x), self.self_attn.in_proj_weight).chunk(3, dim=-1)
+        q = apply_rope(split_heads(q, cfg.num_heads), query_positions, cfg.max_period)
+        k = apply_rope(split_heads(k, cfg.num_heads), query_positions, cfg.max_period)
+        write_ring(keys, k, query_positions[:, 0])
+        write_ring(values, split_heads(v, cfg.num_heads), query_positions[:, 0])
+        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + self.layer_scale_1(self.self_attn.out_proj(merge_heads(attended)))
+        update = self.linear2(F.gelu(self.linear1(self.norm2(x))))
+        return x + self.layer_scale_2(update)
+
+
+class TransformerStack(nn.Module):
+    """The layers (``transformer.layers.N``); streams frames through the per-slot KV rings."""
+
+    def __init__(self, config: MimiTransformerConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+
+    def new_state(self, batch_size: int, device: torch.device | str) -> TransformerState:
+        cfg = self.config
+        dtype = self.layers[0].self_attn.in_proj_weight.dtype
+        shape = (batch_size, cfg.num_heads, cfg.context, cfg.head_dim)
+        return TransformerState(
+            keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+            values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers],
+            position=torch.zeros(batch_size, device=device, dtype=torch.long),
+        )
+
+    def forward(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        """x: [B, T, dim], the next T frames of every slot -> [B, T, dim].
+
+        Equals the reference called with these T frames at once (T < context); Mimi always passes the 2
+        encoder frames of one 1920-sample call, which fixes which keys are visible (module docstring).
+        """
+        steps = x.shape[1]
+        capacity = self.config.context
+        query_positions = state.position[:, None] + torch.arange(steps, device=x.device)
+        last = query_positions[:, -1]
+        # The reference's attention context equals the ring capacity, so the ring alone bounds what a
+        # query sees; its mislabelled oldest key makes that C-2 keys for the first query of a call.
+        mask = ring_visibility(
+            ring_positions(last, capacity), query_positions, reference_lowest_visible(last, steps, capacity)
+        )
+        for layer, keys, values in zip(self.layers, state.keys, state.values):
+            x = layer(x, query_positions, mask, keys, values)
+        state.position.add_(steps)
+        return x
+
+
+class MimiTransformer(nn.Module):
+    """Conv-layout wrapper (``<name>.transformer.layers.N``): [B, dim, T] in and out, 25 Hz frames.
+
+    The reference's input/output projections are identities for Mimi (model width = latent width), so
+    there are none here.
+    """
+
+    def __init__(self, config: MimiTransformerConfig):
+        super().__init__()
+        self.transformer = TransformerStack(config)
+
+    def new_state(self, batch_size: int, device: torch.device | str) -> TransformerState:
+        """Fresh KV rings and zero frame counters for ``batch_size`` slots."""
+        return self.transformer.new_state(batch_size, device)
+
+    def forward(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        """x: [B, dim, T] -> [B, dim, T]; ``state`` advances by T frames."""
+        return self.transformer(x.transpose(1, 2), state).transpose(1, 2)
