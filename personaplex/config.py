@@ -176,16 +176,23 @@ class MimiConfig:
         for section, values in fixed:
             for key, value in values.items():
                 if section.get(key, value) != value:
-                    raise ValueError(f"unsupported Mimi variant: {key}={section[key]!r} (only {value!r} is implemented)")
+                    raise ValueError(
+                        f"unsupported Mimi variant: {key}={section[key]!r} (only {value!r} is implemented)"
+                    )
         if transformer_kw.get("layer_scale") is None:  # its init value does not matter, its presence does
             raise ValueError("unsupported Mimi variant: transformers without layer scale")
         dimension = seanet_kw["dimension"]
-        projections = (transformer_kw.get("input_dimension", dimension), *transformer_kw.get("output_dimensions", [dimension]),
-                       quantizer_kw.get("input_dimension", dimension), quantizer_kw.get("output_dimension", dimension))
+        projections = (
+            transformer_kw.get("input_dimension", dimension),
+            *transformer_kw.get("output_dimensions", [dimension]),
+            quantizer_kw.get("input_dimension", dimension),
+            quantizer_kw.get("output_dimension", dimension),
+        )
         if transformer_kw["d_model"] != dimension or any(d != dimension for d in projections):
             raise ValueError("unsupported Mimi variant: transformer/quantizer widths must equal the SEANet dimension")
         seanet_names = {f.name for f in dataclasses.fields(SeanetConfig)}
-        seanet = SeanetConfig(**{k: (tuple(v) if k == "ratios" else v) for k, v in seanet_kw.items() if k in seanet_names})
+        seanet_args = {k: v for k, v in seanet_kw.items() if k in seanet_names}
+        seanet = SeanetConfig(**{**seanet_args, "ratios": tuple(seanet_args["ratios"])})
         transformer_names = {f.name for f in dataclasses.fields(MimiTransformerConfig)} - {"norm_eps"}
         transformer = MimiTransformerConfig(**{k: v for k, v in transformer_kw.items() if k in transformer_names})
         return cls(

@@ -46,8 +46,13 @@ def write_random_lm_checkpoint(
     from .lm.model import LMModel
 
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LMModel(config).to(dtype)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the target dtype: no float32 copy of 7B weights
+    try:
+        with torch.device(device):
+            model = LMModel(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(path))
     return Path(path)

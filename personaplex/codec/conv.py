@@ -25,7 +25,8 @@ class CausalConv1d(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1, bias: bool = True
+        self, in_channels: int, out_channels: int, kernel_size: int,
+        stride: int = 1, dilation: int = 1, bias: bool = True,
     ):
         super().__init__()
         self.conv = KeyScope(

@@ -29,9 +29,9 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, tail_in: torch.Tensor, tail_out: torch.Tensor) -> torch.Tensor:
-        _, conv_in, _, conv_out = self.block
-        h = conv_in(self.block[0](x), tail_in)
-        return x + conv_out(self.block[2](h), tail_out)
+        act_in, conv_in, act_hidden, conv_out = self.block
+        hidden = conv_in(act_in(x), tail_in)
+        return x + conv_out(act_hidden(hidden), tail_out)
 
 
 class _StreamingStack(nn.Module):

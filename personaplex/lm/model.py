@@ -116,6 +116,9 @@ class LMModel(nn.Module):
         keys, values = self.depformer.new_cache(batch, transformer_out.device, transformer_out.dtype)
         hidden = transformer_out[:, None, :]
         previous = self.depformer_text_emb(text_token)[:, None, :]
+        if steps == 0:
+            empty = forced_audio[:, :0]
+            return DepthOutput(empty, transformer_out.new_zeros(batch, 0, cfg.card) if return_logits else None)
         tokens, all_logits = [], []
         for step in range(steps):
             x = self.depformer_in[step](hidden) + previous

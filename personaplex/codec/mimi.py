@@ -1,0 +1,200 @@
+"""The Mimi codec, streaming one 80 ms frame per call for a batch of independent slots.
+
+Encode: 1920 samples at 24 kHz -> SEANet encoder -> 2 latent frames at 25 Hz -> encoder transformer ->
+downsample to 1 frame at 12.5 Hz -> 8 codes. Decode runs the mirror path. The module holds weights only;
+every bit of streaming memory lives in an ``EncoderState`` / ``DecoderState`` that the caller allocates
+(``new_encoder_state``), passes to each call, and may reset slot by slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import MimiConfig
+from .conv import CausalConv1d, CausalConvTranspose1d
+from .quantizer import SplitResidualQuantizer
+from .seanet import SeanetDecoder, SeanetEncoder
+from .slots import fill_slots_, slot_mask
+from .transformer import MimiTransformer, TransformerState
+
+
+class Downsample(nn.Module):
+    """Learnt causal conv, kernel 2*stride, from the 25 Hz encoder rate to the 12.5 Hz code rate.
+
+    Unlike the SEANet convs, the reference pads a stream's first call by *replicating* its first frame,
+    so a fresh slot needs a flag: its tail is filled from the incoming frame instead of being zeros.
+    """
+
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.conv = CausalConv1d(dim, dim, 2 * stride, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        """x: [B, dim, T] -> [B, dim, T // stride]; ``tail`` and ``fresh`` [B] updated in place."""
+        first_frame = x[..., :1].expand_as(tail)
+        tail.copy_(torch.where(fresh[:, None, None], first_frame, tail))
+        fresh.fill_(False)
+        return self.conv(x, tail)
+
+
+class Upsample(nn.Module):
+    """Depthwise (one filter per channel) causal transposed conv, kernel 2*stride: 12.5 Hz -> 25 Hz."""
+
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.convtr = CausalConvTranspose1d(dim, dim, 2 * stride, stride=stride, groups=dim, bias=False)
+
+    def forward(self, x: torch.Tensor, pending: torch.Tensor) -> torch.Tensor:
+        """x: [B, dim, T] -> [B, dim, stride * T]; ``pending`` updated in place."""
+        return self.convtr(x, pending)
+
+
+@dataclass
+class EncoderState:
+    """Everything the encoder remembers between calls; every tensor has one row per slot."""
+
+    seanet: list[torch.Tensor]  # input tail of each SEANet conv, in network order
+    transformer: TransformerState
+    downsample_tail: torch.Tensor  # [B, dim, kernel - stride] latent frames the next window still needs
+    downsample_fresh: torch.Tensor  # [B] bool: no frame seen yet (first call pads by replication)
+
+    def reset_slots(self, mask: torch.Tensor) -> None:
+        for tensor in (*self.seanet, *self.transformer.tensors(), self.downsample_tail):
+            fill_slots_(tensor, mask, 0)
+        fill_slots_(self.downsample_fresh, mask, True)
+
+
+@dataclass
+class DecoderState:
+    """Everything the decoder remembers between calls; every tensor has one row per slot."""
+
+    upsample_pending: torch.Tensor  # [B, dim, kernel - stride] outputs still receiving contributions
+    transformer: TransformerState
+    seanet: list[torch.Tensor]  # input tail / pending outputs of each SEANet (transposed) conv
+
+    def reset_slots(self, mask: torch.Tensor) -> None:
+        for tensor in (self.upsample_pending, *self.transformer.tensors(), *self.seanet):
+            fill_slots_(tensor, mask, 0)
+
+
+class EncoderTrace(NamedTuple):
+    """Intermediate values of one ``encode_frame`` call (conv layout: [batch, channel, time])."""
+
+    seanet_out: torch.Tensor  # [B, dim, 2] at 25 Hz
+    transformer_out: torch.Tensor  # [B, dim, 2] at 25 Hz
+    latent: torch.Tensor  # [B, dim, 1] at 12.5 Hz, what the quantizer sees
+    codes: torch.Tensor  # [B, num_codebooks] int64
+
+
+class DecoderTrace(NamedTuple):
+    """Intermediate values of one ``decode_frame`` call (conv layout: [batch, channel, time])."""
+
+    latent: torch.Tensor  # [B, dim, 1] at 12.5 Hz, the quantizer's decode of the codes
+    upsampled: torch.Tensor  # [B, dim, 2] at 25 Hz
+    transformer_out: torch.Tensor  # [B, dim, 2] at 25 Hz
+    pcm: torch.Tensor  # [B, frame_size] at 24 kHz
+
+
+class Mimi(nn.Module):
+    """Mimi codec weights with the reference checkpoint's state-dict keys; stateless streaming steps.
+
+    Steps launch no host synchronisation and loop over no batch entries, so they can be captured in a
+    CUDA graph. Every step runs without autograd.
+    """
+
+    def __init__(self, config: MimiConfig):
+        super().__init__()
+        seanet, dim = config.seanet, config.seanet.dimension
+        if config.transformer.d_model != dim:
+            raise ValueError(f"transformer d_model ({config.transformer.d_model}) must equal the latent width ({dim})")
+        if config.frame_size % seanet.hop_length or config.encoder_frames_per_frame < 1:
+            raise ValueError(f"frame size {config.frame_size} is not a multiple of the SEANet hop {seanet.hop_length}")
+        self.config = config
+        # Registration order follows the reference, so state_dict() lists keys in the file's order.
+        self.encoder = SeanetEncoder(seanet)
+        self.decoder = SeanetDecoder(seanet)
+        self.encoder_transformer = MimiTransformer(config.transformer)
+        self.decoder_transformer = MimiTransformer(config.transformer)
+        self.quantizer = SplitResidualQuantizer(
+            dim, config.quantizer_dim, config.quantizer_bins, config.quantizer_total_codebooks, config.num_codebooks
+        )
+        self.downsample = Downsample(dim, config.encoder_frames_per_frame)
+        self.upsample = Upsample(dim, config.encoder_frames_per_frame)
+
+    @property
+    def frame_size(self) -> int:
+        """Samples per code frame (1920 at 24 kHz / 12.5 Hz)."""
+        return self.config.frame_size
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def new_encoder_state(self, batch_size: int, device: torch.device | str) -> EncoderState:
+        """Preallocated encoder memory for ``batch_size`` slots, all fresh."""
+        conv: CausalConv1d = self.downsample.conv
+        return EncoderState(
+            seanet=self.encoder.new_state(batch_size, device),
+            transformer=self.encoder_transformer.new_state(batch_size, device),
+            downsample_tail=conv.new_state(batch_size, device),
+            downsample_fresh=torch.ones(batch_size, dtype=torch.bool, device=device),
+        )
+
+    def new_decoder_state(self, batch_size: int, device: torch.device | str) -> DecoderState:
+        """Preallocated decoder memory for ``batch_size`` slots, all fresh."""
+        convtr: CausalConvTranspose1d = self.upsample.convtr
+        return DecoderState(
+            upsample_pending=convtr.new_state(batch_size, device),
+            transformer=self.decoder_transformer.new_state(batch_size, device),
+            seanet=self.decoder.new_state(batch_size, device),
+        )
+
+    def reset_encoder_state(self, state: EncoderState, slots: torch.Tensor) -> None:
+        """Make the given slots fresh (LongTensor of indices or BoolTensor [B] mask); others are untouched."""
+        flags = state.downsample_fresh
+        state.reset_slots(slot_mask(slots, flags.shape[0], flags.device))
+
+    def reset_decoder_state(self, state: DecoderState, slots: torch.Tensor) -> None:
+        """Make the given slots fresh (LongTensor of indices or BoolTensor [B] mask); others are untouched."""
+        counter = state.transformer.position
+        state.reset_slots(slot_mask(slots, counter.shape[0], counter.device))
+
+    # --- streaming steps ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_frame_traced(self, pcm: torch.Tensor, state: EncoderState) -> EncoderTrace:
+        """``encode_frame`` returning its intermediate values too."""
+        if pcm.dim() != 2 or pcm.shape[1] != self.frame_size:
+            raise ValueError(f"expected pcm [batch, {self.frame_size}], got {list(pcm.shape)}")
+        seanet_out = self.encoder(pcm[:, None, :], state.seanet)
+        transformer_out = self.encoder_transformer(seanet_out, state.transformer)
+        latent = self.downsample(transformer_out, state.downsample_tail, state.downsample_fresh)
+        codes = self.quantizer.encode(latent)[:, :, 0]
+        return EncoderTrace(seanet_out, transformer_out, latent, codes)
+
+    def encode_frame(self, pcm: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        """Encode the next 80 ms of every slot.
+
+        pcm: [B, 1920] float samples at 24 kHz -> codes [B, 8] int64 (one 12.5 Hz frame); ``state`` advances.
+        """
+        return self.encode_frame_traced(pcm, state).codes
+
+    @torch.no_grad()
+    def decode_frame_traced(self, codes: torch.Tensor, state: DecoderState) -> DecoderTrace:
+        """``decode_frame`` returning its intermediate values too."""
+        if codes.dim() != 2 or codes.shape[1] < 2:
+            raise ValueError(f"expected codes [batch, codebooks >= 2], got {list(codes.shape)}")
+        latent = self.quantizer.decode(codes[:, :, None])
+        upsampled = self.upsample(latent, state.upsample_pending)
+        transformer_out = self.decoder_transformer(upsampled, state.transformer)
+        pcm = self.decoder(transformer_out, state.seanet)[:, 0, :]
+        return DecoderTrace(latent, upsampled, transformer_out, pcm)
+
+    def decode_frame(self, codes: torch.Tensor, state: DecoderState) -> torch.Tensor:
+        """Decode the next code frame of every slot.
+
+        codes: [B, 8] int64 (one 12.5 Hz frame) -> pcm [B, 1920] float samples at 24 kHz; ``state`` advances.
+        """
+        return self.decode_frame_traced(codes, state).pcm
