@@ -10,6 +10,7 @@ the whole frame) as a table. Needs a CUDA device.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -79,7 +80,7 @@ def main() -> None:
     preset = get_preset(args.preset)
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    rows = [f"device: {name}, torch {torch.__version__}, preset {preset.name}"]
+    print(f"device: {name}, torch {torch.__version__}, preset {preset.name}")
     memory = torch.cuda.memory_allocated if cuda else (lambda: 0)
 
     if not args.checkpoint.exists():
@@ -87,7 +88,7 @@ def main() -> None:
         write_random_lm_checkpoint(preset.lm, args.checkpoint, dtype=torch.bfloat16, device=args.device)
         if cuda:
             torch.cuda.empty_cache()
-        rows.append(f"wrote random checkpoint {args.checkpoint} ({gib(args.checkpoint.stat().st_size):.2f} GiB) in {time.perf_counter() - t0:.1f} s")
+        print(f"wrote random checkpoint {args.checkpoint} ({gib(args.checkpoint.stat().st_size):.2f} GiB) in {time.perf_counter() - t0:.1f} s")
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -98,7 +99,11 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     weights = memory() - base
     peak_load = (torch.cuda.max_memory_allocated() if cuda else 0) - base
-    rows.append(f"LM load: {load_s:.1f} s (file in page cache), weights {gib(weights):.2f} GiB, peak during load {gib(peak_load):.2f} GiB")
+    host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        f"LM load: {load_s:.1f} s (file in page cache), weights {gib(weights):.2f} GiB on the device, "
+        f"device peak during load {gib(peak_load):.2f} GiB, process peak host RSS so far {gib(host_peak):.2f} GiB"
+    )
 
     mimi = build_mimi(preset.mimi, "cpu")
     mimi.load_state_dict(random_mimi_state_dict(preset.mimi), strict=True)
@@ -108,7 +113,7 @@ def main() -> None:
     gen_state, lm_state = generator.new_state(1), model.new_state(1)
     enc, dec = mimi.new_encoder_state(1, device), mimi.new_decoder_state(1, device)
     kv = lm_state.keys.numel() * lm_state.keys.element_size() * 2
-    rows.append(f"KV rings for one conversation ({preset.lm.context} frames): {gib(kv):.2f} GiB")
+    print(f"KV rings for one conversation ({preset.lm.context} frames): {gib(kv):.2f} GiB")
 
     user = torch.full((1, preset.lm.num_channels), -1, device=device)
     user[:, 1 + preset.lm.agent_codebooks :] = torch.randint(0, 2048, (1, preset.lm.agent_codebooks), device=device)
@@ -141,8 +146,8 @@ def main() -> None:
         mimi.decode_frame(codes, dec)
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
-            rows.append("sync check: LM step and Mimi encode/decode ran under torch.cuda.set_sync_debug_mode('error')")
-        rows.append(
+            print("sync check: LM step and Mimi encode/decode ran under torch.cuda.set_sync_debug_mode('error')")
+        print(
             f"kernels per LM step (sampled): {count_kernels(lm_step_sampled, device)}; "
             f"per full frame: {count_kernels(full_frame, device)}"
         )
@@ -153,8 +158,8 @@ def main() -> None:
         table.append(summary("Mimi decode", time_steps(lambda: mimi.decode_frame(codes, dec), args.steps, device)))
         table.append(summary("whole frame (encode + LM + decode + copy out)", time_steps(full_frame, args.steps, device)))
     if cuda:
-        rows.append(f"peak GPU memory overall: {gib(torch.cuda.max_memory_allocated()):.2f} GiB")
-    print("\n".join(rows + [""] + table))
+        print(f"peak GPU memory overall: {gib(torch.cuda.max_memory_allocated()):.2f} GiB")
+    print("\n" + "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -129,27 +129,27 @@ class Generator:
         batch = state.batch_size
         depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
         offset = state.offset
-        slot_index = torch.arange(batch, device=offset.device)
+        channels = cfg.num_channels
+
+        def column(frame: torch.Tensor) -> torch.Tensor:
+            """Gather/scatter index [B, K, 1] selecting one buffer column per slot (no host sync)."""
+            return (frame % CACHE_FRAMES)[:, None, None].expand(batch, channels, 1)
 
         # Write the caller's tokens at their delayed positions.
-        write_at = (offset[:, None] + self.delays) % CACHE_FRAMES  # [B, K]
-        given = forced >= 0
-        current = state.cache.gather(2, write_at[..., None])[..., 0]
-        state.cache.scatter_(2, write_at[..., None], torch.where(given, forced, current)[..., None])
-        was_provided = state.provided.gather(2, write_at[..., None])[..., 0]
-        state.provided.scatter_(2, write_at[..., None], (given | was_provided)[..., None])
+        write_at = ((offset[:, None] + self.delays) % CACHE_FRAMES)[..., None]  # [B, K, 1]
+        given = (forced >= 0)[..., None]
+        state.cache.scatter_(2, write_at, torch.where(given, forced[..., None], state.cache.gather(2, write_at)))
+        state.provided.scatter_(2, write_at, given | state.provided.gather(2, write_at))
 
         # Channels still inside their initial delay get the initial token.
-        now = offset % CACHE_FRAMES
-        warming = offset[:, None] <= self.delays  # [B, K]
-        now_column = state.cache[slot_index, :, now]
-        state.cache[slot_index, :, now] = torch.where(warming, self.initial, now_column)
-        state.provided[slot_index, :, now] = warming | state.provided[slot_index, :, now]
+        now, previous = column(offset), column(offset - 1)
+        warming = (offset[:, None] <= self.delays)[..., None]  # [B, K, 1]
+        state.cache.scatter_(2, now, torch.where(warming, self.initial[:, None], state.cache.gather(2, now)))
+        state.provided.scatter_(2, now, warming | state.provided.gather(2, now))
 
-        previous = (offset - 1) % CACHE_FRAMES
-        model_input = state.cache[slot_index, :, previous]  # [B, K]
-        target = state.cache[slot_index, :, now]
-        target_forced = state.provided[slot_index, :, now]
+        model_input = state.cache.gather(2, previous)[..., 0]  # [B, K]
+        target = state.cache.gather(2, now)[..., 0]
+        target_forced = state.provided.gather(2, now)[..., 0]
 
         if input_embeddings is None:
             embeddings = self.model.embed(model_input[:, None, :])
@@ -177,9 +177,9 @@ class Generator:
             depth_tokens = torch.cat([depth.tokens, forced_audio[:, depth_steps:]], dim=1)
         else:
             depth_tokens = depth.tokens
-        state.provided[slot_index, :, previous] = False
+        state.provided.scatter_(2, previous, torch.zeros_like(target_forced)[..., None])
         new_column = torch.where(target_forced, target, torch.cat([text[:, None], depth_tokens], dim=1))
-        state.cache[slot_index, :, now] = new_column
+        state.cache.scatter_(2, now, new_column[..., None])
 
         read_at = (offset[:, None] - 1 + self.delays) % CACHE_FRAMES
         tokens = state.cache.gather(2, read_at[..., None])[..., 0]

@@ -1,0 +1,88 @@
+"""CUDA paths: the golden session on the GPU, and steps free of host synchronisation.
+
+Skipped where no CUDA device exists (CI); run on a GPU machine with the same command.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from personaplex.checkpoint import load_lm, load_mimi
+from personaplex.config import LMConfig, MimiConfig
+from personaplex.lm.generator import Generator, SamplingSettings
+from personaplex.lm.sampling import SamplingParams
+from personaplex.persona import load_saved_voice, system_prompt_frames, apply_system_prompt
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def configs(golden_config):
+    return LMConfig.from_reference_kwargs(golden_config["lm"]["config"]), MimiConfig.from_reference_kwargs(golden_config["mimi"])
+
+
+def run_user_phase(lm, mimi, golden, session, dtype_device):
+    device = dtype_device
+    generator = Generator(lm)
+    gen_state, lm_state = generator.new_state(1), lm.new_state(1)
+    voice = load_saved_voice(golden / "voice_prompt_embeddings.safetensors", lm.config)
+    apply_system_prompt(generator, gen_state, lm_state, system_prompt_frames(lm.config, None, session["text_prompt_tokens"].tolist()), voice)
+    encoder, decoder = mimi.new_encoder_state(1, device), mimi.new_decoder_state(1, device)
+    user = session["user_audio_loaded"]
+    frames = torch.nn.functional.pad(user, (0, -user.shape[0] % 1920)).view(-1, 1920).to(device)
+    tokens, pcm = [], []
+    for frame in frames:
+        forced = torch.full((1, 17), -1, device=device)
+        forced[:, 9:] = mimi.encode_frame(frame[None], encoder)
+        result = generator.step(gen_state, lm_state, forced)
+        tokens.append(result.tokens[0])
+        pcm.append(mimi.decode_frame(result.tokens[:, 1:9], decoder)[0])
+    return torch.stack(tokens).cpu(), torch.stack(pcm).cpu()
+
+
+def test_golden_session_float32_on_gpu(golden, golden_config, configs):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    session = load_file(golden / "golden_lm_session.safetensors")
+    lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
+    mimi = load_mimi(golden / golden_config["mimi"]["file"], configs[1], device="cuda")
+    tokens, pcm = run_user_phase(lm, mimi, golden, session, torch.device("cuda"))
+    assert torch.equal(tokens, session["replay_step_out_tokens"][-tokens.shape[0]:])
+    torch.testing.assert_close(pcm, session["replay_agent_pcm"], atol=1e-5, rtol=0)
+
+
+def test_golden_session_bfloat16_agreement_is_reported(golden, golden_config, configs, capsys):
+    session = load_file(golden / "golden_lm_session.safetensors")
+    lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.bfloat16)
+    mimi = load_mimi(golden / golden_config["mimi"]["file"], configs[1], device="cuda")
+    tokens, _ = run_user_phase(lm, mimi, golden, session, torch.device("cuda"))
+    expected = session["replay_step_out_tokens"][-tokens.shape[0]:]
+    agreement = (tokens[:, :9] == expected[:, :9]).float().mean().item()
+    with capsys.disabled():
+        print(f"\nbf16 GPU vs float32 reference, free-running agent tokens: {100 * agreement:.1f}% equal")
+    assert tokens[:, 9:].equal(expected[:, 9:])  # the user's own codes (Mimi in float32) are exact
+
+
+def test_lm_step_does_not_synchronise_with_host(golden, golden_config, configs):
+    lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.bfloat16)
+    generator = Generator(lm)
+    gen_state, lm_state = generator.new_state(3), lm.new_state(3)
+    forced = torch.full((3, 17), -1, device="cuda")
+    forced[:, 9:] = 5
+    sampling = SamplingSettings(
+        text=SamplingParams.fill(3, 0.7, 25, "cuda"), audio=SamplingParams.fill(3, 0.8, 250, "cuda"),
+        seed=torch.tensor([1, 2, 3], device="cuda"),
+    )
+    generator.step(gen_state, lm_state, forced, sampling=sampling)
+    joining = torch.tensor([False, True, False], device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            generator.step(gen_state, lm_state, forced, sampling=sampling)
+        generator.reset(gen_state, joining)
+        generator.step(gen_state, lm_state, forced)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
