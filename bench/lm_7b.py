@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from personaplex.checkpoint import build_mimi, load_lm  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
+from personaplex.cuda_graph import CapturedStep  # noqa: E402
 from personaplex.lm.generator import Generator, SamplingSettings  # noqa: E402
 from personaplex.lm.sampling import SamplingParams  # noqa: E402
 from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
@@ -29,6 +30,17 @@ from personaplex.random_weights import random_mimi_state_dict, write_random_lm_c
 
 def gib(n_bytes: int) -> float:
     return n_bytes / 2**30
+
+
+def host_memory() -> str:
+    """Anonymous (allocated) vs file-backed (mapped checkpoint) resident memory of this process."""
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                fields[key] = int(value.split()[0]) * 1024
+    return ", ".join(f"{k} {gib(v):.2f} GiB" for k, v in fields.items())
 
 
 def synchronize(device: torch.device) -> None:
@@ -102,7 +114,8 @@ def main() -> None:
     host_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(
         f"LM load: {load_s:.1f} s (file in page cache), weights {gib(weights):.2f} GiB on the device, "
-        f"device peak during load {gib(peak_load):.2f} GiB, process peak host RSS so far {gib(host_peak):.2f} GiB"
+        f"device peak during load {gib(peak_load):.2f} GiB; host: peak RSS {gib(host_peak):.2f} GiB "
+        f"(counts the memory-mapped file's pages), now {host_memory()}"
     )
 
     mimi = build_mimi(preset.mimi, "cpu")
@@ -129,13 +142,18 @@ def main() -> None:
     def lm_step_sampled():
         return generator.step(gen_state, lm_state, user, sampling=sampling)
 
-    def full_frame():
-        codes = mimi.encode_frame(pcm, enc)
-        forced = user.clone()
-        forced[:, 1 + preset.lm.agent_codebooks :] = codes
+    agent = slice(1, 1 + preset.lm.agent_codebooks)
+
+    def frame_on_device(pcm_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """User audio in -> (17 tokens, agent audio out), all on the device."""
+        codes = mimi.encode_frame(pcm_in, enc)
+        forced = torch.cat([user[:, :agent.stop], codes], dim=1)
         result = generator.step(gen_state, lm_state, forced, sampling=sampling)
-        out = mimi.decode_frame(result.tokens[:, 1 : 1 + preset.lm.agent_codebooks], dec)
-        return result.tokens.cpu(), out.cpu()  # the one host sync per frame: tokens and audio out
+        return result.tokens, mimi.decode_frame(result.tokens[:, agent], dec)
+
+    def full_frame():
+        tokens, out = frame_on_device(pcm)
+        return tokens.cpu(), out.cpu()  # the one host sync per frame: tokens and audio out
 
     with torch.inference_mode():
         # No host synchronisation may happen inside a step: make any such call an error.
@@ -157,6 +175,22 @@ def main() -> None:
         table.append(summary("Mimi encode", time_steps(lambda: mimi.encode_frame(pcm, enc), args.steps, device)))
         table.append(summary("Mimi decode", time_steps(lambda: mimi.decode_frame(codes, dec), args.steps, device)))
         table.append(summary("whole frame (encode + LM + decode + copy out)", time_steps(full_frame, args.steps, device)))
+        if cuda:
+            # The same step captured as one CUDA graph (the launch overhead of ~5k kernels disappears).
+            state_tensors = gen_state.tensors() + enc.tensors() + dec.tensors()
+            t0 = time.perf_counter()
+            graphed_lm = CapturedStep(
+                lambda forced: generator.step(gen_state, lm_state, forced, sampling=sampling), {"forced": user}, gen_state.tensors()
+            )
+            graphed_frame = CapturedStep(frame_on_device, {"pcm_in": pcm}, state_tensors)
+            print(f"CUDA graph capture of the LM step and of the whole frame: {time.perf_counter() - t0:.1f} s")
+            table.append(summary("LM step, sampled, CUDA graph", time_steps(lambda: graphed_lm(forced=user), args.steps, device)))
+
+            def graphed_full_frame():
+                tokens, out = graphed_frame(pcm_in=pcm)
+                return tokens.cpu(), out.cpu()
+
+            table.append(summary("whole frame, CUDA graph (+ copy out)", time_steps(graphed_full_frame, args.steps, device)))
     if cuda:
         print(f"peak GPU memory overall: {gib(torch.cuda.max_memory_allocated()):.2f} GiB")
     print("\n" + "\n".join(table))

@@ -86,3 +86,39 @@ def test_lm_step_does_not_synchronise_with_host(golden, golden_config, configs):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_captured_frame_equals_eager(golden, golden_config, configs):
+    """Mimi encode + LM step + Mimi decode replayed as one CUDA graph computes what eager mode does."""
+    from personaplex.cuda_graph import CapturedStep
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
+    mimi = load_mimi(golden / golden_config["mimi"]["file"], configs[1], device="cuda")
+    generator = Generator(lm)
+    runs = []
+    for graphed in (False, True):
+        gen_state, lm_state = generator.new_state(2), lm.new_state(2)
+        enc, dec = mimi.new_encoder_state(2, "cuda"), mimi.new_decoder_state(2, "cuda")
+        sampling = SamplingSettings(
+            text=SamplingParams.fill(2, 0.7, 25, "cuda"), audio=SamplingParams.fill(2, 0.8, 250, "cuda"),
+            seed=torch.tensor([5, 6], device="cuda"),
+        )
+
+        def frame(pcm):
+            forced = torch.cat([torch.full((2, 9), -1, device="cuda"), mimi.encode_frame(pcm, enc)], dim=1)
+            result = generator.step(gen_state, lm_state, forced, sampling=sampling)
+            return result.tokens, mimi.decode_frame(result.tokens[:, 1:9], dec)
+
+        generator_input = torch.Generator().manual_seed(0)
+        pcm = 0.1 * torch.randn(30, 2, 1920, generator=generator_input)
+        step = frame
+        if graphed:
+            captured = CapturedStep(frame, {"pcm": pcm[0].cuda()}, gen_state.tensors() + enc.tensors() + dec.tensors())
+            step = lambda pcm: captured(pcm=pcm)  # noqa: E731
+        outputs = [tuple(t.clone() for t in step(p.cuda())) for p in pcm]
+        runs.append(outputs)
+    for (tokens_eager, pcm_eager), (tokens_graph, pcm_graph) in zip(*runs):
+        assert torch.equal(tokens_eager, tokens_graph)
+        torch.testing.assert_close(pcm_eager, pcm_graph, atol=1e-5, rtol=0)

@@ -62,6 +62,10 @@ class EncoderState:
     downsample_tail: torch.Tensor  # [B, dim, kernel - stride] latent frames the next window still needs
     downsample_fresh: torch.Tensor  # [B] bool: no frame seen yet (first call pads by replication)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor (e.g. to snapshot around CUDA graph warm-up)."""
+        return [*self.seanet, *self.transformer.tensors(), self.downsample_tail, self.downsample_fresh]
+
     def reset_slots(self, mask: torch.Tensor) -> None:
         for tensor in (*self.seanet, *self.transformer.tensors(), self.downsample_tail):
             fill_slots_(tensor, mask, 0)
@@ -76,8 +80,12 @@ class DecoderState:
     transformer: TransformerState
     seanet: list[torch.Tensor]  # input tail / pending outputs of each SEANet (transposed) conv
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor (e.g. to snapshot around CUDA graph warm-up)."""
+        return [self.upsample_pending, *self.transformer.tensors(), *self.seanet]
+
     def reset_slots(self, mask: torch.Tensor) -> None:
-        for tensor in (self.upsample_pending, *self.transformer.tensors(), *self.seanet):
+        for tensor in self.tensors():
             fill_slots_(tensor, mask, 0)
 
 

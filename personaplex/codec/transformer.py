@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiTransformerConfig
-from ..layers.kv_ring import reference_lowest_visible, ring_positions, ring_visibility, write_ring
-from ..layers.rope import apply_rope
+from ..layers.attention import ring_self_attention
+from ..layers.kv_ring import reference_lowest_visible, ring_positions, ring_visibility
+from ..layers.rope import Rotation, rotation_for
 
 
 @dataclass
@@ -57,18 +58,6 @@ class AttentionWeights(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
 
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, T, H*D] -> [B, H, T, D]"""
-    batch, steps, _ = x.shape
-    return x.view(batch, steps, num_heads, -1).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] -> [B, T, H*D]"""
-    batch, _, steps, _ = x.shape
-    return x.transpose(1, 2).reshape(batch, steps, -1)
-
-
 class TransformerLayer(nn.Module):
     def __init__(self, config: MimiTransformerConfig):
         super().__init__()
@@ -86,19 +75,17 @@ class TransformerLayer(nn.Module):
         self,
         x: torch.Tensor,
         query_positions: torch.Tensor,
+        rotation: Rotation,
         mask: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
     ) -> torch.Tensor:
         """x: [B, T, dim]; query_positions: [B, T]; mask: [B, 1, T, context]; rings updated in place."""
-        cfg = self.config
-        q, k, v = F.linear(self.norm1(x), self.self_attn.in_proj_weight).chunk(3, dim=-1)
-        q = apply_rope(split_heads(q, cfg.num_heads), query_positions, cfg.max_period)
-        k = apply_rope(split_heads(k, cfg.num_heads), query_positions, cfg.max_period)
-        write_ring(keys, k, query_positions[:, 0])
-        write_ring(values, split_heads(v, cfg.num_heads), query_positions[:, 0])
-        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        x = x + self.layer_scale_1(self.self_attn.out_proj(merge_heads(attended)))
+        attended = ring_self_attention(
+            self.norm1(x), self.self_attn.in_proj_weight, self.config.num_heads, rotation,
+            query_positions[:, 0], keys, values, mask,
+        )
+        x = x + self.layer_scale_1(self.self_attn.out_proj(attended))
         update = self.linear2(F.gelu(self.linear1(self.norm2(x))))
         return x + self.layer_scale_2(update)
 
@@ -136,8 +123,9 @@ class TransformerStack(nn.Module):
         mask = ring_visibility(
             ring_positions(last, capacity), query_positions, reference_lowest_visible(last, steps, capacity)
         )
+        rotation = rotation_for(query_positions, self.config.head_dim, self.config.max_period)
         for layer, keys, values in zip(self.layers, state.keys, state.values):
-            x = layer(x, query_positions, mask, keys, values)
+            x = layer(x, query_positions, rotation, mask, keys, values)
         state.position.add_(steps)
         return x
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from ..config import LMConfig
 from ..layers.norm import RMSNorm
-from .layers import GatedFeedForward, SelfAttentionWeights, merge_heads, split_heads
+from ..layers.attention import merge_heads, split_heads
+from .layers import GatedFeedForward, SelfAttentionWeights
 
 
 class DepthLayer(nn.Module):

@@ -34,6 +34,10 @@ class GeneratorState:
     def batch_size(self) -> int:
         return self.cache.shape[0]
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every state tensor (e.g. to snapshot around CUDA graph warm-up)."""
+        return [self.cache, self.provided, self.offset]
+
 
 @dataclass
 class StepResult:

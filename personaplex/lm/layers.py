@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LMConfig
-from ..layers.kv_ring import ring_positions, ring_visibility, write_ring
+from ..layers.attention import ring_self_attention
+from ..layers.kv_ring import ring_positions, ring_visibility
 from ..layers.norm import RMSNorm
-from ..layers.rope import apply_rope
+from ..layers.rope import rotation_for
 
 
 class GatedFeedForward(nn.Module):
@@ -44,18 +45,6 @@ class TemporalLayer(nn.Module):
         self.gating = GatedFeedForward(config.dim, config.ffn_hidden)
 
 
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, T, H*D] -> [B, H, T, D]"""
-    batch, steps, _ = x.shape
-    return x.view(batch, steps, num_heads, -1).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] -> [B, T, H*D]"""
-    batch, _, steps, _ = x.shape
-    return x.transpose(1, 2).reshape(batch, steps, -1)
-
-
 class TemporalTransformer(nn.Module):
     """The main transformer: one pass per frame over the summed token embeddings.
 
@@ -83,14 +72,12 @@ class TemporalTransformer(nn.Module):
         last = query_positions[:, -1]
         capacity = keys.shape[3]
         mask = ring_visibility(ring_positions(last, capacity), query_positions, query_positions - capacity + 2)
+        rotation = rotation_for(query_positions, cfg.head_dim, cfg.max_period)
         for index, layer in enumerate(self.layers):
-            h = layer.norm1(x)
-            q, k, v = F.linear(h, layer.self_attn.in_proj_weight).chunk(3, dim=-1)
-            q = apply_rope(split_heads(q, cfg.num_heads), query_positions, cfg.max_period)
-            k = apply_rope(split_heads(k, cfg.num_heads), query_positions, cfg.max_period)
-            write_ring(keys[index], k, positions)
-            write_ring(values[index], split_heads(v, cfg.num_heads), positions)
-            attended = F.scaled_dot_product_attention(q, keys[index], values[index], attn_mask=mask)
-            x = x + layer.self_attn.out_proj(merge_heads(attended))
+            attended = ring_self_attention(
+                layer.norm1(x), layer.self_attn.in_proj_weight, cfg.num_heads, rotation, positions,
+                keys[index], values[index], mask,
+            )
+            x = x + layer.self_attn.out_proj(attended)
             x = x + layer.gating(layer.norm2(x))
         return x
