@@ -93,6 +93,7 @@ class SplitResidualQuantizer(nn.Module):
         if not 2 <= num_codebooks <= total_codebooks:
             raise ValueError(f"num_codebooks must be in 2..{total_codebooks}, got {num_codebooks}")
         self.num_codebooks = num_codebooks
+        self.bins = bins
         self.rvq_first = ResidualQuantizer(latent_dim, codebook_dim, bins, 1)
         self.rvq_rest = ResidualQuantizer(latent_dim, codebook_dim, bins, total_codebooks - 1)
 
@@ -103,5 +104,10 @@ class SplitResidualQuantizer(nn.Module):
         return torch.cat([semantic, acoustic], dim=1)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: [B, K, T] (K >= 2) -> quantized latent [B, latent_dim, T]."""
+        """codes: [B, K, T] (K >= 2) -> quantized latent [B, latent_dim, T].
+
+        Codes outside 0..bins-1 (e.g. the -1 of a frame that has no value yet) decode as code 0 instead
+        of tripping a device-side assert, which would take down every conversation on the GPU.
+        """
+        codes = codes.clamp(0, self.bins - 1)
         return self.rvq_first.decode(codes[:, :1]) + self.rvq_rest.decode(codes[:, 1:])

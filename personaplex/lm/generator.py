@@ -43,7 +43,7 @@ class GeneratorState:
 class StepResult:
     """What one step produced for every slot of the batch."""
 
-    tokens: torch.Tensor  # [B, channels] the completed frame (valid where ``valid``)
+    tokens: torch.Tensor  # [B, channels] the completed frame; -1 where not ``valid``
     valid: torch.Tensor  # [B] bool: False during the first 1 + max_delay steps of a slot
     text_logits: torch.Tensor  # [B, text_card] float
     audio_logits: torch.Tensor | None  # [B, depth steps, card] when requested
@@ -186,7 +186,7 @@ class Generator:
         state.cache.scatter_(2, now, new_column[..., None])
 
         read_at = (offset[:, None] - 1 + self.delays) % CACHE_FRAMES
-        tokens = state.cache.gather(2, read_at[..., None])[..., 0]
         valid = offset > cfg.max_delay
+        tokens = torch.where(valid[:, None], state.cache.gather(2, read_at[..., None])[..., 0], -1)
         state.offset.add_(1)
         return StepResult(tokens, valid, text_logits, depth.logits, transformer_out)

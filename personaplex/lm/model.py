@@ -73,10 +73,11 @@ class LMModel(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Sum of the channel embeddings. tokens: [B, T, 1 + n_q] (text first) -> [B, T, dim].
 
-        A token of -1 contributes nothing (a channel left out on purpose).
+        A token of -1 contributes nothing (a channel left out on purpose). Ids are clamped into the
+        table: an out-of-range id must never reach the GPU gather, whose assert would kill the process.
         """
         def lookup(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-            return table(ids.clamp(min=0)) * (ids != -1).unsqueeze(-1).to(table.weight.dtype)
+            return table(ids.clamp(0, table.num_embeddings - 1)) * (ids != -1).unsqueeze(-1).to(table.weight.dtype)
 
         x = lookup(self.emb[0], tokens[..., 1])
         for codebook in range(1, self.config.n_q):
