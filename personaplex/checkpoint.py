@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .codec import Mimi
 from .config import PRESETS, LMConfig, MimiConfig
 from .errors import CheckpointError
 from .lm.model import LMModel
@@ -84,9 +85,7 @@ def build_lm(config: LMConfig, device: torch.device | str = "meta", dtype: torch
     return model.to(dtype=dtype)
 
 
-def build_mimi(config: MimiConfig, device: torch.device | str = "meta") -> "Mimi":
-    from .codec import Mimi
-
+def build_mimi(config: MimiConfig, device: torch.device | str = "meta") -> Mimi:
     with torch.device(device):
         return Mimi(config)
 

@@ -19,7 +19,7 @@ def _cmd_presets(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    from .checkpoint import compare_layouts, file_layout, model_layout, build_lm, build_mimi
+    from .checkpoint import build_lm, build_mimi, compare_layouts, file_layout, model_layout
     from .config import PRESETS
 
     found = file_layout(args.weights)

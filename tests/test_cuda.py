@@ -13,7 +13,7 @@ from personaplex.checkpoint import load_lm, load_mimi
 from personaplex.config import LMConfig, MimiConfig
 from personaplex.lm.generator import Generator, SamplingSettings
 from personaplex.lm.sampling import SamplingParams
-from personaplex.persona import load_saved_voice, system_prompt_frames, apply_system_prompt
+from personaplex.persona import apply_system_prompt, load_saved_voice, system_prompt_frames
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

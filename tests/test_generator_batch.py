@@ -64,3 +64,21 @@ def test_slots_joining_and_resetting_at_different_times(golden, golden_config):
         tokens, logits = run_alone(model, frames)
         assert torch.equal(torch.stack([t for t, _ in recorded[key]]), tokens), key
         torch.testing.assert_close(torch.stack([l for _, l in recorded[key]]), logits, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_on_cpu_follows_float32(golden, golden_config):
+    """bf16 weights run on the CPU (norms and RoPE stay float32) and track the float32 logits."""
+    config = LMConfig.from_reference_kwargs(golden_config["lm"]["config"])
+    path = golden / golden_config["lm"]["file"]
+    frames = user_frames(0, 20)
+    # Force the agent side too, so that both runs see identical inputs and only precision differs.
+    frames[:, :9] = user_frames(1, 20)[:, 9:].repeat(1, 2)[:, :9] % 128
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_lm(path, config, dtype=dtype)
+        assert model.text_linear.weight.dtype == dtype
+        generator = Generator(model)
+        gen_state, lm_state = generator.new_state(1), model.new_state(1)
+        logits[dtype] = torch.stack([generator.step(gen_state, lm_state, f[None]).text_logits[0].float() for f in frames])
+    error = (logits[torch.bfloat16] - logits[torch.float32]).norm() / logits[torch.float32].norm()
+    assert 0 < error < 0.05, error

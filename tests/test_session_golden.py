@@ -18,7 +18,12 @@ from personaplex.checkpoint import load_lm, load_mimi
 from personaplex.config import LMConfig, MimiConfig
 from personaplex.lm.generator import CACHE_FRAMES, Generator
 from personaplex.persona import (
-    SILENCE_FRAMES, SILENCE_TOKENS, SINE_TOKENS, apply_system_prompt, load_saved_voice, system_prompt_frames,
+    SILENCE_FRAMES,
+    SILENCE_TOKENS,
+    SINE_TOKENS,
+    apply_system_prompt,
+    load_saved_voice,
+    system_prompt_frames,
 )
 
 PCM_TOL = 1e-6

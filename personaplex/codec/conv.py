@@ -9,7 +9,6 @@ A zero memory is a fresh stream.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .naming import KeyScope

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LMConfig
-from ..layers.norm import RMSNorm
 from ..layers.attention import merge_heads, split_heads
+from ..layers.norm import RMSNorm
 from .layers import GatedFeedForward, SelfAttentionWeights
 
 
