@@ -108,25 +108,41 @@ def replay_frame(config: LMConfig) -> torch.Tensor:
     return torch.tensor([config.existing_text_padding_id] + [config.audio_initial_token] * config.n_q)
 
 
-def apply_system_prompt(generator, gen_state, lm_state, frames: torch.Tensor, saved_voice: SavedVoice | None = None) -> None:
-    """Force the system prompt into every slot of a freshly reset batch, one frame per step.
+def apply_system_prompt(
+    generator, gen_state, lm_state, frames: torch.Tensor, saved_voice: SavedVoice | None = None, *, stepwise: bool = False
+) -> None:
+    """Force the system prompt into every slot of a batch, which this resets.
 
     frames: [steps, channels] from ``system_prompt_frames`` (the same for all slots); with a
-    ``saved_voice`` its embeddings are replayed first and its token buffer restored. Every channel is
-    forced, so the depth transformer and sampling, whose results would be discarded, are skipped.
+    ``saved_voice`` its embeddings are replayed first and its token buffer restored. By default the
+    frames go through the temporal transformer in one parallel pass (``Generator.prefill``);
+    ``stepwise`` feeds them one per step as the reference does (same result, much slower). Every
+    channel is forced, so the depth transformer and sampling, whose results would be discarded, are
+    skipped either way.
     """
     batch = gen_state.batch_size
     device = gen_state.cache.device
     everyone = torch.ones(batch, dtype=torch.bool, device=device)
+
+    def force(block: torch.Tensor, embeddings: torch.Tensor | None = None) -> None:
+        """block: [T, channels]; embeddings: [T, dim] or None."""
+        frames_b = block.to(device)[None].expand(batch, -1, -1)
+        embeddings_b = None if embeddings is None else embeddings.to(device)[None].expand(batch, -1, -1)
+        if not stepwise:
+            generator.prefill(gen_state, lm_state, frames_b, embeddings_b)
+            return
+        for t in range(frames_b.shape[1]):
+            generator.step(
+                gen_state, lm_state, frames_b[:, t], depth_steps=0,
+                input_embeddings=None if embeddings_b is None else embeddings_b[:, t],
+            )
+
     if saved_voice is not None:
-        dummy = replay_frame(generator.config).to(device).expand(batch, -1)
-        generator.reset(gen_state, everyone, dummy)
-        for embedding in saved_voice.embeddings.to(device):
-            generator.step(gen_state, lm_state, dummy, depth_steps=0, input_embeddings=embedding.expand(batch, -1))
+        dummy = replay_frame(generator.config)
+        generator.reset(gen_state, everyone, dummy.to(device).expand(batch, -1))
+        force(dummy.expand(saved_voice.embeddings.shape[0], -1), saved_voice.embeddings)
         gen_state.cache.copy_(saved_voice.cache.to(device).expand_as(gen_state.cache))
-        steps = frames.to(device)
+        force(frames)
     else:
         generator.reset(gen_state, everyone, frames[0].to(device).expand(batch, -1))
-        steps = frames[1:].to(device)
-    for frame in steps:
-        generator.step(gen_state, lm_state, frame.expand(batch, -1), depth_steps=0)
+        force(frames[1:])

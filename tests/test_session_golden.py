@@ -84,11 +84,11 @@ def test_voice_prompt_and_user_codes(golden, models, session):
     assert torch.equal(user, session["user_codes"])
 
 
-def run_conversation(lm, mimi, frames, saved_voice, user_audio: np.ndarray):
+def run_conversation(lm, mimi, frames, saved_voice, user_audio: np.ndarray, stepwise: bool):
     """Prompt, then the user loop; returns (prompt-end generator state, KV state, per-user-step records)."""
     generator = Generator(lm)
     gen_state, lm_state = generator.new_state(1), lm.new_state(1)
-    apply_system_prompt(generator, gen_state, lm_state, frames, saved_voice)
+    apply_system_prompt(generator, gen_state, lm_state, frames, saved_voice, stepwise=stepwise)
     prompt_end = (gen_state.cache.clone(), gen_state.provided.clone(), int(gen_state.offset[0]), lm_state.keys.clone(), lm_state.values.clone())
     encoder, decoder = mimi.new_encoder_state(1, "cpu"), mimi.new_decoder_state(1, "cpu")
     tokens, pcm, text_logits = [], [], []
@@ -117,8 +117,9 @@ def user_phase(session_info) -> slice:
     return slice(start, start + session_info["phases"]["user"]["num_steps"])
 
 
+@pytest.mark.parametrize("prompt_mode", ["prefill", "stepwise"])
 @pytest.mark.parametrize("voice_source", ["wav", "pt", "safetensors"])
-def test_whole_session(golden, models, session, session_info, voice_source):
+def test_whole_session(golden, models, session, session_info, voice_source, prompt_mode):
     lm, mimi = models
     text_tokens = session["text_prompt_tokens"].tolist()
     if voice_source == "wav":
@@ -135,7 +136,9 @@ def test_whole_session(golden, models, session, session_info, voice_source):
         # The replay path has one step fewer (step 0 is shared); user steps are its last rows.
     users = user_phase(session_info)
     n_user = users.stop - users.start
-    prompt_end, tokens, pcm, text_logits = run_conversation(lm, mimi, frames, saved_voice, read_audio(golden / "user_input.wav"))
+    prompt_end, tokens, pcm, text_logits = run_conversation(
+        lm, mimi, frames, saved_voice, read_audio(golden / "user_input.wav"), stepwise=prompt_mode == "stepwise"
+    )
 
     cache, provided, offset, keys, values = prompt_end
     assert offset == users.start

@@ -21,6 +21,14 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, steps, -1)
 
 
+def _project(h: torch.Tensor, in_proj_weight: torch.Tensor, num_heads: int, rotation: Rotation):
+    # The fused projection gives q, k, v as rows [0, D), [D, 2D), [2D, 3D); q and k get RoPE.
+    q, k, v = F.linear(h, in_proj_weight).chunk(3, dim=-1)
+    q = apply_rope(split_heads(q, num_heads), rotation)
+    k = apply_rope(split_heads(k, num_heads), rotation)
+    return q, k, split_heads(v, num_heads)
+
+
 def ring_self_attention(
     h: torch.Tensor,
     in_proj_weight: torch.Tensor,
@@ -33,12 +41,35 @@ def ring_self_attention(
 ) -> torch.Tensor:
     """Attention of the T new frames h [B, T, dim] (at positions ``start[b] + t``) over the ring.
 
-    The fused projection gives q, k, v (rows [0, D), [D, 2D), [2D, 3D)); k and v are rotated/written to
-    the rings [B, H, C, head_dim] in place, then q attends under ``mask`` [B, 1, T, C]. Returns the
-    merged heads [B, T, dim], before the output projection.
+    k and v are written to the rings [B, H, C, head_dim] in place first, then q attends under ``mask``
+    [B, 1, T, C]: the reference's streaming order. Returns merged heads [B, T, dim] (before out_proj).
     """
-    q, k, v = F.linear(h, in_proj_weight).chunk(3, dim=-1)
-    write_ring(keys, apply_rope(split_heads(k, num_heads), rotation), start)
-    write_ring(values, split_heads(v, num_heads), start)
-    q = apply_rope(split_heads(q, num_heads), rotation)
+    q, k, v = _project(h, in_proj_weight, num_heads, rotation)
+    write_ring(keys, k, start)
+    write_ring(values, v, start)
     return merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+
+
+def prefill_self_attention(
+    h: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    num_heads: int,
+    rotation: Rotation,
+    start: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Like ``ring_self_attention`` for a long block of T <= C frames.
+
+    Queries attend over the ring as it was *before* this block plus the block's own keys (``mask``
+    [B, 1, T, C + T]), and only then are the new keys written: a block longer than two frames would
+    otherwise overwrite keys that its first queries still see when frames are fed one at a time.
+    """
+    q, k, v = _project(h, in_proj_weight, num_heads, rotation)
+    all_keys = torch.cat([keys, k], dim=2)
+    all_values = torch.cat([values, v], dim=2)
+    attended = F.scaled_dot_product_attention(q, all_keys, all_values, attn_mask=mask)
+    write_ring(keys, k, start)
+    write_ring(values, v, start)
+    return merge_heads(attended)

@@ -130,43 +130,19 @@ class Generator:
         (replay of saved voice-prompt embeddings).
         """
         cfg = self.config
-        batch = state.batch_size
         depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
-        offset = state.offset
-        channels = cfg.num_channels
-
-        def column(frame: torch.Tensor) -> torch.Tensor:
-            """Gather/scatter index [B, K, 1] selecting one buffer column per slot (no host sync)."""
-            return (frame % CACHE_FRAMES)[:, None, None].expand(batch, channels, 1)
-
-        # Write the caller's tokens at their delayed positions.
-        write_at = ((offset[:, None] + self.delays) % CACHE_FRAMES)[..., None]  # [B, K, 1]
-        given = (forced >= 0)[..., None]
-        state.cache.scatter_(2, write_at, torch.where(given, forced[..., None], state.cache.gather(2, write_at)))
-        state.provided.scatter_(2, write_at, given | state.provided.gather(2, write_at))
-
-        # Channels still inside their initial delay get the initial token.
-        now, previous = column(offset), column(offset - 1)
-        warming = (offset[:, None] <= self.delays)[..., None]  # [B, K, 1]
-        state.cache.scatter_(2, now, torch.where(warming, self.initial[:, None], state.cache.gather(2, now)))
-        state.provided.scatter_(2, now, warming | state.provided.gather(2, now))
-
-        model_input = state.cache.gather(2, previous)[..., 0]  # [B, K]
-        target = state.cache.gather(2, now)[..., 0]
-        target_forced = state.provided.gather(2, now)[..., 0]
-
+        counter = state.offset.clone()
+        model_input, target, target_forced = self._write_given(state, forced)
         if input_embeddings is None:
             embeddings = self.model.embed(model_input[:, None, :])
         else:
             embeddings = input_embeddings[:, None, :].to(self.model.dtype)
-        transformer_out, text_logits = self.model.forward_temporal(embeddings, offset - 1, lm_state)
+        transformer_out, text_logits = self.model.forward_temporal(embeddings, counter - 1, lm_state)
         transformer_out, text_logits = transformer_out[:, 0], text_logits[:, 0]
 
-        counter = offset
-        text_params = sampling.text if sampling is not None else None
         seed = sampling.seed if sampling is not None else None
         chosen_text = choose_tokens(
-            text_logits, text_params, seed, counter, stream=0,
+            text_logits, sampling.text if sampling is not None else None, seed, counter, stream=0,
             max_top_k=sampling.max_text_top_k if sampling is not None else 1,
         )
         text = torch.where(target_forced[:, 0], target[:, 0], chosen_text)
@@ -175,18 +151,85 @@ class Generator:
             transformer_out, text, forced_audio, depth_steps,
             sampling.audio if sampling is not None else None, seed, counter,
             return_logits=return_audio_logits,
+            max_top_k=sampling.max_audio_top_k if sampling is not None else 1,
         )
-        if depth_steps < cfg.n_q:
-            # Codebooks the depformer skipped must be forced; the forced value stands.
-            depth_tokens = torch.cat([depth.tokens, forced_audio[:, depth_steps:]], dim=1)
-        else:
-            depth_tokens = depth.tokens
-        state.provided.scatter_(2, previous, torch.zeros_like(target_forced)[..., None])
-        new_column = torch.where(target_forced, target, torch.cat([text[:, None], depth_tokens], dim=1))
-        state.cache.scatter_(2, now, new_column[..., None])
-
-        read_at = (offset[:, None] - 1 + self.delays) % CACHE_FRAMES
-        valid = offset > cfg.max_delay
-        tokens = torch.where(valid[:, None], state.cache.gather(2, read_at[..., None])[..., 0], -1)
-        state.offset.add_(1)
+        # Codebooks the depformer skipped must be forced; the forced value stands.
+        depth_tokens = torch.cat([depth.tokens, forced_audio[:, depth_steps:]], dim=1)
+        chosen = torch.cat([text[:, None], depth_tokens], dim=1)
+        tokens, valid = self._commit(state, torch.where(target_forced, target, chosen))
         return StepResult(tokens, valid, text_logits, depth.logits, transformer_out)
+
+    def prefill(
+        self,
+        state: GeneratorState,
+        lm_state: LMState,
+        frames: torch.Tensor,
+        input_embeddings: torch.Tensor | None = None,
+    ) -> None:
+        """Many fully forced frames at once: the same state as ``step`` called once per frame.
+
+        frames: [B, T, channels] with every token given (no -1); input_embeddings: [B, T, dim] to use
+        instead of the embedded tokens. Nothing is sampled because nothing would survive: each
+        step's target column is entirely forced. That holds when every channel of the step before
+        was forced too, or the slots were just reset, which callers (the system prompt) guarantee.
+        The token bookkeeping runs frame by frame (cheap); the temporal transformer runs once over
+        the whole block, in chunks that fit its KV ring. Outputs are discarded, as when stepping.
+        """
+        steps = frames.shape[1]
+        start = state.offset.clone()
+        inputs = []
+        for t in range(steps):
+            model_input, target, _ = self._write_given(state, frames[:, t])
+            inputs.append(model_input)
+            self._commit(state, target)
+        if input_embeddings is None:
+            embeddings = self.model.embed(torch.stack(inputs, dim=1))
+        else:
+            embeddings = input_embeddings.to(self.model.dtype)
+        chunk = max(1, self.config.context - 1)
+        for first in range(0, steps, chunk):
+            block = embeddings[:, first : first + chunk]
+            if block.shape[1] <= 2:
+                for t in range(block.shape[1]):  # tiny remainders take the streaming path
+                    self.model.forward_temporal(block[:, t : t + 1], start - 1 + first + t, lm_state)
+            else:
+                self.model.forward_temporal(block, start - 1 + first, lm_state)
+
+    def _write_given(self, state: GeneratorState, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """First half of a step: store the given tokens, apply initial tokens; returns
+        (model input column [B, K], target column [B, K], target forced flags [B, K])."""
+        batch, channels = forced.shape
+        offset = state.offset
+        # Write the caller's tokens at their delayed positions.
+        write_at = ((offset[:, None] + self.delays) % CACHE_FRAMES)[..., None]  # [B, K, 1]
+        given = (forced >= 0)[..., None]
+        state.cache.scatter_(2, write_at, torch.where(given, forced[..., None], state.cache.gather(2, write_at)))
+        state.provided.scatter_(2, write_at, given | state.provided.gather(2, write_at))
+        # Channels still inside their initial delay get the initial token.
+        now, previous = self._column(offset, channels), self._column(offset - 1, channels)
+        warming = (offset[:, None] <= self.delays)[..., None]  # [B, K, 1]
+        state.cache.scatter_(2, now, torch.where(warming, self.initial[:, None], state.cache.gather(2, now)))
+        state.provided.scatter_(2, now, warming | state.provided.gather(2, now))
+        return (
+            state.cache.gather(2, previous)[..., 0],
+            state.cache.gather(2, now)[..., 0],
+            state.provided.gather(2, now)[..., 0],
+        )
+
+    def _commit(self, state: GeneratorState, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Second half of a step: store the completed column [B, K], read the frame that is complete
+        at every delay, advance. Returns (tokens [B, K], -1 where not valid; valid [B])."""
+        channels = column.shape[1]
+        offset = state.offset
+        state.provided.scatter_(2, self._column(offset - 1, channels), False)
+        state.cache.scatter_(2, self._column(offset, channels), column[..., None])
+        read_at = ((offset[:, None] - 1 + self.delays) % CACHE_FRAMES)[..., None]
+        valid = offset > self.config.max_delay
+        tokens = torch.where(valid[:, None], state.cache.gather(2, read_at)[..., 0], -1)
+        state.offset.add_(1)
+        return tokens, valid
+
+    @staticmethod
+    def _column(frame: torch.Tensor, channels: int) -> torch.Tensor:
+        """Gather/scatter index [B, K, 1] selecting one buffer column per slot (no host sync)."""
+        return (frame % CACHE_FRAMES)[:, None, None].expand(-1, channels, 1)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LMConfig
-from ..layers.attention import ring_self_attention
+from ..layers.attention import prefill_self_attention, ring_self_attention
 from ..layers.kv_ring import ring_positions, ring_visibility
 from ..layers.norm import RMSNorm
 from ..layers.rope import rotation_for
@@ -62,19 +62,28 @@ class TemporalTransformer(nn.Module):
     ) -> torch.Tensor:
         """x: [B, T, dim] frames at absolute positions ``positions[b] + t`` (positions: [B]).
 
-        Frames are written to the rings, then each query attends to the C-1 most recent positions
-        up to itself, exactly what the reference computes when it feeds one frame per call. ``T``
-        must be 1 or 2 here: larger blocks would overwrite keys their first queries still need.
+        Each query attends to the C-1 most recent positions up to itself (C = ring capacity), exactly
+        what the reference computes when it feeds one frame per call, whatever T is. One or two frames
+        are written to the rings before attending; longer blocks (prefill, T <= C) attend over the old
+        ring plus their own keys and are written after.
         """
         cfg = self.config
         steps = x.shape[1]
-        query_positions = positions[:, None] + torch.arange(steps, device=x.device)
-        last = query_positions[:, -1]
         capacity = keys.shape[3]
-        mask = ring_visibility(ring_positions(last, capacity), query_positions, query_positions - capacity + 2)
+        if steps > capacity:
+            raise ValueError(f"a block of {steps} frames exceeds the KV ring ({capacity}); split it")
+        query_positions = positions[:, None] + torch.arange(steps, device=x.device)
+        lowest = query_positions - capacity + 2
+        if steps <= 2:
+            attention = ring_self_attention
+            key_positions = ring_positions(query_positions[:, -1], capacity)
+        else:
+            attention = prefill_self_attention
+            key_positions = torch.cat([ring_positions(positions - 1, capacity), query_positions], dim=1)
+        mask = ring_visibility(key_positions, query_positions, lowest)
         rotation = rotation_for(query_positions, cfg.head_dim, cfg.max_period)
         for index, layer in enumerate(self.layers):
-            attended = ring_self_attention(
+            attended = attention(
                 layer.norm1(x), layer.self_attn.in_proj_weight, cfg.num_heads, rotation, positions,
                 keys[index], values[index], mask,
             )

@@ -105,6 +105,7 @@ class LMModel(nn.Module):
         seed: torch.Tensor | None = None,
         counter: torch.Tensor | None = None,
         return_logits: bool = False,
+        max_top_k: int = 250,
     ) -> DepthOutput:
         """Choose the first ``steps`` audio codebooks of one frame per slot.
 
@@ -125,7 +126,7 @@ class LMModel(nn.Module):
             x = self.depformer_in[step](hidden) + previous
             x = self.depformer(x, step, keys, values)
             logits = self.linears[step](x)[:, 0]
-            chosen = choose_tokens(logits, sampling, seed, counter, stream=1 + step, max_top_k=cfg.card)
+            chosen = choose_tokens(logits, sampling, seed, counter, stream=1 + step, max_top_k=max_top_k)
             token = torch.where(forced_audio[:, step] >= 0, forced_audio[:, step], chosen)
             tokens.append(token)
             if return_logits:
