@@ -21,6 +21,10 @@ import torch
 from .config import FRAME_RATE, LMConfig
 from .errors import PersonaplexError
 
+SAVED_VOICE_SUFFIXES = (".pt", ".safetensors")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
+MIN_CONVERSATION_FRAMES = int(10 * FRAME_RATE)  # context a prompt must leave free for talking
+
 # Mimi codes (codebooks 0..7) of a silent frame and of a 440 Hz sine frame, as hard-coded in the
 # reference; they are properties of the real Mimi weights.
 SILENCE_TOKENS = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
@@ -146,3 +150,139 @@ def apply_system_prompt(
     else:
         generator.reset(gen_state, everyone, frames[0].to(device).expand(batch, -1))
         force(frames[1:])
+
+
+def _is_bare_name(name: str) -> bool:
+    return bool(name) and not any(c in name for c in "/\\\0") and name not in (".", "..") and not name.startswith(".")
+
+
+def available_voices(voices_dir: Path | None) -> list[str]:
+    """Preset names (file stems) found in ``voices_dir``, sorted."""
+    if voices_dir is None or not Path(voices_dir).is_dir():
+        return []
+    suffixes = SAVED_VOICE_SUFFIXES + AUDIO_SUFFIXES
+    return sorted({p.stem for p in Path(voices_dir).iterdir() if p.is_file() and p.suffix.lower() in suffixes})
+
+
+def resolve_voice(voice: str | Path, voices_dir: Path | None, *, allow_paths: bool = True) -> Path:
+    """The file a voice request names.
+
+    ``voice`` is a preset name (``NATF2`` or ``NATF2.pt``) looked up inside ``voices_dir`` or, when
+    ``allow_paths`` (the command line, not network clients), a path to a voice or audio file. A preset
+    name can never leave ``voices_dir``: separators, ``..`` and hidden names are refused.
+    """
+    text = str(voice).strip()
+    if allow_paths and (Path(text).is_file() or "/" in text or "\\" in text):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise VoicePromptError(f"voice file not found: {path}")
+        return path
+    if not _is_bare_name(text):
+        raise VoicePromptError(f"invalid voice name {text!r}: give a preset name such as NATF2")
+    if voices_dir is None:
+        raise VoicePromptError(f"voice {text!r} is not a file and no voices directory is set (--voice-prompt-dir)")
+    root = Path(voices_dir).resolve()
+    candidates = [text] if Path(text).suffix.lower() in SAVED_VOICE_SUFFIXES + AUDIO_SUFFIXES else []
+    candidates += [text + suffix for suffix in SAVED_VOICE_SUFFIXES + AUDIO_SUFFIXES]
+    for name in candidates:
+        path = (root / name).resolve()
+        if path.parent == root and path.is_file():
+            return path
+    known = ", ".join(available_voices(root)) or "none"
+    raise VoicePromptError(f"unknown voice {text!r}; available in {root}: {known}")
+
+
+@dataclass
+class VoicePrompt:
+    """A voice as the LM takes it: Mimi codes of a recording, or saved embeddings."""
+
+    source: str
+    codes: torch.Tensor | None = None  # [N, 8] int64
+    saved: SavedVoice | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return self.saved.num_frames if self.saved is not None else self.codes.shape[0]
+
+
+def voice_frames_from_audio(path: str | Path):
+    """The reference's audio pipeline: decode, mono 24 kHz, -24 LUFS, 1920-sample frames [N, 1920] float32."""
+    from .audio import normalize_loudness, read_audio, split_frames
+
+    return split_frames(normalize_loudness(read_audio(path)))
+
+
+def load_voice(path: str | Path, lm_config: LMConfig, mimi) -> VoicePrompt:
+    """Load a voice file: saved embeddings (``.pt``/``.safetensors``) or any audio file (Mimi-encoded)."""
+    path = Path(path)
+    if path.suffix.lower() in SAVED_VOICE_SUFFIXES:
+        return VoicePrompt(source=str(path), saved=load_saved_voice(path, lm_config))
+    frames = torch.from_numpy(voice_frames_from_audio(path))
+    device = next(mimi.parameters()).device
+    state = mimi.new_encoder_state(1, device)
+    codes = encode_audio_frames(mimi, frames.to(device), state)
+    return VoicePrompt(source=str(path), codes=codes.cpu())
+
+
+def encode_audio_frames(mimi, frames: torch.Tensor, state) -> torch.Tensor:
+    """Mimi codes [N, 8] of frames [N, 1920] for one slot, continuing ``state``."""
+    if hasattr(mimi, "encode_clip"):
+        return mimi.encode_clip(frames.reshape(1, -1), state)[0]
+    return torch.stack([mimi.encode_frame(frame[None], state)[0] for frame in frames])
+
+
+@dataclass
+class SystemPrompt:
+    """Everything forced into a slot before the conversation: see the module docstring."""
+
+    frames: torch.Tensor  # [steps, channels]
+    saved_voice: SavedVoice | None
+
+    @property
+    def num_steps(self) -> int:
+        """LM steps the prompt occupies (counting the model-less first step)."""
+        replayed = self.saved_voice.num_frames if self.saved_voice is not None else 0
+        return replayed + self.frames.shape[0]
+
+
+class PromptTooLongError(PersonaplexError):
+    """The system prompt would not leave room for a conversation in the model's context."""
+
+
+def build_system_prompt(lm_config: LMConfig, voice: VoicePrompt | None, text_tokens: list[int]) -> SystemPrompt:
+    """The forced frames for a voice and a tokenized text prompt; checks that they fit the context."""
+    codes = voice.codes if voice is not None else None
+    prompt = SystemPrompt(system_prompt_frames(lm_config, codes, text_tokens), voice.saved if voice is not None else None)
+    room = lm_config.context - 1 - prompt.num_steps
+    if room < MIN_CONVERSATION_FRAMES:
+        voice_frames = voice.num_frames if voice is not None else 0
+        raise PromptTooLongError(
+            f"the system prompt takes {prompt.num_steps} frames (voice {voice_frames}, text {len(text_tokens)} tokens, "
+            f"silences {2 * SILENCE_FRAMES}) of the model's {lm_config.context - 1}-frame context, leaving less than "
+            f"{MIN_CONVERSATION_FRAMES / FRAME_RATE:.0f} s to talk; shorten the text prompt or the voice recording"
+        )
+    return prompt
+
+
+def record_voice(generator, lm_state_factory, codes: torch.Tensor) -> SavedVoice:
+    """Run the voice phase of the prompt for Mimi ``codes`` [N, 8] and keep what the reference saves:
+    the input embeddings of steps 1..N-1 and the token buffer after the last voice step."""
+    config = generator.config
+    device = generator.model.device
+    frames = torch.stack([prompt_frame(config, config.existing_text_padding_id, c) for c in codes]).to(device)
+    gen_state, lm_state = generator.new_state(1), lm_state_factory(1)
+    generator.reset(gen_state, torch.ones(1, dtype=torch.bool, device=device), frames[:1])
+    embeddings = generator.prefill(gen_state, lm_state, frames[None, 1:])
+    return SavedVoice(embeddings[0].float().cpu(), gen_state.cache[0].cpu().clone())
+
+
+def save_voice_file(voice: SavedVoice, path: str | Path, *, model_name: str, source: str) -> Path:
+    """Write a voice as safetensors in the reference tensor layout (embeddings [N-1, 1, 1, dim], cache
+    [1, channels, 4]) with metadata naming the model it was made for."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"embeddings": voice.embeddings[:, None, None].contiguous(), "cache": voice.cache[None].contiguous()}
+    save_file(tensors, str(path), metadata={"format": "personaplex-voice", "model": model_name, "source": source})
+    return path

@@ -159,3 +159,17 @@ def test_saved_voice_rejects_wrong_model_size(golden, golden_config):
 
     with pytest.raises(VoicePromptError, match="another model size"):
         load_saved_voice(golden / "voice_prompt.pt", config)
+
+
+def test_voice_file_built_from_audio_equals_reference_pt(golden, models, session, tmp_path):
+    """``record_voice`` + ``save_voice_file`` produce the tensors of the reference's .pt for this voice."""
+    from personaplex.persona import record_voice, save_voice_file
+
+    lm, _ = models
+    voice = record_voice(Generator(lm), lm.new_state, session["voice_prompt_codes"])
+    reference = load_saved_voice(golden / "voice_prompt.pt", lm.config)
+    torch.testing.assert_close(voice.embeddings, reference.embeddings, atol=1e-6, rtol=0)
+    assert torch.equal(voice.cache, reference.cache)
+    path = save_voice_file(voice, tmp_path / "speaker.safetensors", model_name="tiny", source="voice_prompt.wav")
+    again = load_saved_voice(path, lm.config)
+    assert torch.equal(again.embeddings, voice.embeddings) and torch.equal(again.cache, voice.cache)

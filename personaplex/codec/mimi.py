@@ -190,6 +190,42 @@ class Mimi(nn.Module):
         return self.encode_frame_traced(pcm, state).codes
 
     @torch.no_grad()
+    def encode_clip_traced(self, pcm: torch.Tensor, state: EncoderState) -> EncoderTrace:
+        """``encode_clip`` returning its intermediate values too, over the whole clip.
+
+        Shapes for N frames: seanet_out and transformer_out [B, dim, 2N], latent [B, dim, N], codes
+        [B, N, num_codebooks] (time before codebooks, unlike ``encode_frame_traced``'s [B, num_codebooks]).
+        """
+        frame = self.frame_size
+        if pcm.dim() != 2 or pcm.shape[1] == 0 or pcm.shape[1] % frame:
+            raise ValueError(f"expected pcm [batch, N * {frame}] with N >= 1 whole frames, got {list(pcm.shape)}")
+        # Every stage below is the streaming step applied to the whole clip at once:
+        # - SEANet: each causal conv prepends its carried tail and computes every complete window; with
+        #   N * 1920 samples each conv gets a multiple of its stride, so the windows (and the tail kept
+        #   afterwards) are exactly those of N successive calls.
+        # - Transformer: ``prefill`` reproduces the 2-frames-per-call visibility (ring quirk included)
+        #   and leaves the KV rings and position as N calls would.
+        # - Downsample: a causal conv with stride 2 over the 2N frames, replicate-padded if the slot is
+        #   fresh, which only concerns its first call, i.e. the clip's first frame.
+        # - Quantizer: per 12.5 Hz frame, no memory.
+        seanet_out = self.encoder(pcm[:, None, :], state.seanet)
+        transformer_out = self.encoder_transformer.prefill(seanet_out, state.transformer)
+        latent = self.downsample(transformer_out, state.downsample_tail, state.downsample_fresh)
+        codes = self.quantizer.encode(latent).transpose(1, 2)
+        return EncoderTrace(seanet_out, transformer_out, latent, codes)
+
+    def encode_clip(self, pcm: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        """Encode N whole frames of every slot in one parallel pass (e.g. a voice prompt).
+
+        pcm: [B, N * 1920] float samples at 24 kHz -> codes [B, N, 8] int64. Equal to N successive
+        ``encode_frame`` calls from the same ``state`` (fresh or not), which is left as those calls would
+        leave it, so streaming can continue with ``encode_frame``. Floats agree with streaming up to
+        rounding (the reductions are grouped differently); codes are the same unless a latent sits within
+        rounding of a tie between two centroids.
+        """
+        return self.encode_clip_traced(pcm, state).codes
+
+    @torch.no_grad()
     def decode_frame_traced(self, codes: torch.Tensor, state: DecoderState) -> DecoderTrace:
         """``decode_frame`` returning its intermediate values too."""
         if codes.dim() != 2 or codes.shape[1] < 2:

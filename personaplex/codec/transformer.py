@@ -5,6 +5,10 @@ Pre-norm layers: LayerNorm (weight and bias), multi-head self-attention with RoP
 ring, an exact-erf GELU MLP, and LayerScale on both residual branches; no biases in the linear layers.
 The reference feeds 2 frames per 1920-sample call and its ring labels the oldest stored key with a
 future position, so that key is never seen (``reference_lowest_visible``); this is reproduced.
+
+``TransformerStack.prefill`` runs many such 2-frame calls in one pass (a voice prompt): same outputs and
+same final rings as calling ``forward`` two frames at a time, under the equivalent mask of the fixtures'
+README section 5 (key ``p`` is visible to both queries of call ``j`` iff ``p <= q`` and ``p >= 2j + 3 - C``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiTransformerConfig
-from ..layers.attention import ring_self_attention
+from ..layers.attention import prefill_self_attention, ring_self_attention
 from ..layers.kv_ring import reference_lowest_visible, ring_positions, ring_visibility
 from ..layers.rope import Rotation, rotation_for
 
@@ -74,16 +78,22 @@ class TransformerLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        query_positions: torch.Tensor,
+        start: torch.Tensor,
         rotation: Rotation,
         mask: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
+        attention=ring_self_attention,
     ) -> torch.Tensor:
-        """x: [B, T, dim]; query_positions: [B, T]; mask: [B, 1, T, context]; rings updated in place."""
-        attended = ring_self_attention(
+        """x: [B, T, dim] at positions ``start[b] + t`` (start: [B]); rings updated in place.
+
+        ``attention`` is ``ring_self_attention`` (mask [B, 1, T, context], streaming) or
+        ``prefill_self_attention`` (mask [B, 1, T, context + T], a block attending over the old ring
+        plus its own keys).
+        """
+        attended = attention(
             self.norm1(x), self.self_attn.in_proj_weight, self.config.num_heads, rotation,
-            query_positions[:, 0], keys, values, mask,
+            start, keys, values, mask,
         )
         x = x + self.layer_scale_1(self.self_attn.out_proj(attended))
         update = self.linear2(F.gelu(self.linear1(self.norm2(x))))
@@ -125,7 +135,48 @@ class TransformerStack(nn.Module):
         )
         rotation = rotation_for(query_positions, self.config.head_dim, self.config.max_period)
         for layer, keys, values in zip(self.layers, state.keys, state.values):
-            x = layer(x, query_positions, rotation, mask, keys, values)
+            x = layer(x, state.position, rotation, mask, keys, values)
+        state.position.add_(steps)
+        return x
+
+    def prefill(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        """x: [B, T, dim] with T even -> [B, T, dim]: ``forward`` called T/2 times with 2 frames each.
+
+        Outputs and final state (rings, position) equal the streaming ones up to float rounding, but the
+        frames go through in blocks of up to C (ring capacity) rather than two at a time. Within a block,
+        queries attend over [ring before the block ; the block's own keys] (``prefill_self_attention``),
+        under the mask that streaming's call pattern implies: the query at position q, belonging to the
+        2-frame call that starts at ``s = q - (q - position) % 2``, sees key p iff
+        ``max(0, s + 3 - C) <= p <= q``. Every such p is either in the block or among the C positions
+        before it, which the ring still holds (index ``p % C``), so no block needs an older key. The
+        block's keys are written after it attends; a block of at most C frames writes distinct ring
+        indices, leaving the ring exactly as streaming would.
+        """
+        steps = x.shape[1]
+        if steps % 2:
+            raise ValueError(f"Mimi's transformers take frames in pairs (one pair per 1920 samples), got {steps}")
+        capacity = self.config.context
+        block = capacity - capacity % 2  # even, so blocks never split a 2-frame call
+        outputs = []
+        for first in range(0, steps, block):
+            outputs.append(self._prefill_block(x[:, first : first + block], state))
+        return torch.cat(outputs, dim=1)
+
+    def _prefill_block(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        """One block of ``prefill``: x [B, T, dim], T even and <= C."""
+        steps = x.shape[1]
+        capacity = self.config.context
+        start = state.position  # [B]
+        offsets = torch.arange(steps, device=x.device)
+        query_positions = start[:, None] + offsets  # [B, T]
+        call_starts = query_positions - offsets % 2  # first position of each query's 2-frame call
+        # Keys: the ring as it is before the block (positions up to start - 1; negative = never written),
+        # then the block's own keys, in prefill_self_attention's concatenation order.
+        key_positions = torch.cat([ring_positions(start - 1, capacity), query_positions], dim=1)  # [B, C + T]
+        mask = ring_visibility(key_positions, query_positions, call_starts + 2 - capacity)  # [B, 1, T, C + T]
+        rotation = rotation_for(query_positions, self.config.head_dim, self.config.max_period)
+        for layer, keys, values in zip(self.layers, state.keys, state.values):
+            x = layer(x, start, rotation, mask, keys, values, attention=prefill_self_attention)
         state.position.add_(steps)
         return x
 
@@ -148,3 +199,7 @@ class MimiTransformer(nn.Module):
     def forward(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
         """x: [B, dim, T] -> [B, dim, T]; ``state`` advances by T frames."""
         return self.transformer(x.transpose(1, 2), state).transpose(1, 2)
+
+    def prefill(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        """x: [B, dim, T] (T even) -> [B, dim, T]: T/2 streaming calls in one pass (``TransformerStack.prefill``)."""
+        return self.transformer.prefill(x.transpose(1, 2), state).transpose(1, 2)

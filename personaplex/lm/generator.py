@@ -165,7 +165,7 @@ class Generator:
         lm_state: LMState,
         frames: torch.Tensor,
         input_embeddings: torch.Tensor | None = None,
-    ) -> None:
+    ) -> torch.Tensor:
         """Many fully forced frames at once: the same state as ``step`` called once per frame.
 
         frames: [B, T, channels] with every token given (no -1); input_embeddings: [B, T, dim] to use
@@ -174,6 +174,7 @@ class Generator:
         was forced too, or the slots were just reset, which callers (the system prompt) guarantee.
         The token bookkeeping runs frame by frame (cheap); the temporal transformer runs once over
         the whole block, in chunks that fit its KV ring. Outputs are discarded, as when stepping.
+        Returns the input embeddings [B, T, dim] that were fed (a voice file stores them).
         """
         steps = frames.shape[1]
         start = state.offset.clone()
@@ -194,6 +195,7 @@ class Generator:
                     self.model.forward_temporal(block[:, t : t + 1], start - 1 + first + t, lm_state)
             else:
                 self.model.forward_temporal(block, start - 1 + first, lm_state)
+        return embeddings
 
     def _write_given(self, state: GeneratorState, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """First half of a step: store the given tokens, apply initial tokens; returns
