@@ -173,7 +173,7 @@ class TransformerStack(nn.Module):
         # Keys: the ring as it is before the block (positions up to start - 1; negative = never written),
         # then the block's own keys, in prefill_self_attention's concatenation order.
         key_positions = torch.cat([ring_positions(start - 1, capacity), query_positions], dim=1)  # [B, C + T]
-        mask = ring_visibility(key_positions, query_positions, call_starts + 2 - capacity)  # [B, 1, T, C + T]
+        mask = ring_visibility(key_positions, query_positions, call_starts + 3 - capacity)  # [B, 1, T, C + T]
         rotation = rotation_for(query_positions, self.config.head_dim, self.config.max_period)
         for layer, keys, values in zip(self.layers, state.keys, state.values):
             x = layer(x, start, rotation, mask, keys, values, attention=prefill_self_attention)

@@ -38,6 +38,10 @@ class GeneratorState:
         """Every state tensor (e.g. to snapshot around CUDA graph warm-up)."""
         return [self.cache, self.provided, self.offset]
 
+    def slots(self, first: int, stop: int) -> "GeneratorState":
+        """A view of slots ``first..stop-1``: writes through it change this state."""
+        return GeneratorState(self.cache[first:stop], self.provided[first:stop], self.offset[first:stop])
+
 
 @dataclass
 class StepResult:

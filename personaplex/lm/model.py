@@ -29,6 +29,10 @@ class LMState:
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
+    def slots(self, first: int, stop: int) -> "LMState":
+        """A view of slots ``first..stop-1``: writes through it change this state."""
+        return LMState(self.keys[:, first:stop], self.values[:, first:stop])
+
 
 @dataclass
 class DepthOutput:
