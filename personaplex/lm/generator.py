@@ -196,9 +196,9 @@ class Generator:
             block = embeddings[:, first : first + chunk]
             if block.shape[1] <= 2:
                 for t in range(block.shape[1]):  # tiny remainders take the streaming path
-                    self.model.forward_temporal(block[:, t : t + 1], start - 1 + first + t, lm_state)
+                    self.model.forward_temporal(block[:, t : t + 1], start - 1 + first + t, lm_state, heads=False)
             else:
-                self.model.forward_temporal(block, start - 1 + first, lm_state)
+                self.model.forward_temporal(block, start - 1 + first, lm_state, heads=False)
         return embeddings
 
     def _write_given(self, state: GeneratorState, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
