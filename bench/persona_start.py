@@ -27,7 +27,10 @@ from personaplex.checkpoint import build_mimi, load_lm  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
 from personaplex.persona import (  # noqa: E402
-    apply_system_prompt, build_system_prompt, load_voice, record_voice,
+    apply_system_prompt,
+    build_system_prompt,
+    load_voice,
+    record_voice,
 )
 from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from math import gcd
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,21 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if samples.size == 0:
         raise AudioError(f"{path} contains no audio samples")
     mono = samples[0] if samples.shape[0] == 1 else samples.mean(axis=0, dtype=np.float32)
-    if int(file_rate) != sample_rate:
-        mono = np.asarray(sphn.resample(mono, src_sample_rate=int(file_rate), dst_sample_rate=sample_rate), dtype=np.float32)
-    return mono
+    return resample(mono, int(file_rate), sample_rate)
+
+
+def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
+    """Polyphase resampling [T] -> [ceil(T * target / source)] float32, with no time shift.
+
+    A zero-delay filter keeps the output aligned with the input, which time-aligned outputs (offline
+    tool, evaluation) rely on; sphn's streaming resampler delays the signal by tens of milliseconds.
+    """
+    if source_rate == target_rate:
+        return samples
+    from scipy.signal import resample_poly
+
+    common = gcd(source_rate, target_rate)
+    return resample_poly(samples, target_rate // common, source_rate // common).astype(np.float32)
 
 
 def normalize_loudness(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, target_lufs: float = -24.0) -> np.ndarray:

@@ -244,6 +244,10 @@ SMALL_MIMI = MimiConfig(
     quantizer_dim=32,
 )
 
+# The built-in demo model (personaplex.demo): the small layout with the 1024-piece vocabulary of the
+# demo tokenizer. Its weights are random: it runs everywhere without a download, but says nothing.
+DEMO_LM = dataclasses.replace(SMALL_LM, text_card=1024)
+
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in (
@@ -251,6 +255,7 @@ PRESETS: dict[str, ModelPreset] = {
         ModelPreset("moshi-7b", MOSHI_7B_LM, MIMI, "Kyutai Moshi-7B layout (dep_q=8)"),
         ModelPreset("small", SMALL_LM, SMALL_MIMI, "small random model for demos and tests"),
         ModelPreset("tiny", TINY_LM, TINY_MIMI, "the tiny layout of the reference fixtures"),
+        ModelPreset("demo", DEMO_LM, SMALL_MIMI, "built-in demo, no download: untrained random weights, outputs are noise"),
     )
 }
 

@@ -66,8 +66,9 @@ def resolve_assets(
     Files given as arguments are used as they are (they must exist). Every other file is taken from
     ``hf_repo``: a local folder holding the repository's files (e.g. a snapshot copied from another
     machine), or a Hub repo id downloaded through the Hugging Face cache. ``voices.tgz`` is fetched
-    only when ``need_voices`` and no ``voice_prompt_dir`` is given. ``endpoint`` overrides the Hub
-    URL (default: huggingface_hub's, i.e. ``HF_ENDPOINT`` or https://huggingface.co).
+    only when ``need_voices`` and no ``voice_prompt_dir`` is given. ``progress`` shows
+    huggingface_hub's download bars. ``endpoint`` overrides the Hub URL (default: huggingface_hub's,
+    i.e. ``HF_ENDPOINT`` or https://huggingface.co). Raises ``AssetError`` with what to do next.
     """
     local = {
         "lm": _local_file(moshi_weight, "--moshi-weight"),
@@ -78,7 +79,9 @@ def resolve_assets(
     if voice_prompt_dir is not None:
         voices_dir = Path(voice_prompt_dir).expanduser()
         if not voices_dir.is_dir():
-            raise AssetError(f"--voice-prompt-dir {voices_dir} is not a directory; give the folder holding the voice files")
+            raise AssetError(
+                f"--voice-prompt-dir {voices_dir} is not a directory; give the folder holding the voice files"
+            )
 
     source = _source_for(hf_repo, endpoint, progress)
     # Small files first: an access problem shows up before a 16 GB download has started.
@@ -115,7 +118,9 @@ class _LocalFolder:
     def fetch(self, filename: str, flag: str) -> Path:
         path = self.folder / filename
         if not path.is_file():
-            raise AssetError(f"{filename} not found in the local repo folder {self.folder}; copy it there or pass {flag}")
+            raise AssetError(
+                f"{filename} not found in the local repo folder {self.folder}; copy it there or pass {flag}"
+            )
         return path
 
 
@@ -147,7 +152,9 @@ def _source_for(hf_repo: str, endpoint: str | None, progress: bool) -> _LocalFol
     if folder.is_dir():
         return _LocalFolder(folder)
     if _looks_like_path(hf_repo):
-        raise AssetError(f"--hf-repo {hf_repo}: no such folder; give an existing snapshot folder or a repo id like {DEFAULT_REPO}")
+        raise AssetError(
+            f"--hf-repo {hf_repo}: no such folder; give an existing snapshot folder or a repo id like {DEFAULT_REPO}"
+        )
     return _Hub(hf_repo, endpoint, progress)
 
 
@@ -186,15 +193,14 @@ def _hub_error(exc: Exception, repo_id: str, filename: str, flag: str, endpoint:
     status = _http_status(failure)
     # Subclasses before their bases: GatedRepoError is a RepositoryNotFoundError, and
     # LocalEntryNotFoundError is both an EntryNotFoundError and an OSError.
-    if isinstance(failure, GatedRepoError) or (
-        isinstance(failure, HfHubHTTPError) and status in (401, 403) and not isinstance(failure, RepositoryNotFoundError)
-    ):
+    refused = isinstance(failure, HfHubHTTPError) and status in (401, 403)
+    if isinstance(failure, GatedRepoError) or (refused and not isinstance(failure, RepositoryNotFoundError)):
         if get_token() is None:
             token_hint = "and set HF_TOKEN=<a read token from https://huggingface.co/settings/tokens>"
         elif status == 401 and not isinstance(failure, GatedRepoError):
             token_hint = "and set HF_TOKEN to a valid read token (the Hub refused the one in use)"
         else:
-            token_hint = "with the account of the token in use (HF_TOKEN or the saved login), or set HF_TOKEN to one that has access"
+            token_hint = "with the account of the token in use (HF_TOKEN or saved login), or use a token with access"
         gated = "; the repo is gated" if isinstance(failure, GatedRepoError) else ""
         return AssetError(
             f"no access to {repo_id} (HTTP {status or '401/403'} for {filename}{gated}): accept the licence "
@@ -202,25 +208,33 @@ def _hub_error(exc: Exception, repo_id: str, filename: str, flag: str, endpoint:
         )
     if isinstance(failure, RepositoryNotFoundError):
         return AssetError(
-            f"repo {repo_id} not found on {hub_url} (or it is private and HF_TOKEN has no access); check --hf-repo, {local_files}"
+            f"repo {repo_id} not found on {hub_url} (or it is private and HF_TOKEN has no access); "
+            f"check --hf-repo, {local_files}"
         )
     if isinstance(failure, RevisionNotFoundError):
         return AssetError(f"the revision of {repo_id} was not found on {hub_url}; check --hf-repo")
-    if isinstance(failure, OfflineModeIsEnabled) or (isinstance(exc, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE):
+    offline = isinstance(exc, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE
+    if isinstance(failure, OfflineModeIsEnabled) or offline:
         return AssetError(
-            f"HF_HUB_OFFLINE is set and {filename} of {repo_id} must be downloaded: {not_cached}; unset HF_HUB_OFFLINE and "
-            f"connect once to fill the cache, or pass {flag} (local files: {LOCAL_FLAGS})"
+            f"HF_HUB_OFFLINE is set and {filename} of {repo_id} must be downloaded: {not_cached}; unset "
+            f"HF_HUB_OFFLINE and connect once to fill the cache, or pass {flag} (local files: {LOCAL_FLAGS})"
         )
     if isinstance(failure, EntryNotFoundError) and not isinstance(failure, LocalEntryNotFoundError):
         return AssetError(f"{filename} not found in repo {repo_id}; check --hf-repo, or pass {flag}")
     if isinstance(failure, HfHubHTTPError):
         return AssetError(
-            f"{hub_url} answered HTTP {status} for {filename} of {repo_id} and {not_cached}; try again later, {local_files}"
+            f"{hub_url} answered HTTP {status} for {filename} of {repo_id} and {not_cached}; "
+            f"try again later, {local_files}"
         )
     if isinstance(exc, LocalEntryNotFoundError):  # no answer at all: no network, proxy, firewall, DNS
         return AssetError(
             f"cannot reach {hub_url} to download {filename} of {repo_id}, and {not_cached}: connect once to fill "
             f"the cache, or pass {flag} (local files: {LOCAL_FLAGS})"
+        )
+    if type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3"):  # e.g. a proxy error
+        return AssetError(
+            f"cannot reach {hub_url} to download {filename} ({type(exc).__name__}: {exc}); check the network and "
+            f"HTTPS_PROXY, or pass {flag} (local files: {LOCAL_FLAGS})"
         )
     if isinstance(exc, HFValidationError):
         return AssetError(f"--hf-repo {repo_id!r} is neither a repo id like {DEFAULT_REPO} nor an existing folder")
@@ -255,13 +269,16 @@ def extract_voices(archive: str | Path) -> Path:
         # A kill -9 during extraction leaves at most this hidden folder behind, never a half voices/.
         staging = Path(tempfile.mkdtemp(prefix=".voices-", dir=archive.parent))
     except OSError as exc:
-        raise AssetError(f"cannot extract {archive}: {archive.parent} is not writable ({exc}); pass --voice-prompt-dir") from exc
+        raise AssetError(
+            f"cannot extract {archive}: {archive.parent} is not writable ({exc}); pass --voice-prompt-dir"
+        ) from exc
     try:
         _extract_checked(archive, staging)
         extracted = staging / VOICES_FOLDER
         if not extracted.is_dir():
             raise AssetError(
-                f"{archive} has no top-level '{VOICES_FOLDER}/' folder; it is not a voices archive, pass --voice-prompt-dir"
+                f"{archive} has no top-level '{VOICES_FOLDER}/' folder; it is not a voices archive, "
+                "pass --voice-prompt-dir"
             )
         try:
             os.rename(extracted, target)  # atomic; fails if another process finished first
@@ -287,7 +304,9 @@ def _extract_checked(archive: Path, destination: Path) -> None:
             else:
                 tar.extractall(destination, members=members)
     except getattr(tarfile, "FilterError", ()) as exc:
-        raise AssetError(f"{archive} contains an unsafe member ({exc}); refusing to extract it, pass --voice-prompt-dir") from exc
+        raise AssetError(
+            f"{archive} contains an unsafe member ({exc}); refusing to extract it, pass --voice-prompt-dir"
+        ) from exc
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise AssetError(f"{corrupt} ({exc})") from exc
     except OSError as exc:
@@ -310,7 +329,9 @@ def _checked_member(member: tarfile.TarInfo, archive: Path) -> bool:
         or "\0" in name
     )
     if unsafe:
-        raise AssetError(f"{archive} contains the unsafe path {name!r} (outside '{VOICES_FOLDER}/'); refusing to extract it")
+        raise AssetError(
+            f"{archive} contains the unsafe path {name!r} (outside '{VOICES_FOLDER}/'); refusing to extract it"
+        )
     if not (member.isfile() or member.isdir()):
         kind = "a link" if member.issym() or member.islnk() else "a special file"
         raise AssetError(f"{archive} contains {kind} {name!r}; refusing to extract it, pass --voice-prompt-dir instead")

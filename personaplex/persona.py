@@ -172,8 +172,13 @@ def resolve_voice(voice: str | Path, voices_dir: Path | None, *, allow_paths: bo
     name can never leave ``voices_dir``: separators, ``..`` and hidden names are refused.
     """
     text = str(voice).strip()
+    suffixes = SAVED_VOICE_SUFFIXES + AUDIO_SUFFIXES
     if allow_paths and (Path(text).is_file() or "/" in text or "\\" in text):
         path = Path(text).expanduser()
+        if path.suffix.lower() not in suffixes:
+            raise VoicePromptError(
+                f"invalid voice {text!r}: give a preset name (e.g. NATF2) or a voice/audio file ({', '.join(suffixes)})"
+            )
         if not path.is_file():
             raise VoicePromptError(f"voice file not found: {path}")
         return path
@@ -182,8 +187,8 @@ def resolve_voice(voice: str | Path, voices_dir: Path | None, *, allow_paths: bo
     if voices_dir is None:
         raise VoicePromptError(f"voice {text!r} is not a file and no voices directory is set (--voice-prompt-dir)")
     root = Path(voices_dir).resolve()
-    candidates = [text] if Path(text).suffix.lower() in SAVED_VOICE_SUFFIXES + AUDIO_SUFFIXES else []
-    candidates += [text + suffix for suffix in SAVED_VOICE_SUFFIXES + AUDIO_SUFFIXES]
+    candidates = [text] if Path(text).suffix.lower() in suffixes else []
+    candidates += [text + suffix for suffix in suffixes]
     for name in candidates:
         path = (root / name).resolve()
         if path.parent == root and path.is_file():

@@ -10,6 +10,7 @@ environment variables are honoured end to end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -21,6 +22,7 @@ import tarfile
 import threading
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -191,7 +193,9 @@ def test_environment_variables_are_honoured_end_to_end(tmp_path):
     env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
                PYTHONPATH=str(REPO_ROOT))
     script = "from personaplex.hub import resolve_assets; print(resolve_assets(progress=False).lm_weights)"
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(snapshot / LM_FILE)
 
@@ -246,19 +250,23 @@ class FakeHub:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "FakeHub":
-        self.thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+@contextlib.contextmanager
+def serving(files: dict[str, bytes], error: tuple[int, dict[str, str]] | None = None) -> Iterator[FakeHub]:
+    """A running ``FakeHub`` on a free localhost port, shut down on exit."""
+    hub = FakeHub(files, error)
+    thread = threading.Thread(target=hub.server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hub
+    finally:
+        hub.server.shutdown()
+        hub.server.server_close()
 
 
 def test_download_through_a_hub_endpoint(hf_cache):
-    with FakeHub(REPO_FILES) as hub:
+    with serving(REPO_FILES) as hub:
         assets = resolve_assets(endpoint=hub.url, progress=False)
     snapshot = hf_cache / "models--nvidia--personaplex-7b-v1" / "snapshots" / COMMIT
     assert assets.lm_weights == snapshot / LM_FILE and assets.lm_weights.read_bytes() == b"lm weights"
@@ -273,9 +281,8 @@ GATED = {"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to model {DEFA
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_gated_repo_says_accept_licence_and_set_token(hf_cache, status):
-    with FakeHub({}, error=(status, GATED)) as hub:
-        with pytest.raises(AssetError) as error:
-            resolve_assets(endpoint=hub.url, progress=False)
+    with serving({}, error=(status, GATED)) as hub, pytest.raises(AssetError) as error:
+        resolve_assets(endpoint=hub.url, progress=False)
     message = str(error.value)
     assert f"accept the licence at {hub.url}/{DEFAULT_REPO}" in message
     assert "HF_TOKEN=" in message and "--moshi-weight/--mimi-weight/--tokenizer/--voice-prompt-dir" in message
@@ -284,23 +291,23 @@ def test_gated_repo_says_accept_licence_and_set_token(hf_cache, status):
 
 def test_gated_repo_with_a_token_sends_it_and_says_which_account(hf_cache, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    with FakeHub({}, error=(403, GATED)) as hub:
-        with pytest.raises(AssetError, match="accept the licence .* account of the token in use"):
-            resolve_assets(endpoint=hub.url, progress=False)
+    expected = "accept the licence .* account of the token in use"
+    with serving({}, error=(403, GATED)) as hub, pytest.raises(AssetError, match=expected):
+        resolve_assets(endpoint=hub.url, progress=False)
     assert hub.requests[0][2] == "Bearer hf_test_token"
 
 
 def test_unknown_repo_says_check_hf_repo(hf_cache):
-    with FakeHub({}, error=(401, {"X-Error-Code": "RepoNotFound"})) as hub:
-        with pytest.raises(AssetError, match="repo nvidia/personaplex-7b-v1 not found .*check --hf-repo"):
-            resolve_assets(endpoint=hub.url, progress=False)
+    expected = "repo nvidia/personaplex-7b-v1 not found .*check --hf-repo"
+    with serving({}, error=(401, {"X-Error-Code": "RepoNotFound"})) as hub, pytest.raises(AssetError, match=expected):
+        resolve_assets(endpoint=hub.url, progress=False)
 
 
 def test_missing_file_in_repo_says_check_hf_repo(hf_cache):
     files = {k: v for k, v in REPO_FILES.items() if k != MIMI_FILE}
-    with FakeHub(files) as hub:
-        with pytest.raises(AssetError, match=f"{MIMI_FILE} not found in repo .*check --hf-repo, or pass --mimi-weight"):
-            resolve_assets(endpoint=hub.url, progress=False)
+    expected = f"{MIMI_FILE} not found in repo .*check --hf-repo, or pass --mimi-weight"
+    with serving(files) as hub, pytest.raises(AssetError, match=expected):
+        resolve_assets(endpoint=hub.url, progress=False)
 
 
 def closed_port() -> int:
@@ -309,19 +316,39 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_unreachable_hub_without_cache(hf_cache, monkeypatch):
-    # huggingface_hub retries a refused connection five times with growing sleeps (23 s in all);
-    # only its own clock is made instant here, the request path stays real.
+@pytest.fixture
+def instant_retries(monkeypatch):
+    """huggingface_hub retries refused connections and 5xx answers five times with growing sleeps
+    (23 s in all); only its own clock is made instant here, the request path stays real."""
     instant = types.ModuleType("time")
     instant.__dict__.update(vars(time))
     instant.sleep = lambda seconds: None
     monkeypatch.setattr(huggingface_hub.utils._http, "time", instant)
+
+
+def test_unreachable_hub_without_cache(hf_cache, instant_retries):
     url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(AssetError) as error:
         resolve_assets(endpoint=url, progress=False)
     message = str(error.value)
     assert f"cannot reach {url}" in message and TOKENIZER_FILE in message and "--tokenizer" in message
     assert "connect once to fill the cache" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("status", [403, 500])
+def test_other_hub_answers_are_reported_with_their_status(hf_cache, instant_retries, status):
+    expected = f"HTTP {status} for {TOKENIZER_FILE}"
+    with serving({}, error=(status, {})) as hub, pytest.raises(AssetError, match=expected) as error:
+        resolve_assets(endpoint=hub.url, progress=False)
+    if status == 403:  # a refused token: the licence / token advice applies
+        assert "accept the licence" in str(error.value)
+    else:
+        assert "try again later" in str(error.value)
+
+
+def test_invalid_repo_id(hf_cache):
+    with pytest.raises(AssetError, match="neither a repo id .* nor an existing folder"):
+        resolve_assets("not a repo!!", progress=False)
 
 
 def test_unreachable_hub_uses_the_cache(hf_cache):

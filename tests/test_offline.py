@@ -1,0 +1,157 @@
+"""``personaplex offline`` end to end on the built-in demo model, and its handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sphn
+
+from personaplex.offline import main as offline_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    """A demo model cache shared by the tests of this module (built on first use)."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        from personaplex.demo import demo_assets
+
+        demo_assets()
+        yield cache
+
+
+def tone(path: Path, seconds: float, sample_rate: int = 24_000, channels: int = 1) -> Path:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    wave = 0.3 * np.sin(2 * np.pi * 220 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    data = np.stack([wave] * channels).astype(np.float32) if channels > 1 else wave.astype(np.float32)
+    if channels > 1:
+        # sphn writes mono only; write a stereo PCM wav by hand.
+        import wave as wavemod
+
+        with wavemod.open(str(path), "wb") as f:
+            f.setnchannels(channels)
+            f.setsampwidth(2)
+            f.setframerate(sample_rate)
+            f.writeframes((data.T * 32767).astype("<i2").tobytes())
+    else:
+        sphn.write_wav(str(path), data, sample_rate)
+    return path
+
+
+def run_offline(args: list[str], capsys) -> tuple[int, str]:
+    code = offline_main(["--model", "demo", "--device", "cpu", *args])
+    return code, capsys.readouterr().err
+
+
+def test_output_has_the_input_duration_and_valid_json(demo_cache, tmp_path, capsys):
+    source = tone(tmp_path / "in.wav", 1.3)  # not a whole number of frames
+    code, err = run_offline(["--input-wav", str(source), "--output-wav", str(tmp_path / "out.wav"),
+                             "--output-text", str(tmp_path / "out.json"), "--seed", "7"], capsys)
+    assert code == 0, err
+    assert "untrained" in err
+    audio, rate = sphn.read(str(tmp_path / "out.wav"))
+    assert rate == 24_000 and audio.shape == (1, int(1.3 * 24_000))
+    tokens = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert len(tokens) == -(-int(1.3 * 24_000) // 1920) and all(isinstance(t, str) for t in tokens)
+
+
+def test_seed_reproduces_and_batches_match_single_runs(demo_cache, tmp_path, capsys):
+    a, b = tone(tmp_path / "a.wav", 1.0), tone(tmp_path / "b.wav", 0.7)
+    single = []
+    for name, source in (("a", a), ("b", b)):
+        code, err = run_offline(["--input-wav", str(source), "--output-wav", str(tmp_path / f"{name}1.wav"),
+                                 "--output-text", str(tmp_path / f"{name}1.json"), "--seed", "3"], capsys)
+        assert code == 0, err
+        single.append((tmp_path / f"{name}1.json").read_text())
+    code, err = run_offline(["--input-wav", str(a), str(b),
+                             "--output-wav", str(tmp_path / "a2.wav"), str(tmp_path / "b2.wav"),
+                             "--output-text", str(tmp_path / "a2.json"), str(tmp_path / "b2.json"),
+                             "--voice-prompt", "NATF2", "NATM1", "--seed", "3"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "a2.json").read_text() == single[0]  # same persona (NATF2), same seed: same output
+    assert len(json.loads((tmp_path / "b2.json").read_text())) == len(json.loads(single[1]))
+
+
+def test_stereo_and_8khz_inputs_are_converted(demo_cache, tmp_path, capsys):
+    stereo = tone(tmp_path / "stereo.wav", 0.5, channels=2)
+    narrow = tone(tmp_path / "narrow.wav", 0.5, sample_rate=8_000)
+    code, err = run_offline(["--input-wav", str(stereo), str(narrow),
+                             "--output-wav", str(tmp_path / "s.wav"), str(tmp_path / "n.wav"),
+                             "--output-text", str(tmp_path / "s.json"), str(tmp_path / "n.json")], capsys)
+    assert code == 0, err
+    assert sphn.read(str(tmp_path / "s.wav"))[0].shape == (1, 12_000)
+    assert sphn.read(str(tmp_path / "n.wav"))[0].shape == (1, 12_000)  # 0.5 s at 24 kHz
+
+
+def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    corrupt = tmp / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunk" + os.urandom(200))
+    empty = tmp / "empty.wav"
+    sphn.write_wav(str(empty), np.zeros(0, dtype=np.float32), 24_000)
+    good = tone(tmp / "good.wav", 0.5)
+    wrong_weights = tmp / "wrong.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"text_emb.weight": torch.zeros(3, 3)}, str(wrong_weights))
+    out = ["--output-wav", str(tmp / "o.wav"), "--output-text", str(tmp / "o.json")]
+    return {
+        "missing": (["--input-wav", str(tmp / "absent.wav"), *out], "audio file not found"),
+        "corrupt": (["--input-wav", str(corrupt), *out], "cannot decode"),
+        "empty": (["--input-wav", str(empty), *out], "no audio"),
+        "unknown voice": (["--input-wav", str(good), *out, "--voice-prompt", "NOPE9"], "unknown voice 'NOPE9'"),
+        "traversal": (["--input-wav", str(good), *out, "--voice-prompt", "../../etc/passwd"], "invalid voice"),
+        "too long prompt": (["--input-wav", str(good), *out, "--text-prompt", "word " * 4000], "leaving less than"),
+        "outputs mismatch": (["--input-wav", str(good), str(good), *out], "per --input-wav"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "empty", "unknown voice", "traversal", "too long prompt", "outputs mismatch"])
+def test_bad_input_gives_one_clear_line(demo_cache, tmp_path, capsys, case):
+    args, expected = bad_input_cases(tmp_path)[case]
+    code, err = run_offline(args, capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_wrong_weights_file_is_named(demo_cache, tmp_path, capsys):
+    from personaplex.demo import demo_assets
+
+    assets = demo_assets()
+    wrong = tmp_path / "wrong.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"text_emb.weight": torch.zeros(3, 3)}, str(wrong))
+    code = offline_main(["--device", "cpu", "--input-wav", str(tone(tmp_path / "g.wav", 0.3)), "--output-wav",
+                         str(tmp_path / "o.wav"), "--output-text", str(tmp_path / "o.json"),
+                         "--moshi-weight", str(wrong), "--mimi-weight", str(assets.mimi_weights),
+                         "--tokenizer", str(assets.tokenizer), "--voice-prompt-dir", str(assets.voices_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no known LM preset fits" in err and "Traceback" not in err
+
+
+def test_readme_command_on_a_fresh_cache(tmp_path):
+    """The README's offline example as a new user runs it: a separate process and an empty cache."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "personaplex", "offline", "--model", "demo", "--device", "cpu",
+               "--input-wav", str(REPO / "assets/test/input_assistant.wav"),
+               "--output-wav", str(tmp_path / "out.wav"), "--output-text", str(tmp_path / "out.json"),
+               "--voice-prompt", "NATF2", "--seed", "42424242"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    expected, _ = sphn.read(str(REPO / "assets/test/input_assistant.wav"))
+    produced, rate = sphn.read(str(tmp_path / "out.wav"))
+    assert rate == 24_000 and produced.shape[-1] == expected.shape[-1]
+    assert isinstance(json.loads((tmp_path / "out.json").read_text(encoding="utf-8")), list)
