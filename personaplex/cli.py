@@ -65,7 +65,7 @@ def _cmd_voice_build(args: argparse.Namespace) -> None:
     assets = resolve_model_assets(args)
     model = load_model(assets, args.device)
     voice = load_voice(args.audio, model.lm.config, model.mimi)
-    saved = record_voice(Generator(model.lm), model.lm.new_state, voice.codes.to(model.device))
+    saved = record_voice(Generator(model.lm), model.lm.new_state, voice.codes)
     output = args.output or Path(args.audio).with_suffix(".safetensors")
     save_voice_file(saved, output, model_name=model.name, source=Path(args.audio).name)
     print(f"wrote {output}: {saved.num_frames} frames ({saved.num_frames * 0.08:.2f} s) of voice for model {model.name}")

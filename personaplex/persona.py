@@ -274,7 +274,7 @@ def record_voice(generator, lm_state_factory, codes: torch.Tensor) -> SavedVoice
     the input embeddings of steps 1..N-1 and the token buffer after the last voice step."""
     config = generator.config
     device = generator.model.device
-    frames = torch.stack([prompt_frame(config, config.existing_text_padding_id, c) for c in codes]).to(device)
+    frames = torch.stack([prompt_frame(config, config.existing_text_padding_id, c) for c in codes.cpu()]).to(device)
     gen_state, lm_state = generator.new_state(1), lm_state_factory(1)
     generator.reset(gen_state, torch.ones(1, dtype=torch.bool, device=device), frames[:1])
     embeddings = generator.prefill(gen_state, lm_state, frames[None, 1:])

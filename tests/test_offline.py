@@ -155,3 +155,40 @@ def test_readme_command_on_a_fresh_cache(tmp_path):
     produced, rate = sphn.read(str(tmp_path / "out.wav"))
     assert rate == 24_000 and produced.shape[-1] == expected.shape[-1]
     assert isinstance(json.loads((tmp_path / "out.json").read_text(encoding="utf-8")), list)
+
+
+def test_voice_build_then_use_the_voice_file(demo_cache, tmp_path, capsys):
+    """Cloning a voice is one command; the file then works as --voice-prompt, with an empty text prompt too."""
+    from personaplex.cli import main as cli_main
+    from personaplex.demo import demo_assets
+
+    recording = demo_assets().voices_dir / "VARM3.wav"
+    code = cli_main(["voice", "build", str(recording), "-o", str(tmp_path / "speaker.safetensors"),
+                     "--model", "demo", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "speaker.safetensors" in out.out
+    code, err = run_offline(["--input-wav", str(tone(tmp_path / "in.wav", 0.6)), "--output-wav", str(tmp_path / "o.wav"),
+                             "--output-text", str(tmp_path / "o.json"), "--voice-prompt",
+                             str(tmp_path / "speaker.safetensors"), "--text-prompt", ""], capsys)
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "o.json").read_text())) == 8
+
+
+def test_voice_file_and_its_recording_give_the_same_conversation(demo_cache, tmp_path, capsys):
+    """A voice file built from a recording stands for that recording exactly (greedy decoding)."""
+    from personaplex.cli import main as cli_main
+    from personaplex.demo import demo_assets
+
+    recording = demo_assets().voices_dir / "NATF1.wav"
+    assert cli_main(["voice", "build", str(recording), "-o", str(tmp_path / "v.safetensors"), "--model", "demo",
+                     "--device", "cpu"]) == 0
+    source = tone(tmp_path / "in.wav", 1.5)
+    results = []
+    for voice in (str(recording), str(tmp_path / "v.safetensors")):
+        name = Path(voice).suffix[1:]
+        code, err = run_offline(["--input-wav", str(source), "--output-wav", str(tmp_path / f"{name}.wav"),
+                                 "--output-text", str(tmp_path / f"{name}.json"), "--voice-prompt", voice, "--greedy"], capsys)
+        assert code == 0, err
+        results.append((tmp_path / f"{name}.json").read_text())
+    assert results[0] == results[1]

@@ -77,6 +77,7 @@ class Generator:
         self.initial = torch.tensor(
             [cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q, device=device, dtype=torch.long
         )
+        self._per_device = {self.delays.device: (self.delays, self.initial)}
 
     def new_state(self, batch_size: int) -> GeneratorState:
         """Buffers for ``batch_size`` slots, each as after ``reset`` (offset 1, see ``reset``)."""
@@ -182,13 +183,19 @@ class Generator:
         """
         steps = frames.shape[1]
         start = state.offset.clone()
+        # The bookkeeping is a few tiny ops per frame: on a GPU their launch overhead would dominate,
+        # so it runs on a host copy of the (small) token state, written back once.
+        host = GeneratorState(state.cache.cpu(), state.provided.cpu(), state.offset.cpu())
+        host_frames = frames.cpu()
         inputs = []
         for t in range(steps):
-            model_input, target, _ = self._write_given(state, frames[:, t])
+            model_input, target, _ = self._write_given(host, host_frames[:, t])
             inputs.append(model_input)
-            self._commit(state, target)
+            self._commit(host, target)
+        for tensor, value in zip(state.tensors(), host.tensors()):
+            tensor.copy_(value)
         if input_embeddings is None:
-            embeddings = self.model.embed(torch.stack(inputs, dim=1))
+            embeddings = self.model.embed(torch.stack(inputs, dim=1).to(self.model.device))
         else:
             embeddings = input_embeddings.to(self.model.dtype)
         chunk = max(1, self.config.context - 1)
@@ -207,14 +214,15 @@ class Generator:
         batch, channels = forced.shape
         offset = state.offset
         # Write the caller's tokens at their delayed positions.
-        write_at = ((offset[:, None] + self.delays) % CACHE_FRAMES)[..., None]  # [B, K, 1]
+        delays, initial = self._constants(offset.device)
+        write_at = ((offset[:, None] + delays) % CACHE_FRAMES)[..., None]  # [B, K, 1]
         given = (forced >= 0)[..., None]
         state.cache.scatter_(2, write_at, torch.where(given, forced[..., None], state.cache.gather(2, write_at)))
         state.provided.scatter_(2, write_at, given | state.provided.gather(2, write_at))
         # Channels still inside their initial delay get the initial token.
         now, previous = self._column(offset, channels), self._column(offset - 1, channels)
-        warming = (offset[:, None] <= self.delays)[..., None]  # [B, K, 1]
-        state.cache.scatter_(2, now, torch.where(warming, self.initial[:, None], state.cache.gather(2, now)))
+        warming = (offset[:, None] <= delays)[..., None]  # [B, K, 1]
+        state.cache.scatter_(2, now, torch.where(warming, initial[:, None], state.cache.gather(2, now)))
         state.provided.scatter_(2, now, warming | state.provided.gather(2, now))
         return (
             state.cache.gather(2, previous)[..., 0],
@@ -229,11 +237,18 @@ class Generator:
         offset = state.offset
         state.provided.scatter_(2, self._column(offset - 1, channels), False)
         state.cache.scatter_(2, self._column(offset, channels), column[..., None])
-        read_at = ((offset[:, None] - 1 + self.delays) % CACHE_FRAMES)[..., None]
+        delays, _ = self._constants(offset.device)
+        read_at = ((offset[:, None] - 1 + delays) % CACHE_FRAMES)[..., None]
         valid = offset > self.config.max_delay
         tokens = torch.where(valid[:, None], state.cache.gather(2, read_at)[..., 0], -1)
         state.offset.add_(1)
         return tokens, valid
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(delays [K], initial tokens [K]) on ``device``: the model's, or host copies for bookkeeping."""
+        if device not in self._per_device:
+            self._per_device[device] = (self.delays.to(device), self.initial.to(device))
+        return self._per_device[device]
 
     @staticmethod
     def _column(frame: torch.Tensor, channels: int) -> torch.Tensor:
