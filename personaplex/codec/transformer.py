@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiTransformerConfig
-from ..layers.attention import prefill_self_attention, ring_self_attention
+from ..layers.attention import ring_self_attention
 from ..layers.kv_ring import reference_lowest_visible, ring_positions, ring_visibility
 from ..layers.rope import Rotation, rotation_for
 
@@ -83,17 +83,16 @@ class TransformerLayer(nn.Module):
         mask: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
-        attention=ring_self_attention,
+        prefill: bool = False,
     ) -> torch.Tensor:
         """x: [B, T, dim] at positions ``start[b] + t`` (start: [B]); rings updated in place.
 
-        ``attention`` is ``ring_self_attention`` (mask [B, 1, T, context], streaming) or
-        ``prefill_self_attention`` (mask [B, 1, T, context + T], a block attending over the old ring
-        plus its own keys).
+        Streaming: mask [B, 1, T, context]; ``prefill``: mask [B, 1, T, context + T], a block attending
+        over the old ring plus its own keys (see ``ring_self_attention``).
         """
-        attended = attention(
+        attended = ring_self_attention(
             self.norm1(x), self.self_attn.in_proj_weight, self.config.num_heads, rotation,
-            start, keys, values, mask,
+            start, keys, values, mask, prefill=prefill,
         )
         x = x + self.layer_scale_1(self.self_attn.out_proj(attended))
         update = self.linear2(F.gelu(self.linear1(self.norm2(x))))
@@ -144,7 +143,7 @@ class TransformerStack(nn.Module):
 
         Outputs and final state (rings, position) equal the streaming ones up to float rounding, but the
         frames go through in blocks of up to C (ring capacity) rather than two at a time. Within a block,
-        queries attend over [ring before the block ; the block's own keys] (``prefill_self_attention``),
+        queries attend over [ring before the block ; the block's own keys] (``ring_self_attention(prefill=True)``),
         under the mask that streaming's call pattern implies: the query at position q, belonging to the
         2-frame call that starts at ``s = q - (q - position) % 2``, sees key p iff
         ``max(0, s + 3 - C) <= p <= q``. Every such p is either in the block or among the C positions
@@ -171,12 +170,12 @@ class TransformerStack(nn.Module):
         query_positions = start[:, None] + offsets  # [B, T]
         call_starts = query_positions - offsets % 2  # first position of each query's 2-frame call
         # Keys: the ring as it is before the block (positions up to start - 1; negative = never written),
-        # then the block's own keys, in prefill_self_attention's concatenation order.
+        # then the block's own keys, in the prefill concatenation order.
         key_positions = torch.cat([ring_positions(start - 1, capacity), query_positions], dim=1)  # [B, C + T]
         mask = ring_visibility(key_positions, query_positions, call_starts + 3 - capacity)  # [B, 1, T, C + T]
         rotation = rotation_for(query_positions, self.config.head_dim, self.config.max_period)
         for layer, keys, values in zip(self.layers, state.keys, state.values):
-            x = layer(x, start, rotation, mask, keys, values, attention=prefill_self_attention)
+            x = layer(x, start, rotation, mask, keys, values, prefill=True)
         state.position.add_(steps)
         return x
 

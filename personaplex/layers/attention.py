@@ -38,38 +38,23 @@ def ring_self_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor,
+    *,
+    prefill: bool = False,
 ) -> torch.Tensor:
     """Attention of the T new frames h [B, T, dim] (at positions ``start[b] + t``) over the ring.
 
-    k and v are written to the rings [B, H, C, head_dim] in place first, then q attends under ``mask``
-    [B, 1, T, C]: the reference's streaming order. Returns merged heads [B, T, dim] (before out_proj).
+    Streaming (the reference's order): k and v are written to the rings [B, H, C, head_dim] in place,
+    then q attends under ``mask`` [B, 1, T, C]. ``prefill`` for a long block of T <= C frames: queries
+    attend over the ring as it was *before* the block plus the block's own keys (``mask`` [B, 1, T, C+T])
+    and only then are the new keys written, since a block longer than two frames would otherwise
+    overwrite keys its first queries still see when frames come one at a time.
+    Returns merged heads [B, T, dim] (before the output projection).
     """
     q, k, v = _project(h, in_proj_weight, num_heads, rotation)
+    if prefill:
+        attended = F.scaled_dot_product_attention(q, torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2), attn_mask=mask)
     write_ring(keys, k, start)
     write_ring(values, v, start)
-    return merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
-
-
-def prefill_self_attention(
-    h: torch.Tensor,
-    in_proj_weight: torch.Tensor,
-    num_heads: int,
-    rotation: Rotation,
-    start: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """Like ``ring_self_attention`` for a long block of T <= C frames.
-
-    Queries attend over the ring as it was *before* this block plus the block's own keys (``mask``
-    [B, 1, T, C + T]), and only then are the new keys written: a block longer than two frames would
-    otherwise overwrite keys that its first queries still see when frames are fed one at a time.
-    """
-    q, k, v = _project(h, in_proj_weight, num_heads, rotation)
-    all_keys = torch.cat([keys, k], dim=2)
-    all_values = torch.cat([values, v], dim=2)
-    attended = F.scaled_dot_product_attention(q, all_keys, all_values, attn_mask=mask)
-    write_ring(keys, k, start)
-    write_ring(values, v, start)
+    if not prefill:
+        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     return merge_heads(attended)

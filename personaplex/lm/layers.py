@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LMConfig
-from ..layers.attention import prefill_self_attention, ring_self_attention
+from ..layers.attention import ring_self_attention
 from ..layers.kv_ring import ring_positions, ring_visibility
 from ..layers.norm import RMSNorm
 from ..layers.rope import rotation_for
@@ -74,18 +74,17 @@ class TemporalTransformer(nn.Module):
             raise ValueError(f"a block of {steps} frames exceeds the KV ring ({capacity}); split it")
         query_positions = positions[:, None] + torch.arange(steps, device=x.device)
         lowest = query_positions - capacity + 2
-        if steps <= 2:
-            attention = ring_self_attention
-            key_positions = ring_positions(query_positions[:, -1], capacity)
-        else:
-            attention = prefill_self_attention
+        prefill = steps > 2
+        if prefill:
             key_positions = torch.cat([ring_positions(positions - 1, capacity), query_positions], dim=1)
+        else:
+            key_positions = ring_positions(query_positions[:, -1], capacity)
         mask = ring_visibility(key_positions, query_positions, lowest)
         rotation = rotation_for(query_positions, cfg.head_dim, cfg.max_period)
         for index, layer in enumerate(self.layers):
-            attended = attention(
+            attended = ring_self_attention(
                 layer.norm1(x), layer.self_attn.in_proj_weight, cfg.num_heads, rotation, positions,
-                keys[index], values[index], mask,
+                keys[index], values[index], mask, prefill=prefill,
             )
             x = x + layer.self_attn.out_proj(attended)
             x = x + layer.gating(layer.norm2(x))
