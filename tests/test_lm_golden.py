@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,14 +26,18 @@ def lm(golden, lm_config):
 
 
 def golden_config_file(golden) -> str:
-    import json
-
     return json.loads((golden / "tiny_config.json").read_text())["lm"]["file"]
 
 
 @pytest.fixture(scope="module")
 def session(golden) -> dict[str, torch.Tensor]:
     return load_file(golden / "golden_lm_session.safetensors")
+
+
+@pytest.fixture(scope="module")
+def user_start(golden) -> int:
+    """First step of the user phase (the prompt ends just before it)."""
+    return json.loads((golden / "golden_lm_session.json").read_text())["phases"]["user"]["first_step"]
 
 
 def forced_column(session, step: int) -> torch.Tensor:
@@ -43,7 +49,7 @@ def forced_column(session, step: int) -> torch.Tensor:
     ])
 
 
-def test_teacher_forced_temporal_and_depth(lm, session):
+def test_teacher_forced_temporal_and_depth(lm, session, user_start):
     """Feed the recorded model inputs; every computed head must match the recorded logits."""
     steps = session["step_computed"].nonzero()[:, 0].tolist()
     state = lm.new_state(1)
@@ -63,14 +69,14 @@ def test_teacher_forced_temporal_and_depth(lm, session):
         torch.testing.assert_close(logits.logsumexp(-1), session["step_audio_logsumexp"][step], atol=LOGIT_TOL, rtol=0)
         assert torch.equal(logits.argmax(-1), session["step_raw_sampled_audio"][step])
         assert text_logits[0, 0].argmax() == session["step_raw_sampled_text"][step]
-        if step >= 39:
-            torch.testing.assert_close(logits, session["user_audio_logits"][step - 39], atol=LOGIT_TOL, rtol=0)
+        if step >= user_start:
+            torch.testing.assert_close(logits, session["user_audio_logits"][step - user_start], atol=LOGIT_TOL, rtol=0)
 
 
-def test_prompt_end_kv_rings(lm, session):
-    """After the 38 prompt frames the rings hold exactly the reference's keys and values."""
+def test_prompt_end_kv_rings(lm, session, user_start):
+    """After the prompt frames the rings hold exactly the reference's keys and values."""
     state = lm.new_state(1)
-    for step in range(1, 39):
+    for step in range(1, user_start):
         tokens = session["step_model_input_tokens"][step].view(1, 1, -1)
         lm.forward_temporal(lm.embed(tokens), torch.tensor([step - 1]), state)
     for layer in range(lm.config.num_layers):
@@ -96,7 +102,7 @@ def test_generator_state_machine(lm, session):
     lm_state = lm.new_state(1)
     n_steps = session["step_phase"].shape[0]
     generator.reset(gen_state, torch.tensor([True]), forced_column(session, 0).view(1, -1))
-    assert torch.equal(gen_state.provided[0], _provided_after_step0(session))
+    assert torch.equal(gen_state.provided[0], _provided_after_step0(session, lm.config.delays))
     for step in range(1, n_steps):
         result = generator.step(gen_state, lm_state, forced_column(session, step).view(1, -1), depth_steps=lm.config.dep_q)
         expected_none = bool(session["step_out_is_none"][step])
@@ -112,14 +118,13 @@ def test_generator_state_machine(lm, session):
         torch.testing.assert_close(result.text_logits[0], session["step_text_logits"][step], atol=LOGIT_TOL, rtol=0)
 
 
-def _provided_after_step0(session) -> torch.Tensor:
+def _provided_after_step0(session, delays) -> torch.Tensor:
     # The fixture does not record step 0's state; derive it from step 1's forcing rule: column 0 is
     # all initial, column 1 holds the delayed channels forced at step 0.
     provided = torch.zeros(17, CACHE_FRAMES, dtype=torch.bool)
     provided[:, 0] = True
     forced = forced_column(session, 0)
-    delays = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1])
-    provided[:, 1] = (forced >= 0) & (delays > 0)
+    provided[:, 1] = (forced >= 0) & (torch.tensor(delays) > 0)
     return provided
 
 
