@@ -22,7 +22,14 @@ class CapturedStep:
     (KV ring entries) need not be listed.
     """
 
-    def __init__(self, fn: Callable[..., Any], inputs: dict[str, torch.Tensor], preserve: Sequence[torch.Tensor], warmup: int = 2):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        inputs: dict[str, torch.Tensor],
+        preserve: Sequence[torch.Tensor],
+        warmup: int = 2,
+        pool: Any = None,
+    ):
         self.inputs = {name: tensor.clone() for name, tensor in inputs.items()}
         saved = [tensor.clone() for tensor in preserve]
 
@@ -39,7 +46,8 @@ class CapturedStep:
                 restore()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Graphs replayed one after another may share one memory pool (``torch.cuda.graph_pool_handle``).
+        with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(**self.inputs)
         restore()
 

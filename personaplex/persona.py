@@ -243,6 +243,16 @@ class SystemPrompt:
     frames: torch.Tensor  # [steps, channels]
     saved_voice: SavedVoice | None
 
+    def fingerprint(self) -> str:
+        """A digest of everything the prompt forces: equal prompts leave equal states."""
+        import hashlib
+
+        digest = hashlib.sha256(self.frames.cpu().numpy().tobytes())
+        if self.saved_voice is not None:
+            digest.update(self.saved_voice.embeddings.float().cpu().numpy().tobytes())
+            digest.update(self.saved_voice.cache.cpu().numpy().tobytes())
+        return digest.hexdigest()
+
     @property
     def num_steps(self) -> int:
         """LM steps the prompt occupies (counting the model-less first step)."""

@@ -66,6 +66,13 @@ class EncoderState:
         """Every state tensor (e.g. to snapshot around CUDA graph warm-up)."""
         return [*self.seanet, *self.transformer.tensors(), self.downsample_tail, self.downsample_fresh]
 
+    def slots(self, first: int, stop: int) -> "EncoderState":
+        """A view of slots ``first..stop-1``: writes through it change this state."""
+        return EncoderState(
+            [t[first:stop] for t in self.seanet], self.transformer.slots(first, stop),
+            self.downsample_tail[first:stop], self.downsample_fresh[first:stop],
+        )
+
     def reset_slots(self, mask: torch.Tensor) -> None:
         for tensor in (*self.seanet, *self.transformer.tensors(), self.downsample_tail):
             fill_slots_(tensor, mask, 0)
@@ -83,6 +90,12 @@ class DecoderState:
     def tensors(self) -> list[torch.Tensor]:
         """Every state tensor (e.g. to snapshot around CUDA graph warm-up)."""
         return [self.upsample_pending, *self.transformer.tensors(), *self.seanet]
+
+    def slots(self, first: int, stop: int) -> "DecoderState":
+        """A view of slots ``first..stop-1``: writes through it change this state."""
+        return DecoderState(
+            self.upsample_pending[first:stop], self.transformer.slots(first, stop), [t[first:stop] for t in self.seanet]
+        )
 
     def reset_slots(self, mask: torch.Tensor) -> None:
         for tensor in self.tensors():

@@ -40,6 +40,12 @@ class TransformerState:
     def tensors(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values, self.position]
 
+    def slots(self, first: int, stop: int) -> "TransformerState":
+        """A view of slots ``first..stop-1``: writes through it change this state."""
+        return TransformerState(
+            [k[first:stop] for k in self.keys], [v[first:stop] for v in self.values], self.position[first:stop]
+        )
+
 
 class LayerScale(nn.Module):
     """Per-channel scale of a residual branch (``scale`` [dim])."""

@@ -2,10 +2,15 @@
 
 The engine owns all device state, preallocated for ``max_slots`` conversations: the LM's KV rings and
 token buffers, Mimi's encoder and decoder streaming state, and per-slot sampling settings. A
-conversation joins a contiguous range of slots with its system prompt (prefilled into those slots
-only); then every ``step`` takes one 80 ms frame of user audio per slot and returns one frame of
-agent audio and tokens per slot. On CUDA the whole frame (Mimi encode, LM step, Mimi decode) is
-captured once as a CUDA graph and replayed.
+conversation joins a slot with its system prompt, prefilled into that slot only (or copied from the
+persona prefix cache); then every ``step`` takes one 80 ms frame of user audio per slot and returns
+one frame of agent audio and tokens per slot.
+
+Cost follows use: a step runs only over slots ``0..n-1`` where n is the smallest batch bucket that
+holds the highest active slot (new conversations take the lowest free slot), and attention reads only
+the part of the KV rings that the longest of those conversations has filled (rounded up to a length
+bucket). On CUDA each (batch bucket, length bucket) pair is captured once as a CUDA graph of the
+whole frame (Mimi encode, LM step, Mimi decode) and replayed.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from ..cuda_graph import CapturedStep
-from ..lm.generator import Generator, SamplingSettings
+from ..lm.generator import Generator, GeneratorState, SamplingSettings
+from ..lm.model import LMState
 from ..lm.sampling import SamplingParams
 from ..persona import SystemPrompt, apply_system_prompt
+from .prefix_cache import PrefixCache, restore_snapshot, take_snapshot
 
 
 @dataclass(frozen=True)
@@ -38,18 +45,27 @@ class SamplingConfig:
 
 @dataclass
 class FrameOutput:
-    """One frame for every slot, on the host."""
+    """One frame for slots ``0..n-1`` (the batch bucket that ran), on the host."""
 
-    tokens: torch.Tensor  # [B, channels] int64: text, agent codebooks, user codebooks
-    pcm: torch.Tensor  # [B, frame_size] float32 agent audio at 24 kHz
+    tokens: torch.Tensor  # [n, channels] int64: text, agent codebooks, user codebooks
+    pcm: torch.Tensor  # [n, frame_size] float32 agent audio at 24 kHz
 
 
 MAX_TEXT_TOP_K = 250
 MAX_AUDIO_TOP_K = 2048
+LENGTH_BUCKET = 256  # frames (20 s): attention reads the rings in multiples of this
+
+
+def batch_buckets(max_slots: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to max_slots (and max_slots itself)."""
+    buckets = [b for b in (1, 2, 4) if b < max_slots] + list(range(8, max_slots, 8))
+    return buckets + [max_slots]
 
 
 class Engine:
-    def __init__(self, lm, mimi, max_slots: int, *, use_cuda_graph: bool | None = None):
+    def __init__(
+        self, lm, mimi, max_slots: int, *, use_cuda_graph: bool | None = None, prefix_cache_bytes: int = 2 << 30
+    ):
         self.lm, self.mimi = lm, mimi
         self.config = lm.config
         self.device = lm.device
@@ -66,22 +82,33 @@ class Engine:
             max_text_top_k=MAX_TEXT_TOP_K,
             max_audio_top_k=MAX_AUDIO_TOP_K,
         )
-        self._user_channels = slice(1 + self.config.agent_codebooks, self.config.num_channels)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.buckets = batch_buckets(max_slots)
+        # Host mirrors, so that choosing buckets never waits for the device.
+        self.active = [False] * max_slots
+        self._offsets = [1] * max_slots  # the generator's step counter of each slot
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda" and os.environ.get("PERSONAPLEX_NO_CUDA_GRAPH", "") in ("", "0")
-        self._captured: CapturedStep | None = None
         self._use_cuda_graph = use_cuda_graph
+        self._graphs: dict[tuple[int, int], CapturedStep] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if use_cuda_graph else None
 
-    # --- joining ---------------------------------------------------------------------------------
+    # --- conversations ---------------------------------------------------------------------------
 
-    def join(self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig) -> None:
-        """Start conversations in slots ``first..stop-1`` with ``prompt``; other slots are untouched."""
+    def free_slots(self) -> list[int]:
+        return [slot for slot, busy in enumerate(self.active) if not busy]
+
+    def join(self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig) -> bool:
+        """Start conversations in slots ``first..stop-1`` with ``prompt``; other slots are untouched.
+
+        Returns True when the persona's state came from the prefix cache (no prefill ran).
+        """
         if not 0 <= first < stop <= self.max_slots:
             raise ValueError(f"slots {first}..{stop - 1} outside 0..{self.max_slots - 1}")
         cfg = sampling
-        slots = slice(first, stop)
-        if cfg.text_top_k > MAX_TEXT_TOP_K or cfg.audio_top_k > MAX_AUDIO_TOP_K or min(cfg.text_top_k, cfg.audio_top_k) < 1:
+        if not (1 <= cfg.text_top_k <= MAX_TEXT_TOP_K and 1 <= cfg.audio_top_k <= MAX_AUDIO_TOP_K):
             raise ValueError(f"top-k must be in 1..{MAX_TEXT_TOP_K} (text) and 1..{MAX_AUDIO_TOP_K} (audio)")
+        slots = slice(first, stop)
         self.sampling.text.temperature[slots] = 0.0 if cfg.greedy else cfg.text_temperature
         self.sampling.text.top_k[slots] = cfg.text_top_k
         self.sampling.audio.temperature[slots] = 0.0 if cfg.greedy else cfg.audio_temperature
@@ -91,32 +118,78 @@ class Engine:
         mask[slots] = True
         self.mimi.reset_encoder_state(self.encoder, mask)
         self.mimi.reset_decoder_state(self.decoder, mask)
+        key = (prompt.fingerprint(),)
+        snapshot = self.prefix_cache.get(key)
         with torch.inference_mode():
-            apply_system_prompt(
-                self.generator, self.gen_state.slots(first, stop), self.lm_state.slots(first, stop),
-                prompt.frames, prompt.saved_voice,
-            )
+            if snapshot is not None:
+                restore_snapshot(snapshot, self.gen_state, self.lm_state, first, stop)
+            else:
+                apply_system_prompt(
+                    self.generator, self.gen_state.slots(first, stop), self.lm_state.slots(first, stop),
+                    prompt.frames, prompt.saved_voice,
+                )
+                self.prefix_cache.put(key, take_snapshot(self.gen_state, self.lm_state, first, prompt.num_steps - 1))
+        for slot in range(first, stop):
+            self.active[slot] = True
+            self._offsets[slot] = prompt.num_steps
+        return snapshot is not None
+
+    def leave(self, slot: int) -> None:
+        """End the conversation in ``slot``; the slot is free for the next one."""
+        self.active[slot] = False
+        self._offsets[slot] = 1
 
     # --- stepping --------------------------------------------------------------------------------
 
-    def _frame(self, pcm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """User audio [B, 1920] -> (tokens [B, channels], agent audio [B, 1920]), all on the device."""
-        codes = self.mimi.encode_frame(pcm, self.encoder)
-        forced = torch.full((pcm.shape[0], self.config.num_channels), -1, dtype=torch.long, device=pcm.device)
-        forced[:, self._user_channels] = codes
-        result = self.generator.step(self.gen_state, self.lm_state, forced, sampling=self.sampling)
-        agent = result.tokens[:, 1 : 1 + self.config.agent_codebooks]
-        return result.tokens, self.mimi.decode_frame(agent, self.decoder)
+    def _bucket(self) -> tuple[int, int]:
+        """(batch bucket, ring length) for the next step."""
+        highest = max((slot for slot, busy in enumerate(self.active) if busy), default=0)
+        batch = next(b for b in self.buckets if b > highest)
+        offset = max(self._offsets[:batch])  # the step writes position offset - 1 and reads up to it
+        context = self.config.context
+        length = min(context, -(-offset // LENGTH_BUCKET) * LENGTH_BUCKET) if offset <= context else context
+        return batch, length
+
+    def _frame_fn(self, batch: int, length: int):
+        gen_state: GeneratorState = self.gen_state.slots(0, batch)
+        lm_state: LMState = self.lm_state.slots(0, batch)
+        encoder, decoder = self.encoder.slots(0, batch), self.decoder.slots(0, batch)
+        sampling = self.sampling.slots(0, batch)
+        user = slice(1 + self.config.agent_codebooks, self.config.num_channels)
+        agent = slice(1, 1 + self.config.agent_codebooks)
+
+        def frame(pcm: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """User audio [n, 1920] -> (tokens [n, channels], agent audio [n, 1920]), on the device."""
+            codes = self.mimi.encode_frame(pcm, encoder)
+            forced = torch.full((batch, self.config.num_channels), -1, dtype=torch.long, device=pcm.device)
+            forced[:, user] = codes
+            result = self.generator.step(gen_state, lm_state, forced, sampling=sampling, used_length=length)
+            # Idle slots step too (their results are dropped); keep their counters at the start so
+            # that they never stretch the ring length the others read.
+            gen_state.offset.copy_(torch.where(active, gen_state.offset, 1))
+            return result.tokens, self.mimi.decode_frame(result.tokens[:, agent], decoder)
+
+        preserve = gen_state.tensors() + encoder.tensors() + decoder.tensors()
+        return frame, preserve
 
     def step(self, pcm: torch.Tensor) -> FrameOutput:
-        """One 80 ms frame for every slot: pcm [max_slots, 1920] user audio (float, 24 kHz)."""
-        pcm = pcm.to(self.device, torch.float32, non_blocking=True)
+        """One 80 ms frame: pcm [>= n, 1920] user audio (float, 24 kHz) for slots 0..; returns rows 0..n-1."""
+        batch, length = self._bucket()
+        pcm = pcm[:batch].to(self.device, torch.float32, non_blocking=True)
+        active = torch.tensor(self.active[:batch], device=self.device)
         with torch.inference_mode():
             if self._use_cuda_graph:
-                if self._captured is None:
-                    preserve = self.gen_state.tensors() + self.encoder.tensors() + self.decoder.tensors()
-                    self._captured = CapturedStep(self._frame, {"pcm": pcm}, preserve)
-                tokens, out = self._captured(pcm=pcm)
+                graph = self._graphs.get((batch, length))
+                if graph is None:
+                    frame, preserve = self._frame_fn(batch, length)
+                    graph = CapturedStep(frame, {"pcm": pcm, "active": active}, preserve, pool=self._graph_pool)
+                    self._graphs[(batch, length)] = graph
+                tokens, out = graph(pcm=pcm, active=active)
             else:
-                tokens, out = self._frame(pcm)
-            return FrameOutput(tokens.cpu(), out.float().cpu())
+                frame, _ = self._frame_fn(batch, length)
+                tokens, out = frame(pcm, active)
+            result = FrameOutput(tokens.cpu(), out.float().cpu())
+        for slot in range(batch):
+            if self.active[slot]:
+                self._offsets[slot] += 1
+        return result

@@ -40,6 +40,7 @@ def ring_self_attention(
     mask: torch.Tensor,
     *,
     prefill: bool = False,
+    used_length: int | None = None,
 ) -> torch.Tensor:
     """Attention of the T new frames h [B, T, dim] (at positions ``start[b] + t``) over the ring.
 
@@ -48,13 +49,18 @@ def ring_self_attention(
     attend over the ring as it was *before* the block plus the block's own keys (``mask`` [B, 1, T, C+T])
     and only then are the new keys written, since a block longer than two frames would otherwise
     overwrite keys its first queries still see when frames come one at a time.
+    ``used_length``: attend only over ring indices [0, used_length), valid when no slot has written a
+    position beyond it (short conversations need not read a 3000-frame ring); the mask covers those.
     Returns merged heads [B, T, dim] (before the output projection).
     """
     q, k, v = _project(h, in_proj_weight, num_heads, rotation)
+    used_keys, used_values = keys[:, :, :used_length], values[:, :, :used_length]
     if prefill:
-        attended = F.scaled_dot_product_attention(q, torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2), attn_mask=mask)
+        attended = F.scaled_dot_product_attention(
+            q, torch.cat([used_keys, k], dim=2), torch.cat([used_values, v], dim=2), attn_mask=mask
+        )
     write_ring(keys, k, start)
     write_ring(values, v, start)
     if not prefill:
-        attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        attended = F.scaled_dot_product_attention(q, used_keys, used_values, attn_mask=mask)
     return merge_heads(attended)

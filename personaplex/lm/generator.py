@@ -64,6 +64,13 @@ class SamplingSettings:
     max_text_top_k: int = 25
     max_audio_top_k: int = 250
 
+    def slots(self, first: int, stop: int) -> "SamplingSettings":
+        """A view of slots ``first..stop-1``."""
+        def part(p: SamplingParams) -> SamplingParams:
+            return SamplingParams(p.temperature[first:stop], p.top_k[first:stop])
+
+        return SamplingSettings(part(self.text), part(self.audio), self.seed[first:stop], self.max_text_top_k, self.max_audio_top_k)
+
 
 class Generator:
     """Steps a batch of conversations through an ``LMModel``."""
@@ -124,6 +131,7 @@ class Generator:
         sampling: SamplingSettings | None = None,
         input_embeddings: torch.Tensor | None = None,
         return_audio_logits: bool = False,
+        used_length: int | None = None,
     ) -> StepResult:
         """One frame for every slot.
 
@@ -133,6 +141,8 @@ class Generator:
         which is exact whenever all user codebooks are forced (their predictions would be discarded).
         input_embeddings: [B, dim] to feed the temporal transformer instead of the embedded tokens
         (replay of saved voice-prompt embeddings).
+        used_length: read only the first ``used_length`` KV ring entries; valid while every slot's
+        step counter (offset) is at most ``used_length``, i.e. no position beyond it was written.
         """
         cfg = self.config
         depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
@@ -142,7 +152,7 @@ class Generator:
             embeddings = self.model.embed(model_input[:, None, :])
         else:
             embeddings = input_embeddings[:, None, :].to(self.model.dtype)
-        transformer_out, text_logits = self.model.forward_temporal(embeddings, counter - 1, lm_state)
+        transformer_out, text_logits = self.model.forward_temporal(embeddings, counter - 1, lm_state, used_length=used_length)
         transformer_out, text_logits = transformer_out[:, 0], text_logits[:, 0]
 
         seed = sampling.seed if sampling is not None else None

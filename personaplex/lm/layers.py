@@ -58,14 +58,16 @@ class TemporalTransformer(nn.Module):
         self.layers = nn.ModuleList(TemporalLayer(config) for _ in range(config.num_layers))
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+        used_length: int | None = None,
     ) -> torch.Tensor:
         """x: [B, T, dim] frames at absolute positions ``positions[b] + t`` (positions: [B]).
 
         Each query attends to the C-1 most recent positions up to itself (C = ring capacity), exactly
         what the reference computes when it feeds one frame per call, whatever T is. One or two frames
         are written to the rings before attending; longer blocks (prefill, T <= C) attend over the old
-        ring plus their own keys and are written after.
+        ring plus their own keys and are written after. ``used_length`` (<= C) may bound the ring
+        entries read when every position written so far, this block's included, is below it.
         """
         cfg = self.config
         steps = x.shape[1]
@@ -75,16 +77,17 @@ class TemporalTransformer(nn.Module):
         query_positions = positions[:, None] + torch.arange(steps, device=x.device)
         lowest = query_positions - capacity + 2
         prefill = steps > 2
+        used = capacity if used_length is None else min(used_length, capacity)
         if prefill:
-            key_positions = torch.cat([ring_positions(positions - 1, capacity), query_positions], dim=1)
+            key_positions = torch.cat([ring_positions(positions - 1, capacity)[:, :used], query_positions], dim=1)
         else:
-            key_positions = ring_positions(query_positions[:, -1], capacity)
+            key_positions = ring_positions(query_positions[:, -1], capacity)[:, :used]
         mask = ring_visibility(key_positions, query_positions, lowest)
         rotation = rotation_for(query_positions, cfg.head_dim, cfg.max_period)
         for index, layer in enumerate(self.layers):
             attended = ring_self_attention(
                 layer.norm1(x), layer.self_attn.in_proj_weight, cfg.num_heads, rotation, positions,
-                keys[index], values[index], mask, prefill=prefill,
+                keys[index], values[index], mask, prefill=prefill, used_length=used,
             )
             x = x + layer.self_attn.out_proj(attended)
             x = x + layer.gating(layer.norm2(x))

@@ -89,14 +89,16 @@ class LMModel(nn.Module):
         return x + lookup(self.text_emb, tokens[..., 0])
 
     def forward_temporal(
-        self, embeddings: torch.Tensor, positions: torch.Tensor, state: LMState, *, heads: bool = True
+        self, embeddings: torch.Tensor, positions: torch.Tensor, state: LMState, *, heads: bool = True,
+        used_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Run the temporal transformer on embeddings [B, T, dim] at positions [B] (+t).
 
         Returns (transformer_out after out_norm [B, T, dim], text logits [B, T, text_card]); with
         ``heads=False`` only the KV rings are updated (prefill, whose outputs are discarded).
+        ``used_length``: see ``TemporalTransformer.forward``.
         """
-        x = self.transformer(embeddings, positions, state.keys, state.values)
+        x = self.transformer(embeddings, positions, state.keys, state.values, used_length)
         if not heads:
             return None
         out = self.out_norm(x)
