@@ -46,14 +46,15 @@ def user_audio(seed: int, frames: int) -> torch.Tensor:
     return 0.1 * torch.randn(frames, 1920, generator=torch.Generator().manual_seed(seed))
 
 
-def run_alone(lm, mimi, prompt, sampling, audio):
-    engine = Engine(lm, mimi, max_slots=1)
+def run_alone(lm, mimi, prompt, sampling, audio, kv_dtype):
+    engine = Engine(lm, mimi, max_slots=1, kv_dtype=kv_dtype)
     engine.join(0, 1, prompt, sampling)
     outputs = [engine.step(frame[None]) for frame in audio]
     return torch.stack([o.tokens[0] for o in outputs]), torch.stack([o.pcm[0] for o in outputs])
 
 
-def test_conversations_in_a_changing_batch_equal_running_alone(models):
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_conversations_in_a_changing_batch_equal_running_alone(models, kv_dtype):
     lm, mimi = models
     p1, p2 = persona(lm, 1), persona(lm, 2)
     # name: (slot, join tick, leave tick, prompt, sampling, audio seed)
@@ -63,7 +64,7 @@ def test_conversations_in_a_changing_batch_equal_running_alone(models):
         "C": (2, 12, 60, p1, SamplingConfig(greedy=True), 3),  # same persona as A: prefix cache
         "D": (0, 35, 100, p2, SamplingConfig(seed=14, text_top_k=5, audio_temperature=1.1), 4),  # reuses A's slot
     }
-    engine = Engine(lm, mimi, max_slots=4)
+    engine = Engine(lm, mimi, max_slots=4, kv_dtype=kv_dtype)
     recorded = {name: ([], []) for name in plan}
     cache_hits = {}
     for tick in range(100):
@@ -83,7 +84,7 @@ def test_conversations_in_a_changing_batch_equal_running_alone(models):
                 recorded[name][1].append(out.pcm[slot])
     assert cache_hits == {"A": False, "B": False, "C": True, "D": True}
     for name, (slot, start, stop, prompt, sampling, seed) in plan.items():
-        tokens, pcm = run_alone(lm, mimi, prompt, sampling, user_audio(seed, stop - start))
+        tokens, pcm = run_alone(lm, mimi, prompt, sampling, user_audio(seed, stop - start), kv_dtype)
         assert torch.equal(torch.stack(recorded[name][0]), tokens), name
         torch.testing.assert_close(torch.stack(recorded[name][1]), pcm, atol=1e-5, rtol=0)
 
@@ -98,3 +99,19 @@ def test_idle_slots_do_not_stretch_the_ring_read(models):
     assert batch == 4 and length == 32  # prompt (23 steps) + 3 frames -> offset 26 -> bucket of 16s: 32
     engine.leave(2)
     assert engine._bucket() == (1, 16)
+
+
+def test_fp8_rings_track_model_dtype_rings(models):
+    """FP8 KV changes logits only a little (a proxy for quality: these weights are random)."""
+    lm, mimi = models
+    prompt = persona(lm, 1)
+    logits = {}
+    for kv_dtype in ("model", "fp8"):
+        engine = Engine(lm, mimi, max_slots=1, kv_dtype=kv_dtype)
+        engine.join(0, 1, prompt, SamplingConfig(greedy=True))
+        # Teacher-force the text and agent channels with fixed tokens so both runs see the same inputs.
+        generator, gen_state, lm_state = engine.generator, engine.gen_state, engine.lm_state
+        forced = torch.randint(0, 1024, (40, 17), generator=torch.Generator().manual_seed(3))
+        logits[kv_dtype] = torch.stack([generator.step(gen_state, lm_state, f[None]).text_logits[0] for f in forced])
+    error = (logits["fp8"] - logits["model"]).norm() / logits["model"].norm()
+    assert 0 < error < 0.05, error

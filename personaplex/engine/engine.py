@@ -64,7 +64,8 @@ def batch_buckets(max_slots: int) -> list[int]:
 
 class Engine:
     def __init__(
-        self, lm, mimi, max_slots: int, *, use_cuda_graph: bool | None = None, prefix_cache_bytes: int = 2 << 30
+        self, lm, mimi, max_slots: int, *, use_cuda_graph: bool | None = None, prefix_cache_bytes: int = 2 << 30,
+        kv_dtype: str = "model",
     ):
         self.lm, self.mimi = lm, mimi
         self.config = lm.config
@@ -72,7 +73,7 @@ class Engine:
         self.max_slots = max_slots
         self.generator = Generator(lm)
         self.gen_state = self.generator.new_state(max_slots)
-        self.lm_state = lm.new_state(max_slots)
+        self.lm_state = lm.new_state(max_slots, kv_dtype=kv_dtype)
         self.encoder = mimi.new_encoder_state(max_slots, self.device)
         self.decoder = mimi.new_decoder_state(max_slots, self.device)
         self.sampling = SamplingSettings(

@@ -15,15 +15,14 @@ import torch
 
 @dataclass
 class PromptSnapshot:
-    keys: torch.Tensor  # [layers, 1, heads, P, head_dim]
-    values: torch.Tensor
+    kv: list[torch.Tensor]  # keys, values (and their FP8 scales): [layers, 1, heads, P, ...]
     cache: torch.Tensor  # [1, channels, 4] token buffer
     provided: torch.Tensor
     offset: torch.Tensor  # [1]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.cache, self.provided, self.offset))
+        return sum(t.numel() * t.element_size() for t in (*self.kv, self.cache, self.provided, self.offset))
 
 
 class PrefixCache:
@@ -60,8 +59,7 @@ class PrefixCache:
 def take_snapshot(gen_state, lm_state, slot: int, prompt_positions: int) -> PromptSnapshot:
     """Copy what slot ``slot`` holds after its prompt (KV ring indices [0, prompt_positions))."""
     return PromptSnapshot(
-        keys=lm_state.keys[:, slot : slot + 1, :, :prompt_positions].clone(),
-        values=lm_state.values[:, slot : slot + 1, :, :prompt_positions].clone(),
+        kv=[t[:, slot : slot + 1, :, :prompt_positions].clone() for t in lm_state.tensors()],
         cache=gen_state.cache[slot : slot + 1].clone(),
         provided=gen_state.provided[slot : slot + 1].clone(),
         offset=gen_state.offset[slot : slot + 1].clone(),
@@ -70,9 +68,8 @@ def take_snapshot(gen_state, lm_state, slot: int, prompt_positions: int) -> Prom
 
 def restore_snapshot(snapshot: PromptSnapshot, gen_state, lm_state, first: int, stop: int) -> None:
     """Write a snapshot into slots ``first..stop-1`` (other ring entries stay, masked as unwritten)."""
-    length = snapshot.keys.shape[3]
-    lm_state.keys[:, first:stop, :, :length] = snapshot.keys
-    lm_state.values[:, first:stop, :, :length] = snapshot.values
+    for ring, saved in zip(lm_state.tensors(), snapshot.kv):
+        ring[:, first:stop, :, : saved.shape[3]] = saved
     gen_state.cache[first:stop] = snapshot.cache
     gen_state.provided[first:stop] = snapshot.provided
     gen_state.offset[first:stop] = snapshot.offset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kv_ring import write_ring
+from .kv_ring import dequantize_fp8, quantize_fp8, read_ring, write_ring
 from .rope import Rotation, apply_rope
 
 
@@ -41,6 +41,8 @@ def ring_self_attention(
     *,
     prefill: bool = False,
     used_length: int | None = None,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the T new frames h [B, T, dim] (at positions ``start[b] + t``) over the ring.
 
@@ -51,16 +53,25 @@ def ring_self_attention(
     overwrite keys its first queries still see when frames come one at a time.
     ``used_length``: attend only over ring indices [0, used_length), valid when no slot has written a
     position beyond it (short conversations need not read a 3000-frame ring); the mask covers those.
+    ``key_scales``/``value_scales`` [B, H, C, 1]: the rings hold FP8 values with per-vector scales.
     Returns merged heads [B, T, dim] (before the output projection).
     """
     q, k, v = _project(h, in_proj_weight, num_heads, rotation)
-    used_keys, used_values = keys[:, :, :used_length], values[:, :, :used_length]
     if prefill:
+        if key_scales is not None:  # the block sees its own keys as a later step would: through FP8
+            k_seen, v_seen = dequantize_fp8(*quantize_fp8(k), k.dtype), dequantize_fp8(*quantize_fp8(v), v.dtype)
+        else:
+            k_seen, v_seen = k, v
+        old_keys = read_ring(keys, used_length, q.dtype, key_scales)
+        old_values = read_ring(values, used_length, q.dtype, value_scales)
         attended = F.scaled_dot_product_attention(
-            q, torch.cat([used_keys, k], dim=2), torch.cat([used_values, v], dim=2), attn_mask=mask
+            q, torch.cat([old_keys, k_seen], dim=2), torch.cat([old_values, v_seen], dim=2), attn_mask=mask
         )
-    write_ring(keys, k, start)
-    write_ring(values, v, start)
+    write_ring(keys, k, start, key_scales)
+    write_ring(values, v, start, value_scales)
     if not prefill:
-        attended = F.scaled_dot_product_attention(q, used_keys, used_values, attn_mask=mask)
+        attended = F.scaled_dot_product_attention(
+            q, read_ring(keys, used_length, q.dtype, key_scales), read_ring(values, used_length, q.dtype, value_scales),
+            attn_mask=mask,
+        )
     return merge_heads(attended)

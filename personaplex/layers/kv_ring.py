@@ -12,13 +12,48 @@ from __future__ import annotations
 
 import torch
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
 
-def write_ring(ring: torch.Tensor, values: torch.Tensor, start: torch.Tensor) -> None:
-    """Store ``values`` [B, H, T, D] at positions ``start[b] + t`` of ``ring`` [B, H, C, D], in place."""
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 values [..., D], float32 scales [..., 1]); x ~ values * scale.
+
+    One scale per key/value vector (per slot, head and position): vectors differ in size by orders
+    of magnitude across positions, a shared scale would flush the small ones to zero.
+    """
+    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).to(FP8), scale
+
+
+def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (values.to(torch.float32) * scale).to(dtype)
+
+
+def write_ring(ring: torch.Tensor, values: torch.Tensor, start: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+    """Store ``values`` [B, H, T, D] at positions ``start[b] + t`` of ``ring`` [B, H, C, D], in place.
+
+    With ``scales`` ([B, H, C, 1] float32) the ring holds FP8 values and their per-vector scales.
+    """
     batch, heads, steps, dim = values.shape
     capacity = ring.shape[2]
     index = (start[:, None] + torch.arange(steps, device=start.device)) % capacity  # [B, T]
-    ring.scatter_(2, index[:, None, :, None].expand(batch, heads, steps, dim), values)
+    index = index[:, None, :, None]
+    if scales is None:
+        ring.scatter_(2, index.expand(batch, heads, steps, dim), values)
+        return
+    quantized, scale = quantize_fp8(values)
+    # Scatter moves bytes: do it on a uint8 view (scatter has no FP8 kernels on some devices).
+    ring.view(torch.uint8).scatter_(2, index.expand(batch, heads, steps, dim), quantized.view(torch.uint8))
+    scales.scatter_(2, index.expand(batch, heads, steps, 1), scale)
+
+
+def read_ring(ring: torch.Tensor, length: int | None, dtype: torch.dtype, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Ring indices [0, length) as [B, H, length, D] in ``dtype`` (dequantized when FP8)."""
+    used = ring[:, :, :length]
+    if scales is None:
+        return used
+    return dequantize_fp8(used, scales[:, :, :length], dtype)
 
 
 def ring_positions(last: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,8 @@ class SelfAttentionWeights(nn.Module):
     def __init__(self, dim: int, qkv_rows: int, out_rows: int):
         super().__init__()
         self.in_proj_weight = nn.Parameter(torch.empty(qkv_rows, dim))
+        # Same initialisation as nn.Linear (only matters for random weights: demos, benchmarks).
+        nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))
         # For the depformer, rows of every depth step are stacked: [steps * dim, dim].
         self.out_proj = nn.Linear(dim, out_rows, bias=False)
 
@@ -59,7 +63,7 @@ class TemporalTransformer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-        used_length: int | None = None,
+        used_length: int | None = None, key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [B, T, dim] frames at absolute positions ``positions[b] + t`` (positions: [B]).
 
@@ -68,6 +72,7 @@ class TemporalTransformer(nn.Module):
         are written to the rings before attending; longer blocks (prefill, T <= C) attend over the old
         ring plus their own keys and are written after. ``used_length`` (<= C) may bound the ring
         entries read when every position written so far, this block's included, is below it.
+        ``key_scales``/``value_scales`` ([layers, B, H, C, 1]): the rings are FP8 with per-vector scales.
         """
         cfg = self.config
         steps = x.shape[1]
@@ -88,6 +93,8 @@ class TemporalTransformer(nn.Module):
             attended = ring_self_attention(
                 layer.norm1(x), layer.self_attn.in_proj_weight, cfg.num_heads, rotation, positions,
                 keys[index], values[index], mask, prefill=prefill, used_length=used,
+                key_scales=None if key_scales is None else key_scales[index],
+                value_scales=None if value_scales is None else value_scales[index],
             )
             x = x + layer.self_attn.out_proj(attended)
             x = x + layer.gating(layer.norm2(x))

@@ -20,10 +20,16 @@ from .sampling import SamplingParams, choose_tokens
 
 @dataclass
 class LMState:
-    """KV rings of the temporal transformer for a batch of slots: [layers, B, heads, context, head_dim]."""
+    """KV rings of the temporal transformer for a batch of slots: [layers, B, heads, context, head_dim].
+
+    With FP8 rings, ``key_scales``/``value_scales`` [layers, B, heads, context, 1] hold the float32
+    scale of each stored vector.
+    """
 
     keys: torch.Tensor
     values: torch.Tensor
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -31,7 +37,13 @@ class LMState:
 
     def slots(self, first: int, stop: int) -> "LMState":
         """A view of slots ``first..stop-1``: writes through it change this state."""
-        return LMState(self.keys[:, first:stop], self.values[:, first:stop])
+        def part(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, first:stop]
+
+        return LMState(part(self.keys), part(self.values), part(self.key_scales), part(self.value_scales))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values, self.key_scales, self.value_scales) if t is not None]
 
 
 @dataclass
@@ -67,12 +79,26 @@ class LMModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text_emb.weight.dtype
 
-    def new_state(self, batch_size: int, device: torch.device | str | None = None) -> LMState:
-        """Zeroed KV rings for ``batch_size`` slots (their content is never read before written)."""
+    def new_state(self, batch_size: int, device: torch.device | str | None = None, kv_dtype: str = "model") -> LMState:
+        """Zeroed KV rings for ``batch_size`` slots (their content is never read before written).
+
+        kv_dtype: "model" (the weights' dtype) or "fp8" (e4m3 with a float32 scale per vector: about
+        half the memory of bfloat16 rings).
+        """
         cfg = self.config
         shape = (cfg.num_layers, batch_size, cfg.num_heads, cfg.context, cfg.head_dim)
         device = self.device if device is None else device
-        return LMState(torch.zeros(shape, device=device, dtype=self.dtype), torch.zeros(shape, device=device, dtype=self.dtype))
+        if kv_dtype == "model":
+            return LMState(torch.zeros(shape, device=device, dtype=self.dtype), torch.zeros(shape, device=device, dtype=self.dtype))
+        if kv_dtype != "fp8":
+            raise ValueError(f"kv_dtype must be 'model' or 'fp8', got {kv_dtype!r}")
+        from ..layers.kv_ring import FP8
+
+        scales = shape[:-1] + (1,)
+        return LMState(
+            torch.zeros(shape, device=device, dtype=FP8), torch.zeros(shape, device=device, dtype=FP8),
+            torch.zeros(scales, device=device), torch.zeros(scales, device=device),
+        )
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Sum of the channel embeddings. tokens: [B, T, 1 + n_q] (text first) -> [B, T, dim].
@@ -98,7 +124,9 @@ class LMModel(nn.Module):
         ``heads=False`` only the KV rings are updated (prefill, whose outputs are discarded).
         ``used_length``: see ``TemporalTransformer.forward``.
         """
-        x = self.transformer(embeddings, positions, state.keys, state.values, used_length)
+        x = self.transformer(
+            embeddings, positions, state.keys, state.values, used_length, state.key_scales, state.value_scales
+        )
         if not heads:
             return None
         out = self.out_norm(x)

@@ -1,0 +1,140 @@
+"""The batched engine at full size: frame step time vs number of conversations, joins, memory.
+
+    python bench/engine.py [--preset personaplex-7b] [--slots 1 8 16 32] [--steps 100]
+
+For each number N of conversations: an engine with N slots (7B random bf16 weights in the real
+layout, real-size Mimi), every slot joined with the same persona (10 s voice + 60 text tokens; the
+first join prefills, the others copy from the prefix cache), then N conversations stepped together.
+A step is one 80 ms frame for all of them: Mimi encode + LM + Mimi decode + copy of tokens and audio
+to the host, timed by wall clock. Also: a join (new persona, and from the cache) timed right after a
+step while the other slots are live, i.e. the time a tick would take that admits a newcomer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from personaplex.checkpoint import build_mimi, load_lm  # noqa: E402
+from personaplex.config import get_preset  # noqa: E402
+from personaplex.engine import Engine, SamplingConfig  # noqa: E402
+from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402
+from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
+
+GIB = 2**30
+
+
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if CUDA else 0
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="personaplex-7b")
+    parser.add_argument("--slots", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=70, help="steps before timing (crosses the first ring-length bucket)")
+    parser.add_argument("--kv", choices=["model", "fp8"], default="model", help="KV ring storage: model dtype or FP8")
+    parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personaplex_random_lm.safetensors"))
+    args = parser.parse_args()
+    device = torch.device("cuda" if CUDA else "cpu")  # the CPU only for a dry run with a small preset
+    preset = get_preset(args.preset)
+    if not args.checkpoint.exists():
+        write_random_lm_checkpoint(preset.lm, args.checkpoint, dtype=torch.bfloat16, device=device.type)
+    lm = load_lm(args.checkpoint, preset.lm, device=device, dtype=torch.bfloat16 if CUDA else torch.float32)
+    mimi = build_mimi(preset.mimi, "cpu")
+    mimi.load_state_dict(random_mimi_state_dict(preset.mimi), strict=True)
+    mimi = mimi.to(device).eval().requires_grad_(False)
+    weights = allocated()
+    generator = torch.Generator().manual_seed(0)
+
+    def persona(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        voice = VoicePrompt("random", codes=torch.randint(0, 2048, (125, 8), generator=g))
+        return build_system_prompt(preset.lm, voice, torch.randint(4, preset.lm.text_card, (60,), generator=g).tolist())
+
+    prompt = persona(1)
+    print(f"device {torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}, preset {preset.name}; "
+          f"weights + Mimi {weights / GIB:.2f} GiB; prompt {prompt.num_steps} frames; KV rings: {args.kv}")
+    rows = []
+    for slots in args.slots:
+        gc.collect()
+        if CUDA:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            rows.append(measure(lm, mimi, slots, prompt, persona, generator, args))
+        except torch.OutOfMemoryError:
+            print(f"N={slots}: out of GPU memory")
+            break
+        print(f"N={slots}: p50 {rows[-1][1]:.2f} ms, p99 {rows[-1][2]:.2f} ms", flush=True)
+
+    print("\n| conversations | step p50 ms | step p99 ms | real-time factor (N x 80 ms / p50) | first join ms | "
+          "join new persona ms | join from cache ms | state GiB/slot | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for slots, p50, p99, first, new, cached, per_slot, peak in rows:
+        print(f"| {slots} | {p50:.2f} | {p99:.2f} | {slots * 80 / p50:.1f}x | {first:.1f} | {new:.1f} | {cached:.1f} | "
+              f"{per_slot:.2f} | {peak:.1f} |")
+
+
+def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
+    """One row of the table: N conversations stepping together."""
+    before = allocated()
+    engine = Engine(lm, mimi, max_slots=slots, kv_dtype=args.kv)
+    state_bytes = allocated() - before
+    sampling = SamplingConfig(seed=5)
+    sync()
+    t0 = time.perf_counter()
+    engine.join(0, 1, prompt, sampling)
+    sync()
+    first_join = 1000 * (time.perf_counter() - t0)
+    for slot in range(1, slots):
+        engine.join(slot, slot + 1, prompt, sampling)
+    pcm = 0.05 * torch.randn(slots, 1920, generator=generator)
+    for _ in range(args.warmup):
+        engine.step(pcm)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        engine.step(pcm)
+        times.append(1000 * (time.perf_counter() - t0))
+    # Joins while the others are live: leave the last slot, re-join it (new persona, then cached).
+    join_new, join_cached = [], []
+    for kind, samples in (("new", join_new), ("cached", join_cached)):
+        for attempt in range(3):
+            engine.leave(slots - 1)
+            engine.step(pcm)
+            fresh = persona(100 + attempt) if kind == "new" else prompt
+            sync()
+            t0 = time.perf_counter()
+            engine.join(slots - 1, slots, fresh, sampling)
+            sync()
+            samples.append(1000 * (time.perf_counter() - t0))
+    peak = torch.cuda.max_memory_allocated() if CUDA else 0
+    return (slots, statistics.median(times), percentile(times, 0.99), first_join,
+            statistics.median(join_new), statistics.median(join_cached), state_bytes / slots / GIB, peak / GIB)
+
+
+if __name__ == "__main__":
+    main()
