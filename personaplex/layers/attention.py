@@ -59,7 +59,9 @@ def ring_self_attention(
     q, k, v = _project(h, in_proj_weight, num_heads, rotation)
     if prefill:
         if key_scales is not None:  # the block sees its own keys as a later step would: through FP8
-            k_seen, v_seen = dequantize_fp8(*quantize_fp8(k), k.dtype), dequantize_fp8(*quantize_fp8(v), v.dtype)
+            scale_dtype = key_scales.dtype
+            k_seen = dequantize_fp8(*quantize_fp8(k, scale_dtype), k.dtype)
+            v_seen = dequantize_fp8(*quantize_fp8(v, scale_dtype), v.dtype)
         else:
             k_seen, v_seen = k, v
         old_keys = read_ring(keys, used_length, q.dtype, key_scales)

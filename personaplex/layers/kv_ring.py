@@ -16,24 +16,26 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
 
 
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (e4m3 values [..., D], float32 scales [..., 1]); x ~ values * scale.
+def quantize_fp8(x: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (e4m3 values [..., D], scales [..., 1] in ``scale_dtype``, default x's); x ~ values * scale.
 
     One scale per key/value vector (per slot, head and position): vectors differ in size by orders
-    of magnitude across positions, a shared scale would flush the small ones to zero.
+    of magnitude across positions, a shared scale would flush the small ones to zero. The scale is
+    rounded to its storage dtype first and the values clamped, so that no value overflows e4m3.
     """
-    scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).to(FP8), scale
+    scale = (x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX).to(scale_dtype or x.dtype)
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (values.to(torch.float32) * scale).to(dtype)
+    """Two passes in ``dtype`` (bf16 on GPU): reading the ring back costs few bytes per value."""
+    return values.to(dtype) * scale.to(dtype)
 
 
 def write_ring(ring: torch.Tensor, values: torch.Tensor, start: torch.Tensor, scales: torch.Tensor | None = None) -> None:
     """Store ``values`` [B, H, T, D] at positions ``start[b] + t`` of ``ring`` [B, H, C, D], in place.
 
-    With ``scales`` ([B, H, C, 1] float32) the ring holds FP8 values and their per-vector scales.
+    With ``scales`` ([B, H, C, 1]) the ring holds FP8 values and their per-vector scales.
     """
     batch, heads, steps, dim = values.shape
     capacity = ring.shape[2]
@@ -42,7 +44,7 @@ def write_ring(ring: torch.Tensor, values: torch.Tensor, start: torch.Tensor, sc
     if scales is None:
         ring.scatter_(2, index.expand(batch, heads, steps, dim), values)
         return
-    quantized, scale = quantize_fp8(values)
+    quantized, scale = quantize_fp8(values, scales.dtype)
     # Scatter moves bytes: do it on a uint8 view (scatter has no FP8 kernels on some devices).
     ring.view(torch.uint8).scatter_(2, index.expand(batch, heads, steps, dim), quantized.view(torch.uint8))
     scales.scatter_(2, index.expand(batch, heads, steps, 1), scale)

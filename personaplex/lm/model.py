@@ -22,8 +22,8 @@ from .sampling import SamplingParams, choose_tokens
 class LMState:
     """KV rings of the temporal transformer for a batch of slots: [layers, B, heads, context, head_dim].
 
-    With FP8 rings, ``key_scales``/``value_scales`` [layers, B, heads, context, 1] hold the float32
-    scale of each stored vector.
+    With FP8 rings, ``key_scales``/``value_scales`` [layers, B, heads, context, 1] hold the scale of
+    each stored vector.
     """
 
     keys: torch.Tensor
@@ -82,8 +82,8 @@ class LMModel(nn.Module):
     def new_state(self, batch_size: int, device: torch.device | str | None = None, kv_dtype: str = "model") -> LMState:
         """Zeroed KV rings for ``batch_size`` slots (their content is never read before written).
 
-        kv_dtype: "model" (the weights' dtype) or "fp8" (e4m3 with a float32 scale per vector: about
-        half the memory of bfloat16 rings).
+        kv_dtype: "model" (the weights' dtype) or "fp8" (e4m3 with one scale per vector, in the model
+        dtype: about half the memory of bfloat16 rings).
         """
         cfg = self.config
         shape = (cfg.num_layers, batch_size, cfg.num_heads, cfg.context, cfg.head_dim)
@@ -97,7 +97,7 @@ class LMModel(nn.Module):
         scales = shape[:-1] + (1,)
         return LMState(
             torch.zeros(shape, device=device, dtype=FP8), torch.zeros(shape, device=device, dtype=FP8),
-            torch.zeros(scales, device=device), torch.zeros(scales, device=device),
+            torch.zeros(scales, device=device, dtype=self.dtype), torch.zeros(scales, device=device, dtype=self.dtype),
         )
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
