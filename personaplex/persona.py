@@ -124,32 +124,48 @@ def apply_system_prompt(
     channel is forced, so the depth transformer and sampling, whose results would be discarded, are
     skipped either way.
     """
+    for _ in system_prompt_work(generator, gen_state, lm_state, frames, saved_voice, stepwise=stepwise):
+        pass
+
+
+def system_prompt_work(
+    generator, gen_state, lm_state, frames: torch.Tensor, saved_voice: SavedVoice | None = None, *,
+    chunk_frames: int | None = None, stepwise: bool = False,
+):
+    """``apply_system_prompt`` as a generator that pauses after every block of at most ``chunk_frames``
+    frames, yielding the number of frames just processed. Between two blocks the state is consistent,
+    so an engine can interleave a long prompt with the real-time steps of other slots."""
     batch = gen_state.batch_size
     device = gen_state.cache.device
     everyone = torch.ones(batch, dtype=torch.bool, device=device)
 
-    def force(block: torch.Tensor, embeddings: torch.Tensor | None = None) -> None:
-        """block: [T, channels]; embeddings: [T, dim] or None."""
-        frames_b = block.to(device)[None].expand(batch, -1, -1)
-        embeddings_b = None if embeddings is None else embeddings.to(device)[None].expand(batch, -1, -1)
-        if not stepwise:
-            generator.prefill(gen_state, lm_state, frames_b, embeddings_b)
-            return
-        for t in range(frames_b.shape[1]):
-            generator.step(
-                gen_state, lm_state, frames_b[:, t], depth_steps=0,
-                input_embeddings=None if embeddings_b is None else embeddings_b[:, t],
-            )
+    def force(block: torch.Tensor, embeddings: torch.Tensor | None = None):
+        """block: [T, channels]; embeddings: [T, dim] or None. Yields after each chunk."""
+        size = chunk_frames or max(1, block.shape[0])
+        for first in range(0, block.shape[0], size):
+            part = block[first : first + size].to(device)[None].expand(batch, -1, -1)
+            part_embeddings = None
+            if embeddings is not None:
+                part_embeddings = embeddings[first : first + size].to(device)[None].expand(batch, -1, -1)
+            if stepwise:
+                for t in range(part.shape[1]):
+                    generator.step(
+                        gen_state, lm_state, part[:, t], depth_steps=0,
+                        input_embeddings=None if part_embeddings is None else part_embeddings[:, t],
+                    )
+            else:
+                generator.prefill(gen_state, lm_state, part, part_embeddings)
+            yield part.shape[1]
 
     if saved_voice is not None:
         dummy = replay_frame(generator.config)
         generator.reset(gen_state, everyone, dummy.to(device).expand(batch, -1))
-        force(dummy.expand(saved_voice.embeddings.shape[0], -1), saved_voice.embeddings)
+        yield from force(dummy.expand(saved_voice.embeddings.shape[0], -1), saved_voice.embeddings)
         gen_state.cache.copy_(saved_voice.cache.to(device).expand_as(gen_state.cache))
-        force(frames)
+        yield from force(frames)
     else:
         generator.reset(gen_state, everyone, frames[0].to(device).expand(batch, -1))
-        force(frames[1:])
+        yield from force(frames[1:])
 
 
 def _is_bare_name(name: str) -> bool:

@@ -115,3 +115,40 @@ def test_fp8_rings_track_model_dtype_rings(models):
         logits[kv_dtype] = torch.stack([generator.step(gen_state, lm_state, f[None]).text_logits[0] for f in forced])
     error = (logits["fp8"] - logits["model"]).norm() / logits["model"].norm()
     assert 0 < error < 0.05, error
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_joins_spread_over_ticks_while_others_talk(models, kv_dtype):
+    """A new persona's prefill runs in small blocks between the others' steps; nobody is disturbed and
+    the newcomer, once live, behaves exactly as if it had joined at once."""
+    lm, mimi = models
+    p1, p2, p3 = persona(lm, 1), persona(lm, 2), persona(lm, 3)
+    engine = Engine(lm, mimi, max_slots=4, kv_dtype=kv_dtype)
+    engine.join_chunk_frames = 4  # the 23-frame prompts take several ticks
+    engine.join(0, 1, p1, SamplingConfig(seed=1))
+    talkers = {0: (p1, SamplingConfig(seed=1), user_audio(1, 40))}
+    joins = {1: (p2, SamplingConfig(seed=2), user_audio(2, 40)), 3: (p3, SamplingConfig(seed=3), user_audio(3, 40))}
+    started = {0: 0}
+    recorded = {0: [], 1: [], 3: []}
+    for tick in range(40):
+        # Slot 3 first, so that slot 1 is still joining while the batch (up to slot 3) steps over it.
+        if tick == 2:
+            assert engine.begin_join(3, 4, *joins[3][:2]) is False
+        if tick == 3:
+            assert engine.begin_join(1, 2, *joins[1][:2]) is False
+        for slot in engine.advance_joins(frame_budget=4):
+            started[slot] = tick
+            talkers[slot] = joins[slot]
+        highest = max(slot for slot in range(4) if engine.active[slot])
+        assert engine._bucket()[0] == {0: 1, 1: 2, 3: 4}[highest]  # joining slots do not widen the batch
+        pcm = torch.zeros(4, 1920)
+        for slot, (_, _, audio) in talkers.items():
+            pcm[slot] = audio[tick - started[slot]]
+        out = engine.step(pcm)
+        for slot in talkers:
+            recorded[slot].append(out.tokens[slot])
+    assert started[3] >= 2 + 4 and started[1] > started[3] + 3  # the prefills really were spread over ticks
+    for slot, (prompt, sampling, audio) in talkers.items():
+        frames = len(recorded[slot])
+        tokens, _ = run_alone(lm, mimi, prompt, sampling, audio[:frames], kv_dtype)
+        assert torch.equal(torch.stack(recorded[slot]), tokens), slot

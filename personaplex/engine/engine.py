@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -24,7 +25,7 @@ from ..cuda_graph import CapturedStep
 from ..lm.generator import Generator, GeneratorState, SamplingSettings
 from ..lm.model import LMState
 from ..lm.sampling import SamplingParams
-from ..persona import SystemPrompt, apply_system_prompt
+from ..persona import SystemPrompt, system_prompt_work
 from .prefix_cache import PrefixCache, restore_snapshot, take_snapshot
 
 
@@ -54,6 +55,16 @@ class FrameOutput:
 MAX_TEXT_TOP_K = 250
 MAX_AUDIO_TOP_K = 2048
 LENGTH_BUCKET = 256  # frames (20 s): attention reads the rings in multiples of this
+JOIN_CHUNK_FRAMES = 64  # prompt frames per prefill block when a join is spread over ticks
+
+
+@dataclass
+class PendingJoin:
+    first: int
+    stop: int
+    prompt: SystemPrompt
+    key: tuple
+    work: Iterator[int]
 
 
 def batch_buckets(max_slots: int) -> list[int]:
@@ -88,6 +99,8 @@ class Engine:
         # Host mirrors, so that choosing buckets never waits for the device.
         self.active = [False] * max_slots
         self._offsets = [1] * max_slots  # the generator's step counter of each slot
+        self._joining: dict[int, PendingJoin] = {}
+        self.join_chunk_frames = JOIN_CHUNK_FRAMES
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda" and os.environ.get("PERSONAPLEX_NO_CUDA_GRAPH", "") in ("", "0")
         self._use_cuda_graph = use_cuda_graph
@@ -97,15 +110,29 @@ class Engine:
     # --- conversations ---------------------------------------------------------------------------
 
     def free_slots(self) -> list[int]:
-        return [slot for slot, busy in enumerate(self.active) if not busy]
+        return [slot for slot, busy in enumerate(self.active) if not busy and slot not in self._joining]
 
     def join(self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig) -> bool:
-        """Start conversations in slots ``first..stop-1`` with ``prompt``; other slots are untouched.
+        """Start conversations in slots ``first..stop-1`` with ``prompt`` now; other slots are untouched.
 
         Returns True when the persona's state came from the prefix cache (no prefill ran).
         """
+        cached = self.begin_join(first, stop, prompt, sampling)
+        while self._joining:
+            self.advance_joins(frame_budget=None)
+        return cached
+
+    def begin_join(self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig) -> bool:
+        """Reserve slots ``first..stop-1`` for a conversation with ``prompt``.
+
+        From the prefix cache the slots are live at once (returns True). Otherwise the prompt's prefill
+        is queued and runs in blocks through ``advance_joins``, between the real-time steps of the other
+        slots; the slots go live when it is done.
+        """
         if not 0 <= first < stop <= self.max_slots:
             raise ValueError(f"slots {first}..{stop - 1} outside 0..{self.max_slots - 1}")
+        if any(self.active[first:stop]) or any(slot in self._joining for slot in range(first, stop)):
+            raise ValueError(f"slots {first}..{stop - 1} are not free")
         cfg = sampling
         if not (1 <= cfg.text_top_k <= MAX_TEXT_TOP_K and 1 <= cfg.audio_top_k <= MAX_AUDIO_TOP_K):
             raise ValueError(f"top-k must be in 1..{MAX_TEXT_TOP_K} (text) and 1..{MAX_AUDIO_TOP_K} (audio)")
@@ -115,38 +142,70 @@ class Engine:
         self.sampling.audio.temperature[slots] = 0.0 if cfg.greedy else cfg.audio_temperature
         self.sampling.audio.top_k[slots] = cfg.audio_top_k
         self.sampling.seed[slots] = cfg.resolved_seed()
-        mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
-        mask[slots] = True
-        self.mimi.reset_encoder_state(self.encoder, mask)
-        self.mimi.reset_decoder_state(self.decoder, mask)
         key = (prompt.fingerprint(),)
         snapshot = self.prefix_cache.get(key)
-        with torch.inference_mode():
-            if snapshot is not None:
+        if snapshot is not None:
+            with torch.inference_mode():
                 restore_snapshot(snapshot, self.gen_state, self.lm_state, first, stop)
-            else:
-                apply_system_prompt(
-                    self.generator, self.gen_state.slots(first, stop), self.lm_state.slots(first, stop),
-                    prompt.frames, prompt.saved_voice,
-                )
-                self.prefix_cache.put(key, take_snapshot(self.gen_state, self.lm_state, first, prompt.num_steps - 1))
+            self._go_live(first, stop, prompt)
+            return True
+        work = system_prompt_work(
+            self.generator, self.gen_state.slots(first, stop), self.lm_state.slots(first, stop),
+            prompt.frames, prompt.saved_voice, chunk_frames=self.join_chunk_frames,
+        )
+        self._joining[first] = PendingJoin(first, stop, prompt, key, work)
+        return False
+
+    def advance_joins(self, frame_budget: int | None) -> list[int]:
+        """Run queued prefill work, at most ``frame_budget`` prompt frames (None: all of it).
+
+        Returns the first slot of each conversation that went live.
+        """
+        done = []
+        spent = 0
+        with torch.inference_mode():
+            for first, pending in list(self._joining.items()):
+                while frame_budget is None or spent < frame_budget:
+                    frames = next(pending.work, None)
+                    if frames is None:
+                        snapshot = take_snapshot(self.gen_state, self.lm_state, first, pending.prompt.num_steps - 1)
+                        self.prefix_cache.put(pending.key, snapshot)
+                        del self._joining[first]
+                        self._go_live(first, pending.stop, pending.prompt)
+                        done.append(first)
+                        break
+                    spent += frames
+        return done
+
+    def _go_live(self, first: int, stop: int, prompt: SystemPrompt) -> None:
+        mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
+        mask[first:stop] = True
+        # Mimi starts fresh with the conversation (the slot's codec state may have idled along).
+        self.mimi.reset_encoder_state(self.encoder, mask)
+        self.mimi.reset_decoder_state(self.decoder, mask)
         for slot in range(first, stop):
             self.active[slot] = True
             self._offsets[slot] = prompt.num_steps
-        return snapshot is not None
 
     def leave(self, slot: int) -> None:
-        """End the conversation in ``slot``; the slot is free for the next one."""
+        """End the conversation in ``slot`` (or cancel its pending join); the slot is free again."""
         self.active[slot] = False
         self._offsets[slot] = 1
+        for first, pending in list(self._joining.items()):
+            if pending.first <= slot < pending.stop:
+                del self._joining[first]
+        # An idle slot keeps stepping with the others (results dropped) and writes only position 0.
+        self.gen_state.offset[slot] = 1
 
     # --- stepping --------------------------------------------------------------------------------
 
     def _bucket(self) -> tuple[int, int]:
         """(batch bucket, ring length) for the next step."""
-        highest = max((slot for slot, busy in enumerate(self.active) if busy), default=0)
-        batch = next(b for b in self.buckets if b > highest)
-        offset = max(self._offsets[:batch])  # the step writes position offset - 1 and reads up to it
+        # Joining slots need not step; when they fall inside the bucket their state is put back.
+        busy = [slot for slot, live in enumerate(self.active) if live]
+        batch = next(b for b in self.buckets if b > max(busy, default=0))
+        # Live slots write position offset - 1 and read up to it; joining slots' reads are dropped.
+        offset = max((self._offsets[slot] for slot in range(batch) if self.active[slot]), default=1)
         context = self.config.context
         length = min(context, -(-offset // LENGTH_BUCKET) * LENGTH_BUCKET) if offset <= context else context
         return batch, length
@@ -164,10 +223,14 @@ class Engine:
             codes = self.mimi.encode_frame(pcm, encoder)
             forced = torch.full((batch, self.config.num_channels), -1, dtype=torch.long, device=pcm.device)
             forced[:, user] = codes
+            before = [t.clone() for t in gen_state.tensors()]
             result = self.generator.step(gen_state, lm_state, forced, sampling=sampling, used_length=length)
-            # Idle slots step too (their results are dropped); keep their counters at the start so
-            # that they never stretch the ring length the others read.
-            gen_state.offset.copy_(torch.where(active, gen_state.offset, 1))
+            # Slots that are idle or still joining step too (their results are dropped); their token
+            # state is put back. Their one KV write lands on the position the slot writes next (its
+            # next prefill block, or 0 when idle), which is rewritten before anyone reads it.
+            for tensor, old in zip(gen_state.tensors(), before):
+                keep = active.view(-1, *([1] * (tensor.dim() - 1)))
+                tensor.copy_(torch.where(keep, tensor, old))
             return result.tokens, self.mimi.decode_frame(result.tokens[:, agent], decoder)
 
         preserve = gen_state.tensors() + encoder.tensors() + decoder.tensors()
