@@ -117,12 +117,14 @@ class Engine:
 
         Returns True when the persona's state came from the prefix cache (no prefill ran).
         """
-        cached = self.begin_join(first, stop, prompt, sampling)
+        cached = self.begin_join(first, stop, prompt, sampling, chunk_frames=None)
         while self._joining:
             self.advance_joins(frame_budget=None)
         return cached
 
-    def begin_join(self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig) -> bool:
+    def begin_join(
+        self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig, *, chunk_frames: int | None = -1
+    ) -> bool:
         """Reserve slots ``first..stop-1`` for a conversation with ``prompt``.
 
         From the prefix cache the slots are live at once (returns True). Otherwise the prompt's prefill
@@ -151,7 +153,7 @@ class Engine:
             return True
         work = system_prompt_work(
             self.generator, self.gen_state.slots(first, stop), self.lm_state.slots(first, stop),
-            prompt.frames, prompt.saved_voice, chunk_frames=self.join_chunk_frames,
+            prompt.frames, prompt.saved_voice, chunk_frames=self.join_chunk_frames if chunk_frames == -1 else chunk_frames,
         )
         self._joining[first] = PendingJoin(first, stop, prompt, key, work)
         return False

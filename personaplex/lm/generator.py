@@ -209,13 +209,21 @@ class Generator:
         else:
             embeddings = input_embeddings.to(self.model.dtype)
         chunk = max(1, self.config.context - 1)
+        # Ring entries beyond the last position written cannot be visible: read only those before it,
+        # rounded up to a multiple of 256 so that the attention shapes (and their kernels) recur.
+        last_position = int(state.offset.max()) - 1
+        used = None
+        if last_position < self.config.context:
+            used = min(self.config.context, -(-(last_position + 1) // 256) * 256)
         for first in range(0, steps, chunk):
             block = embeddings[:, first : first + chunk]
             if block.shape[1] <= 2:
                 for t in range(block.shape[1]):  # tiny remainders take the streaming path
-                    self.model.forward_temporal(block[:, t : t + 1], start - 1 + first + t, lm_state, heads=False)
+                    self.model.forward_temporal(
+                        block[:, t : t + 1], start - 1 + first + t, lm_state, heads=False, used_length=used
+                    )
             else:
-                self.model.forward_temporal(block, start - 1 + first, lm_state, heads=False)
+                self.model.forward_temporal(block, start - 1 + first, lm_state, heads=False, used_length=used)
         return embeddings
 
     def _write_given(self, state: GeneratorState, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
