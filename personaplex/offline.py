@@ -64,10 +64,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "example: personaplex offline --model demo --input-wav assets/test/input_assistant.wav "
         "--output-wav out.wav --output-text out.json --voice-prompt NATF2"
     )
-    io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--input-wav", type=Path, nargs="+", required=True, help="user audio file(s): wav, flac, ogg, mp3")
-    io.add_argument("--output-wav", type=Path, nargs="+", required=True, help="agent audio output(s), one per input")
-    io.add_argument("--output-text", type=Path, nargs="+", required=True, help="JSON token list output(s), one per input")
+    io = parser.add_argument_group("inputs and outputs (files, or a whole folder)")
+    io.add_argument("--input-wav", type=Path, nargs="+", help="user audio file(s): wav, flac, ogg, mp3")
+    io.add_argument("--output-wav", type=Path, nargs="+", help="agent audio output(s), one per input")
+    io.add_argument("--output-text", type=Path, nargs="+", help="JSON token list output(s), one per input")
+    io.add_argument("--input-dir", type=Path, help="process every audio file in this folder (instead of --input-wav)")
+    io.add_argument("--output-dir", type=Path, help="with --input-dir: write <name>.wav and <name>.json here")
+    io.add_argument("--batch-size", type=int, help="conversations run at once (default: 16 on a GPU, 4 on a CPU); "
+                                                   "a finished input's slot takes the next input at once")
     persona = parser.add_argument_group("persona (one value for all inputs, or one per input)")
     persona.add_argument("--text-prompt", nargs="+", default=[DEFAULT_TEXT_PROMPT], help="role prompt text")
     persona.add_argument("--text-prompt-file", type=Path, nargs="+", help="read the role prompt(s) from file(s)")
@@ -99,6 +103,23 @@ def per_input(values: list, count: int, name: str) -> list:
 
 
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
+    if args.input_dir is not None:
+        if args.input_wav or args.output_wav or args.output_text or args.output_dir is None:
+            raise UsageError("--input-dir goes with --output-dir, not with --input-wav/--output-wav/--output-text")
+        if not args.input_dir.is_dir():
+            raise UsageError(f"input folder not found: {args.input_dir}")
+        from .persona import AUDIO_SUFFIXES
+
+        inputs = sorted(p for p in args.input_dir.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+        if not inputs:
+            raise UsageError(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) in {args.input_dir}")
+        args.input_wav = inputs
+        args.output_wav = [args.output_dir / f"{p.stem}.wav" for p in inputs]
+        args.output_text = [args.output_dir / f"{p.stem}.json" for p in inputs]
+    elif not (args.input_wav and args.output_wav and args.output_text):
+        raise UsageError("give --input-wav, --output-wav and --output-text (or --input-dir and --output-dir)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
     count = len(args.input_wav)
     if len(args.output_wav) != count or len(args.output_text) != count:
         raise UsageError(f"give one --output-wav and one --output-text per --input-wav ({count})")
@@ -146,6 +167,9 @@ def log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import time
+    from collections import deque
+
     from tqdm import tqdm
 
     from .audio import read_audio
@@ -164,51 +188,88 @@ def run(args: argparse.Namespace) -> None:
 
     assets = resolve_model_assets(args)
     model = load_model(assets, args.device)
-    log(f"model {model.name} on {model.device} ({model.lm.dtype}), {len(jobs)} input(s)")
     if model.untrained:
         log("note: the demo model has random, untrained weights: its speech and text are noise, not answers")
+    slots = min(len(jobs), args.batch_size or (16 if model.device.type == "cuda" else 4))
+    log(f"model {model.name} on {model.device} ({model.lm.dtype}); {len(jobs)} input(s), {slots} at a time")
 
-    # Group identical personas into contiguous slots so each persona's prompt is prefilled once per group.
-    personas: dict[tuple[str, str], list[int]] = {}
-    for index, job in enumerate(jobs):
-        personas.setdefault((job.voice, job.text_prompt), []).append(index)
-    order = [i for members in personas.values() for i in members]
-    engine = Engine(model.lm, model.mimi, max_slots=len(jobs))
+    prompts: dict[tuple[str, str], object] = {}
+
+    def prompt_for(job: Job):
+        key = (job.voice, job.text_prompt)
+        if key not in prompts:
+            voice = load_voice(resolve_voice(job.voice, model.voices_dir), model.lm.config, model.mimi)
+            prompts[key] = build_system_prompt(model.lm.config, voice, model.tokenizer.encode_prompt(job.text_prompt))
+        return prompts[key]
+
+    for job in jobs:  # every persona is checked before the first frame runs
+        prompt_for(job)
+
+    # Continuous batching: a slot freed by a finished input takes the next one at once; the engine
+    # guarantees each conversation the same frames as if it ran alone.
+    engine = Engine(model.lm, model.mimi, max_slots=slots)
     sampling = sampling_from_args(args)
-    slot = 0
-    for (voice, text), members in personas.items():
-        voice_path = resolve_voice(voice, model.voices_dir)
-        voice_prompt = load_voice(voice_path, model.lm.config, model.mimi)
-        prompt = build_system_prompt(model.lm.config, voice_prompt, model.tokenizer.encode_prompt(text))
-        engine.join(slot, slot + len(members), prompt, sampling)
-        slot += len(members)
-
-    frames = [-(-len(jobs[i].audio) // FRAME_SIZE) for i in order]
-    total = max(frames)
-    agent_audio = [[] for _ in order]
-    agent_text = [[] for _ in order]
-    pcm = torch.zeros(len(order), FRAME_SIZE)
-    with tqdm(total=total, unit="frame", desc="conversation", file=sys.stderr, disable=None) as progress:
-        for tick in range(total):
+    waiting = deque(jobs)
+    running: dict[int, Conversation] = {}
+    total_frames = sum(-(-len(job.audio) // FRAME_SIZE) for job in jobs)
+    pcm = torch.zeros(slots, FRAME_SIZE)
+    started = time.perf_counter()
+    with tqdm(total=total_frames, unit="frame", desc="conversations", file=sys.stderr, disable=None) as progress:
+        while waiting or running:
+            for slot in engine.free_slots():
+                if not waiting:
+                    break
+                job = waiting.popleft()
+                engine.join(slot, slot + 1, prompt_for(job), sampling)
+                running[slot] = Conversation(job)
             pcm.zero_()
-            for row, index in enumerate(order):
-                chunk = jobs[index].audio[tick * FRAME_SIZE : (tick + 1) * FRAME_SIZE]
-                pcm[row, : len(chunk)] = torch.from_numpy(chunk)
+            for slot, conversation in running.items():
+                chunk = conversation.next_input()
+                pcm[slot, : len(chunk)] = torch.from_numpy(chunk)
             out = engine.step(pcm)
-            for row in range(len(order)):
-                if tick < frames[row]:
-                    agent_audio[row].append(out.pcm[row].numpy())
-                    agent_text[row].append(int(out.tokens[row, 0]))
-            progress.update(1)
+            progress.update(len(running))
+            for slot, conversation in list(running.items()):
+                conversation.record(out.pcm[slot].numpy(), int(out.tokens[slot, 0]))
+                if conversation.done:
+                    conversation.write(model.tokenizer)
+                    engine.leave(slot)
+                    del running[slot]
+    elapsed = time.perf_counter() - started
+    seconds = sum(len(job.audio) for job in jobs) / SAMPLE_RATE
+    log(f"processed {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / elapsed:.1f}x real time)")
 
-    import sphn
 
-    for row, index in enumerate(order):
-        job = jobs[index]
-        audio = np.concatenate(agent_audio[row])[: len(job.audio)]
+class Conversation:
+    """One input file streaming through a slot."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.frames = -(-len(job.audio) // FRAME_SIZE)
+        self.position = 0
+        self.agent_audio: list[np.ndarray] = []
+        self.agent_text: list[int] = []
+
+    def next_input(self) -> np.ndarray:
+        return self.job.audio[self.position * FRAME_SIZE : (self.position + 1) * FRAME_SIZE]
+
+    def record(self, pcm: np.ndarray, text_token: int) -> None:
+        self.agent_audio.append(pcm)
+        self.agent_text.append(text_token)
+        self.position += 1
+
+    @property
+    def done(self) -> bool:
+        return self.position >= self.frames
+
+    def write(self, tokenizer) -> None:
+        """The agent's audio with exactly the input's duration, and one JSON entry per frame."""
+        import sphn
+
+        job = self.job
+        audio = np.concatenate(self.agent_audio)[: len(job.audio)]
         sphn.write_wav(str(job.output_wav), np.clip(audio, -1.0, 1.0).astype(np.float32), SAMPLE_RATE)
         with open(job.output_text, "w", encoding="utf-8") as f:
-            json.dump([model.tokenizer.piece(t) for t in agent_text[row]], f, ensure_ascii=False)
+            json.dump([tokenizer.piece(t) for t in self.agent_text], f, ensure_ascii=False)
         log(f"wrote {job.output_wav} ({len(job.audio) / SAMPLE_RATE:.2f} s) and {job.output_text}")
 
 

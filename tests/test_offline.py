@@ -192,3 +192,25 @@ def test_voice_file_and_its_recording_give_the_same_conversation(demo_cache, tmp
         assert code == 0, err
         results.append((tmp_path / f"{name}.json").read_text())
     assert results[0] == results[1]
+
+
+def test_folder_of_inputs_with_fewer_slots_than_files(demo_cache, tmp_path, capsys):
+    """A folder runs through a small batch (slots are reused as inputs finish); every output equals
+    the same input processed alone."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    lengths = {"a": 0.9, "b": 0.4, "c": 1.2, "d": 0.6, "e": 0.3}
+    for name, seconds in lengths.items():
+        tone(folder / f"{name}.wav", seconds)
+    (folder / "notes.txt").write_text("not audio")
+    code, err = run_offline(["--input-dir", str(folder), "--output-dir", str(tmp_path / "out"), "--batch-size", "2",
+                             "--seed", "9"], capsys)
+    assert code == 0, err
+    assert "5 input(s), 2 at a time" in err and "x real time" in err
+    for name, seconds in lengths.items():
+        audio, _ = sphn.read(str(tmp_path / "out" / f"{name}.wav"))
+        assert audio.shape[-1] == int(seconds * 24_000)
+    code, err = run_offline(["--input-wav", str(folder / "c.wav"), "--output-wav", str(tmp_path / "c.wav"),
+                             "--output-text", str(tmp_path / "c.json"), "--seed", "9"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "c.json").read_text() == (tmp_path / "out" / "c.json").read_text()
