@@ -9,10 +9,9 @@ import torch
 
 
 class Rotation(NamedTuple):
-    """cos/sin of the rotation angles for a block of positions: [B, 1, T, head_dim / 2] float32 each."""
+    """Unit complex numbers cos + i sin of the rotation angles: [B, 1, T, head_dim / 2] complex64."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    phase: torch.Tensor
 
 
 def rotation_for(positions: torch.Tensor, head_dim: int, max_period: float) -> Rotation:
@@ -23,13 +22,15 @@ def rotation_for(positions: torch.Tensor, head_dim: int, max_period: float) -> R
     # operation order so float32 results agree to the last bits.
     freqs = torch.exp(pair * (-math.log(max_period) * 2 / head_dim))
     angles = positions.to(torch.float32)[:, None, :, None] * freqs
-    return Rotation(torch.cos(angles), torch.sin(angles))
+    return Rotation(torch.polar(torch.ones_like(angles), angles))
 
 
 def apply_rope(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """Rotate adjacent pairs ``(x[2i], x[2i+1])`` of x [B, H, T, head_dim] (in float32; x's dtype out)."""
-    pairs = x.view(*x.shape[:-1], x.shape[-1] // 2, 2).float()
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = rotation
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.view_as(x).to(x.dtype)
+    """Rotate adjacent pairs ``(x[2i], x[2i+1])`` of x [B, H, T, head_dim] (in float32; x's dtype out).
+
+    As a complex product (pair = real + i imag, times cos + i sin): the same arithmetic as the
+    reference's explicit formulas, in a few kernels instead of a dozen.
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
+    rotated = torch.view_as_real(pairs * rotation.phase)
+    return rotated.reshape(x.shape).to(x.dtype)
