@@ -61,8 +61,7 @@ def _cmd_voice_build(args: argparse.Namespace) -> None:
     from .offline import resolve_model_assets
     from .persona import load_voice, record_voice, save_voice_file
 
-    args.voice_prompt_dir = args.voice_prompt_dir  # accepted for symmetry; not needed to build a voice
-    assets = resolve_model_assets(args)
+    assets = resolve_model_assets(args, need_voices=False)  # building a voice needs no presets
     model = load_model(assets, args.device)
     voice = load_voice(args.audio, model.lm.config, model.mimi)
     saved = record_voice(Generator(model.lm), model.lm.new_state, voice.codes)

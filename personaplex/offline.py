@@ -139,7 +139,7 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     return [Job(i, w, t, text, voice) for i, w, t, text, voice in zip(args.input_wav, args.output_wav, args.output_text, texts, voices)]
 
 
-def resolve_model_assets(args: argparse.Namespace):
+def resolve_model_assets(args: argparse.Namespace, need_voices: bool = True):
     """Where the weights come from: the demo model, local files, or the Hugging Face hub."""
     if args.model == "demo":
         from .demo import demo_assets
@@ -149,7 +149,7 @@ def resolve_model_assets(args: argparse.Namespace):
 
     return resolve_assets(
         args.hf_repo or DEFAULT_REPO, moshi_weight=args.moshi_weight, mimi_weight=args.mimi_weight,
-        tokenizer=args.tokenizer, voice_prompt_dir=args.voice_prompt_dir,
+        tokenizer=args.tokenizer, voice_prompt_dir=args.voice_prompt_dir, need_voices=need_voices,
     )
 
 
