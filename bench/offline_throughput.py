@@ -1,6 +1,6 @@
 """Throughput of ``personaplex offline`` on a folder: audio seconds processed per wall-clock second.
 
-    python bench/offline_throughput.py [--files 64] [--seconds 20] [--batch-size 32]
+    python bench/offline_throughput.py [--files 64] [--seconds 20] [--batch-size N]
 
 Builds everything the tool needs without the gated real assets: the 7B LM with random bf16 weights in
 the real layout, a real-size Mimi with random weights, a synthetic SentencePiece tokenizer with the
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--preset", default="personaplex-7b")
     parser.add_argument("--files", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the tool's own choice (what fits)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personaplex_random_lm.safetensors"))
     args = parser.parse_args()
@@ -71,11 +71,12 @@ def main() -> None:
         audio = np.concatenate(parts)[: int(args.seconds * 24_000)]
         (inputs / f"call{index:03d}.wav").write_bytes(wav_bytes(audio))
     command = [
-        "--input-dir", str(inputs), "--output-dir", str(work / "outputs"), "--batch-size", str(args.batch_size),
+        "--input-dir", str(inputs), "--output-dir", str(work / "outputs"),
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         "--moshi-weight", str(args.checkpoint), "--mimi-weight", str(mimi_path), "--tokenizer", str(tokenizer),
         "--voice-prompt-dir", str(voices), "--voice-prompt", "NATF2", "--device", args.device, "--seed", "1",
     ]
-    print(f"{args.files} files x {args.seconds:.0f} s, batch {args.batch_size}; personaplex offline {' '.join(command)}")
+    print(f"{args.files} files x {args.seconds:.0f} s; personaplex offline {' '.join(command)}")
     t0 = time.perf_counter()
     code = offline_main(command)
     print(f"exit {code}; whole command including model load: {time.perf_counter() - t0:.1f} s")

@@ -70,7 +70,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     io.add_argument("--output-text", type=Path, nargs="+", help="JSON token list output(s), one per input")
     io.add_argument("--input-dir", type=Path, help="process every audio file in this folder (instead of --input-wav)")
     io.add_argument("--output-dir", type=Path, help="with --input-dir: write <name>.wav and <name>.json here")
-    io.add_argument("--batch-size", type=int, help="conversations run at once (default: 16 on a GPU, 4 on a CPU); "
+    io.add_argument("--batch-size", type=int, help="conversations run at once (default: as many as fit the GPU's "
+                                                   "memory, at most 64; 4 on a CPU); "
                                                    "a finished input's slot takes the next input at once")
     persona = parser.add_argument_group("persona (one value for all inputs, or one per input)")
     persona.add_argument("--text-prompt", nargs="+", default=[DEFAULT_TEXT_PROMPT], help="role prompt text")
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .audio import read_audio
-    from .engine import Engine
+    from .engine import Engine, slots_that_fit
     from .loading import load_model
     from .persona import build_system_prompt, load_voice, resolve_voice
 
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(assets, args.device)
     if model.untrained:
         log("note: the demo model has random, untrained weights: its speech and text are noise, not answers")
-    slots = min(len(jobs), args.batch_size or (16 if model.device.type == "cuda" else 4))
+    slots = min(len(jobs), args.batch_size or min(64, slots_that_fit(model.lm, model.mimi)))
     log(f"model {model.name} on {model.device} ({model.lm.dtype}); {len(jobs)} input(s), {slots} at a time")
 
     prompts: dict[tuple[str, str], object] = {}
@@ -208,6 +209,8 @@ def run(args: argparse.Namespace) -> None:
     # Continuous batching: a slot freed by a finished input takes the next one at once; the engine
     # guarantees each conversation the same frames as if it ran alone.
     engine = Engine(model.lm, model.mimi, max_slots=slots)
+    longest = max(prompt.num_steps for prompt in prompts.values()) + max(-(-len(j.audio) // FRAME_SIZE) for j in jobs)
+    engine.capture_graphs(up_to_frames=longest)  # no capture pauses once conversations run
     sampling = sampling_from_args(args)
     waiting = deque(jobs)
     running: dict[int, Conversation] = {}

@@ -67,6 +67,25 @@ class PendingJoin:
     work: Iterator[int]
 
 
+def slot_bytes(lm, mimi, kv_dtype: str = "model") -> int:
+    """Device memory one conversation slot takes (KV rings at full context, Mimi state, buffers)."""
+    cfg = lm.config
+    per_value = 1 if kv_dtype == "fp8" else lm.dtype.itemsize
+    kv = 2 * cfg.num_layers * cfg.num_heads * cfg.context * (cfg.head_dim * per_value + (lm.dtype.itemsize if kv_dtype == "fp8" else 0))
+    with torch.device("meta"):
+        codec = sum(t.numel() * t.element_size() for t in mimi.new_encoder_state(1, "meta").tensors())
+        codec += sum(t.numel() * t.element_size() for t in mimi.new_decoder_state(1, "meta").tensors())
+    return kv + codec
+
+
+def slots_that_fit(lm, mimi, kv_dtype: str = "model", reserve_bytes: int = 3 << 30) -> int:
+    """How many slots the free device memory holds, keeping ``reserve_bytes`` for activations and graphs."""
+    if lm.device.type != "cuda":
+        return 4
+    free, _ = torch.cuda.mem_get_info(lm.device)
+    return max(1, (free - reserve_bytes) // slot_bytes(lm, mimi, kv_dtype))
+
+
 def batch_buckets(max_slots: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to max_slots (and max_slots itself)."""
     buckets = [b for b in (1, 2, 4) if b < max_slots] + list(range(8, max_slots, 8))
@@ -238,6 +257,33 @@ class Engine:
         preserve = gen_state.tensors() + encoder.tensors() + decoder.tensors()
         return frame, preserve
 
+    def length_buckets(self, up_to_frames: int) -> list[int]:
+        """Ring lengths the steps of conversations up to ``up_to_frames`` frames long will read."""
+        context = self.config.context
+        lengths = list(range(LENGTH_BUCKET, min(up_to_frames, context) + LENGTH_BUCKET, LENGTH_BUCKET))
+        return sorted({min(length, context) for length in lengths})
+
+    def capture_graphs(self, up_to_frames: int | None = None) -> int:
+        """Capture the CUDA graphs of every batch bucket and ring length ahead of time, so that no step
+        of a live conversation waits for a capture (~0.5 s each). Returns how many were captured."""
+        if not self._use_cuda_graph:
+            return 0
+        lengths = self.length_buckets(up_to_frames or self.config.context)
+        captured = 0
+        for batch in self.buckets:
+            pcm = torch.zeros(batch, self.mimi.frame_size, device=self.device)
+            active = torch.tensor(self.active[:batch], device=self.device)
+            for length in lengths:
+                if (batch, length) not in self._graphs:
+                    with torch.inference_mode():
+                        self._graphs[(batch, length)] = self._capture(batch, length, pcm, active)
+                    captured += 1
+        return captured
+
+    def _capture(self, batch: int, length: int, pcm: torch.Tensor, active: torch.Tensor) -> CapturedStep:
+        frame, preserve = self._frame_fn(batch, length)
+        return CapturedStep(frame, {"pcm": pcm, "active": active}, preserve, pool=self._graph_pool)
+
     def step(self, pcm: torch.Tensor) -> FrameOutput:
         """One 80 ms frame: pcm [>= n, 1920] user audio (float, 24 kHz) for slots 0..; returns rows 0..n-1."""
         batch, length = self._bucket()
@@ -247,9 +293,7 @@ class Engine:
             if self._use_cuda_graph:
                 graph = self._graphs.get((batch, length))
                 if graph is None:
-                    frame, preserve = self._frame_fn(batch, length)
-                    graph = CapturedStep(frame, {"pcm": pcm, "active": active}, preserve, pool=self._graph_pool)
-                    self._graphs[(batch, length)] = graph
+                    graph = self._graphs[(batch, length)] = self._capture(batch, length, pcm, active)
                 tokens, out = graph(pcm=pcm, active=active)
             else:
                 frame, _ = self._frame_fn(batch, length)
