@@ -137,34 +137,42 @@ def system_prompt_work(
     so an engine can interleave a long prompt with the real-time steps of other slots."""
     batch = gen_state.batch_size
     device = gen_state.cache.device
-    everyone = torch.ones(batch, dtype=torch.bool, device=device)
+    # The token state is kept on the host as well, so that no block reads it back from the device.
+    host = generator.new_state(batch, "cpu")
 
     def force(block: torch.Tensor, embeddings: torch.Tensor | None = None):
         """block: [T, channels]; embeddings: [T, dim] or None. Yields after each chunk."""
         size = chunk_frames or max(1, block.shape[0])
         for first in range(0, block.shape[0], size):
-            part = block[first : first + size].to(device)[None].expand(batch, -1, -1)
+            part = block[first : first + size][None].expand(batch, -1, -1)
             part_embeddings = None
             if embeddings is not None:
                 part_embeddings = embeddings[first : first + size].to(device)[None].expand(batch, -1, -1)
             if stepwise:
+                part = part.to(device)
                 for t in range(part.shape[1]):
                     generator.step(
                         gen_state, lm_state, part[:, t], depth_steps=0,
                         input_embeddings=None if part_embeddings is None else part_embeddings[:, t],
                     )
             else:
-                generator.prefill(gen_state, lm_state, part, part_embeddings)
+                generator.prefill(gen_state, lm_state, part, part_embeddings, host_state=host)
             yield part.shape[1]
+
+    def start(first_frame: torch.Tensor) -> None:
+        generator.reset(host, torch.ones(batch, dtype=torch.bool), first_frame.expand(batch, -1))
+        for tensor, value in zip(gen_state.tensors(), host.tensors()):
+            tensor.copy_(value, non_blocking=True)
 
     if saved_voice is not None:
         dummy = replay_frame(generator.config)
-        generator.reset(gen_state, everyone, dummy.to(device).expand(batch, -1))
+        start(dummy)
         yield from force(dummy.expand(saved_voice.embeddings.shape[0], -1), saved_voice.embeddings)
-        gen_state.cache.copy_(saved_voice.cache.to(device).expand_as(gen_state.cache))
+        host.cache.copy_(saved_voice.cache.expand_as(host.cache))
+        gen_state.cache.copy_(host.cache, non_blocking=True)
         yield from force(frames)
     else:
-        generator.reset(gen_state, everyone, frames[0].to(device).expand(batch, -1))
+        start(frames[0])
         yield from force(frames[1:])
 
 

@@ -86,10 +86,10 @@ class Generator:
         )
         self._per_device = {self.delays.device: (self.delays, self.initial)}
 
-    def new_state(self, batch_size: int) -> GeneratorState:
+    def new_state(self, batch_size: int, device: torch.device | str | None = None) -> GeneratorState:
         """Buffers for ``batch_size`` slots, each as after ``reset`` (offset 1, see ``reset``)."""
         channels = self.config.num_channels
-        device = self.model.device
+        device = self.model.device if device is None else torch.device(device)
         state = GeneratorState(
             cache=torch.zeros(batch_size, channels, CACHE_FRAMES, dtype=torch.long, device=device),
             provided=torch.zeros(batch_size, channels, CACHE_FRAMES, dtype=torch.bool, device=device),
@@ -106,14 +106,16 @@ class Generator:
         only marks the delayed channels as provided one frame ahead, as that step did; those values are
         overwritten by the next step, so they never reach the model.
         """
-        slots = slots.to(torch.bool)
+        delays, initial = self._constants(state.cache.device)
+        slots = slots.to(device=state.cache.device, dtype=torch.bool)
         keep = ~slots[:, None, None]
         cache = torch.zeros_like(state.cache)
         provided = torch.zeros_like(state.provided)
-        cache[:, :, 0] = self.initial
+        cache[:, :, 0] = initial
         provided[:, :, 0] = True
         if forced is not None:
-            ahead = self.delays > 0
+            forced = forced.to(state.cache.device)
+            ahead = delays > 0
             given = (forced >= 0) & ahead
             cache[:, :, 1] = torch.where(given, forced, 0)
             provided[:, :, 1] = given
@@ -180,6 +182,7 @@ class Generator:
         lm_state: LMState,
         frames: torch.Tensor,
         input_embeddings: torch.Tensor | None = None,
+        host_state: GeneratorState | None = None,
     ) -> torch.Tensor:
         """Many fully forced frames at once: the same state as ``step`` called once per frame.
 
@@ -190,12 +193,14 @@ class Generator:
         The token bookkeeping runs frame by frame (cheap); the temporal transformer runs once over
         the whole block, in chunks that fit its KV ring. Outputs are discarded, as when stepping.
         Returns the input embeddings [B, T, dim] that were fed (a voice file stores them).
+        host_state: a host copy of ``state`` that the caller keeps in step with it; given, nothing is
+        read back from the device (no synchronisation with work in flight, e.g. other slots' steps).
         """
         steps = frames.shape[1]
-        start = state.offset.clone()
         # The bookkeeping is a few tiny ops per frame: on a GPU their launch overhead would dominate,
         # so it runs on a host copy of the (small) token state, written back once.
-        host = GeneratorState(state.cache.cpu(), state.provided.cpu(), state.offset.cpu())
+        host = host_state or GeneratorState(state.cache.cpu(), state.provided.cpu(), state.offset.cpu())
+        start = host.offset.clone().to(state.offset.device, non_blocking=True)
         host_frames = frames.cpu()
         inputs = []
         for t in range(steps):
@@ -203,7 +208,7 @@ class Generator:
             inputs.append(model_input)
             self._commit(host, target)
         for tensor, value in zip(state.tensors(), host.tensors()):
-            tensor.copy_(value)
+            tensor.copy_(value, non_blocking=True)
         if input_embeddings is None:
             embeddings = self.model.embed(torch.stack(inputs, dim=1).to(self.model.device))
         else:
@@ -211,7 +216,7 @@ class Generator:
         chunk = max(1, self.config.context - 1)
         # Ring entries beyond the last position written cannot be visible: read only those before it,
         # rounded up to a multiple of 256 so that the attention shapes (and their kernels) recur.
-        last_position = int(state.offset.max()) - 1
+        last_position = int(host.offset.max()) - 1
         used = None
         if last_position < self.config.context:
             used = min(self.config.context, -(-(last_position + 1) // 256) * 256)
