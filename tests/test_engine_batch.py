@@ -152,3 +152,28 @@ def test_joins_spread_over_ticks_while_others_talk(models, kv_dtype):
         frames = len(recorded[slot])
         tokens, _ = run_alone(lm, mimi, prompt, sampling, audio[:frames], kv_dtype)
         assert torch.equal(torch.stack(recorded[slot]), tokens), slot
+
+
+def test_garbage_audio_in_one_slot_harms_nobody(models):
+    """NaN, infinite and huge samples from one client: the others' frames are exactly unchanged, and the
+    faulty slot still produces valid tokens and finite audio."""
+    lm, mimi = models
+    prompt = persona(lm, 1)
+    clean = user_audio(5, 12)
+    results = []
+    for poison in (False, True):
+        engine = Engine(lm, mimi, max_slots=2)
+        engine.join(0, 1, prompt, SamplingConfig(seed=3))
+        engine.join(1, 2, prompt, SamplingConfig(seed=4))
+        outputs = []
+        for tick, frame in enumerate(clean):
+            pcm = torch.stack([frame, frame])
+            if poison:
+                pcm[1, ::3] = [float("nan"), float("inf"), -1e30][tick % 3]
+            outputs.append(engine.step(pcm))
+        results.append(outputs)
+    for healthy, poisoned in zip(*results):
+        assert torch.equal(healthy.tokens[0], poisoned.tokens[0])
+        assert torch.equal(healthy.pcm[0], poisoned.pcm[0])
+        assert poisoned.tokens[1].min() >= 0 and poisoned.tokens[1, 1:].max() < 2048
+        assert torch.isfinite(poisoned.pcm[1]).all()

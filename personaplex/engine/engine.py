@@ -241,7 +241,8 @@ class Engine:
 
         def frame(pcm: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """User audio [n, 1920] -> (tokens [n, channels], agent audio [n, 1920]), on the device."""
-            codes = self.mimi.encode_frame(pcm, encoder)
+            # A broken client's NaN or infinite samples become silence instead of poisoning its slot.
+            codes = self.mimi.encode_frame(torch.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), encoder)
             forced = torch.full((batch, self.config.num_channels), -1, dtype=torch.long, device=pcm.device)
             forced[:, user] = codes
             before = [t.clone() for t in gen_state.tensors()]
