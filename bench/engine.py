@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=70, help="steps before timing (crosses the first ring-length bucket)")
     parser.add_argument("--join-chunk", type=int, default=None, help="prompt frames per prefill block of a spread join")
     parser.add_argument("--kv", choices=["model", "fp8"], default="model", help="KV ring storage: model dtype or FP8")
+    parser.add_argument("--fused", choices=["compile", "none"], default="compile",
+                        help="single-frame steps through torch.compile'd fused kernels, or the plain module code")
+    parser.add_argument("--position", type=int, default=None,
+                        help="move every conversation to this frame before timing (e.g. 2990: full-ring reads)")
+    parser.add_argument("--no-spread-join", action="store_true", help="skip the real-time join measurement")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personaplex_random_lm.safetensors"))
     args = parser.parse_args()
     device = torch.device("cuda" if CUDA else "cpu")  # the CPU only for a dry run with a small preset
@@ -77,7 +82,8 @@ def main() -> None:
 
     prompt = persona(1)
     print(f"device {torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}, preset {preset.name}; "
-          f"weights + Mimi {weights / GIB:.2f} GiB; prompt {prompt.num_steps} frames; KV rings: {args.kv}")
+          f"weights + Mimi {weights / GIB:.2f} GiB; prompt {prompt.num_steps} frames; KV rings: {args.kv}; "
+          f"fused step: {args.fused}; position: {args.position or 'natural'}")
     rows = []
     for slots in args.slots:
         gc.collect()
@@ -91,19 +97,19 @@ def main() -> None:
             break
         print(f"N={slots}: p50 {rows[-1][1]:.2f} ms, p99 {rows[-1][2]:.2f} ms", flush=True)
 
-    print("\n| conversations | step p50 ms | step p99 ms | real-time factor (N x 80 ms / p50) | first join ms | "
-          "join new persona ms | join from cache ms | state GiB/slot | peak GiB | spread join: tick p50 / max ms | "
-          "spread join: ms until live |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for slots, p50, p99, first, new, cached, per_slot, peak, tick, latency in rows:
+    print("\n| conversations | step p50 ms | step p99 ms | real-time factor (N x 80 ms / p50) | first join ms "
+          "(incl. compile/capture) | join new persona ms | join from cache ms | state GiB/slot | peak GiB | "
+          "real-time join: tick latency p50 / max ms | missed ticks | ms until live |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for slots, p50, p99, first, new, cached, per_slot, peak, tick, missed, latency in rows:
         print(f"| {slots} | {p50:.2f} | {p99:.2f} | {slots * 80 / p50:.1f}x | {first:.1f} | {new:.1f} | {cached:.1f} | "
-              f"{per_slot:.2f} | {peak:.1f} | {tick} | {latency:.0f} |")
+              f"{per_slot:.2f} | {peak:.1f} | {tick} | {missed} | {latency} |")
 
 
 def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
     """One row of the table: N conversations stepping together."""
     before = allocated()
-    engine = Engine(lm, mimi, max_slots=slots, kv_dtype=args.kv)
+    engine = Engine(lm, mimi, max_slots=slots, kv_dtype=args.kv, fused_step="compile" if args.fused == "compile" else None)
     if args.join_chunk:
         engine.join_chunk_frames = args.join_chunk
     state_bytes = allocated() - before
@@ -116,8 +122,22 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
     for slot in range(1, slots):
         engine.join(slot, slot + 1, prompt, sampling)
     pcm = 0.05 * torch.randn(slots, 1920, generator=generator)
-    # As a server would at start-up: every graph this run can need, captured before timing.
-    engine.capture_graphs(up_to_frames=prompt.num_steps + args.warmup + args.steps + 40)
+    if args.position:
+        # Timing only: pretend every conversation is this far in (its ring is read up to there).
+        for slot in range(slots):
+            engine._offsets[slot] = args.position
+        engine.gen_state.offset.fill_(args.position)
+    # As a server would at start-up: every graph this run can need, captured before timing, and one
+    # join run the live way (first-use costs of the prefill's shapes).
+    start_frame = args.position or prompt.num_steps
+    engine.capture_graphs(up_to_frames=start_frame + args.warmup + args.steps + 40)
+    if slots > 1:
+        engine.leave(slots - 1)
+        engine.warm_up_join(persona(999))
+        engine.join(slots - 1, slots, prompt, sampling)
+        if args.position:
+            engine._offsets[slots - 1] = args.position
+            engine.gen_state.offset[slots - 1] = args.position
     for _ in range(args.warmup):
         engine.step(pcm)
     times = []
@@ -137,27 +157,44 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
             engine.join(slots - 1, slots, fresh, sampling)
             sync()
             samples.append(1000 * (time.perf_counter() - t0))
-    # The real-time way to admit a new persona: its prefill runs in blocks, one per tick, after the
-    # step of the live slots. Reported: the slowest such tick (must stay under 80 ms) and the time
-    # until the newcomer is live.
-    spread_ticks, spread_latency = [], []
-    for attempt in range(3):
-        engine.leave(slots - 1)
-        engine.step(pcm)
-        sync()
-        start = time.perf_counter()
-        engine.begin_join(slots - 1, slots, persona(200 + attempt), sampling)
-        while not engine.active[slots - 1]:
-            t0 = time.perf_counter()
-            engine.step(pcm)
-            engine.advance_joins(frame_budget=engine.join_chunk_frames)
-            sync()
-            spread_ticks.append(1000 * (time.perf_counter() - t0))
-        spread_latency.append(1000 * (time.perf_counter() - start))
+    ticks, missed, latency = real_time_joins(engine, pcm, persona, sampling, slots) if not args.no_spread_join else ([], 0, [])
     peak = torch.cuda.max_memory_allocated() if CUDA else 0
     return (slots, statistics.median(times), percentile(times, 0.99), first_join,
             statistics.median(join_new), statistics.median(join_cached), state_bytes / slots / GIB, peak / GIB,
-            f"{statistics.median(spread_ticks):.1f} / {max(spread_ticks):.1f}", statistics.median(spread_latency))
+            f"{statistics.median(ticks):.1f} / {max(ticks):.1f}" if ticks else "-", missed if ticks else "-",
+            f"{statistics.median(latency):.0f}" if latency else "-")
+
+
+def real_time_joins(engine, pcm, persona, sampling, slots, attempts: int = 3, period: float = 0.080):
+    """New personas join the last slot while the others talk, paced as a server paces it.
+
+    A tick starts every 80 ms: the live slots' step (its outputs fetched: their latency is the tick's),
+    then one prefill block of the newcomer, left running on the GPU while the host waits for the next
+    tick. A tick is missed when its outputs arrive more than 80 ms after it was due. Returns (tick
+    latencies ms, missed ticks, ms from the join request until the newcomer is live).
+    """
+    ticks, latency, missed = [], [], 0
+    for attempt in range(attempts):
+        engine.leave(slots - 1)
+        engine.step(pcm)
+        sync()
+        start = due = time.perf_counter()
+        engine.begin_join(slots - 1, slots, persona(200 + attempt), sampling)
+        while not engine.active[slots - 1]:
+            engine.step(pcm)
+            ticks.append(1000 * (time.perf_counter() - due))
+            missed += ticks[-1] > 1000 * period
+            engine.advance_joins(frame_budget=engine.join_chunk_frames)
+            due += period
+            time.sleep(max(0.0, due - time.perf_counter()))
+        latency.append(1000 * (time.perf_counter() - start))
+        for _ in range(3):  # the newcomer's first ticks
+            engine.step(pcm)
+            ticks.append(1000 * (time.perf_counter() - due))
+            missed += ticks[-1] > 1000 * period
+            due += period
+            time.sleep(max(0.0, due - time.perf_counter()))
+    return ticks, missed, latency
 
 
 if __name__ == "__main__":

@@ -42,11 +42,14 @@ def run_user_phase(lm, mimi, golden, session, dtype_device):
     return torch.stack(tokens).cpu(), torch.stack(pcm).cpu()
 
 
-def test_golden_session_float32_on_gpu(golden, golden_config, configs):
+@pytest.mark.parametrize("fused_step", [None, "compile"])
+def test_golden_session_float32_on_gpu(golden, golden_config, configs, fused_step):
+    """Also through the torch.compile'd fused kernels that the engine uses on CUDA."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     session = load_file(golden / "golden_lm_session.safetensors")
     lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
+    lm.use_fused_step(fused_step)
     mimi = load_mimi(golden / golden_config["mimi"]["file"], configs[1], device="cuda")
     tokens, pcm = run_user_phase(lm, mimi, golden, session, torch.device("cuda"))
     assert torch.equal(tokens, session["replay_step_out_tokens"][-tokens.shape[0]:])
@@ -88,8 +91,10 @@ def test_lm_step_does_not_synchronise_with_host(golden, golden_config, configs):
     torch.cuda.synchronize()
 
 
-def test_captured_frame_equals_eager(golden, golden_config, configs):
-    """Mimi encode + LM step + Mimi decode replayed as one CUDA graph computes what eager mode does."""
+@pytest.mark.parametrize("fused_step", [None, "compile"])
+def test_captured_frame_equals_eager(golden, golden_config, configs, fused_step):
+    """Mimi encode + LM step + Mimi decode replayed as one CUDA graph computes what eager mode does
+    (with the compiled fused kernels inside the graph too)."""
     from personaplex.cuda_graph import CapturedStep
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -114,6 +119,7 @@ def test_captured_frame_equals_eager(golden, golden_config, configs):
         generator_input = torch.Generator().manual_seed(0)
         pcm = 0.1 * torch.randn(30, 2, 1920, generator=generator_input)
         step = frame
+        lm.use_fused_step(fused_step if graphed else None)
         if graphed:
             captured = CapturedStep(frame, {"pcm": pcm[0].cuda()}, gen_state.tensors() + enc.tensors() + dec.tensors())
             step = lambda pcm: captured(pcm=pcm)  # noqa: E731
@@ -122,3 +128,21 @@ def test_captured_frame_equals_eager(golden, golden_config, configs):
     for (tokens_eager, pcm_eager), (tokens_graph, pcm_graph) in zip(*runs):
         assert torch.equal(tokens_eager, tokens_graph)
         torch.testing.assert_close(pcm_eager, pcm_graph, atol=1e-5, rtol=0)
+
+
+def test_compiled_fp8_step_equals_module_step(golden, golden_config, configs):
+    """FP8 rings: the compiled attention that reads the quantised ring directly gives the module code's
+    outputs (float32 weights, so only rounding differs)."""
+    lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
+    generator = Generator(lm)
+    forced = torch.randint(0, 2048, (40, 3, 17), generator=torch.Generator().manual_seed(0)).cuda()
+    forced[:, :, :9] = -1
+    runs = []
+    for fused_step in (None, "compile"):
+        lm.use_fused_step(fused_step)
+        gen_state, lm_state = generator.new_state(3), lm.new_state(3, kv_dtype="fp8")
+        runs.append([generator.step(gen_state, lm_state, f, used_length=lm.config.context) for f in forced])
+    lm.use_fused_step(None)
+    for plain, fused in zip(*runs):
+        torch.testing.assert_close(plain.text_logits, fused.text_logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(plain.tokens, fused.tokens)

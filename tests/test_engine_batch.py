@@ -177,3 +177,25 @@ def test_garbage_audio_in_one_slot_harms_nobody(models):
         assert torch.equal(healthy.pcm[0], poisoned.pcm[0])
         assert poisoned.tokens[1].min() >= 0 and poisoned.tokens[1, 1:].max() < 2048
         assert torch.isfinite(poisoned.pcm[1]).all()
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_fused_step_functions_give_the_same_conversations(models, kv_dtype):
+    """The functions that CUDA compiles (run eagerly here) step a sampled batch exactly like the modules,
+    FP8 ring attention included (it reads the quantised ring directly instead of a dequantised copy)."""
+    lm, mimi = models
+    prompt = persona(lm, 1)
+    audio = user_audio(6, 10)
+    runs = []
+    for mode in (None, "eager"):
+        lm.use_fused_step(mode)
+        try:
+            engine = Engine(lm, mimi, max_slots=3, kv_dtype=kv_dtype)
+            engine.join(0, 1, prompt, SamplingConfig(seed=3))
+            engine.join(2, 3, prompt, SamplingConfig(seed=8, text_top_k=5))
+            runs.append([engine.step(torch.stack([frame] * 3)) for frame in audio])
+        finally:
+            lm.use_fused_step(None)
+    for plain, fused in zip(*runs):
+        assert torch.equal(plain.tokens[[0, 2]], fused.tokens[[0, 2]])
+        torch.testing.assert_close(plain.pcm, fused.pcm, atol=1e-5, rtol=0)

@@ -37,3 +37,21 @@ def test_write_ring_places_positions_modulo_capacity_per_slot():
     write_ring(ring, values, torch.tensor([3, 6]))
     assert ring[0, 0, :, 0].tolist() == [2.0, 0.0, 0.0, 1.0]  # positions 3, 4 -> slots 3, 0
     assert ring[1, 0, :, 0].tolist() == [0.0, 0.0, 1.0, 2.0]  # positions 6, 7 -> slots 2, 3
+
+
+def test_fp8_ring_attention_equals_attention_over_the_dequantised_ring():
+    from personaplex.layers.kv_ring import dequantize_fp8, quantize_fp8
+    from personaplex.lm.fused import fp8_ring_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 1, 16, generator=generator)
+    # Vectors of very different sizes, as real keys are: per-vector scales keep the small ones.
+    keys, key_scales = quantize_fp8(torch.randn(3, 4, 40, 16, generator=generator) * torch.logspace(-3, 1, 40)[:, None])
+    values, value_scales = quantize_fp8(torch.randn(3, 4, 40, 16, generator=generator))
+    mask = torch.rand(3, 1, 1, 40, generator=generator) < 0.7
+    mask[..., 0] = True
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, dequantize_fp8(keys, key_scales, torch.float32), dequantize_fp8(values, value_scales, torch.float32),
+        attn_mask=mask,
+    )
+    torch.testing.assert_close(fp8_ring_attention(q, keys, key_scales, values, value_scales, mask), expected)

@@ -117,9 +117,20 @@ def user_phase(session_info) -> slice:
     return slice(start, start + session_info["phases"]["user"]["num_steps"])
 
 
+@pytest.fixture
+def step_kernels(request, models):
+    """The model's single-frame steps through its module code (None) or the fused-kernel functions run
+    eagerly ("eager": the code that CUDA compiles, checked here against the reference)."""
+    lm, _ = models
+    lm.use_fused_step(request.param)
+    yield request.param
+    lm.use_fused_step(None)
+
+
+@pytest.mark.parametrize("step_kernels", [None, "eager"], indirect=True)
 @pytest.mark.parametrize("prompt_mode", ["prefill", "stepwise"])
 @pytest.mark.parametrize("voice_source", ["wav", "pt", "safetensors"])
-def test_whole_session(golden, models, session, session_info, voice_source, prompt_mode):
+def test_whole_session(golden, models, session, session_info, voice_source, prompt_mode, step_kernels):
     lm, mimi = models
     text_tokens = session["text_prompt_tokens"].tolist()
     if voice_source == "wav":

@@ -15,6 +15,7 @@ whole frame (Mimi encode, LM step, Mimi decode) and replayed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -86,6 +87,13 @@ def slots_that_fit(lm, mimi, kv_dtype: str = "model", reserve_bytes: int = 3 << 
     return max(1, (free - reserve_bytes) // slot_bytes(lm, mimi, kv_dtype))
 
 
+def compile_available(device: torch.device) -> bool:
+    """Whether the step's kernels can be fused by torch.compile here (CUDA with Triton, not turned off)."""
+    if device.type != "cuda" or os.environ.get("PERSONAPLEX_NO_COMPILE", "") not in ("", "0"):
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
 def batch_buckets(max_slots: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to max_slots (and max_slots itself)."""
     buckets = [b for b in (1, 2, 4) if b < max_slots] + list(range(8, max_slots, 8))
@@ -95,9 +103,15 @@ def batch_buckets(max_slots: int) -> list[int]:
 class Engine:
     def __init__(
         self, lm, mimi, max_slots: int, *, use_cuda_graph: bool | None = None, prefix_cache_bytes: int = 2 << 30,
-        kv_dtype: str = "model",
+        kv_dtype: str = "model", fused_step: str | None = "auto",
     ):
+        """fused_step: how single-frame LM steps run: "compile" (torch.compile'd fused kernels, the default on
+        CUDA when Triton is present; ``PERSONAPLEX_NO_COMPILE=1`` turns it off), "eager" or None (module code)."""
         self.lm, self.mimi = lm, mimi
+        if fused_step == "auto":
+            fused_step = "compile" if compile_available(lm.device) else None
+        if fused_step is not None:
+            lm.use_fused_step(fused_step)
         self.config = lm.config
         self.device = lm.device
         self.max_slots = max_slots
@@ -197,6 +211,22 @@ class Engine:
                         break
                     spent += frames
         return done
+
+    def warm_up_join(self, prompt: SystemPrompt, chunk_frames: int | None = -1) -> None:
+        """Run a join of ``prompt`` in the last free slot the way a live join runs, then leave it.
+
+        The first prefill of a given block shape pays one-time costs (kernel selection, allocator growth)
+        of up to a second on a GPU; paying them at start-up keeps them out of the ticks of live
+        conversations. The persona also lands in the prefix cache.
+        """
+        free = self.free_slots()
+        if not free:
+            return
+        slot = free[-1]
+        self.begin_join(slot, slot + 1, prompt, SamplingConfig(seed=0), chunk_frames=chunk_frames)
+        while slot in self._joining:
+            self.advance_joins(frame_budget=None)
+        self.leave(slot)
 
     def _go_live(self, first: int, stop: int, prompt: SystemPrompt) -> None:
         mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)

@@ -44,7 +44,15 @@ def write_ring(ring: torch.Tensor, values: torch.Tensor, start: torch.Tensor, sc
     if scales is None:
         ring.scatter_(2, index.expand(batch, heads, steps, dim), values)
         return
-    quantized, scale = quantize_fp8(values, scales.dtype)
+    write_quantized(ring, scales, *quantize_fp8(values, scales.dtype), start)
+
+
+def write_quantized(
+    ring: torch.Tensor, scales: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, start: torch.Tensor
+) -> None:
+    """Store already quantised values [B, H, T, D] (FP8) and their scales [B, H, T, 1] at ``start[b] + t``."""
+    batch, heads, steps, dim = quantized.shape
+    index = ((start[:, None] + torch.arange(steps, device=start.device)) % ring.shape[2])[:, None, :, None]
     # Scatter moves bytes: do it on a uint8 view (scatter has no FP8 kernels on some devices).
     ring.view(torch.uint8).scatter_(2, index.expand(batch, heads, steps, dim), quantized.view(torch.uint8))
     scales.scatter_(2, index.expand(batch, heads, steps, 1), scale)

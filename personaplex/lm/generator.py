@@ -158,13 +158,16 @@ class Generator:
         transformer_out, text_logits = transformer_out[:, 0], text_logits[:, 0]
 
         seed = sampling.seed if sampling is not None else None
-        chosen_text = choose_tokens(
+        kernels = self.model.step_kernels
+        choose = kernels.choose_tokens if kernels is not None else choose_tokens
+        forward_depth = kernels.forward_depth if kernels is not None else self.model.forward_depth
+        chosen_text = choose(
             text_logits, sampling.text if sampling is not None else None, seed, counter, stream=0,
             max_top_k=sampling.max_text_top_k if sampling is not None else 1,
         )
         text = torch.where(target_forced[:, 0], target[:, 0], chosen_text)
         forced_audio = torch.where(target_forced[:, 1:], target[:, 1:], -1)
-        depth = self.model.forward_depth(
+        depth = forward_depth(
             transformer_out, text, forced_audio, depth_steps,
             sampling.audio if sampling is not None else None, seed, counter,
             return_logits=return_audio_logits,

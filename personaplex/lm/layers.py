@@ -10,9 +10,10 @@ from torch import nn
 
 from ..config import LMConfig
 from ..layers.attention import ring_self_attention
-from ..layers.kv_ring import ring_positions, ring_visibility
+from ..layers.kv_ring import ring_positions, ring_visibility, write_quantized, write_ring
 from ..layers.norm import RMSNorm
 from ..layers.rope import rotation_for
+from .fused import StepKernels
 
 
 class GatedFeedForward(nn.Module):
@@ -64,6 +65,7 @@ class TemporalTransformer(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         used_length: int | None = None, key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
+        kernels: StepKernels | None = None,
     ) -> torch.Tensor:
         """x: [B, T, dim] frames at absolute positions ``positions[b] + t`` (positions: [B]).
 
@@ -73,6 +75,7 @@ class TemporalTransformer(nn.Module):
         ring plus their own keys and are written after. ``used_length`` (<= C) may bound the ring
         entries read when every position written so far, this block's included, is below it.
         ``key_scales``/``value_scales`` ([layers, B, H, C, 1]): the rings are FP8 with per-vector scales.
+        ``kernels``: compiled functions for single-frame steps (``personaplex.lm.fused``).
         """
         cfg = self.config
         steps = x.shape[1]
@@ -89,6 +92,8 @@ class TemporalTransformer(nn.Module):
             key_positions = ring_positions(query_positions[:, -1], capacity)[:, :used]
         mask = ring_visibility(key_positions, query_positions, lowest)
         rotation = rotation_for(query_positions, cfg.head_dim, cfg.max_period)
+        if kernels is not None and steps == 1:
+            return self._fused_step(kernels, x, positions, keys, values, used, key_scales, value_scales, mask, rotation)
         for index, layer in enumerate(self.layers):
             attended = ring_self_attention(
                 layer.norm1(x), layer.self_attn.in_proj_weight, cfg.num_heads, rotation, positions,
@@ -98,4 +103,38 @@ class TemporalTransformer(nn.Module):
             )
             x = x + layer.self_attn.out_proj(attended)
             x = x + layer.gating(layer.norm2(x))
+        return x
+
+    def _fused_step(
+        self, kernels: StepKernels, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+        used: int, key_scales: torch.Tensor | None, value_scales: torch.Tensor | None, mask: torch.Tensor,
+        rotation,
+    ) -> torch.Tensor:
+        """One frame through every layer with the compiled kernels: same arithmetic as the loop above."""
+        cfg = self.config
+        fp8 = key_scales is not None
+        for index, layer in enumerate(self.layers):
+            projected = kernels.attention_input(
+                x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.phase,
+                key_scales.dtype if fp8 else None,
+            )
+            if fp8:
+                q, k8, k_scale, v8, v_scale = projected
+                write_quantized(keys[index], key_scales[index], k8, k_scale, positions)
+                write_quantized(values[index], value_scales[index], v8, v_scale, positions)
+                attended = kernels.fp8_ring_attention(
+                    q, keys[index, :, :, :used], key_scales[index, :, :, :used], values[index, :, :, :used],
+                    value_scales[index, :, :, :used], mask,
+                )
+            else:
+                q, k, v = projected
+                write_ring(keys[index], k, positions)
+                write_ring(values[index], v, positions)
+                attended = F.scaled_dot_product_attention(
+                    q, keys[index, :, :, :used], values[index, :, :, :used], attn_mask=mask
+                )
+            x = kernels.attention_output_and_ffn(
+                x, attended, layer.self_attn.out_proj.weight, layer.norm2.alpha, cfg.norm_eps,
+                layer.gating.linear_in.weight, layer.gating.linear_out.weight,
+            )
         return x

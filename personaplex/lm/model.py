@@ -14,6 +14,7 @@ from torch import nn
 from ..config import LMConfig
 from ..layers.norm import RMSNorm
 from .depformer import DepthTransformer
+from .fused import StepKernels, compile_step_kernels, eager_step_kernels
 from .layers import TemporalTransformer
 from .sampling import SamplingParams, choose_tokens
 
@@ -70,6 +71,15 @@ class LMModel(nn.Module):
         )
         self.depformer = DepthTransformer(cfg)
         self.linears = nn.ModuleList(nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q))
+        # Compiled kernels for single-frame steps, when enabled (``use_fused_step``).
+        self.step_kernels: StepKernels | None = None
+
+    def use_fused_step(self, mode: str | None) -> None:
+        """Single-frame steps through fused kernels: "compile" (torch.compile, for CUDA), "eager" (the same
+        functions uncompiled: tests) or None (the module code, the default)."""
+        if mode not in (None, "eager", "compile"):
+            raise ValueError(f"fused step mode must be None, 'eager' or 'compile', got {mode!r}")
+        self.step_kernels = None if mode is None else (compile_step_kernels if mode == "compile" else eager_step_kernels)(self)
 
     @property
     def device(self) -> torch.device:
@@ -125,7 +135,8 @@ class LMModel(nn.Module):
         ``used_length``: see ``TemporalTransformer.forward``.
         """
         x = self.transformer(
-            embeddings, positions, state.keys, state.values, used_length, state.key_scales, state.value_scales
+            embeddings, positions, state.keys, state.values, used_length, state.key_scales, state.value_scales,
+            kernels=self.step_kernels,
         )
         if not heads:
             return None

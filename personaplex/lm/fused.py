@@ -1,0 +1,114 @@
+"""Fewer, larger kernels for the real-time step: its hot parts as plain functions that torch.compile fuses.
+
+Inside a CUDA graph a frame is still launch-bound at small batches: eager PyTorch runs one kernel per
+operation (~3,900 per frame, most of them tiny element-wise ops around the matmuls). The functions
+here are the same arithmetic as the eager modules, written as functions of tensors (not modules) so
+that one compiled version serves every layer; Inductor fuses their element-wise work (norms, RoPE,
+residual adds, the gated activation, FP8 quantisation, the sampling hash) into a few kernels.
+
+``fp8_ring_attention`` is the reason FP8 rings pay: written as two reductions over the ring, it
+compiles to kernels that read the FP8 bytes and their scales directly, instead of first writing a
+dequantised bf16 copy of the ring and reading that.
+
+Only single-frame steps use these (see ``StepKernels``); prefill and golden-parity paths stay eager.
+Run eagerly, each function computes what its module counterpart computes, which the tests check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..layers.attention import merge_heads, split_heads
+from ..layers.kv_ring import quantize_fp8
+from ..layers.rope import Rotation, apply_rope
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm`` as a function (weight: the [1, 1, dim] ``alpha``)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.view(-1).float(), eps).to(x.dtype)
+
+
+def attention_input(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, in_proj_weight: torch.Tensor, num_heads: int,
+    phase: torch.Tensor, fp8_scale_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, ...]:
+    """Norm, fused q/k/v projection and RoPE of x [B, T, dim] -> q, k, v [B, H, T, head_dim].
+
+    With ``fp8_scale_dtype`` k and v come back quantised for an FP8 ring: (q, k8, k_scale, v8, v_scale).
+    """
+    q, k, v = F.linear(rms_norm(x, norm_weight, eps), in_proj_weight).chunk(3, dim=-1)
+    rotation = Rotation(phase)
+    q = apply_rope(split_heads(q, num_heads), rotation)
+    k = apply_rope(split_heads(k, num_heads), rotation)
+    v = split_heads(v, num_heads)
+    if fp8_scale_dtype is None:
+        return q, k, v
+    return (q, *quantize_fp8(k, fp8_scale_dtype), *quantize_fp8(v, fp8_scale_dtype))
+
+
+def attention_output_and_ffn(
+    x: torch.Tensor, attended: torch.Tensor, out_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    ffn_in: torch.Tensor, ffn_out: torch.Tensor,
+) -> torch.Tensor:
+    """The rest of a transformer layer: output projection and residual, then the gated feed-forward."""
+    x = x + F.linear(merge_heads(attended), out_weight)
+    gate, value = F.linear(rms_norm(x, norm_weight, eps), ffn_in).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * value, ffn_out)
+
+
+def fp8_ring_attention(
+    q: torch.Tensor, keys: torch.Tensor, key_scales: torch.Tensor, values: torch.Tensor,
+    value_scales: torch.Tensor, mask: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of one query per slot over an FP8 ring, in float32.
+
+    q [B, H, 1, D]; keys/values [B, H, L, D] e4m3 with per-vector scales [B, H, L, 1]; mask [B, 1, 1, L]
+    (True = visible). Returns [B, H, 1, D] in q's dtype. Same result as scaled_dot_product_attention
+    over the dequantised ring, up to rounding.
+    """
+    scores = (q.float() * keys.float()).sum(-1) * (key_scales[..., 0].float() * q.shape[-1] ** -0.5)  # [B, H, L]
+    scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
+    weights = torch.softmax(scores, dim=-1) * value_scales[..., 0].float()
+    return (weights[..., None] * values.float()).sum(2, keepdim=True).to(q.dtype)
+
+
+@dataclass
+class StepKernels:
+    """The compiled hot functions one model's single-frame steps use (see ``LMModel.use_fused_step``)."""
+
+    attention_input: Callable
+    attention_output_and_ffn: Callable
+    fp8_ring_attention: Callable
+    forward_depth: Callable
+    choose_tokens: Callable
+
+
+def compile_step_kernels(model) -> StepKernels:
+    """torch.compile the step's hot functions for ``model``; compilation happens at first use.
+
+    Batch sizes vary between steps (batch buckets), ring lengths too: both are compiled as dynamic
+    dimensions, so a handful of compilations serve every bucket.
+    """
+    from .sampling import choose_tokens
+
+    def fused(fn: Callable) -> Callable:
+        return torch.compile(fn, fullgraph=True, dynamic=True)
+
+    return StepKernels(
+        attention_input=fused(attention_input),
+        attention_output_and_ffn=fused(attention_output_and_ffn),
+        fp8_ring_attention=fused(fp8_ring_attention),
+        forward_depth=fused(model.forward_depth),
+        choose_tokens=fused(choose_tokens),
+    )
+
+
+def eager_step_kernels(model) -> StepKernels:
+    """The same functions uncompiled: the fused code path, run eagerly (tests, CPU)."""
+    from .sampling import choose_tokens
+
+    return StepKernels(attention_input, attention_output_and_ffn, fp8_ring_attention, model.forward_depth, choose_tokens)
