@@ -1,0 +1,643 @@
+"""The conversation hub: live conversations from any front end, driven through one batched engine.
+
+Every front end (the ``/api/chat`` WebSocket, the Realtime and phone bridges, scale-out replicas) opens
+``Conversation`` objects on one ``ConversationHub``. The hub owns the ``Engine`` and one *engine
+thread* that ticks every 80 ms on a drift-free schedule (tick k is due at start + k x 80 ms); GPU work
+never runs on the asyncio event loop.
+
+Per tick the engine thread:
+
+1. applies the requests the event loop queued (joins, leaves), in order;
+2. takes one 80 ms frame from each live conversation's jitter buffer (silence on an underrun) and runs
+   one batched step, then hands each conversation its agent frame: output is in step with input,
+   one frame per tick, whatever the client does;
+3. spends what is left of the tick on joins: a persona's system prompt comes from the prefix cache
+   (instant) or is prefilled in blocks between the steps, so live conversations keep ticking.
+
+A tick that finishes after the next one was due counts as *late*; when the engine falls more than one
+tick behind, the missed tick times are skipped (counted), never caught up in a burst: a slow machine
+degrades (each client's jitter buffer drops its oldest audio) but never builds a backlog.
+
+Admission: at most ``max_conversations`` conversations hold a slot; the next ``max_queue`` wait in a
+FIFO queue (their position is reported through ``on_queue_position``); past that ``open`` raises
+``HubBusy``. Cancelling ``open`` (a client that vanished) or closing a conversation frees its queue
+place or slot at once, also in the middle of its prefill.
+
+A conversation ends (``end_reason`` says why) when its client closes, when it reaches the maximum
+length (by default the context the system prompt leaves), when no audio arrived for the input
+timeout, when its client does not take its frames (more than ``max_output_frames`` waiting), or when
+the hub shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import numpy as np
+
+from ..config import FRAME_RATE, FRAME_SIZE
+from ..engine import SamplingConfig
+from ..errors import PersonaplexError
+from .jitter import InputJitterBuffer
+from .metrics import HubMetrics
+
+log = logging.getLogger("personaplex.serving")
+
+TICK_SECONDS = 1.0 / FRAME_RATE  # 80 ms
+DEFAULT_VOICE = "NATF2"
+
+
+@dataclass(frozen=True)
+class PersonaRequest:
+    """Who the agent is in one conversation."""
+
+    text_prompt: str = ""
+    voice: str | None = None  # a preset name, resolved ONLY inside the server's voice folder (no paths)
+    voice_audio: bytes | None = None  # an uploaded voice sample (wav/ogg/...), only if the server allows uploads
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # temperatures, top-k, seed
+
+
+@dataclass
+class AgentFrame:
+    pcm: np.ndarray  # float32 [1920], 24 kHz mono: the agent's audio for one 80 ms frame
+    text: str | None  # the text piece the agent emitted in this frame (None for padding)
+
+
+class HubBusy(PersonaplexError):
+    """All slots are busy and the waiting queue is full."""
+
+
+class HubClosed(PersonaplexError):
+    """The hub is shutting down (or not started) and takes no conversations."""
+
+
+class NotSupported(PersonaplexError):
+    """The model or this server does not offer what was asked."""
+
+
+class PersonaError(PersonaplexError):
+    """The requested persona cannot be built (unknown voice, prompt too long, upload refused...)."""
+
+
+@dataclass
+class HubOptions:
+    """Limits and timing of a hub (all optional; the defaults suit a real-time server)."""
+
+    max_conversations: int = 4  # engine slots
+    max_queue: int = 16  # conversations allowed to wait for a slot
+    max_conversation_seconds: float | None = None  # None: as long as the context leaves after the prompt
+    tick_seconds: float = TICK_SECONDS  # 0: step as fast as possible (tests, offline-like use)
+    input_timeout_seconds: float | None = 10.0  # end a conversation whose client sent no audio for this long
+    jitter_buffer_seconds: float = 1.0  # user audio buffered at most; older audio is dropped past it
+    max_output_frames: int = 25  # agent frames (2 s) a slow reader may fall behind before it is ended
+    allow_voice_upload: bool = False
+    max_voice_upload_bytes: int = 10 << 20
+    default_voice: str | None = DEFAULT_VOICE
+    join_block_frames: int | None = None  # prompt frames per prefill block (None: the engine's default)
+
+
+class Conversation:
+    """One live conversation; its methods are called on the event loop that opened it."""
+
+    def __init__(self, hub: "ConversationHub", front_end: str, input_timeout: float | None):
+        self.id = uuid.uuid4().hex[:12]
+        self.slot = -1
+        self.front_end = front_end
+        self.end_reason: str | None = None
+        self.input_timeout = input_timeout
+        self.max_frames = 0  # set when the slot is granted
+        self.frames_sent = 0  # agent frames delivered so far
+        self.prompt_frames = 0
+        self.cached_persona = False
+        self._engine_frames = 0  # frames stepped (engine thread)
+        self._hub = hub
+        self._input = InputJitterBuffer(FRAME_SIZE, max(1, round(hub.options.jitter_buffer_seconds * FRAME_RATE)))
+        self._output: deque[AgentFrame] = deque()
+        self._wake = asyncio.Event()
+        self._joined: asyncio.Future = hub._loop.create_future()
+        self._holds_slot = False
+        self.closed = threading.Event()  # read by the engine thread
+
+    # --- front-end API -----------------------------------------------------------------------------
+
+    def send_audio(self, pcm: np.ndarray) -> None:
+        """User audio: float32 mono 24 kHz samples, any length (bounded jitter buffer, see jitter.py)."""
+        if self.end_reason is None:
+            self._input.push(pcm)
+
+    def send_text(self, text: str) -> None:
+        """Inject a user text turn. The PersonaPlex models have no user text channel (the user speaks
+        only through audio, and the agent's text channel is the agent's own words), so this raises."""
+        raise NotSupported("text turns are not supported: this model hears the user only through audio")
+
+    async def frames(self) -> AsyncIterator[AgentFrame]:
+        """The agent's frames, one per 80 ms tick, until the conversation ends (``end_reason`` says why)."""
+        while True:
+            if self._output:
+                yield self._output.popleft()
+                continue
+            if self.end_reason is not None:
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def close(self, reason: str = "client closed") -> None:
+        """End the conversation and free its slot (or queue place) at once; idempotent."""
+        self._end(reason)
+
+    # --- statistics ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        buffer = self._input
+        return {
+            "frames": self.frames_sent,
+            "input_buffered_ms": round(buffer.buffered_samples / FRAME_SIZE * 1000 / FRAME_RATE),
+            "input_dropped_ms": round(buffer.dropped_samples / FRAME_SIZE * 1000 / FRAME_RATE),
+            "input_underruns": buffer.underruns,
+            "output_waiting": len(self._output),
+        }
+
+    # --- called by the hub on the event loop --------------------------------------------------------
+
+    def _end(self, reason: str) -> None:
+        if self.end_reason is not None:
+            return
+        self.end_reason = reason
+        self.closed.set()
+        self._wake.set()
+        if not self._joined.done():
+            self._joined.set_exception(HubClosed(reason))
+            self._joined.exception()  # retrieved: nobody else may be awaiting it
+        self._hub._conversation_ended(self, reason)
+
+    def _deliver(self, frame: AgentFrame) -> None:
+        if self.end_reason is not None:
+            return
+        if len(self._output) >= self._hub.options.max_output_frames:
+            seconds = len(self._output) / FRAME_RATE
+            self._end(f"the client is not taking the agent's audio ({seconds:.1f} s behind)")
+            return
+        self._output.append(frame)
+        self.frames_sent += 1
+        self._wake.set()
+
+
+@dataclass
+class _Join:
+    conversation: Conversation
+    prompt: object  # persona.SystemPrompt
+    sampling: SamplingConfig
+
+
+@dataclass
+class _Leave:
+    conversation: Conversation
+
+
+class ConversationHub:
+    """Owns the Engine and one engine thread that ticks every 80 ms (GPU work never on the event loop)."""
+
+    def __init__(self, model, options: HubOptions | None = None, *, engine=None):
+        from ..engine import Engine
+
+        self.model = model
+        self.options = options or HubOptions()
+        if self.options.max_conversations < 1 or self.options.max_queue < 0:
+            raise ValueError("max_conversations must be at least 1 and max_queue at least 0")
+        self.engine = engine or Engine(model.lm, model.mimi, max_slots=self.options.max_conversations)
+        if self.options.join_block_frames:
+            self.engine.join_chunk_frames = self.options.join_block_frames
+        self.metrics = HubMetrics()
+        self.metrics.slots.set(self.engine.max_slots)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._closed = True
+        self._admitted: set[Conversation] = set()
+        self._waiting: deque[tuple[asyncio.Future, Callable[[int], None] | None, Conversation]] = deque()
+        self._prompts: OrderedDict[tuple, object] = OrderedDict()
+        self._upload_dir = tempfile.TemporaryDirectory(prefix="personaplex-voices-")
+        # Engine-thread state.
+        self._live: dict[int, Conversation] = {}
+        self._joining: dict[int, tuple[Conversation, float]] = {}
+        self.late_ticks = 0
+        self.ticks = 0
+
+    # --- construction ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_args(cls, args) -> "ConversationHub":
+        """A hub from command-line arguments: the model flags of ``personaplex offline`` plus the server's
+        limits (``max_conversations``, ``max_queue``, ``max_conversation_seconds``, ``allow_voice_upload``)."""
+        from ..loading import load_model
+        from ..offline import UsageError, resolve_model_assets
+
+        if getattr(args, "cpu_offload", False):
+            raise UsageError("--cpu-offload is not supported yet; use a GPU with >= 20 GB or --model demo")
+        options = HubOptions()
+        for name in ("max_conversations", "max_queue", "max_conversation_seconds", "allow_voice_upload",
+                     "input_timeout_seconds", "tick_seconds"):
+            value = getattr(args, name, None)
+            if value is not None:
+                setattr(options, name, value)
+        if options.max_conversations < 1:
+            raise UsageError("--max-conversations must be at least 1")
+        if options.max_queue < 0:
+            raise UsageError("--max-queue must be 0 or more")
+        if options.max_conversation_seconds is not None and options.max_conversation_seconds <= 0:
+            raise UsageError("--max-conversation-seconds must be positive")
+        model = load_model(resolve_model_assets(args), getattr(args, "device", None))
+        return cls(model, options)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the engine thread (captures CUDA graphs first on a GPU). Call on the serving event loop."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.engine.capture_graphs)
+        self._closed = False
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="personaplex-engine", daemon=True)
+        self._thread.start()
+
+    async def close(self, reason: str = "the server is shutting down") -> None:
+        """Graceful shutdown: refuse new conversations, end waiting and live ones with ``reason``, stop
+        the engine thread."""
+        self._closed = True
+        while self._waiting:
+            future, _, _ = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(HubClosed(reason))
+        for conversation in list(self._admitted):
+            conversation._end(reason)
+        self._update_queue_gauges()
+        if self._thread is not None:
+            self._stopping.set()
+            self._wakeup.set()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self._upload_dir.cleanup()
+
+    # --- descriptions ------------------------------------------------------------------------------------
+
+    def describe(self) -> dict:
+        """Model and limits, for metadata messages and /api/health."""
+        o = self.options
+        return {
+            "model": self.model.name,
+            "untrained": bool(getattr(self.model, "untrained", False)),
+            "slots": self.engine.max_slots,
+            "max_queue": o.max_queue,
+            "max_conversation_seconds": o.max_conversation_seconds or self._context_seconds(),
+            "input_timeout_seconds": o.input_timeout_seconds,
+            "voice_upload": o.allow_voice_upload,
+            "frame_ms": 80,
+            "sample_rate": 24000,
+        }
+
+    def load(self) -> dict:
+        """Slots busy/free and the queue length, right now."""
+        busy = len(self._admitted)
+        return {"slots_busy": busy, "slots_free": self.engine.max_slots - busy, "queued": len(self._waiting),
+                "max_queue": self.options.max_queue}
+
+    def voices(self) -> list[str]:
+        """Available voice presets (names to pass as ``PersonaRequest.voice``)."""
+        from ..persona import available_voices
+
+        return available_voices(self.model.voices_dir)
+
+    def _context_seconds(self) -> float:
+        return (self.model.lm.config.context - 1) / FRAME_RATE
+
+    # --- opening conversations -------------------------------------------------------------------------
+
+    async def open(
+        self, request: PersonaRequest, *, front_end: str, on_queue_position: Callable[[int], None] | None = None,
+        input_timeout_seconds: float | None | type[Ellipsis] = ...,
+    ) -> Conversation:
+        """Build the persona, wait for a slot (bounded queue), join it; returns once the system prompt is
+        applied. Raises ``PersonaError`` (bad persona), ``HubBusy`` (queue full), ``HubClosed``.
+        ``input_timeout_seconds`` overrides the hub's for this conversation (None: never time out).
+        Cancelling the awaiting task releases the queue place or slot at once."""
+        if self._closed:
+            raise HubClosed("the server is shutting down")
+        timeout = self.options.input_timeout_seconds if input_timeout_seconds is ... else input_timeout_seconds
+        prompt = await self.build_persona(request)
+        if self._closed:
+            raise HubClosed("the server is shutting down")
+        conversation = Conversation(self, front_end, timeout)
+        try:
+            await self._admit(conversation, on_queue_position)
+        except HubBusy:
+            self.metrics.refused.inc()
+            raise
+        except asyncio.CancelledError:
+            conversation._end("the client left while waiting for a slot")
+            raise
+        self.metrics.sessions.labels(front_end=front_end).inc()
+        self._commands.put(_Join(conversation, prompt, request.sampling))
+        self._wakeup.set()
+        try:
+            await asyncio.shield(conversation._joined)
+        except asyncio.CancelledError:
+            conversation._end("the client left while its persona was being applied")
+            raise
+        return conversation
+
+    async def _admit(self, conversation: Conversation, on_queue_position: Callable[[int], None] | None) -> None:
+        """Return when ``conversation`` holds a slot; wait in the FIFO queue while all are taken."""
+        if len(self._admitted) < self.engine.max_slots and not self._waiting:
+            self._admitted.add(conversation)
+            self._update_queue_gauges()
+            return
+        if len(self._waiting) >= self.options.max_queue:
+            raise HubBusy(
+                f"all {self.engine.max_slots} conversation slots are busy and {len(self._waiting)} callers are "
+                "already waiting; try again in a minute"
+            )
+        entry = (self._loop.create_future(), on_queue_position, conversation)
+        self._waiting.append(entry)
+        self._update_queue_gauges()
+        self._report_positions()
+        try:
+            await entry[0]
+        finally:
+            if entry in self._waiting:  # cancelled or failed while waiting
+                self._waiting.remove(entry)
+                self._update_queue_gauges()
+                self._report_positions()
+
+    def _grant_next(self) -> None:
+        """Hand free slots to the longest-waiting callers (the slot is theirs from this moment)."""
+        while self._waiting and len(self._admitted) < self.engine.max_slots:
+            future, _, conversation = self._waiting.popleft()
+            if not future.done():
+                self._admitted.add(conversation)
+                future.set_result(None)
+        self._update_queue_gauges()
+        self._report_positions()
+
+    def _report_positions(self) -> None:
+        for position, (_, callback, _) in enumerate(self._waiting, start=1):
+            if callback is not None:
+                try:
+                    callback(position)
+                except Exception:  # a front end's callback must not break the queue
+                    log.exception("queue position callback failed")
+
+    def _update_queue_gauges(self) -> None:
+        self.metrics.active.set(len(self._admitted))
+        self.metrics.queued.set(len(self._waiting))
+
+    def _conversation_ended(self, conversation: Conversation, reason: str) -> None:
+        self.metrics.ended.labels(reason=_reason_label(reason)).inc()
+        if conversation in self._admitted:
+            self._admitted.discard(conversation)
+            self._commands.put(_Leave(conversation))
+            self._wakeup.set()
+            self._update_queue_gauges()
+            if not self._closed:
+                self._grant_next()
+
+    # --- personas ----------------------------------------------------------------------------------------
+
+    async def build_persona(self, request: PersonaRequest):
+        """The system prompt of a persona (cached per voice and text); raises ``PersonaError``."""
+        return await asyncio.to_thread(self._build_persona, request)
+
+    def _build_persona(self, request: PersonaRequest):
+        from ..persona import PromptTooLongError, VoicePromptError, build_system_prompt, load_voice
+
+        voice_path = self._voice_path(request)
+        key = (str(voice_path), request.text_prompt)
+        prompt = self._prompts.get(key)
+        if prompt is not None:
+            self._prompts.move_to_end(key)
+            return prompt
+        lm_config = self.model.lm.config
+        try:
+            voice = load_voice(voice_path, lm_config, self.model.mimi) if voice_path is not None else None
+            prompt = build_system_prompt(lm_config, voice, self.model.tokenizer.encode_prompt(request.text_prompt))
+        except (VoicePromptError, PromptTooLongError) as exc:
+            raise PersonaError(str(exc)) from exc
+        except PersonaplexError as exc:  # e.g. an uploaded file that is not audio
+            raise PersonaError(f"cannot use this voice: {exc}") from exc
+        self._prompts[key] = prompt
+        while len(self._prompts) > 32:
+            self._prompts.popitem(last=False)
+        return prompt
+
+    def _voice_path(self, request: PersonaRequest) -> Path | None:
+        from ..persona import SAVED_VOICE_SUFFIXES, AUDIO_SUFFIXES, VoicePromptError, resolve_voice
+
+        if request.voice_audio is not None:
+            return self._store_upload(request.voice_audio)
+        name = request.voice if request.voice else self.options.default_voice
+        if not name:
+            return None
+        if request.voice is None and name not in self.voices():
+            return None  # the default voice is absent from this server: no voice prompt
+        try:
+            return resolve_voice(name, self.model.voices_dir, allow_paths=False)
+        except VoicePromptError as exc:
+            # The reference web client asks for "NATF0.pt"; a server whose presets are audio files
+            # (the demo model) holds "NATF0.wav": accept the preset name with another suffix.
+            stem, dot, suffix = name.rpartition(".")
+            if dot and "." + suffix.lower() in SAVED_VOICE_SUFFIXES + AUDIO_SUFFIXES and stem:
+                try:
+                    return resolve_voice(stem, self.model.voices_dir, allow_paths=False)
+                except VoicePromptError:
+                    pass
+            raise PersonaError(str(exc)) from exc
+
+    def _store_upload(self, data: bytes) -> Path:
+        import hashlib
+
+        if not self.options.allow_voice_upload:
+            raise PersonaError("this server does not accept uploaded voices (start it with --allow-voice-upload)")
+        if not data:
+            raise PersonaError("the uploaded voice sample is empty")
+        if len(data) > self.options.max_voice_upload_bytes:
+            raise PersonaError(
+                f"the uploaded voice sample has {len(data)} bytes; at most {self.options.max_voice_upload_bytes} "
+                "are accepted (a few seconds of speech is enough)"
+            )
+        suffix = ".ogg" if data[:4] == b"OggS" else ".flac" if data[:4] == b"fLaC" else \
+            ".mp3" if data[:3] == b"ID3" or data[:2] == b"\xff\xfb" else ".wav"
+        path = Path(self._upload_dir.name) / (hashlib.sha256(data).hexdigest()[:32] + suffix)
+        if not path.exists():
+            partial = path.with_suffix(".part")
+            partial.write_bytes(data)
+            partial.replace(path)
+        return path
+
+    # --- the engine thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        period = self.options.tick_seconds
+        engine = self.engine
+        pcm = torch.zeros(engine.max_slots, FRAME_SIZE)
+        deadline = time.perf_counter()
+        while not self._stopping.is_set():
+            if not self._live and not self._joining and self._commands.empty():
+                # Nothing to do: sleep until a request arrives, then restart the schedule.
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                deadline = time.perf_counter()
+                continue
+            started = time.perf_counter()
+            try:
+                self._apply_commands()
+                if self._live:
+                    self._tick(pcm)
+                self._advance_joins(deadline + period if period > 0 else None)
+            except Exception:  # an engine failure ends the conversations it touched, not the server
+                log.exception("engine failure")
+                self.metrics.record_error("engine")
+                for conversation, _ in list(self._joining.values()) + [(c, 0) for c in self._live.values()]:
+                    self._end_from_engine(conversation, "internal engine error; please reconnect")
+            finished = time.perf_counter()
+            self.metrics.tick_seconds.observe(finished - started)
+            self.ticks += 1
+            if period <= 0:
+                continue
+            deadline += period
+            if finished > deadline:
+                self.late_ticks += 1
+                self.metrics.late_ticks.inc()
+                behind = int((finished - deadline) // period)
+                if behind:
+                    self.metrics.skipped_ticks.inc(behind)
+                    deadline += behind * period
+            delay = deadline - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+
+    def _apply_commands(self) -> None:
+        engine = self.engine
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            conversation = command.conversation
+            if isinstance(command, _Leave):
+                slot = conversation.slot
+                if slot >= 0 and (self._live.get(slot) is conversation or
+                                  self._joining.get(slot, (None,))[0] is conversation):
+                    engine.leave(slot)
+                    self._live.pop(slot, None)
+                    self._joining.pop(slot, None)
+                continue
+            if conversation.closed.is_set():
+                continue
+            free = engine.free_slots()
+            if not free:  # cannot happen while admission counts slots; refuse rather than crash
+                self._end_from_engine(conversation, "no free slot")
+                continue
+            slot = free[0]
+            conversation.slot = slot
+            prompt = command.prompt
+            room = self.model.lm.config.context - 1 - prompt.num_steps
+            limit = self.options.max_conversation_seconds
+            conversation.max_frames = min(room, int(limit * FRAME_RATE)) if limit else room
+            conversation.prompt_frames = prompt.num_steps
+            try:
+                cached = engine.begin_join(slot, slot + 1, prompt, command.sampling)
+            except ValueError as exc:  # sampling settings out of range
+                self._end_from_engine(conversation, f"cannot start: {exc}")
+                continue
+            if cached:
+                self.metrics.prefix_cache_hits.inc()
+                conversation.cached_persona = True
+                self._go_live(conversation, time.perf_counter())
+            else:
+                self._joining[slot] = (conversation, time.perf_counter())
+
+    def _advance_joins(self, until: float | None) -> None:
+        """Prefill queued personas in blocks until ``until`` (perf_counter), at least one block."""
+        # One block at a time: requests (a client leaving mid-prefill) are applied between ticks.
+        while self._joining:
+            for slot in self.engine.advance_joins(frame_budget=1):
+                conversation, granted = self._joining.pop(slot)
+                self._go_live(conversation, granted)
+            if until is None or time.perf_counter() >= until - 0.005:
+                return
+
+    def _go_live(self, conversation: Conversation, granted: float) -> None:
+        self.metrics.join_seconds.observe(time.perf_counter() - granted)
+        self._live[conversation.slot] = conversation
+        conversation._input.reset_idle()
+        self._loop.call_soon_threadsafe(_resolve, conversation._joined)
+
+    def _tick(self, pcm) -> None:
+        import torch
+
+        tokenizer = self.model.tokenizer
+        pcm.zero_()
+        now = time.monotonic()
+        for slot, conversation in list(self._live.items()):
+            timeout = conversation.input_timeout
+            if timeout is not None and conversation._input.idle_seconds(now) > timeout:
+                self._end_from_engine(conversation, f"no audio from the client for {timeout:g} s")
+                continue
+            before = conversation._input.underruns, conversation._input.dropped_samples
+            pcm[slot] = torch.from_numpy(conversation._input.pop_frame())
+            underruns, dropped = conversation._input.underruns - before[0], conversation._input.dropped_samples - before[1]
+            if underruns:
+                self.metrics.input_underruns.inc(underruns)
+            if dropped:
+                self.metrics.input_dropped.inc(dropped / 24000)
+        if not self._live:
+            return
+        out = self.engine.step(pcm)
+        for slot, conversation in list(self._live.items()):
+            token = int(out.tokens[slot, 0])
+            frame = AgentFrame(out.pcm[slot].numpy().copy(), tokenizer.spoken_text(token) or None)
+            self._loop.call_soon_threadsafe(conversation._deliver, frame)
+            conversation._engine_frames += 1
+            if conversation._engine_frames >= conversation.max_frames:
+                seconds = conversation.max_frames / FRAME_RATE
+                self._end_from_engine(conversation, f"the conversation reached its maximum length ({seconds:.0f} s)")
+
+    def _end_from_engine(self, conversation: Conversation, reason: str) -> None:
+        """End a conversation from the engine thread: free its slot now, tell the event loop."""
+        slot = conversation.slot
+        if slot >= 0 and (self._live.get(slot) is conversation or self._joining.get(slot, (None,))[0] is conversation):
+            self.engine.leave(slot)
+            self._live.pop(slot, None)
+            self._joining.pop(slot, None)
+        conversation.closed.set()
+        self._loop.call_soon_threadsafe(conversation._end, reason)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _reason_label(reason: str) -> str:
+    """A low-cardinality metrics label for an end reason."""
+    for word, label in (("client closed", "client_closed"), ("client left", "client_left"),
+                        ("maximum length", "max_length"), ("no audio", "input_timeout"),
+                        ("not taking", "slow_reader"), ("shutting down", "shutdown"), ("engine", "engine_error")):
+        if word in reason:
+            return label
+    return "other"

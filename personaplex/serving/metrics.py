@@ -1,0 +1,58 @@
+"""Prometheus metrics of one hub: conversations, the engine tick, errors, sessions per front end.
+
+Each hub has its own registry (several hubs in one process, as in tests, never share counters);
+``render()`` gives the Prometheus text exposition format for a ``/metrics`` endpoint.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+disable_created_metrics()  # the *_created series double the output and say nothing a server needs
+
+PREFIX = "personaplex"
+# Tick durations around the 80 ms budget, finer below it.
+TICK_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.2, 0.5, 1.0)
+JOIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class HubMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.slots = Gauge(f"{PREFIX}_slots", "Conversation slots of the engine", registry=r)
+        self.active = Gauge(f"{PREFIX}_conversations_active", "Conversations holding a slot (live or joining)",
+                            registry=r)
+        self.queued = Gauge(f"{PREFIX}_conversations_queued", "Conversations waiting for a free slot", registry=r)
+        self.sessions = Counter(f"{PREFIX}_sessions", "Conversations opened, per front end", ["front_end"],
+                                registry=r)
+        self.ended = Counter(f"{PREFIX}_conversations_ended", "Conversations ended, per reason", ["reason"],
+                             registry=r)
+        self.refused = Counter(f"{PREFIX}_conversations_refused", "Conversations refused because the queue was full",
+                               registry=r)
+        self.errors = Counter(f"{PREFIX}_errors", "Errors, per kind", ["kind"], registry=r)
+        self.tick_seconds = Histogram(f"{PREFIX}_tick_seconds", "Engine work per 80 ms tick (step and join work)",
+                                      buckets=TICK_BUCKETS, registry=r)
+        self.late_ticks = Counter(f"{PREFIX}_late_ticks", "Ticks that finished after the next tick was due",
+                                  registry=r)
+        self.skipped_ticks = Counter(f"{PREFIX}_skipped_ticks",
+                                     "Tick times dropped because the engine fell more than one tick behind", registry=r)
+        self.join_seconds = Histogram(f"{PREFIX}_join_seconds", "From a slot being granted to the persona applied",
+                                      buckets=JOIN_BUCKETS, registry=r)
+        self.input_dropped = Counter(f"{PREFIX}_input_dropped_seconds",
+                                     "User audio dropped because a client sent faster than real time", registry=r)
+        self.input_underruns = Counter(f"{PREFIX}_input_underrun_frames",
+                                       "Frames of silence used because a client's audio had not arrived", registry=r)
+        self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Joins served from the persona prefix cache",
+                                         registry=r)
+
+    def record_error(self, kind: str) -> None:
+        """Count an error of a front end or the engine (``kind``: a short snake_case label)."""
+        self.errors.labels(kind=kind).inc()
+
+    def render(self) -> str:
+        """All metrics in the Prometheus text exposition format."""
+        return generate_latest(self.registry).decode("utf-8")
