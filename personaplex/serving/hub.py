@@ -39,9 +39,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class HubOptions:
 class Conversation:
     """One live conversation; its methods are called on the event loop that opened it."""
 
-    def __init__(self, hub: "ConversationHub", front_end: str, input_timeout: float | None):
+    def __init__(self, hub: ConversationHub, front_end: str, input_timeout: float | None):
         self.id = uuid.uuid4().hex[:12]
         self.slot = -1
         self.front_end = front_end
@@ -238,7 +238,7 @@ class ConversationHub:
     # --- construction ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_args(cls, args) -> "ConversationHub":
+    def from_args(cls, args) -> ConversationHub:
         """A hub from command-line arguments: the model flags of ``personaplex offline`` plus the server's
         limits (``max_conversations``, ``max_queue``, ``max_conversation_seconds``, ``allow_voice_upload``)."""
         from ..loading import load_model
@@ -443,7 +443,7 @@ class ConversationHub:
         return prompt
 
     def _voice_path(self, request: PersonaRequest) -> Path | None:
-        from ..persona import SAVED_VOICE_SUFFIXES, AUDIO_SUFFIXES, VoicePromptError, resolve_voice
+        from ..persona import AUDIO_SUFFIXES, SAVED_VOICE_SUFFIXES, VoicePromptError, resolve_voice
 
         if request.voice_audio is not None:
             return self._store_upload(request.voice_audio)
