@@ -98,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_model_arguments(build)
     build.set_defaults(run=_cmd_voice_build)
 
+    from .server import serve
+
+    serve_parser = commands.add_parser(
+        "serve", help="serve live conversations (WebSocket /api/chat) and the web page"
+    )
+    serve.build_parser(serve_parser)
+    serve_parser.set_defaults(run=serve.run)
+
     presets = commands.add_parser("presets", help="list the built-in model configurations")
     presets.set_defaults(run=_cmd_presets)
     inspect = commands.add_parser("inspect", help="tell which preset a safetensors weights file fits (reads only its header)")
