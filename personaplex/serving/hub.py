@@ -55,6 +55,7 @@ log = logging.getLogger("personaplex.serving")
 
 TICK_SECONDS = 1.0 / FRAME_RATE  # 80 ms
 DEFAULT_VOICE = "NATF2"
+UPLOAD_PREFIX = "upload-"
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ class Conversation:
         self._input = InputJitterBuffer(FRAME_SIZE, max(1, round(hub.options.jitter_buffer_seconds * FRAME_RATE)))
         self._output: deque[AgentFrame] = deque()
         self._wake = asyncio.Event()
+        self._ended = asyncio.Event()
+        self.output_overflow = False  # ended because its client did not take its frames
         self._joined: asyncio.Future = hub._loop.create_future()
         self._holds_slot = False
         self.closed = threading.Event()  # read by the engine thread
@@ -155,6 +158,11 @@ class Conversation:
         """End the conversation and free its slot (or queue place) at once; idempotent."""
         self._end(reason)
 
+    async def ended(self) -> str:
+        """Wait until the conversation ends (whoever ends it); returns ``end_reason``."""
+        await self._ended.wait()
+        return self.end_reason
+
     # --- statistics ----------------------------------------------------------------------------------
 
     def stats(self) -> dict:
@@ -175,6 +183,7 @@ class Conversation:
         self.end_reason = reason
         self.closed.set()
         self._wake.set()
+        self._ended.set()
         if not self._joined.done():
             self._joined.set_exception(HubClosed(reason))
             self._joined.exception()  # retrieved: nobody else may be awaiting it
@@ -185,6 +194,7 @@ class Conversation:
             return
         if len(self._output) >= self._hub.options.max_output_frames:
             seconds = len(self._output) / FRAME_RATE
+            self.output_overflow = True
             self._end(f"the client is not taking the agent's audio ({seconds:.1f} s behind)")
             return
         self._output.append(frame)
@@ -252,13 +262,19 @@ class ConversationHub:
             value = getattr(args, name, None)
             if value is not None:
                 setattr(options, name, value)
-        if options.max_conversations < 1:
+        if options.input_timeout_seconds is not None and options.input_timeout_seconds <= 0:
+            options.input_timeout_seconds = None  # 0: never time out
+        if getattr(args, "max_conversations", None) is not None and options.max_conversations < 1:
             raise UsageError("--max-conversations must be at least 1")
         if options.max_queue < 0:
             raise UsageError("--max-queue must be 0 or more")
         if options.max_conversation_seconds is not None and options.max_conversation_seconds <= 0:
             raise UsageError("--max-conversation-seconds must be positive")
         model = load_model(resolve_model_assets(args), getattr(args, "device", None))
+        if getattr(args, "max_conversations", None) is None:
+            from ..engine import slots_that_fit
+
+            options.max_conversations = min(64, slots_that_fit(model.lm, model.mimi))
         return cls(model, options)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -450,6 +466,12 @@ class ConversationHub:
         name = request.voice if request.voice else self.options.default_voice
         if not name:
             return None
+        if name.startswith(UPLOAD_PREFIX):
+            digest = name[len(UPLOAD_PREFIX):]
+            matches = [p for p in Path(self._upload_dir.name).iterdir() if p.stem == digest and p.suffix != ".part"]
+            if not digest.isalnum() or not matches:
+                raise PersonaError(f"unknown uploaded voice {name[:60]!r}: upload the sample again")
+            return matches[0]
         if request.voice is None and name not in self.voices():
             return None  # the default voice is absent from this server: no voice prompt
         try:
@@ -464,6 +486,14 @@ class ConversationHub:
                 except VoicePromptError:
                     pass
             raise PersonaError(str(exc)) from exc
+
+    async def add_voice_upload(self, data: bytes) -> str:
+        """Keep an uploaded voice sample for this server's lifetime; returns the preset-like name
+        (``upload-<digest>``) that ``PersonaRequest.voice`` then accepts. Raises ``PersonaError`` when
+        uploads are off or the sample is unusable (checked by building the voice once)."""
+        path = self._store_upload(data)
+        await self.build_persona(PersonaRequest(voice=UPLOAD_PREFIX + path.stem))
+        return UPLOAD_PREFIX + path.stem
 
     def _store_upload(self, data: bytes) -> Path:
         import hashlib

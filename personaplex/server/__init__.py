@@ -1,0 +1,1 @@
+"""The real-time server: HTTP/WebSocket front end over the conversation hub (``personaplex.serving``)."""

@@ -1,0 +1,347 @@
+"""The ``/api/chat`` protocol, independent of the web framework that carries it.
+
+Compatible with the reference server and its web client: every message is binary, byte 0 is the kind.
+
+| kind | direction | payload |
+| --- | --- | --- |
+| ``0x00`` handshake | server -> client | none; sent once the persona's system prompt is applied |
+| ``0x01`` audio | both ways | exactly one Ogg page of an Ogg/Opus stream, 24 kHz mono |
+| ``0x02`` text | server -> client | UTF-8 piece of the agent's words (padding is not sent) |
+| ``0x04`` metadata | server -> client | UTF-8 JSON: model, persona, limits; queue position while waiting |
+| ``0x05`` error | server -> client | UTF-8 text saying what went wrong; the server closes right after |
+| ``0x06`` text turn | client -> server | UTF-8 user text: refused with ``0x05`` (these models hear the user only as audio) |
+
+Query parameters: ``text_prompt``, ``voice_prompt`` (a preset name, e.g. ``NATF2`` or ``NATF2.pt``),
+``seed`` (-1: random), ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, all
+honoured per conversation and validated (a bad value gets ``0x05``). The reference client's other
+parameters (``pad_mult``, ``text_seed``, ``repetition_penalty`` ...) are accepted and ignored.
+
+Order of the server's messages: metadata (model, limits; then ``queue_position`` updates while all
+slots are busy), handshake, then per 80 ms frame its audio page(s) followed by its text piece (text
+never runs ahead of its audio). The agent's stream starts with the ``OpusHead`` and ``OpusTags`` pages,
+counts granule positions in 48 kHz units and ends with an end-of-stream page. A conversation that
+the server ends (length limit, no audio from the client for the input timeout, client not reading,
+shutdown) gets a ``0x05`` with the reason before the close.
+
+Bad input ends the conversation with ``0x05`` and a close code: a text (non-binary) message, an empty
+message, an unknown kind (1003); a message over the size limit (1009); an audio payload that is not a
+valid Ogg/Opus stream (1007); a bad persona or query parameter (1008). Nothing of it reaches the engine
+or any other conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+from ..engine import SamplingConfig
+from ..engine.engine import MAX_AUDIO_TOP_K, MAX_TEXT_TOP_K
+from ..errors import PersonaplexError
+from ..serving.hub import Conversation, HubBusy, HubClosed, NotSupported, PersonaError, PersonaRequest
+from .ogg import OpusPageWriter
+
+log = logging.getLogger("personaplex.server")
+
+KIND_HANDSHAKE = 0x00
+KIND_AUDIO = 0x01
+KIND_TEXT = 0x02
+KIND_METADATA = 0x04
+KIND_ERROR = 0x05
+KIND_USER_TEXT = 0x06
+
+MAX_MESSAGE_BYTES = 128 << 10  # an Ogg page is at most ~64 KiB
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN = 1013
+SEND_TIMEOUT = 2.0  # seconds a closing message may take to go out before the connection is dropped
+
+
+class MessageTransport(Protocol):
+    async def receive(self) -> bytes | str | None:  # None: the client closed
+        ...
+
+    async def send_bytes(self, data: bytes) -> None: ...
+
+    async def send_text(self, data: str) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class ProtocolError(PersonaplexError):
+    """The client broke the protocol; ``code`` is the WebSocket close code to use."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+# --- query parameters -------------------------------------------------------------------------------------
+
+
+def _number(query: Mapping[str, str], name: str, kind: type, default, low, high):
+    text = query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ProtocolError(f"invalid {name}={text[:40]!r}: expected {'an integer' if kind is int else 'a number'}",
+                            CLOSE_POLICY) from None
+    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
+        raise ProtocolError(f"invalid {name}={text[:40]!r}: must be between {low} and {high}", CLOSE_POLICY)
+    return value
+
+
+def request_from_query(query: Mapping[str, str]) -> PersonaRequest:
+    """The persona and sampling settings a ``/api/chat`` query asks for; raises ``ProtocolError``."""
+    defaults = SamplingConfig()
+    seed = _number(query, "seed", int, -1, -1, 2**63 - 1)
+    sampling = SamplingConfig(
+        text_temperature=_number(query, "text_temperature", float, defaults.text_temperature, 0.0, 10.0),
+        text_top_k=_number(query, "text_topk", int, defaults.text_top_k, 1, MAX_TEXT_TOP_K),
+        audio_temperature=_number(query, "audio_temperature", float, defaults.audio_temperature, 0.0, 10.0),
+        audio_top_k=_number(query, "audio_topk", int, defaults.audio_top_k, 1, MAX_AUDIO_TOP_K),
+        seed=None if seed < 0 else seed,
+    )
+    voice = query.get("voice_prompt") or None
+    return PersonaRequest(text_prompt=query.get("text_prompt", ""), voice=voice, sampling=sampling)
+
+
+# --- the session ------------------------------------------------------------------------------------------
+
+
+async def run_chat(hub, query: Mapping[str, str], transport: MessageTransport, *, front_end: str = "chat",
+                   voice_audio: bytes | None = None) -> None:
+    """Serve one ``/api/chat`` connection from upgrade to close. Never raises for client behaviour."""
+    session = ChatSession(hub, transport, front_end)
+    try:
+        await session.run(query, voice_audio)
+    except asyncio.CancelledError:
+        await session.abandon("the server is shutting down")
+        raise
+    except Exception:  # a bug must end this session only, and say so
+        log.exception("chat session failed")
+        hub.metrics.record_error("internal")
+        await session.fail("internal server error; please reconnect", 1011)
+
+
+class ChatSession:
+    def __init__(self, hub, transport: MessageTransport, front_end: str):
+        self.hub = hub
+        self.transport = transport
+        self.front_end = front_end
+        self.conversation: Conversation | None = None
+        self.writer = OpusPageWriter()
+        self._reader = None
+        self._closed = False
+
+    async def run(self, query: Mapping[str, str], voice_audio: bytes | None) -> None:
+        try:
+            request = request_from_query(query)
+        except ProtocolError as error:
+            self.hub.metrics.record_error("bad_request")
+            return await self.fail(str(error), error.code)
+        if voice_audio is not None:
+            request = PersonaRequest(request.text_prompt, None, voice_audio, request.sampling)
+        await self._send_metadata(self._welcome(request))
+
+        receiver = asyncio.create_task(self._receive())
+        opener = asyncio.create_task(self.hub.open(request, front_end=self.front_end,
+                                                   on_queue_position=self._queue_position))
+        await asyncio.wait({receiver, opener}, return_when=asyncio.FIRST_COMPLETED)
+        if not opener.done():  # the client left (or broke the protocol) before its conversation started
+            opener.cancel()
+            await asyncio.gather(opener, return_exceptions=True)
+            return await self._finish_receiver(receiver)
+        try:
+            self.conversation = opener.result()
+        except (PersonaError, HubBusy, HubClosed) as error:
+            receiver.cancel()
+            kind = {PersonaError: "bad_persona", HubBusy: "busy", HubClosed: "closed"}[type(error)]
+            self.hub.metrics.record_error(kind)
+            code = CLOSE_POLICY if isinstance(error, PersonaError) else \
+                CLOSE_TRY_AGAIN if isinstance(error, HubBusy) else CLOSE_GOING_AWAY
+            return await self.fail(str(error), code)
+        conversation = self.conversation
+        await self.transport.send_bytes(bytes([KIND_HANDSHAKE]))
+        await self._send_metadata({
+            "conversation_id": conversation.id, "slot": conversation.slot,
+            "max_conversation_seconds": round(conversation.max_frames * 0.08, 2),
+            "cached_persona": conversation.cached_persona,
+        })
+
+        sender = asyncio.create_task(self._send_frames(conversation))
+        ended = asyncio.create_task(conversation.ended())
+        await asyncio.wait({receiver, sender, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if receiver.done():
+            ended.cancel()
+            await self._finish_receiver(receiver, sender)
+            return
+        # The hub ended the conversation (or sending failed): let the last frames out, then say why.
+        if not sender.done():
+            await asyncio.wait({sender}, timeout=SEND_TIMEOUT)
+        sender.cancel()
+        receiver.cancel()
+        ended.cancel()
+        await asyncio.gather(sender, receiver, ended, return_exceptions=True)
+        reason = conversation.end_reason or "the conversation ended"
+        code = CLOSE_GOING_AWAY if "shutting down" in reason else CLOSE_NORMAL
+        await self.fail(reason, code)
+
+    async def _finish_receiver(self, receiver: asyncio.Task, sender: asyncio.Task | None = None) -> None:
+        """The receive side ended: the client closed, or broke the protocol."""
+        error = receiver.exception() if not receiver.cancelled() else None
+        if self.conversation is not None:
+            await self.conversation.close("client closed" if error is None else f"protocol error: {error}")
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        if error is None:
+            return await self._close(CLOSE_NORMAL, "")
+        if isinstance(error, ProtocolError):
+            self.hub.metrics.record_error("protocol")
+            return await self.fail(str(error), error.code)
+        if isinstance(error, NotSupported):
+            self.hub.metrics.record_error("not_supported")
+            return await self.fail(str(error), CLOSE_UNSUPPORTED)
+        log.error("receiving failed: %r", error)
+        self.hub.metrics.record_error("internal")
+        await self.fail("internal server error; please reconnect", 1011)
+
+    # --- receiving -------------------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        """Read client messages until it closes (returns) or breaks the protocol (raises)."""
+        import sphn
+
+        self._reader = sphn.OpusStreamReader(24_000)
+        while True:
+            message = await self.transport.receive()
+            if message is None:
+                return
+            if isinstance(message, str):
+                raise ProtocolError("text messages are not part of this protocol: send binary messages "
+                                    "(first byte: the kind, 0x01 for an Ogg page)", CLOSE_UNSUPPORTED)
+            if not message:
+                raise ProtocolError("empty message: every message starts with its kind byte", CLOSE_UNSUPPORTED)
+            if len(message) > MAX_MESSAGE_BYTES:
+                raise ProtocolError(f"message of {len(message)} bytes; at most {MAX_MESSAGE_BYTES} are accepted "
+                                    "(one Ogg page per message)", CLOSE_TOO_BIG)
+            kind, payload = message[0], message[1:]
+            if kind == KIND_AUDIO:
+                self._take_audio(payload)
+            elif kind == KIND_USER_TEXT:
+                if self.conversation is None:
+                    raise ProtocolError("a text turn before the handshake", CLOSE_UNSUPPORTED)
+                try:
+                    text = payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolError("a text turn must be UTF-8", CLOSE_INVALID_DATA) from None
+                self.conversation.send_text(text)
+            else:
+                raise ProtocolError(f"unsupported message kind 0x{kind:02x}: clients send 0x01 (one Ogg/Opus page)",
+                                    CLOSE_UNSUPPORTED)
+
+    def _take_audio(self, page: bytes) -> None:
+        try:
+            pcm = self._reader.append_bytes(page)
+        except Exception as exc:  # sphn reports malformed Ogg or Opus as plain exceptions
+            raise ProtocolError(f"invalid audio: expected one page of an Ogg/Opus stream per 0x01 message ({exc})",
+                                CLOSE_INVALID_DATA) from None
+        if self.conversation is not None and pcm is not None and len(pcm):
+            self.conversation.send_audio(np.asarray(pcm, dtype=np.float32).reshape(-1))
+        # Audio that arrives before the handshake is decoded (validated) and dropped: the conversation
+        # starts at the handshake, as in the reference.
+
+    # --- sending ---------------------------------------------------------------------------------------
+
+    async def _send_frames(self, conversation: Conversation) -> None:
+        async for frame in conversation.frames():
+            if conversation.output_overflow:  # the client is not reading: do not queue more
+                return
+            for page in self.writer.append(frame.pcm):
+                await self.transport.send_bytes(bytes([KIND_AUDIO]) + page)
+            if frame.text:
+                await self.transport.send_bytes(bytes([KIND_TEXT]) + frame.text.encode("utf-8"))
+
+    def _welcome(self, request: PersonaRequest) -> dict:
+        info = self.hub.describe()
+        sampling = request.sampling
+        return {
+            # Fields the reference web client's "server info" panel reads.
+            "text_temperature": sampling.text_temperature, "text_topk": sampling.text_top_k,
+            "audio_temperature": sampling.audio_temperature, "audio_topk": sampling.audio_top_k,
+            "pad_mult": 0, "repetition_penalty_context": 0, "repetition_penalty": 1.0,
+            "lm_model_file": info["model"], "instance_name": "personaplex",
+            "build_info": dict.fromkeys(("build_timestamp", "build_date", "git_branch", "git_timestamp", "git_date",
+                                         "git_hash", "git_describe", "rustc_host_triple", "rustc_version",
+                                         "cargo_target_triple"), ""),
+            # This server's own.
+            "model": info["model"], "untrained": info["untrained"],
+            "persona": {"text_prompt": request.text_prompt, "voice": request.voice or self.hub.options.default_voice,
+                        "seed": sampling.seed},
+            "limits": {k: info[k] for k in ("slots", "max_queue", "max_conversation_seconds", "input_timeout_seconds")},
+            "text_turns": False,
+            **self.hub.load(),
+        }
+
+    def _queue_position(self, position: int) -> None:
+        message = {"queue_position": position, "queued": self.hub.load()["queued"]}
+        asyncio.ensure_future(self._send_metadata(message, quiet=True))
+
+    async def _send_metadata(self, data: dict, quiet: bool = False) -> None:
+        try:
+            await self.transport.send_bytes(bytes([KIND_METADATA]) + json.dumps(data).encode("utf-8"))
+        except Exception:
+            if not quiet:
+                raise
+
+    # --- ending ----------------------------------------------------------------------------------------
+
+    async def fail(self, message: str, code: int) -> None:
+        """End of stream page (if audio was sent), ``0x05`` with ``message``, close with ``code``."""
+        if self._closed:
+            return
+        eos = self.writer.finish()
+        try:
+            if eos is not None:
+                await asyncio.wait_for(self.transport.send_bytes(bytes([KIND_AUDIO]) + eos), SEND_TIMEOUT)
+            await asyncio.wait_for(self.transport.send_bytes(bytes([KIND_ERROR]) + message.encode("utf-8")),
+                                   SEND_TIMEOUT)
+        except Exception:  # the client is gone or not reading: close anyway
+            pass
+        await self._close(code, message)
+
+    async def abandon(self, reason: str) -> None:
+        if self.conversation is not None:
+            await self.conversation.close(reason)
+        await self.fail(reason, CLOSE_GOING_AWAY)
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.conversation is not None:
+            await self.conversation.close("client closed")
+        eos = self.writer.finish()
+        if eos is not None:
+            try:
+                await asyncio.wait_for(self.transport.send_bytes(bytes([KIND_AUDIO]) + eos), SEND_TIMEOUT)
+            except Exception:
+                pass
+        try:
+            # WebSocket close reasons are limited to 123 bytes.
+            await asyncio.wait_for(self.transport.close(code, reason.encode("utf-8")[:120].decode("utf-8", "ignore")),
+                                   SEND_TIMEOUT)
+        except Exception:
+            pass

@@ -1,0 +1,184 @@
+"""``personaplex serve`` (also ``python -m personaplex.server``): the real-time server.
+
+Flags follow the reference server (``--host --port --static --ssl --hf-repo --moshi-weight --mimi-weight
+--tokenizer --voice-prompt-dir --device --cpu-offload``) plus the model presets of the offline tool and
+the limits of live serving. SIGINT/SIGTERM shut down gracefully: stop accepting, end every conversation
+with a reason (``0x05``), exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import PersonaplexError
+from .app import DEFAULT_STATIC, SESSIONS_KEY, build_app
+
+log = logging.getLogger("personaplex.server")
+MAX_URL_BYTES = 64 << 10  # long text prompts travel in the query string
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+class ServerError(PersonaplexError):
+    """The server cannot start with these settings."""
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    from ..offline import add_model_arguments
+
+    parser = parser or argparse.ArgumentParser(prog="personaplex serve")
+    parser.description = (
+        "Serve live full-duplex conversations over WebSocket (/api/chat, compatible with the reference web "
+        "client) and the web page, many conversations at once on one batched engine."
+    )
+    parser.epilog = "example: personaplex serve --model demo --port 8998   (then open http://localhost:8998)"
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="localhost",
+                     help="address to bind (default localhost; 0.0.0.0 or :: for every interface)")
+    net.add_argument("--port", type=int, default=8998, help="port (default 8998; 0 picks a free one)")
+    net.add_argument("--static", default=None,
+                     help="folder of the web page to serve at / (default: the built-in page; 'none': no page)")
+    net.add_argument("--ssl", type=Path, default=None, metavar="DIR",
+                     help="serve HTTPS with DIR/cert.pem and DIR/key.pem, generating a self-signed certificate "
+                          "there if they are absent (browsers need https for the microphone off localhost)")
+    net.add_argument("--auth-token", default=os.environ.get("PERSONAPLEX_AUTH_TOKEN"),
+                     help="require this token on /api/* (header 'Authorization: Bearer T' or ?token=T); "
+                          "default: $PERSONAPLEX_AUTH_TOKEN, unset = no auth")
+    limits = parser.add_argument_group("conversations")
+    limits.add_argument("--max-conversations", type=int, default=None,
+                        help="conversations served at once (engine slots; default: what fits the GPU, at most 64; "
+                             "4 on a CPU)")
+    limits.add_argument("--max-queue", type=int, default=16,
+                        help="callers that may wait for a free slot (default 16); more are refused")
+    limits.add_argument("--max-conversation-seconds", type=float, default=None,
+                        help="end conversations after this long (default: when the model's context is full)")
+    limits.add_argument("--input-timeout", type=float, default=10.0, dest="input_timeout_seconds",
+                        help="end a conversation whose client sent no audio for this many seconds (default 10; "
+                             "0: never)")
+    limits.add_argument("--allow-voice-upload", action="store_true",
+                        help="let clients upload a voice sample (POST /api/voices) to use as the agent's voice")
+    add_model_arguments(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..serving.hub import ConversationHub
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    static_dir = static_folder(args.static)
+    ssl_context = None
+    if args.ssl is not None:  # before loading gigabytes of weights: bad settings fail fast
+        from .tls import tls_context
+
+        ssl_context, generated = tls_context(args.ssl)
+        if generated:
+            log.info("generated a self-signed certificate in %s (browsers will ask to accept it once)", args.ssl)
+    hub = ConversationHub.from_args(args)
+    if hub.model.untrained:
+        log.info("note: the demo model has random, untrained weights: it babbles")
+    asyncio.run(serve(hub, host=args.host, port=args.port, static_dir=static_dir, ssl_context=ssl_context,
+                      auth_token=args.auth_token))
+
+
+def static_folder(value: str | None) -> Path | None:
+    if value is None:
+        return DEFAULT_STATIC
+    if value.lower() == "none":
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ServerError(f"--static folder not found: {path} (give a folder, or 'none' to serve no page)")
+    return path
+
+
+@dataclass
+class RunningServer:
+    runner: object
+    site: object
+    port: int
+    url: str
+
+
+async def start_server(hub, *, host: str = "localhost", port: int = 0, static_dir: Path | None = DEFAULT_STATIC,
+                       ssl_context=None, auth_token: str | None = None,
+                       send_buffer_bytes: int | None = 64 << 10) -> RunningServer:
+    """Start the hub and listen; returns where. ``host`` is really bound (every interface only for
+    0.0.0.0 / ::)."""
+    from aiohttp import web
+
+    await hub.start()
+    app = build_app(hub, static_dir=static_dir, auth_token=auth_token, send_buffer_bytes=send_buffer_bytes)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+                           handler_args={"max_line_size": MAX_URL_BYTES, "max_field_size": MAX_URL_BYTES})
+    await runner.setup()
+    site = web.TCPSite(runner, host=host, port=port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        await hub.close()
+        raise ServerError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host")
+    bound = site._server.sockets[0].getsockname()[1]
+    scheme = "https" if ssl_context is not None else "http"
+    return RunningServer(runner, site, bound, f"{scheme}://{access_host(host)}:{bound}")
+
+
+async def stop_server(server: RunningServer, hub, reason: str = "the server is shutting down") -> None:
+    """Graceful stop: no new connections, every conversation ended with ``reason``, handlers finished."""
+    await server.site.stop()
+    await hub.close(reason)
+    sessions = server.runner.app[SESSIONS_KEY]
+    for _ in range(int(SHUTDOWN_GRACE_SECONDS / 0.05)):
+        if not sessions:
+            break
+        await asyncio.sleep(0.05)
+    await server.runner.cleanup()
+
+
+async def serve(hub, **options) -> None:
+    server = await start_server(hub, **options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    info = hub.describe()
+    print(f"personaplex server ready: model {info['model']}, {info['slots']} conversation slots, "
+          f"queue {info['max_queue']}", flush=True)
+    print(f"Access the Web UI directly at {server.url}", flush=True)
+    await stop.wait()
+    print("shutting down: ending conversations", flush=True)
+    await stop_server(server, hub)
+    print("stopped", flush=True)
+
+
+def access_host(host: str) -> str:
+    """The host part of a URL that reaches a server bound to ``host``, computed without network traffic."""
+    from .tls import lan_address
+
+    if host in ("", "0.0.0.0", "::"):
+        host = lan_address() or "localhost"
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]"
+    except ValueError:
+        pass
+    return host
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import run_command
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
