@@ -57,12 +57,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _cmd_voice_build(args: argparse.Namespace) -> None:
     from .lm.generator import Generator
-    from .loading import load_model
-    from .offline import resolve_model_assets
+    from .offline import load_model_for_args, resolve_model_assets
     from .persona import load_voice, record_voice, save_voice_file
 
     assets = resolve_model_assets(args, need_voices=False)  # building a voice needs no presets
-    model = load_model(assets, args.device)
+    model = load_model_for_args(args, assets)
     voice = load_voice(args.audio, model.lm.config, model.mimi)
     saved = record_voice(Generator(model.lm), model.lm.new_state, voice.codes)
     output = args.output or Path(args.audio).with_suffix(".safetensors")

@@ -40,7 +40,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", type=Path, help="local SentencePiece text tokenizer (.model) instead of the hub")
     group.add_argument("--voice-prompt-dir", type=Path, help="folder of voice presets (NATF2.pt, ...) instead of the hub's voices.tgz")
     group.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda when available)")
-    group.add_argument("--cpu-offload", action="store_true", help="keep LM layers that do not fit the GPU in host memory")
+    group.add_argument("--quantize", choices=["none", "int8", "fp8"], default="none",
+                       help="store the LM's matmul weights in 8 bits (needs torchao): 'int8' halves the weights' "
+                            "memory (7B: 8.1 GiB instead of 15.6), 'fp8' too and uses FP8 matmuls on GPUs that have "
+                            "them (compute capability >= 8.9); default none (bf16 on GPU)")
+    group.add_argument("--cpu-offload", action="store_true",
+                       help="keep the LM layers that do not fit the GPU in host memory and stream them in every frame; "
+                            "says up front whether that keeps real time on this machine's host link")
+    group.add_argument("--offload-layers", type=int, metavar="N",
+                       help="with --cpu-offload: offload exactly the last N of the temporal layers (default: as few as fit)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +162,26 @@ def resolve_model_assets(args: argparse.Namespace, need_voices: bool = True):
     )
 
 
+def load_model_for_args(args: argparse.Namespace, assets, *, slots: int = 1, input_frames: list[int] | None = None):
+    """Load the model as the model flags ask (device, --quantize, --cpu-offload), after saying what to expect
+    on this hardware (real time or not, how long a CPU run takes). ``slots``: conversations run at once."""
+    from .deploy.plan import plan_load
+    from .loading import default_device, load_model, preset_of
+
+    device = args.device or default_device()
+    quantize = getattr(args, "quantize", "none")
+    offload = getattr(args, "offload_layers", None)
+    if offload is not None and not args.cpu_offload:
+        raise UsageError("--offload-layers goes with --cpu-offload")
+    if torch.device(device).type == "cuda" and getattr(args, "batch_size", None) is None:
+        slots = 1  # the memory check asks for one conversation; the batch then grows into what is left
+    plan = plan_load(preset_of(assets), device, quantize=quantize, cpu_offload=args.cpu_offload, offload_layers=offload,
+                     slots=slots, input_frames=input_frames)
+    for message in plan.messages:
+        log(message)
+    return load_model(assets, plan.device, quantize=plan.quantize, offload_layers=plan.offload_layers)
+
+
 def sampling_from_args(args: argparse.Namespace):
     from .engine import SamplingConfig
 
@@ -175,11 +203,8 @@ def run(args: argparse.Namespace) -> None:
 
     from .audio import read_audio
     from .engine import Engine, slots_that_fit
-    from .loading import load_model
     from .persona import build_system_prompt, load_voice, resolve_voice
 
-    if args.cpu_offload:
-        raise UsageError("--cpu-offload is not supported yet; use a GPU with >= 20 GB or --model demo")
     jobs = plan_jobs(args)
     for job in jobs:  # read inputs before loading gigabytes of weights: bad files fail fast
         job.audio = read_audio(job.input_path)
@@ -188,7 +213,8 @@ def run(args: argparse.Namespace) -> None:
         job.output_text.parent.mkdir(parents=True, exist_ok=True)
 
     assets = resolve_model_assets(args)
-    model = load_model(assets, args.device)
+    frames = [-(-len(job.audio) // FRAME_SIZE) for job in jobs]
+    model = load_model_for_args(args, assets, slots=min(len(jobs), args.batch_size or 4), input_frames=frames)
     if model.untrained:
         log("note: the demo model has random, untrained weights: its speech and text are noise, not answers")
     slots = min(len(jobs), args.batch_size or min(64, slots_that_fit(model.lm, model.mimi)))
