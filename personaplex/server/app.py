@@ -15,6 +15,7 @@ With an auth token every ``/api/*`` route but ``/api/health`` needs ``Authorizat
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -31,13 +32,16 @@ log = logging.getLogger("personaplex.server")
 HUB_KEY = web.AppKey("hub", object)
 SESSIONS_KEY = web.AppKey("sessions", set)
 DEFAULT_STATIC = Path(__file__).parent / "static"
+MAX_URL_BYTES = 64 << 10
 
 
 class AiohttpTransport:
     """``MessageTransport`` over an aiohttp ``WebSocketResponse``."""
 
-    def __init__(self, ws: web.WebSocketResponse):
+    def __init__(self, ws: web.WebSocketResponse, transport=None, max_buffered: int | None = None):
         self.ws = ws
+        self._transport = transport
+        self._max_buffered = max_buffered
 
     async def receive(self) -> bytes | str | None:
         message = await self.ws.receive()
@@ -49,6 +53,12 @@ class AiohttpTransport:
 
     async def send_bytes(self, data: bytes) -> None:
         await self.ws.send_bytes(data)
+        # aiohttp waits for the socket only now and then; wait here whenever more than the bound is
+        # still unsent, so that a client that does not read stops taking frames (and the hub notices).
+        transport = self._transport
+        while (self._max_buffered and transport is not None and not transport.is_closing()
+               and transport.get_write_buffer_size() > self._max_buffered):
+            await asyncio.sleep(0.02)
 
     async def send_text(self, data: str) -> None:
         await self.ws.send_str(data)
@@ -61,7 +71,11 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
               send_buffer_bytes: int | None = 64 << 10) -> web.Application:
     """The application around a started-or-not ``ConversationHub``. ``send_buffer_bytes`` bounds what
     the kernel and aiohttp buffer for a client that does not read (so the hub notices it soon)."""
-    app = web.Application(middlewares=[_auth_middleware(auth_token)], client_max_size=hub.options.max_voice_upload_bytes)
+    app = web.Application(
+        middlewares=[_auth_middleware(auth_token)], client_max_size=hub.options.max_voice_upload_bytes,
+        # Long text prompts travel in the query string: allow long request lines.
+        handler_args={"max_line_size": MAX_URL_BYTES, "max_field_size": MAX_URL_BYTES},
+    )
     app[HUB_KEY] = hub
     app[SESSIONS_KEY] = set()
 
@@ -72,7 +86,7 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
         _bound_send_buffer(request, send_buffer_bytes)
         app[SESSIONS_KEY].add(ws)
         try:
-            await run_chat(hub, request.query, AiohttpTransport(ws))
+            await run_chat(hub, request.query, AiohttpTransport(ws, request.transport, send_buffer_bytes))
         finally:
             app[SESSIONS_KEY].discard(ws)
         return ws

@@ -22,7 +22,6 @@ from ..errors import PersonaplexError
 from .app import DEFAULT_STATIC, SESSIONS_KEY, build_app
 
 log = logging.getLogger("personaplex.server")
-MAX_URL_BYTES = 64 << 10  # long text prompts travel in the query string
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
@@ -115,8 +114,7 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
 
     await hub.start()
     app = build_app(hub, static_dir=static_dir, auth_token=auth_token, send_buffer_bytes=send_buffer_bytes)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
-                           handler_args={"max_line_size": MAX_URL_BYTES, "max_field_size": MAX_URL_BYTES})
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, host=host, port=port, ssl_context=ssl_context)
     try:

@@ -1,0 +1,546 @@
+"""The /api/chat protocol against a real running server (demo model), with real aiohttp WebSocket clients
+streaming real Ogg/Opus (sphn): handshake, audio and text, metadata, sampling parameters, Ogg pages in
+both directions (including the opus-recorder shape of the reference web client), and every bad input,
+while a neighbouring conversation keeps running unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import struct
+import threading
+import time
+from urllib.parse import urlencode
+
+import aiohttp
+import numpy as np
+import pytest
+import sphn
+
+from personaplex.server.ogg import FLAG_BOS, FLAG_EOS, OggPage, opus_packet_samples, parse_pages
+
+FRAME = 1920
+
+
+# --- a real server in a background thread ------------------------------------------------------------------
+
+
+class ServerThread:
+    """A hub and the aiohttp server on their own event loop in a thread, as in production."""
+
+    def __init__(self, model, **options):
+        from personaplex.serving import ConversationHub, HubOptions
+
+        server_kwargs = {k: options.pop(k) for k in ("auth_token", "send_buffer_bytes", "static_dir") if k in options}
+        self.hub = ConversationHub(model, HubOptions(**options))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.call(self._start(server_kwargs))
+        self.url = f"ws://127.0.0.1:{self.server.port}/api/chat"
+        self.http = f"http://127.0.0.1:{self.server.port}"
+
+    async def _start(self, kwargs):
+        from personaplex.server.serve import start_server
+
+        return await start_server(self.hub, host="127.0.0.1", port=0, **kwargs)
+
+    def call(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        from personaplex.server.serve import stop_server
+
+        self.call(stop_server(self.server, self.hub))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from personaplex.demo import demo_assets
+    from personaplex.loading import load_model
+
+    return load_model(demo_assets(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(demo_model):
+    running = ServerThread(demo_model, max_conversations=3, max_queue=1, input_timeout_seconds=None)
+    yield running
+    running.stop()
+
+
+# --- client helpers ----------------------------------------------------------------------------------------
+
+
+def chat_url(base: str, **params) -> str:
+    params = {"text_prompt": "You enjoy having a good conversation.", "voice_prompt": "NATF2", **params}
+    return f"{base}?{urlencode(params)}"
+
+
+def opus_pages(seconds: float, seed: int = 0) -> list[bytes]:
+    """A real Ogg/Opus stream (sphn), one page per list entry: header pages, then audio."""
+    rng = np.random.default_rng(seed)
+    writer = sphn.OpusStreamWriter(24000)
+    data = b"".join(writer.append_pcm((0.1 * rng.standard_normal(FRAME)).astype(np.float32))
+                    for _ in range(int(seconds * 12.5)))
+    return [page.to_bytes() for page in parse_pages(data)]
+
+
+class Received:
+    def __init__(self):
+        self.messages: list[tuple[float, int, bytes]] = []
+        self.close_code: int | None = None
+
+    def of(self, kind: int) -> list[bytes]:
+        return [payload for _, k, payload in self.messages if k == kind]
+
+    @property
+    def metadata(self) -> list[dict]:
+        return [json.loads(p) for p in self.of(0x04)]
+
+    @property
+    def error(self) -> str | None:
+        errors = self.of(0x05)
+        return errors[-1].decode() if errors else None
+
+    def kinds(self) -> list[int]:
+        return [k for _, k, _ in self.messages]
+
+
+async def read_all(ws, received: Received, until=None) -> Received:
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.BINARY:
+            received.messages.append((time.monotonic(), message.data[0], message.data[1:]))
+            if until is not None and until(received):
+                break
+    received.close_code = ws.close_code
+    return received
+
+
+async def converse(url: str, send=None, frames: int = 0, timeout: float = 60) -> Received:
+    """Connect, wait for the handshake, run ``send(ws)`` alongside reading, stop after ``frames`` audio
+    pages (then close) or when the server closes."""
+    received = Received()
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url, max_msg_size=0) as ws:
+            async def reader():
+                def done(r):
+                    return frames and len([k for k in r.kinds() if k == 0x01]) >= frames + 2
+                await read_all(ws, received, until=done)
+
+            read_task = asyncio.create_task(reader())
+            if send is not None:
+                while 0x00 not in received.kinds() and not read_task.done():
+                    await asyncio.sleep(0.01)
+                if not read_task.done():
+                    await send(ws)
+            await asyncio.wait_for(read_task, timeout)
+            if not ws.closed:
+                await ws.close()
+            received.close_code = received.close_code or ws.close_code
+    return received
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def agent_pages(received: Received) -> list[OggPage]:
+    return [page for payload in received.of(0x01) for page in parse_pages(payload)]
+
+
+# --- the happy path ----------------------------------------------------------------------------------------
+
+
+def test_conversation_streams_audio_and_text_in_step(server):
+    pages = opus_pages(2.0)
+
+    async def send(ws):
+        for page in pages:
+            await ws.send_bytes(b"\x01" + page)
+            await asyncio.sleep(0.02)
+
+    received = run(converse(chat_url(server.url, seed=5), send, frames=20))
+    kinds = received.kinds()
+    assert kinds[0] == 0x04 and 0x00 in kinds
+    assert kinds.index(0x00) < kinds.index(0x01)
+    welcome = received.metadata[0]
+    assert welcome["model"] == "demo" and welcome["limits"]["slots"] == 3
+    assert welcome["persona"]["voice"] == "NATF2" and welcome["persona"]["seed"] == 5
+    # The reference client's server-info panel needs these fields.
+    for key in ("text_temperature", "text_topk", "audio_temperature", "audio_topk", "lm_model_file", "build_info"):
+        assert key in welcome
+    ogg = agent_pages(received)
+    assert ogg[0].bos and ogg[0].packets[0].startswith(b"OpusHead")
+    assert ogg[1].packets[0].startswith(b"OpusTags")
+    # One Ogg page per message, valid checksums (parse_pages checks them), sequence numbers in order.
+    assert all(len(parse_pages(p)) == 1 for p in received.of(0x01))
+    assert [p.sequence for p in ogg] == list(range(len(ogg)))
+    # Granule positions count 48 kHz samples: the sum of the packets' durations so far.
+    total = 0
+    for page in ogg[2:]:
+        total += sum(opus_packet_samples(packet) for packet in page.packets)
+        assert page.granule == total
+    decoder = sphn.OpusStreamReader(24000)
+    decoded = np.concatenate([decoder.append_bytes(p) for p in received.of(0x01)])
+    assert len(decoded) >= 10 * FRAME and np.isfinite(decoded).all() and np.abs(decoded).max() > 0
+    assert received.of(0x02), "the demo model emits text pieces"
+    assert all(piece.decode("utf-8") for piece in received.of(0x02))
+
+
+def test_text_follows_its_audio_page(server):
+    received = run(converse(chat_url(server.url, seed=1), frames=12))
+    kinds = received.kinds()
+    after_handshake = kinds[kinds.index(0x00) + 1:]
+    # Every text piece comes right after an audio page (text never runs ahead of its audio).
+    for i, kind in enumerate(after_handshake):
+        if kind == 0x02:
+            assert after_handshake[i - 1] == 0x01
+
+
+def test_fixed_seed_repeats_and_sampling_parameters_are_honoured(server):
+    def texts(**params):
+        received = run(converse(chat_url(server.url, **params), frames=15))
+        return [p.decode() for p in received.of(0x02)][:12]
+
+    first = texts(seed=42)
+    assert first == texts(seed=42)
+    assert first != texts(seed=43)
+    greedy = texts(seed=1, text_temperature=0, audio_temperature=0)
+    assert greedy == texts(seed=2, text_temperature=0, audio_temperature=0)  # argmax: the seed does not matter
+    assert texts(seed=42, text_topk=1) != first
+
+
+def test_end_of_stream_page_when_the_server_ends(demo_model):
+    short = ServerThread(demo_model, max_conversations=1, max_conversation_seconds=1.0, input_timeout_seconds=None)
+    try:
+        received = run(converse(chat_url(short.url)))
+    finally:
+        short.stop()
+    ogg = agent_pages(received)
+    assert ogg[-1].eos and not ogg[-1].packets
+    assert ogg[-1].granule == ogg[-2].granule > 0
+    assert sum(p.eos for p in ogg) == 1
+    assert "maximum length" in received.error
+    assert received.close_code == 1000
+    assert len(received.of(0x01)) >= 2 + 12  # headers, ~1 s of 80 ms frames (2 pages each), the end page
+
+
+def test_opus_recorder_shaped_stream_is_understood(server):
+    """The reference web client sends opus-recorder pages: OpusHead (pre-skip 3840, 48 kHz original rate),
+    OpusTags 'Recorder JS', then pages of two 20 ms packets with 48 kHz granules and a random serial."""
+    t = np.arange(24000 * 3) / 24000
+    pages = recorder_stream((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
+    parsed = [parse_pages(p)[0] for p in pages]
+    assert all(len(p.packets) <= 2 for p in parsed[2:])
+    assert {opus_packet_samples(packet) for p in parsed[2:] for packet in p.packets} == {960}
+    hub = server.hub
+    before = hub.metrics.input_underruns._value.get()
+
+    async def send(ws):
+        for page in pages:
+            await ws.send_bytes(b"\x01" + page)
+            await asyncio.sleep(0.04)
+
+    received = run(converse(chat_url(server.url), send, frames=25))
+    assert received.error is None and 0x00 in received.kinds()
+    # The server took the audio: far fewer silence frames than frames stepped.
+    assert hub.metrics.input_underruns._value.get() - before < 20
+
+
+def libopus_encoder(sample_rate: int = 24000, application: int = 2049):
+    """An Opus encoder straight from libopus (as opus-recorder compiles it): 20 ms frames -> packets."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("opus") or "libopus.so.0"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        pytest.skip("libopus is not installed (apt-get install libopus0)")
+    lib.opus_encoder_create.restype = ctypes.c_void_p
+    lib.opus_encoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    lib.opus_encode_float.restype = ctypes.c_int32
+    lib.opus_encode_float.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int,
+                                      ctypes.c_char_p, ctypes.c_int32]
+    lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
+    error = ctypes.c_int()
+    encoder = lib.opus_encoder_create(sample_rate, 1, application, ctypes.byref(error))
+    assert error.value == 0
+
+    def encode(frame: np.ndarray) -> bytes:
+        frame = np.ascontiguousarray(frame, dtype=np.float32)
+        out = ctypes.create_string_buffer(4000)
+        size = lib.opus_encode_float(encoder, frame.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(frame), out, 4000)
+        assert size > 0
+        return out.raw[:size]
+
+    return encode
+
+
+def recorder_stream(pcm: np.ndarray) -> list[bytes]:
+    """Pages as opus-recorder streams them: 20 ms packets (480 samples at 24 kHz), two per page."""
+    encode = libopus_encoder()
+    packets = [encode(pcm[start:start + 480]) for start in range(0, len(pcm) - 479, 480)]
+    serial = random.getrandbits(32)
+    head = b"OpusHead" + struct.pack("<BBHIhB", 1, 1, 3840, 48000, 0, 0)
+    vendor = b"Recorder JS"
+    tags = b"OpusTags" + struct.pack("<I", len(vendor)) + vendor + struct.pack("<I", 0)
+    pages = [OggPage(FLAG_BOS, 0, serial, 0, [head]).to_bytes(), OggPage(0, 0, serial, 1, [tags]).to_bytes()]
+    granule = 0
+    for i in range(0, len(packets), 2):
+        granule += 960 * len(packets[i:i + 2])
+        pages.append(OggPage(0, granule, serial, len(pages), packets[i:i + 2]).to_bytes())
+    return pages
+
+
+# --- HTTP endpoints and auth --------------------------------------------------------------------------------
+
+
+def test_health_voices_and_metrics(server):
+    async def fetch():
+        async with aiohttp.ClientSession() as session:
+            async with session.get(server.http + "/api/health") as r:
+                health = await r.json()
+            async with session.get(server.http + "/api/voices") as r:
+                voices = await r.json()
+            async with session.get(server.http + "/metrics") as r:
+                metrics = await r.text()
+                content_type = r.headers["Content-Type"]
+        return health, voices, metrics, content_type
+
+    health, voices, metrics, content_type = run(fetch())
+    assert health["ok"] is True and health["slots_free"] + health["slots_busy"] == 3 and health["queued"] == 0
+    assert "NATF2" in voices["voices"] and voices["upload"] is False
+    assert content_type.startswith("text/plain")
+    for name in ("personaplex_conversations_active", "personaplex_conversations_queued", "personaplex_tick_seconds_bucket",
+                 "personaplex_late_ticks_total", "personaplex_errors_total", 'personaplex_sessions_total{front_end="chat"}'):
+        assert name in metrics, name
+
+
+def test_auth_token(demo_model):
+    secured = ServerThread(demo_model, max_conversations=1, auth_token="s3cret")
+
+    async def probe():
+        results = {}
+        async with aiohttp.ClientSession() as session:
+            for name, url, headers in (
+                ("health", "/api/health", {}),
+                ("voices", "/api/voices", {}),
+                ("voices_bearer", "/api/voices", {"Authorization": "Bearer s3cret"}),
+                ("voices_query", "/api/voices?token=s3cret", {}),
+                ("voices_wrong", "/api/voices?token=nope", {}),
+            ):
+                async with session.get(secured.http + url, headers=headers) as r:
+                    results[name] = r.status
+            try:
+                async with session.ws_connect(chat_url(secured.url)):
+                    results["chat"] = 101
+            except aiohttp.WSServerHandshakeError as error:
+                results["chat"] = error.status
+        received = await converse(chat_url(secured.url, token="s3cret"), frames=2)
+        results["chat_token"] = 0x00 in received.kinds()
+        return results
+
+    try:
+        results = run(probe())
+    finally:
+        secured.stop()
+    assert results["health"] == 200
+    assert results["voices"] == 401 and results["voices_wrong"] == 401 and results["chat"] == 401
+    assert results["voices_bearer"] == 200 and results["voices_query"] == 200
+    assert results["chat_token"] is True
+
+
+# --- queueing and disconnects -------------------------------------------------------------------------------
+
+
+def test_queue_position_then_refusal_then_slot(demo_model):
+    small = ServerThread(demo_model, max_conversations=1, max_queue=1, input_timeout_seconds=None)
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            first = await session.ws_connect(chat_url(small.url))
+            first_got = Received()
+            first_reader = asyncio.create_task(read_all(first, first_got))
+            while 0x00 not in first_got.kinds():
+                await asyncio.sleep(0.01)
+            second = await session.ws_connect(chat_url(small.url))
+            second_got = Received()
+            second_reader = asyncio.create_task(read_all(second, second_got))
+            while not any("queue_position" in m for m in second_got.metadata):
+                await asyncio.sleep(0.01)
+            third = await converse(chat_url(small.url))  # queue full: refused
+            assert small.hub.load()["queued"] == 1
+            await first.close()
+            await first_reader
+            while 0x00 not in second_got.kinds():  # the waiting caller gets the slot
+                await asyncio.sleep(0.01)
+            await second.close()
+            await second_reader
+            return second_got, third
+
+    try:
+        second, third = run(asyncio.wait_for(scenario(), 60))
+    finally:
+        small.stop()
+    assert [m["queue_position"] for m in second.metadata if "queue_position" in m][0] == 1
+    assert "busy" in third.error and third.close_code == 1013
+    assert 0x00 not in third.kinds()
+
+
+def test_disconnect_while_queued_or_during_prefill_frees_at_once(demo_model):
+    # A prefill spread over many ticks (1 frame per block), so that the client can vanish in its middle.
+    slow_join = ServerThread(demo_model, max_conversations=1, max_queue=2, input_timeout_seconds=None,
+                             join_block_frames=1)
+    hub = slow_join.hub
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(chat_url(slow_join.url, text_prompt="a fresh persona for prefill"))
+            while not hub.engine._joining:
+                await asyncio.sleep(0.001)
+            await ws.close()  # vanish mid-prefill
+            deadline = time.monotonic() + 2
+            while (hub.engine._joining or hub.load()["slots_busy"]) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            prefill_freed = not hub.engine._joining and hub.load()["slots_busy"] == 0
+            holder = await session.ws_connect(chat_url(slow_join.url))
+            got = Received()
+            reader = asyncio.create_task(read_all(holder, got))
+            while 0x00 not in got.kinds():
+                await asyncio.sleep(0.01)
+            waiter = await session.ws_connect(chat_url(slow_join.url))
+            while hub.load()["queued"] != 1:
+                await asyncio.sleep(0.005)
+            await waiter.close()  # vanish while queued
+            deadline = time.monotonic() + 2
+            while hub.load()["queued"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            queue_freed = hub.load()["queued"] == 0
+            await holder.close()
+            await reader
+            return prefill_freed, queue_freed
+
+    try:
+        prefill_freed, queue_freed = run(asyncio.wait_for(scenario(), 60))
+    finally:
+        slow_join.stop()
+    assert prefill_freed and queue_freed
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+LONG_PROMPT = " ".join(f"zq{i}x" for i in range(6000))
+
+BAD_INPUTS = {
+    # name: (query overrides, messages to send after the handshake (None: none), expected close code, words)
+    "text_message": ({}, ["hello"], 1003, "text messages"),
+    "empty_message": ({}, [b""], 1003, "empty message"),
+    "unknown_kind": ({}, [b"\x09abc"], 1003, "unsupported message kind 0x09"),
+    "control_kind": ({}, [b"\x03\x00"], 1003, "unsupported message kind 0x03"),
+    "garbage_ogg": ({}, [b"\x01" + b"this is not an ogg page at all" * 3], 1007, "invalid audio"),
+    "oversized": ({}, [b"\x01" + bytes(300_000)], 1009, "at most"),
+    "text_turn_refused": ({}, [b"\x06hello there"], 1003, "text turns are not supported"),
+    "voice_dotdot": ({"voice_prompt": "../NATF2"}, None, 1008, "invalid voice name"),
+    "voice_absolute": ({"voice_prompt": "/etc/passwd"}, None, 1008, "invalid voice name"),
+    "voice_missing": ({"voice_prompt": "NOBODY"}, None, 1008, "unknown voice"),
+    "prompt_too_long": ({"text_prompt": LONG_PROMPT}, None, 1008, "shorten the text prompt"),
+    "bad_temperature": ({"text_temperature": "hot"}, None, 1008, "text_temperature"),
+    "nan_temperature": ({"audio_temperature": "nan"}, None, 1008, "audio_temperature"),
+    "bad_topk": ({"text_topk": "0"}, None, 1008, "text_topk"),
+    "huge_topk": ({"audio_topk": "999999"}, None, 1008, "audio_topk"),
+    "bad_seed": ({"seed": "1.5"}, None, 1008, "seed"),
+}
+
+
+async def bad_client(url: str, name: str) -> Received:
+    overrides, messages, _, _ = BAD_INPUTS[name]
+
+    async def send(ws):
+        for message in messages:
+            await (ws.send_str(message) if isinstance(message, str) else ws.send_bytes(message))
+
+    return await converse(chat_url(url, **overrides), send if messages else None)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_gets_an_error_and_a_clean_close(server, name):
+    _, messages, code, words = BAD_INPUTS[name]
+    received = run(asyncio.wait_for(bad_client(server.url, name), 60))
+    assert received.error is not None and words in received.error, received.error
+    assert received.close_code == code
+    assert received.kinds()[-1] == 0x05
+    if messages is None:  # refused before any conversation started
+        assert 0x00 not in received.kinds()
+
+
+@pytest.mark.slow
+def test_client_that_never_reads_is_ended(demo_model):
+    # Small socket buffers so that backpressure shows within seconds.
+    stuck_server = ServerThread(demo_model, max_conversations=2, send_buffer_bytes=4096, input_timeout_seconds=None,
+                                max_output_frames=10)
+    hub = stuck_server.hub
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(chat_url(stuck_server.url))
+            while True:
+                message = await ws.receive()
+                if message.data[0] == 0x00:
+                    break
+            transport = ws._response.connection.transport
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            transport.pause_reading()  # from now on this client reads nothing
+            deadline = time.monotonic() + 90
+            while hub.load()["slots_busy"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            freed = hub.load()["slots_busy"] == 0
+            transport.resume_reading()
+            rest = await read_all(ws, Received())
+            return freed, rest
+
+    try:
+        freed, rest = run(asyncio.wait_for(scenario(), 120))
+    finally:
+        stuck_server.stop()
+    assert freed
+    assert 'reason="slow_reader"' in hub.metrics.render()
+
+
+@pytest.mark.slow
+def test_neighbour_unaffected_by_bad_clients(demo_model):
+    """Conversation B (fixed seed, sending nothing: its input is exactly silence) gets the same text alone
+    and while every bad client of the list above comes and goes next to it, and keeps getting frames."""
+    shared = ServerThread(demo_model, max_conversations=3, max_queue=2, input_timeout_seconds=None)
+    frames = 60
+    url = chat_url(shared.url, seed=777, text_prompt="the neighbour")
+
+    async def neighbour_with_bad_clients():
+        neighbour = asyncio.create_task(converse(url, frames=frames, timeout=120))
+        while shared.hub.load()["slots_busy"] == 0:
+            await asyncio.sleep(0.01)
+        errors = []
+        for name in sorted(BAD_INPUTS):
+            errors.append((await bad_client(shared.url, name)).error)
+        # A client vanishing in the middle of its prefill, too.
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(chat_url(shared.url, text_prompt="vanishing"))
+            await ws.close()
+        return await neighbour, errors
+
+    try:
+        alone = run(converse(url, frames=frames, timeout=120))
+        together, errors = run(asyncio.wait_for(neighbour_with_bad_clients(), 240))
+    finally:
+        shared.stop()
+    assert all(errors)
+    assert together.error is None
+    assert [p.decode() for p in together.of(0x02)] == [p.decode() for p in alone.of(0x02)]
+    times = [t for t, kind, _ in together.messages if kind == 0x01][2:]
+    gaps = np.diff(times)
+    assert len(times) >= 2 * frames and gaps.max() < 1.0, f"longest gap between agent pages {gaps.max():.2f} s"
