@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.build_parser(serve_parser)
     serve_parser.set_defaults(run=serve.run)
 
+    from . import loadtest
+
+    loadtest_parser = commands.add_parser(
+        "loadtest", help="run N concurrent real-time callers against a server; report latency and late frames"
+    )
+    loadtest.build_parser(loadtest_parser)
+    loadtest_parser.set_defaults(run=loadtest.run)
+
     presets = commands.add_parser("presets", help="list the built-in model configurations")
     presets.set_defaults(run=_cmd_presets)
     inspect = commands.add_parser("inspect", help="tell which preset a safetensors weights file fits (reads only its header)")
