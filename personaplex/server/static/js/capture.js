@@ -10,6 +10,18 @@ import { OPUS_GRANULE_RATE, isOpusHead, opusHead, opusPacketSamples, opusTags, p
 const PACKET_MS = 20;
 const DEFAULT_PRE_SKIP = 312; // libopus look-ahead at 48 kHz, used when the encoder does not report its own
 const VENDOR = "personaplex web";
+const LIBOPUS_LOOKAHEADS_MS = [6.5, 2.5]; // libopus encoder delay: default and restricted low-delay modes
+
+/**
+ * The pre-skip in the 48 kHz units RFC 7845 asks for. Chromium's encoder describes its OpusHead with the
+ * look-ahead counted at the encoder's own rate (156 at 24 kHz, where 312 is meant); a value that is exactly a
+ * libopus look-ahead at that rate is converted, anything else is taken as already in 48 kHz units.
+ */
+function preSkipAt48k(preSkip, encoderRate) {
+  const milliseconds = (preSkip * 1000) / encoderRate;
+  const atEncoderRate = LIBOPUS_LOOKAHEADS_MS.some((lookahead) => Math.abs(milliseconds - lookahead) < 0.05);
+  return atEncoderRate ? Math.round((preSkip * OPUS_GRANULE_RATE) / encoderRate) : preSkip;
+}
 
 /** Picks an Opus encoder configuration this browser supports, preferring the protocol's 24 kHz. */
 export async function chooseEncoderConfig() {
@@ -110,7 +122,7 @@ export class OpusCapture {
       this.heldPackets.push(packet);
       return;
     }
-    this.writePacket(packet, false);
+    this.writePacket(packet);
   }
 
   writeHeaders(metadata) {
@@ -120,7 +132,7 @@ export class OpusCapture {
       const bytes = ArrayBuffer.isView(description)
         ? new Uint8Array(description.buffer, description.byteOffset, description.byteLength)
         : new Uint8Array(description);
-      if (isOpusHead(bytes)) preSkip = parseOpusHead(bytes).preSkip;
+      if (isOpusHead(bytes)) preSkip = preSkipAt48k(parseOpusHead(bytes).preSkip, this.rate);
     }
     this.preSkip = preSkip;
     this.granule = preSkip;
@@ -128,16 +140,30 @@ export class OpusCapture {
     this.send(this.ogg.page([opusTags(VENDOR)], 0));
   }
 
-  writePacket(packet, last) {
+  writePacket(packet) {
     this.granule += opusPacketSamples(packet);
-    let granule = this.granule;
-    if (last) {
-      // The last packet carries padding: the end granule marks where the real input ended.
-      const inputEnd = this.preSkip + Math.round((this.samplesIn * OPUS_GRANULE_RATE) / this.rate);
-      granule = Math.min(granule, inputEnd);
-    }
     this.packets++;
-    this.send(this.ogg.page([packet], granule, { last }));
+    this.send(this.ogg.page([packet], this.granule));
+  }
+
+  /**
+   * Ends the stream after the flush: the packet holding the last input sample goes on the end-of-stream page,
+   * whose granule position marks that sample (trimming the padding); packets after it carry only padding.
+   */
+  writeLastPackets(packets, inputEnd) {
+    for (const packet of packets) {
+      const end = this.granule + opusPacketSamples(packet);
+      if (end < inputEnd && packet !== packets[packets.length - 1]) {
+        this.writePacket(packet);
+        continue;
+      }
+      const granule = Math.max(this.granule, Math.min(end, inputEnd)); // never before the previous page's
+      this.granule = end;
+      this.packets++;
+      this.send(this.ogg.page([packet], granule, { last: true }));
+      return;
+    }
+    this.send(this.ogg.page([], this.granule, { last: true })); // nothing came out of the flush
   }
 
   send(page) {
@@ -168,9 +194,10 @@ export class OpusCapture {
       return;
     }
     this.samplesIn = realSamples;
+    if (this.preSkip === null) return; // not a single packet was encoded: the stream never started
     const held = this.heldPackets;
     this.heldPackets = [];
-    held.forEach((packet, index) => this.writePacket(packet, index === held.length - 1));
+    this.writeLastPackets(held, this.preSkip + Math.round((realSamples * OPUS_GRANULE_RATE) / this.rate));
     this.encoder.close();
   }
 

@@ -1,0 +1,540 @@
+"""The web page in a real headless Chromium (Debian's ``chromium``) against real servers.
+
+The microphone is Chromium's fake capture device fed from a wav file this module writes; the page encodes it
+with WebCodecs Opus into our own Ogg pages. Servers: ``personaplex serve --model demo`` as a subprocess, and a
+minimal aiohttp server defined here that speaks only message kinds 0-2 (as the reference server does) and
+records the Ogg stream the page sends, so its structure and content can be checked byte by byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STATIC = REPO / "personaplex" / "server" / "static"
+INSECURE_HOST = "insecure.test"  # resolved to 127.0.0.1 by the browser: a plain-http origin that is not secure
+TONE_HZ = 440.0
+
+pytestmark = pytest.mark.slow
+
+
+def chromium_path() -> str:
+    path = os.environ.get("PERSONAPLEX_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "Debian's chromium is not installed (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs it: its absence there is a broken setup, not a skip
+        pytest.skip(message)
+    return path
+
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+
+# --- fixtures: microphone input, browser --------------------------------------------------------------------
+
+
+def write_microphone_wav(path: Path, seconds: float = 4.0, sample_rate: int = 48_000) -> Path:
+    """A 440 Hz tone, amplitude-modulated at 3 Hz so that it is not a steady tone the browser's noise
+    suppression would learn away; 16-bit mono."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    signal_ = 0.5 * np.sin(2 * np.pi * TONE_HZ * t) * (0.55 + 0.45 * np.sin(2 * np.pi * 3 * t))
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(sample_rate)
+        out.writeframes((signal_ * 32767).astype("<i2").tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    executable = chromium_path()
+    microphone = write_microphone_wav(tmp_path_factory.mktemp("microphone") / "speech.wav")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=executable,
+            args=[
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={microphone}",
+                "--autoplay-policy=no-user-gesture-required",
+                f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1",
+            ],
+        )
+        yield browser
+        browser.close()
+
+
+@dataclass
+class Page:
+    """A browser page with the console errors it logged."""
+
+    page: object
+    context: object
+    errors: list[str] = field(default_factory=list)
+
+    def js(self, expression: str):
+        return self.page.evaluate(expression)
+
+    def wait(self, expression: str, timeout: float = 20.0, what: str | None = None):
+        try:
+            self.page.wait_for_function(expression, timeout=timeout * 1000)
+        except sync_api.TimeoutError:
+            state = self.js("JSON.stringify({state: personaplex.state, notices: personaplex.notices, "
+                            "stats: personaplex.stats, counters: personaplex.counters})")
+            raise AssertionError(f"timed out waiting for {what or expression}; page: {state}") from None
+
+
+def open_page(browser, url: str, *, microphone: bool = True) -> Page:
+    context = browser.new_context(permissions=["microphone"] if microphone else [])
+    page = context.new_page()
+    result = Page(page, context)
+    page.on("console", lambda message: result.errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: result.errors.append(f"uncaught: {error}"))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready]", timeout=10_000)
+    return result
+
+
+def start_conversation(page: Page) -> None:
+    page.page.click("#start")
+    page.wait("personaplex.state === 'connected'", timeout=60, what="the handshake")
+
+
+def stop_conversation(page: Page) -> None:
+    page.page.click("#stop")
+    page.wait("personaplex.state === 'closed'", timeout=10, what="the close")
+
+
+# --- the real server ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    output: list[str]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            return response.read().decode()
+
+    def get_json(self, path: str):
+        import json
+
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)$"
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """``personaplex serve --model demo`` with one slot (so that a second caller queues) and uploads on."""
+    command = [sys.executable, "-m", "personaplex", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", "0",
+               "--max-conversations", "1", "--allow-voice-upload"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output: list[str] = []
+    ready = threading.Event()
+    found: list[str] = []
+
+    def drain():
+        for line in process.stdout:
+            output.append(line)
+            match = re.search(r"Access the Web UI directly at (\S+)", line)
+            if match:
+                found.append(match.group(1))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    ready.wait(180)
+    if not found:
+        process.kill()
+        pytest.fail("personaplex serve did not start:\n" + "".join(output[-40:]))
+    server = Server(found[0], process, output)
+    yield server
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_page_loads_lists_voices_and_fills_examples(browser, demo_server):
+    page = open_page(browser, demo_server.url + "/")
+    listed = demo_server.get_json("/api/voices")
+    assert page.js("personaplex.voices") == listed["voices"]
+    options = page.js("[...document.querySelectorAll('#voice option')].map(o => o.value)")
+    assert options == listed["voices"]
+    assert page.js("document.querySelector('#voice').value") == listed["default"]
+    labels = page.js("[...document.querySelectorAll('#examples button')].map(b => b.textContent)")
+    assert labels == ["Assistant (default)", "Medical office (service)", "Bank (service)", "Astronaut (fun)"]
+    page.page.click("text=Astronaut (fun)")
+    prompt = page.js("document.querySelector('#prompt').value")
+    assert "reactor" in prompt
+    assert page.js("document.querySelector('#prompt-count').textContent") == f"{len(prompt)}/1000"
+    assert page.js("document.querySelector('#upload-group').hidden") is False  # the server allows uploads
+    assert page.js("personaplex.notices") == []
+    assert page.errors == []
+    page.context.close()
+
+
+def test_conversation_with_the_demo_model(browser, demo_server):
+    before = demo_server.metrics()
+    page = open_page(browser, demo_server.url + "/")
+    page.page.click("#sampling summary")
+    page.page.fill("#seed", "1234")
+    page.page.fill("#text-temperature", "0.5")
+    start_conversation(page)
+    page.wait("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 2", timeout=30,
+              what="2 s of agent audio played")
+    page.wait("personaplex.counters.textPieces > 0 && personaplex.transcript().length > 0", timeout=30,
+              what="agent text in the transcript")
+
+    welcome = page.js("personaplex.metadata[0]")
+    assert welcome["model"] == "demo"
+    assert welcome["persona"]["seed"] == 1234  # sampling settings travel as query parameters
+    assert welcome["text_temperature"] == 0.5
+    assert page.js("document.querySelector('#status-text').textContent").startswith("Connected")
+    assert "demo" in page.js("document.querySelector('#server-info').textContent")
+    playback = page.js("personaplex.stats.playback")
+    assert playback["peak"] > 1e-4, "the agent's audio played as silence"
+    assert re.fullmatch(r"\d+ ms", page.js("document.querySelector('[data-stat=latency]').textContent"))
+    sent_pages = page.js("personaplex.counters.pagesOut")
+    received_seconds = playback["receivedSeconds"]
+    stop_conversation(page)
+
+    assert page.js("personaplex.notices") == []
+    assert page.errors == []
+    after = demo_server.metrics()
+    assert metric(after, "personaplex_sessions_total", 'front_end="chat"') == \
+        metric(before, "personaplex_sessions_total", 'front_end="chat"') + 1
+    assert metric(after, "personaplex_conversations_ended_total", 'reason="client_closed"') == \
+        metric(before, "personaplex_conversations_ended_total", 'reason="client_closed"') + 1
+    # The server decoded the page's Ogg/Opus: frames it had to fill with silence for lack of input are few.
+    frames = received_seconds / 0.08
+    underruns = metric(after, "personaplex_input_underrun_frames_total") - \
+        metric(before, "personaplex_input_underrun_frames_total")
+    assert sent_pages > 50 and frames > 20
+    assert underruns < 0.25 * frames, (underruns, frames)
+    assert metric(after, "personaplex_errors_total", 'kind="protocol"') == 0
+    page.context.close()
+
+
+def test_unknown_voice_shows_the_servers_error(browser, demo_server):
+    page = open_page(browser, demo_server.url + "/")
+    page.js("(() => { const s = document.querySelector('#voice'); s.add(new Option('bogus', 'no-such-voice')); "
+            "s.value = 'no-such-voice'; })()")
+    page.page.click("#start")
+    page.wait("personaplex.state === 'closed'", timeout=30, what="the server to refuse the voice")
+    errors = page.js("personaplex.serverErrors")
+    assert len(errors) == 1 and "no-such-voice" in errors[0]
+    notice = page.js("document.querySelector('[data-notice=server-error]').textContent")
+    assert notice.startswith("Server error:") and "no-such-voice" in notice
+    assert page.js("document.querySelector('#status-text').textContent") == "Ended by the server"
+    assert page.js("document.querySelector('#start').disabled") is False
+    page.context.close()
+
+
+def test_second_caller_waits_with_its_queue_position(browser, demo_server):
+    first = open_page(browser, demo_server.url + "/")
+    second = open_page(browser, demo_server.url + "/")
+    start_conversation(first)
+    second.page.click("#start")
+    second.wait("document.querySelector('#status-text').textContent === 'Waiting, position 1'", timeout=20,
+                what="the queue position")
+    assert second.js("personaplex.state") == "preparing"
+    stop_conversation(first)
+    second.wait("personaplex.state === 'connected'", timeout=60, what="the queued caller to get the slot")
+    stop_conversation(second)
+    assert first.errors == [] and second.errors == []
+    first.context.close()
+    second.context.close()
+
+
+def test_uploaded_voice_sample(browser, demo_server, tmp_path):
+    sample = write_microphone_wav(tmp_path / "my-voice.wav", seconds=2.0, sample_rate=24_000)
+    page = open_page(browser, demo_server.url + "/")
+    page.page.set_input_files("#voice-file", str(sample))
+    start_conversation(page)
+    voice = page.js("personaplex.metadata[0].persona.voice")
+    assert voice.startswith("upload-")
+    stop_conversation(page)
+    assert page.js("personaplex.notices") == []
+    page.context.close()
+
+
+def test_blocked_microphone_is_explained(browser, demo_server):
+    sessions = metric(demo_server.metrics(), "personaplex_sessions_total", 'front_end="chat"')
+    page = open_page(browser, demo_server.url + "/", microphone=False)
+    page.page.click("#start")
+    page.wait("document.body.dataset.mic === 'blocked'", timeout=10, what="the blocked-microphone notice")
+    notice = page.js("document.querySelector('[data-notice=mic-blocked]').textContent")
+    assert "microphone is blocked" in notice
+    page.wait("!document.querySelector('#start').disabled", timeout=5, what="Start to be offered again")
+    assert page.js("personaplex.state") != "connected"
+    assert metric(demo_server.metrics(), "personaplex_sessions_total", 'front_end="chat"') == sessions
+    page.context.close()
+
+
+def test_insecure_origin_is_explained(browser, demo_server):
+    port = demo_server.url.rsplit(":", 1)[1]
+    page = open_page(browser, f"http://{INSECURE_HOST}:{port}/")
+    assert page.js("window.isSecureContext") is False
+    assert "insecure" in page.js("document.body.dataset.unsupported")
+    assert "not in a secure context" in page.js("document.querySelector('[data-notice=insecure]').textContent")
+    assert page.js("document.querySelector('#start').disabled") is True
+    page.context.close()
+
+
+# --- a server that speaks only kinds 0-2, as the reference does -------------------------------------------------
+
+
+class MinimalServer:
+    """Handshake, then one 80 ms frame of a 330 Hz tone per 80 ms of decoded input, and a text piece every
+    fifth frame; no metadata, no errors, no /api/voices. Keeps the raw Ogg bytes each client sent."""
+
+    def __init__(self):
+        self.streams: list[bytearray] = []
+        self.queries: list[dict] = []
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+
+    async def chat(self, request):
+        import sphn
+        from aiohttp import WSMsgType, web
+
+        self.queries.append(dict(request.query))
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(b"\x00")
+        reader, writer = sphn.OpusStreamReader(24_000), sphn.OpusStreamWriter(24_000)
+        stream = bytearray()
+        self.streams.append(stream)
+        pending = np.zeros(0, np.float32)
+        frames = 0
+        t = np.arange(1920) / 24_000
+        async for message in ws:
+            if message.type != WSMsgType.BINARY or not message.data or message.data[0] != 1:
+                continue
+            stream += message.data[1:]
+            pending = np.concatenate([pending, reader.append_bytes(message.data[1:])])
+            while len(pending) >= 1920:
+                pending = pending[1920:]
+                tone = (0.3 * np.sin(2 * np.pi * 330 * (t + frames * 0.08))).astype(np.float32)
+                pages = writer.append_pcm(tone)
+                if pages:
+                    await ws.send_bytes(b"\x01" + pages)
+                if frames % 5 == 0:
+                    await ws.send_bytes(b"\x02" + f" word{frames}".encode())
+                frames += 1
+        return ws
+
+    def start(self) -> None:
+        from aiohttp import web
+
+        async def index(request):
+            return web.FileResponse(STATIC / "index.html")
+
+        app = web.Application()
+        app.router.add_get("/api/chat", self.chat)
+        app.router.add_get("/", index)
+        app.router.add_static("/", STATIC)
+        started = threading.Event()
+
+        async def serve():
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            started.set()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(serve())
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def minimal_server():
+    server = MinimalServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def ogg_crc(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+            crc &= 0xFFFFFFFF
+    return crc
+
+
+def parse_ogg(data: bytes) -> list[dict]:
+    """Pages of an Ogg stream, each checked for its capture pattern and CRC."""
+    pages, offset = [], 0
+    while offset < len(data):
+        assert data[offset:offset + 4] == b"OggS", f"no capture pattern at byte {offset}"
+        flags = data[offset + 5]
+        granule, serial, sequence, crc = struct.unpack_from("<qIII", data, offset + 6)
+        segments = data[offset + 26]
+        lacing = data[offset + 27:offset + 27 + segments]
+        end = offset + 27 + segments + sum(lacing)
+        page = bytearray(data[offset:end])
+        page[22:26] = b"\0\0\0\0"
+        assert ogg_crc(bytes(page)) == crc, f"bad CRC on page {sequence}"
+        body = data[offset + 27 + segments:end]
+        packets, start, size = [], 0, 0
+        for value in lacing:
+            size += value
+            if value < 255:
+                packets.append(body[start:start + size])
+                start, size = start + size, 0
+        pages.append({"flags": flags, "granule": granule, "serial": serial, "sequence": sequence, "packets": packets,
+                      "offset": offset, "length": end - offset})
+        offset = end
+    return pages
+
+
+def opus_packet_samples(packet: bytes) -> int:
+    """48 kHz samples in an Opus packet (RFC 6716 section 3.1)."""
+    config, code = packet[0] >> 3, packet[0] & 3
+    if config < 12:
+        size = (480, 960, 1920, 2880)[config & 3]
+    elif config < 16:
+        size = (480, 960)[config & 1]
+    else:
+        size = (120, 240, 480, 960)[config & 3]
+    count = 1 if code == 0 else 2 if code in (1, 2) else packet[1] & 0x3F
+    return size * count
+
+
+def test_server_that_speaks_only_kinds_0_to_2(browser, minimal_server):
+    import sphn
+
+    page = open_page(browser, f"http://127.0.0.1:{minimal_server.port}/")
+    # No /api/voices there: the page offers the reference's presets and says why.
+    options = page.js("[...document.querySelectorAll('#voice option')].map(o => o.value)")
+    assert len(options) == 18 and options[0] == "NATF0.pt" and page.js("document.querySelector('#voice').value") == "NATF0.pt"
+    assert not page.js("document.querySelector('#voice-note').hidden")
+    assert page.js("document.querySelector('#upload-group').hidden") is True
+    start_conversation(page)
+    page.wait("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 2", timeout=30,
+              what="2 s of audio played")
+    page.wait("personaplex.transcript().includes('word5')", timeout=10, what="text pieces in the transcript")
+    sent_seconds = page.js("document.querySelector('[data-stat=sent]').textContent")
+    playback = page.js("personaplex.stats.playback")
+    assert 0.2 < playback["peak"] < 0.4  # the 330 Hz tone at 0.3
+    stop_conversation(page)
+    time.sleep(0.5)  # the server reads the last page after the close is initiated
+
+    assert page.js("document.querySelector('#server-panel').hidden") is True  # no metadata ever came
+    assert page.js("personaplex.metadata") == []
+    assert page.js("personaplex.notices") == []
+    assert [e for e in page.errors if "404" not in e] == []  # the only error: the missing /api/voices
+    query = minimal_server.queries[-1]
+    assert query["voice_prompt"] == "NATF0.pt" and "wise and friendly teacher" in query["text_prompt"]
+    assert query["text_topk"] == "25" and query["audio_topk"] == "250" and "seed" not in query
+
+    # The Ogg/Opus stream the page sent, checked as RFC 7845 asks.
+    stream = bytes(minimal_server.streams[-1])
+    pages = parse_ogg(stream)
+    assert pages[0]["flags"] == 0x02 and pages[0]["packets"][0][:8] == b"OpusHead"
+    head = pages[0]["packets"][0]
+    assert head[8] == 1 and head[9] == 1  # version 1, mono
+    pre_skip = struct.unpack_from("<H", head, 10)[0]
+    assert pre_skip == 312  # libopus's 6.5 ms look-ahead, in 48 kHz units
+    assert pages[1]["packets"][0][:8] == b"OpusTags" and pages[1]["granule"] == 0
+    assert all(page_["flags"] == 0 for page_ in pages[2:-1])
+    assert pages[-1]["flags"] == 0x04, "no end-of-stream page"
+    assert len({page_["serial"] for page_ in pages}) == 1
+    assert [page_["sequence"] for page_ in pages] == list(range(len(pages)))
+    audio_pages = pages[2:]
+    total = pre_skip
+    for page_ in audio_pages[:-1]:
+        total += sum(opus_packet_samples(packet) for packet in page_["packets"])
+        assert page_["granule"] == total  # 48 kHz units, pre-skip included
+    last_end = total + sum(opus_packet_samples(packet) for packet in audio_pages[-1]["packets"])
+    assert total <= audio_pages[-1]["granule"] <= last_end  # the end trims the last packet's padding only
+    minutes, seconds = sent_seconds.split(":")
+    duration = (audio_pages[-1]["granule"] - pre_skip) / 48_000
+    assert abs(duration - (int(minutes) * 60 + float(seconds))) < 0.2
+
+    # The content is the microphone's tone.
+    pcm, rate = sphn.read_opus_bytes(stream)
+    pcm = np.asarray(pcm)[0]
+    assert abs(len(pcm) / rate - duration) < 0.1
+    spectrum = np.abs(np.fft.rfft(pcm[rate // 2:]))
+    peak_hz = np.fft.rfftfreq(len(pcm[rate // 2:]), 1 / rate)[spectrum.argmax()]
+    assert abs(peak_hz - TONE_HZ) < 5, peak_hz
+    page.context.close()
+
+
+def test_ogg_reader_takes_any_chunking_and_drops_corrupt_pages(browser, minimal_server):
+    import sphn
+
+    writer = sphn.OpusStreamWriter(24_000)
+    t = np.arange(12 * 1920) / 24_000
+    frames = (0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32).reshape(12, 1920)
+    stream = b"".join(writer.append_pcm(frame) for frame in frames)
+    pages = parse_ogg(stream)
+    expected = [len(packet) for page_ in pages for packet in page_["packets"]]
+    assert len(pages) >= 5 and all(len(page_["packets"]) == 1 for page_ in pages)
+    corrupt = bytearray(stream)
+    corrupt[pages[3]["offset"] + pages[3]["length"] - 5] ^= 0xFF  # a byte inside the fourth page's body
+    page = open_page(browser, f"http://127.0.0.1:{minimal_server.port}/")
+    result = page.page.evaluate(
+        """async ([whole, corrupt]) => {
+          const { OggReader } = await import('./js/ogg.js');
+          const read = (bytes, chunk) => {
+            const reader = new OggReader();
+            const sizes = [];
+            for (let i = 0; i < bytes.length; i += chunk) {
+              for (const p of reader.push(new Uint8Array(bytes.slice(i, i + chunk)))) sizes.push(p.packet.length);
+            }
+            return { sizes, stats: reader.stats };
+          };
+          return { byByte: read(whole, 1), byOdd: read(whole, 77), corrupt: read(corrupt, 4096) };
+        }""",
+        [list(stream), list(corrupt)],
+    )
+    assert result["byByte"]["sizes"] == expected
+    assert result["byOdd"]["sizes"] == expected
+    assert result["corrupt"]["stats"]["badPages"] == 1
+    assert result["corrupt"]["sizes"] == expected[:3] + expected[4:]
+    page.context.close()
