@@ -543,4 +543,4 @@ def test_neighbour_unaffected_by_bad_clients(demo_model):
     assert [p.decode() for p in together.of(0x02)] == [p.decode() for p in alone.of(0x02)]
     times = [t for t, kind, _ in together.messages if kind == 0x01][2:]
     gaps = np.diff(times)
-    assert len(times) >= 2 * frames and gaps.max() < 1.0, f"longest gap between agent pages {gaps.max():.2f} s"
+    assert len(times) >= frames - 2 and gaps.max() < 1.0, f"longest gap between agent pages {gaps.max():.2f} s"

@@ -1,0 +1,243 @@
+"""``personaplex loadtest``: N concurrent synthetic callers against a running server, at real-time pace.
+
+Each client opens ``/api/chat``, waits for the handshake, then streams real Ogg/Opus (an input wav, or a
+synthetic voice-like signal) at exactly real time (one 80 ms frame every 80 ms, on a drift-free
+schedule) for ``--duration`` seconds while decoding everything the server sends back. Per client it
+reports:
+
+- ``frames``: agent audio frames received (80 ms each, counted from the decoded Opus audio);
+- ``missing``: frames expected for the time streamed but not received;
+- ``late``: frames that arrived more than one frame (80 ms) after a steady 80 ms stream from the first
+  frame would have delivered them: what a listener with an 80 ms playback buffer hears as a gap;
+- ``latency p50/p90/p99``: arrival of the agent's k-th frame minus the moment the client sent its
+  k-th frame (the server answers frame for frame, so this is the end-to-end delay of the exchange);
+- ``join``: seconds from connecting to the handshake (queueing and persona prefill);
+- ``error``: a ``0x05`` message or a connection failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit, urlunsplit, parse_qsl
+
+import numpy as np
+
+from .config import FRAME_SIZE, SAMPLE_RATE
+from .errors import PersonaplexError
+
+FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE
+
+
+class LoadTestError(PersonaplexError):
+    """The load test cannot run with these settings."""
+
+
+@dataclass
+class ClientReport:
+    index: int
+    join_seconds: float | None = None
+    sent_frames: int = 0
+    received_samples: int = 0
+    text_pieces: int = 0
+    late_frames: int = 0
+    latencies: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def frames(self) -> int:
+        return self.received_samples // FRAME_SIZE
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.sent_frames - self.frames)
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies, q)) if self.latencies else None
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="personaplex loadtest")
+    parser.description = ("Run N concurrent synthetic callers against a running server, streaming real Ogg/Opus "
+                          "at real-time pace, and report received, missing and late frames, latency and errors.")
+    parser.epilog = "example: personaplex loadtest --url ws://localhost:8998/api/chat -n 8 --duration 30"
+    parser.add_argument("--url", required=True, help="the server's /api/chat WebSocket URL (ws:// or wss://)")
+    parser.add_argument("-n", "--clients", type=int, default=4, help="concurrent callers (default 4)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds each caller streams (default 20)")
+    parser.add_argument("--input-wav", type=Path, help="user audio to stream, looped (default: a synthetic voice)")
+    parser.add_argument("--text-prompt", default="You enjoy having a good conversation.", help="persona text")
+    parser.add_argument("--voice-prompt", default="NATF2", help="voice preset name (default NATF2)")
+    parser.add_argument("--token", default=None, help="auth token of the server (sent as ?token=)")
+    parser.add_argument("--insecure", action="store_true", help="accept a self-signed certificate (wss://)")
+    parser.add_argument("--json", type=Path, help="also write the per-client results as JSON here")
+    return parser
+
+
+def synthetic_voice(seconds: float, seed: int) -> np.ndarray:
+    """A voice-like test signal [T] at 24 kHz: a gliding harmonic tone in syllable-like bursts."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    pitch = 140 + 40 * np.sin(2 * np.pi * 0.3 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(pitch) / SAMPLE_RATE
+    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
+    envelope = (np.sin(2 * np.pi * 3.0 * t + rng.uniform(0, 6)) > -0.2).astype(np.float32)
+    return (0.15 * voice * envelope + 0.003 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def client_url(args: argparse.Namespace, index: int) -> str:
+    parts = urlsplit(args.url)
+    if parts.scheme not in ("ws", "wss"):
+        raise LoadTestError(f"--url must start with ws:// or wss://, got {args.url!r}")
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("text_prompt", args.text_prompt)
+    query.setdefault("voice_prompt", args.voice_prompt)
+    query.setdefault("seed", str(index))
+    if args.token:
+        query["token"] = args.token
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def run_client(index: int, url: str, audio: np.ndarray, duration: float, ssl_context=None) -> ClientReport:
+    import aiohttp
+    import sphn
+
+    from .server.ogg import split_pages
+
+    report = ClientReport(index)
+    started = time.monotonic()
+    send_times: list[float] = []
+    first_arrival: float | None = None
+    reader = sphn.OpusStreamReader(SAMPLE_RATE)
+    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+    frames_to_send = int(duration / FRAME_SECONDS)
+
+    async def send(ws) -> None:
+        begin = time.monotonic()
+        for k in range(frames_to_send):
+            await asyncio.sleep(max(0.0, begin + k * FRAME_SECONDS - time.monotonic()))
+            start = (k * FRAME_SIZE) % max(1, len(audio) - FRAME_SIZE)
+            pages = split_pages(writer.append_pcm(audio[start:start + FRAME_SIZE]) or b"")
+            send_times.append(time.monotonic())
+            report.sent_frames += 1
+            for page in pages:
+                await ws.send_bytes(b"\x01" + page)
+        # Wait one more second for the last answers, then hang up.
+        await asyncio.sleep(1.0)
+        await ws.close()
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(url, ssl=ssl_context, max_msg_size=0) as ws:
+                sender = None
+                async for message in ws:
+                    if message.type != aiohttp.WSMsgType.BINARY or not message.data:
+                        continue
+                    kind, payload = message.data[0], message.data[1:]
+                    now = time.monotonic()
+                    if kind == 0x00 and sender is None:
+                        report.join_seconds = now - started
+                        sender = asyncio.create_task(send(ws))
+                    elif kind == 0x01:
+                        pcm = reader.append_bytes(payload)
+                        before = report.frames
+                        report.received_samples += len(pcm)
+                        for k in range(before, report.frames):
+                            if first_arrival is None:
+                                first_arrival = now
+                            if now > first_arrival + (k + 1) * FRAME_SECONDS:
+                                report.late_frames += 1
+                            if k < len(send_times):
+                                report.latencies.append(now - send_times[k])
+                    elif kind == 0x02:
+                        report.text_pieces += 1
+                    elif kind == 0x05:
+                        report.error = payload.decode("utf-8", "replace")
+                if sender is not None:
+                    await asyncio.gather(sender, return_exceptions=True)
+                elif report.error is None:
+                    report.error = f"closed before the handshake (code {ws.close_code})"
+    except Exception as exc:  # one caller's failure is a result, not a crash of the test
+        report.error = report.error or f"{type(exc).__name__}: {exc}"
+    return report
+
+
+async def run_clients(args: argparse.Namespace) -> list[ClientReport]:
+    audio = load_input(args)
+    ssl_context = None
+    if args.url.startswith("wss://") and args.insecure:
+        import ssl
+
+        ssl_context = ssl.create_default_context()
+        ssl_context.check_hostname = False
+        ssl_context.verify_mode = ssl.CERT_NONE
+    tasks = [run_client(i, client_url(args, i), audio, args.duration, ssl_context) for i in range(args.clients)]
+    return list(await asyncio.gather(*tasks))
+
+
+def load_input(args: argparse.Namespace) -> np.ndarray:
+    if args.input_wav is None:
+        return synthetic_voice(max(args.duration, 1.0) + 1.0, seed=1)
+    from .audio import read_audio
+
+    audio = read_audio(args.input_wav)
+    if len(audio) < FRAME_SIZE:
+        raise LoadTestError(f"{args.input_wav} is shorter than one 80 ms frame")
+    return audio
+
+
+def format_table(reports: list[ClientReport]) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    lines = [f"{'client':>6} {'join s':>7} {'sent':>6} {'frames':>6} {'missing':>7} {'late':>5} "
+             f"{'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'text':>5}  error"]
+    for r in reports:
+        join = "-" if r.join_seconds is None else f"{r.join_seconds:.2f}"
+        lines.append(f"{r.index:>6} {join:>7} {r.sent_frames:>6} {r.frames:>6} {r.missing:>7} {r.late_frames:>5} "
+                     f"{ms(r.percentile(50)):>7} {ms(r.percentile(90)):>7} {ms(r.percentile(99)):>7} "
+                     f"{r.text_pieces:>5}  {r.error or ''}")
+    everything = [x for r in reports for x in r.latencies]
+    ok = sum(r.error is None for r in reports)
+    total = ClientReport(-1, latencies=everything)
+    lines.append(
+        f"all: {ok}/{len(reports)} clients without error; frames {sum(r.frames for r in reports)}, missing "
+        f"{sum(r.missing for r in reports)}, late {sum(r.late_frames for r in reports)}; latency p50 "
+        f"{ms(total.percentile(50))} ms, p90 {ms(total.percentile(90))} ms, p99 {ms(total.percentile(99))} ms"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.clients < 1:
+        raise LoadTestError("-n must be at least 1")
+    if args.duration <= 0:
+        raise LoadTestError("--duration must be positive")
+    client_url(args, 0)  # validates the URL
+    print(f"{args.clients} client(s) streaming {args.duration:g} s each to {args.url}", file=sys.stderr, flush=True)
+    reports = asyncio.run(run_clients(args))
+    print(format_table(reports), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps([
+            {"client": r.index, "join_seconds": r.join_seconds, "sent_frames": r.sent_frames, "frames": r.frames,
+             "missing": r.missing, "late": r.late_frames, "latency_p50": r.percentile(50),
+             "latency_p90": r.percentile(90), "latency_p99": r.percentile(99), "text_pieces": r.text_pieces,
+             "error": r.error} for r in reports
+        ], indent=1), encoding="utf-8")
+    if all(r.error is not None for r in reports):
+        raise LoadTestError(f"every client failed; first error: {reports[0].error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import run_command
+
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
