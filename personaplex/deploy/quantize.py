@@ -151,8 +151,10 @@ class QuantizedSummary:
 
     def describe(self) -> str:
         total = self.quantized_values + self.kept_values
+        if not self.quantized_values:
+            return f"no weights quantized, {self.total_bytes / 2**30:.2f} GiB in all"
         text = (
-            f"{self.quantized_values / 1e9:.2f} B of {total / 1e9:.2f} B weights quantized, "
+            f"{self.quantized_values / 1e6:.1f} M of {total / 1e6:.1f} M weights quantized, "
             f"{self.total_bytes / 2**30:.2f} GiB in all"
         )
         if self.declined:
