@@ -1,0 +1,207 @@
+"""The conversation hub without any network: jitter-buffer policy, tick schedule, admission queue, limits,
+shutdown, voices, and that a hub conversation produces exactly what the engine produces directly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from personaplex.engine import Engine, SamplingConfig
+from personaplex.serving import (
+    ConversationHub,
+    HubBusy,
+    HubClosed,
+    HubOptions,
+    NotSupported,
+    PersonaError,
+    PersonaRequest,
+)
+from personaplex.serving.jitter import InputJitterBuffer
+
+FRAME = 1920
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from personaplex.demo import demo_assets
+    from personaplex.loading import load_model
+
+    return load_model(demo_assets(), "cpu")
+
+
+def run_hub(model, scenario, **options):
+    """Start a hub with ``options``, run ``scenario(hub)``, close the hub; returns the scenario's result."""
+
+    async def main():
+        hub = ConversationHub(model, HubOptions(**options))
+        await hub.start()
+        try:
+            return await asyncio.wait_for(scenario(hub), 60)
+        finally:
+            await hub.close()
+
+    return asyncio.run(main())
+
+
+async def take(conversation, count: int) -> list:
+    frames = []
+    async for frame in conversation.frames():
+        frames.append(frame)
+        if len(frames) == count:
+            break
+    return frames
+
+
+# --- jitter buffer ---------------------------------------------------------------------------------------
+
+
+def test_jitter_buffer_keeps_order_and_partial_samples():
+    buffer = InputJitterBuffer(FRAME, capacity_frames=4)
+    samples = np.arange(3 * FRAME, dtype=np.float32)
+    buffer.push(samples[:1000])
+    assert not buffer.pop_frame().any() and buffer.underruns == 1  # too little: silence, samples kept
+    buffer.push(samples[1000:])
+    for k in range(3):
+        assert np.array_equal(buffer.pop_frame(), samples[k * FRAME:(k + 1) * FRAME])
+    assert buffer.underruns == 1 and buffer.dropped_samples == 0
+
+
+def test_jitter_buffer_drops_oldest_past_capacity():
+    buffer = InputJitterBuffer(FRAME, capacity_frames=2)
+    samples = np.arange(5 * FRAME, dtype=np.float32)
+    for chunk in np.split(samples, 10):
+        buffer.push(chunk)
+    assert buffer.buffered_samples == 2 * FRAME and buffer.dropped_samples == 3 * FRAME
+    assert np.array_equal(buffer.pop_frame(), samples[3 * FRAME:4 * FRAME])  # the newest audio survives
+    buffer.push(np.ones(10 * FRAME, dtype=np.float32))  # one huge burst
+    assert buffer.buffered_samples == 2 * FRAME
+
+
+# --- the hub -----------------------------------------------------------------------------------------------
+
+
+def test_hub_conversation_equals_the_engine_alone(demo_model):
+    """A hub conversation (silence in, fixed seed) gives the tokens and audio of the engine driven directly."""
+    request = PersonaRequest("You like trains.", "NATM1", sampling=SamplingConfig(seed=1234))
+
+    async def scenario(hub):
+        conversation = await hub.open(request, front_end="test")
+        frames = await take(conversation, 20)
+        prompt = await hub.build_persona(request)
+        await conversation.close()
+        return frames, prompt
+
+    frames, prompt = run_hub(demo_model, scenario, max_conversations=2, tick_seconds=0, input_timeout_seconds=None)
+    engine = Engine(demo_model.lm, demo_model.mimi, max_slots=1)
+    engine.join(0, 1, prompt, request.sampling)
+    silence = torch.zeros(1, FRAME)
+    for frame in frames:
+        out = engine.step(silence)
+        assert np.array_equal(frame.pcm, out.pcm[0].numpy())
+        assert frame.text == (demo_model.tokenizer.spoken_text(int(out.tokens[0, 0])) or None)
+
+
+def test_fast_and_late_tick_schedules(demo_model):
+    async def scenario(hub):
+        conversation = await hub.open(PersonaRequest("x"), front_end="test")
+        frames = await take(conversation, 15)
+        await conversation.close()
+        return len(frames), hub.ticks, hub.late_ticks, hub.metrics.render()
+
+    count, ticks, late, _ = run_hub(demo_model, scenario, tick_seconds=0, input_timeout_seconds=None)
+    assert count == 15 and late == 0
+    # A 1 ms tick cannot be kept: every tick is late, missed tick times are skipped (counted), never
+    # caught up: the conversation still gets exactly one frame per tick that ran.
+    count, ticks, late, metrics = run_hub(demo_model, scenario, tick_seconds=0.001, input_timeout_seconds=None)
+    assert count == 15 and late >= 10
+    skipped = float(next(line.split()[1] for line in metrics.splitlines()
+                         if line.startswith("personaplex_skipped_ticks_total")))
+    assert skipped > 0
+
+
+def test_input_timeout_and_maximum_length(demo_model):
+    async def silent(hub):
+        conversation = await hub.open(PersonaRequest("x"), front_end="test")
+        frames = [f async for f in conversation.frames()]
+        return conversation.end_reason, len(frames)
+
+    reason, _ = run_hub(demo_model, silent, tick_seconds=0.02, input_timeout_seconds=0.3)
+    assert "no audio from the client for 0.3 s" in reason
+
+    async def talking(hub):
+        conversation = await hub.open(PersonaRequest("x"), front_end="test")
+        frames = []
+        async for frame in conversation.frames():
+            conversation.send_audio(np.zeros(FRAME, dtype=np.float32))
+            frames.append(frame)
+        return conversation.end_reason, len(frames), hub.load()
+
+    reason, count, load = run_hub(demo_model, talking, tick_seconds=0, max_conversation_seconds=0.8)
+    assert "maximum length" in reason and count == 10 and load["slots_busy"] == 0
+
+
+def test_queue_positions_refusal_cancellation_and_shutdown(demo_model):
+    async def scenario(hub):
+        first = await hub.open(PersonaRequest("a"), front_end="test")
+        positions = []
+        waiting = asyncio.create_task(hub.open(PersonaRequest("b"), front_end="test",
+                                               on_queue_position=positions.append))
+        while hub.load()["queued"] != 1:
+            await asyncio.sleep(0.001)
+        with pytest.raises(HubBusy, match="try again"):
+            await hub.open(PersonaRequest("c"), front_end="test")
+        waiting.cancel()  # the caller vanished while queued
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert hub.load()["queued"] == 0
+        third = asyncio.create_task(hub.open(PersonaRequest("d"), front_end="other"))
+        while hub.load()["queued"] != 1:
+            await asyncio.sleep(0.001)
+        await first.close()  # the slot passes to the next in line
+        second = await third
+        assert second.slot == 0 and hub.load()["slots_busy"] == 1
+        with pytest.raises(NotSupported):
+            second.send_text("hello")
+        await hub.close()
+        with pytest.raises(HubClosed):
+            await hub.open(PersonaRequest("e"), front_end="test")
+        return positions, second.end_reason, hub.metrics.render()
+
+    positions, reason, metrics = run_hub(demo_model, scenario, max_conversations=1, max_queue=1, tick_seconds=0.02,
+                                         input_timeout_seconds=None)
+    assert positions == [1]
+    assert "shutting down" in reason
+    assert 'personaplex_sessions_total{front_end="test"} 1.0' in metrics
+    assert 'personaplex_sessions_total{front_end="other"} 1.0' in metrics
+    assert "personaplex_conversations_refused_total 1.0" in metrics
+
+
+def test_voices_reference_names_and_uploads(demo_model, tmp_path):
+    from personaplex.demo import synthesize_voice, wav_bytes
+
+    async def scenario(hub):
+        assert "NATF0" in hub.voices()
+        # The reference client asks for "NATF0.pt"; the demo presets are audio files.
+        await hub.build_persona(PersonaRequest("x", "NATF0.pt"))
+        for bad in ("../NATF0", "/etc/passwd", "NATF0/../../x", ".hidden", "NOBODY"):
+            with pytest.raises(PersonaError):
+                await hub.build_persona(PersonaRequest("x", bad))
+        name = await hub.add_voice_upload(wav_bytes(synthesize_voice("custom", seconds=2.0)))
+        conversation = await hub.open(PersonaRequest("x", name), front_end="test")
+        frames = await take(conversation, 3)
+        await conversation.close()
+        with pytest.raises(PersonaError, match="cannot use this voice|cannot decode"):
+            await hub.add_voice_upload(b"RIFF not really a wav file at all")
+        with pytest.raises(PersonaError, match="unknown uploaded voice"):
+            await hub.build_persona(PersonaRequest("x", "upload-0123456789abcdef"))
+        return len(frames)
+
+    assert run_hub(demo_model, scenario, tick_seconds=0, allow_voice_upload=True, input_timeout_seconds=None) == 3
+
+    async def refused(hub):
+        with pytest.raises(PersonaError, match="--allow-voice-upload"):
+            await hub.add_voice_upload(b"RIFF....")
+
+    run_hub(demo_model, refused, tick_seconds=0)
