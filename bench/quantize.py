@@ -190,7 +190,6 @@ def teacher_forced(lm, prompt, forced, cuda):
             logits, codes = run(frame=frame[None]) if cuda else step(frame[None])
             text.append(logits[0].float().cpu())
             audio.append(codes[0].cpu())
-    del lm_state
     return torch.stack(text), torch.stack(audio)
 
 

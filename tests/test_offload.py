@@ -96,7 +96,7 @@ def test_a_broken_schedule_is_detected(checkpoint, monkeypatch):
     the comparison above would see it (so it can fail)."""
     reference = session(load_lm(checkpoint, CONFIG, dtype=torch.float32))
     model = load_lm(checkpoint, CONFIG, dtype=torch.float32)
-    streamed = enable_offload(model, [1, 2, 3, 4], "cpu", buffers=2)
+    enable_offload(model, [1, 2, 3, 4], "cpu", buffers=2)
     original = StreamedLayers._copy_in
 
     def skip_later_copies(self, k):

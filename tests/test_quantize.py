@@ -182,7 +182,7 @@ def test_quantized_step_captured_as_cuda_graph_replays_the_eager_step(checkpoint
         for graphed in (False, True):
             gen_state, lm_state = generator.new_state(2), model.new_state(2)
 
-            def step(forced):
+            def step(forced, gen_state=gen_state, lm_state=lm_state):
                 return generator.step(gen_state, lm_state, forced, return_audio_logits=True).text_logits
 
             if graphed:
