@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 STATIC = REPO / "personaplex" / "server" / "static"
 INSECURE_HOST = "insecure.test"  # resolved to 127.0.0.1 by the browser: a plain-http origin that is not secure
 TONE_HZ = 440.0
+TOKEN = "browser-test-token"
 
 pytestmark = pytest.mark.slow
 
@@ -135,10 +136,15 @@ class Server:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
             return response.read().decode()
 
+    @property
+    def page_url(self) -> str:
+        return f"{self.url}/?token={TOKEN}"
+
     def get_json(self, path: str):
         import json
 
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as response:
+        request = urllib.request.Request(f"{self.url}{path}", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
 
@@ -150,9 +156,10 @@ def metric(text: str, name: str, labels: str = "") -> float:
 
 @pytest.fixture(scope="module")
 def demo_server():
-    """``personaplex serve --model demo`` with one slot (so that a second caller queues) and uploads on."""
+    """``personaplex serve --model demo`` with one slot (so that a second caller queues), uploads on and an
+    access token (which the pages get through their own URL, ``?token=``)."""
     command = [sys.executable, "-m", "personaplex", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", "0",
-               "--max-conversations", "1", "--allow-voice-upload"]
+               "--max-conversations", "1", "--allow-voice-upload", "--auth-token", TOKEN]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     output: list[str] = []
@@ -183,7 +190,7 @@ def demo_server():
 
 
 def test_page_loads_lists_voices_and_fills_examples(browser, demo_server):
-    page = open_page(browser, demo_server.url + "/")
+    page = open_page(browser, demo_server.page_url)
     listed = demo_server.get_json("/api/voices")
     assert page.js("personaplex.voices") == listed["voices"]
     options = page.js("[...document.querySelectorAll('#voice option')].map(o => o.value)")
@@ -203,7 +210,7 @@ def test_page_loads_lists_voices_and_fills_examples(browser, demo_server):
 
 def test_conversation_with_the_demo_model(browser, demo_server):
     before = demo_server.metrics()
-    page = open_page(browser, demo_server.url + "/")
+    page = open_page(browser, demo_server.page_url)
     page.page.click("#sampling summary")
     page.page.fill("#seed", "1234")
     page.page.fill("#text-temperature", "0.5")
@@ -244,7 +251,7 @@ def test_conversation_with_the_demo_model(browser, demo_server):
 
 
 def test_unknown_voice_shows_the_servers_error(browser, demo_server):
-    page = open_page(browser, demo_server.url + "/")
+    page = open_page(browser, demo_server.page_url)
     page.js("(() => { const s = document.querySelector('#voice'); s.add(new Option('bogus', 'no-such-voice')); "
             "s.value = 'no-such-voice'; })()")
     page.page.click("#start")
@@ -259,8 +266,8 @@ def test_unknown_voice_shows_the_servers_error(browser, demo_server):
 
 
 def test_second_caller_waits_with_its_queue_position(browser, demo_server):
-    first = open_page(browser, demo_server.url + "/")
-    second = open_page(browser, demo_server.url + "/")
+    first = open_page(browser, demo_server.page_url)
+    second = open_page(browser, demo_server.page_url)
     start_conversation(first)
     second.page.click("#start")
     second.wait("document.querySelector('#status-text').textContent === 'Waiting, position 1'", timeout=20,
@@ -276,7 +283,7 @@ def test_second_caller_waits_with_its_queue_position(browser, demo_server):
 
 def test_uploaded_voice_sample(browser, demo_server, tmp_path):
     sample = write_microphone_wav(tmp_path / "my-voice.wav", seconds=2.0, sample_rate=24_000)
-    page = open_page(browser, demo_server.url + "/")
+    page = open_page(browser, demo_server.page_url)
     page.page.set_input_files("#voice-file", str(sample))
     start_conversation(page)
     voice = page.js("personaplex.metadata[0].persona.voice")
@@ -286,9 +293,23 @@ def test_uploaded_voice_sample(browser, demo_server, tmp_path):
     page.context.close()
 
 
+def test_missing_access_token_is_explained(browser, demo_server):
+    page = open_page(browser, demo_server.url + "/")
+    assert "access token" in page.js("document.querySelector('[data-notice=auth]').textContent")
+    assert page.js("document.querySelector('#access').open") is True
+    page.page.fill("#token", TOKEN)
+    page.page.dispatch_event("#token", "change")
+    page.wait("personaplex.voices.length === 18 && !document.querySelector('[data-notice=auth]')", timeout=10,
+              what="the voices to load with the token")
+    start_conversation(page)  # the token also goes with the WebSocket, as ?token=
+    stop_conversation(page)
+    assert [e for e in page.errors if "401" not in e] == []  # the first /api/voices was refused
+    page.context.close()
+
+
 def test_blocked_microphone_is_explained(browser, demo_server):
     sessions = metric(demo_server.metrics(), "personaplex_sessions_total", 'front_end="chat"')
-    page = open_page(browser, demo_server.url + "/", microphone=False)
+    page = open_page(browser, demo_server.page_url, microphone=False)
     page.page.click("#start")
     page.wait("document.body.dataset.mic === 'blocked'", timeout=10, what="the blocked-microphone notice")
     notice = page.js("document.querySelector('[data-notice=mic-blocked]').textContent")
@@ -301,7 +322,7 @@ def test_blocked_microphone_is_explained(browser, demo_server):
 
 def test_insecure_origin_is_explained(browser, demo_server):
     port = demo_server.url.rsplit(":", 1)[1]
-    page = open_page(browser, f"http://{INSECURE_HOST}:{port}/")
+    page = open_page(browser, f"http://{INSECURE_HOST}:{port}/?token={TOKEN}")
     assert page.js("window.isSecureContext") is False
     assert "insecure" in page.js("document.body.dataset.unsupported")
     assert "not in a secure context" in page.js("document.querySelector('[data-notice=insecure]').textContent")

@@ -353,7 +353,8 @@ function onSessionClosed({ code, serverError, localError, wasConnected }) {
   renderStats();
   endLocally();
   const text = serverError ? "Ended by the server" : wasConnected ? "Conversation ended" : "Not connected";
-  setStatus("closed", text);
+  const failed = Boolean(serverError || localError) || (code !== 1000 && code !== 1001);
+  setStatus(failed ? "failed" : "closed", text);
   debug.state = "closed";
 }
 
@@ -392,6 +393,7 @@ function setStatus(state, text) {
 // Pieces like "<0xE2>" are SentencePiece byte fallbacks: runs of them form UTF-8 characters.
 const BYTE_PIECE = /^<0x([0-9A-Fa-f]{2})>$/;
 let transcriptDecoder = new TextDecoder("utf-8");
+const CONTROL_CHARACTERS = /[\u0000-\u0008\u000b-\u001f\u007f]/g; // byte pieces can spell them; they show as junk
 
 function appendTranscript(piece) {
   const byte = BYTE_PIECE.exec(piece);
@@ -401,6 +403,7 @@ function appendTranscript(piece) {
   } else {
     text = transcriptDecoder.decode() + piece; // flush an unfinished byte sequence (as U+FFFD)
   }
+  text = text.replace(CONTROL_CHARACTERS, "");
   if (!text) return;
   const transcript = $("transcript");
   const now = performance.now();
@@ -460,6 +463,12 @@ function showMetadata(metadata) {
   $("server-panel").hidden = info.childElementCount === 0;
 }
 
+/** Peak amplitude -> 0..1 on a -60..0 dBFS scale, which is how loudness is perceived. */
+function meterLevel(peak) {
+  if (!(peak > 0)) return 0;
+  return Math.max(0, Math.min(1, 1 + (20 * Math.log10(peak)) / 60));
+}
+
 function formatSeconds(seconds) {
   const minutes = Math.floor(seconds / 60);
   return `${minutes}:${(seconds - minutes * 60).toFixed(1).padStart(4, "0")}`;
@@ -471,8 +480,8 @@ function renderStats() {
   };
   const playback = debug.stats.playback;
   const mic = debug.stats.microphone;
-  $("mic-level").value = mic ? Math.min(1, mic.rms * 4) : 0;
-  $("agent-level").value = playback ? Math.min(1, playback.peak) : 0;
+  $("mic-level").value = session && mic ? meterLevel(mic.peak) : 0;
+  $("agent-level").value = session && playback ? meterLevel(playback.peak) : 0;
   const sent = session ? session.sentSeconds : null;
   if (sent !== null) stat("sent", formatSeconds(sent));
   if (!playback) return;
