@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlencode, urlsplit, urlunsplit, parse_qsl
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -131,37 +131,36 @@ async def run_client(index: int, url: str, audio: np.ndarray, duration: float, s
         await ws.close()
 
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(url, ssl=ssl_context, max_msg_size=0) as ws:
-                sender = None
-                async for message in ws:
-                    if message.type != aiohttp.WSMsgType.BINARY or not message.data:
-                        continue
-                    kind, payload = message.data[0], message.data[1:]
-                    now = time.monotonic()
-                    if kind == 0x00 and sender is None:
-                        report.join_seconds = now - started
-                        sender = asyncio.create_task(send(ws))
-                    elif kind == 0x01:
-                        pcm = reader.append_bytes(payload)
-                        before = report.frames
-                        report.received_samples += len(pcm)
-                        for k in range(before, report.frames):
-                            if first_arrival is None:
-                                first_arrival = now
-                            if now > first_arrival + (k + 1) * FRAME_SECONDS:
-                                report.late_frames += 1
-                            if k < len(send_times):
-                                report.latencies.append(now - send_times[k])
-                    elif kind == 0x02:
-                        report.text_pieces += 1
-                    elif kind == 0x05:
-                        report.error = payload.decode("utf-8", "replace")
-                if sender is not None:
-                    await asyncio.gather(sender, return_exceptions=True)
-                elif report.error is None:
-                    report.error = f"closed before the handshake (code {ws.close_code})"
-    except Exception as exc:  # one caller's failure is a result, not a crash of the test
+        async with aiohttp.ClientSession() as session, session.ws_connect(url, ssl=ssl_context, max_msg_size=0) as ws:
+            sender = None
+            async for message in ws:
+                if message.type != aiohttp.WSMsgType.BINARY or not message.data:
+                    continue
+                kind, payload = message.data[0], message.data[1:]
+                now = time.monotonic()
+                if kind == 0x00 and sender is None:
+                    report.join_seconds = now - started
+                    sender = asyncio.create_task(send(ws))
+                elif kind == 0x01:
+                    pcm = reader.append_bytes(payload)
+                    before = report.frames
+                    report.received_samples += len(pcm)
+                    for k in range(before, report.frames):
+                        if first_arrival is None:
+                            first_arrival = now
+                        if now > first_arrival + (k + 1) * FRAME_SECONDS:
+                            report.late_frames += 1
+                        if k < len(send_times):
+                            report.latencies.append(now - send_times[k])
+                elif kind == 0x02:
+                    report.text_pieces += 1
+                elif kind == 0x05:
+                    report.error = payload.decode("utf-8", "replace")
+            if sender is not None:
+                await asyncio.gather(sender, return_exceptions=True)
+            elif report.error is None:
+                report.error = f"closed before the handshake (code {ws.close_code})"
+    except Exception as exc:  # noqa: BLE001 - one caller's failure is a result, not a crash of the test
         report.error = report.error or f"{type(exc).__name__}: {exc}"
     return report
 
@@ -194,8 +193,9 @@ def format_table(reports: list[ClientReport]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value * 1000:.0f}"
 
-    lines = [f"{'client':>6} {'join s':>7} {'sent':>6} {'frames':>6} {'missing':>7} {'late':>5} "
-             f"{'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'text':>5}  error"]
+    header = (f"{'client':>6} {'join s':>7} {'sent':>6} {'frames':>6} {'missing':>7} {'late':>5} "
+              f"{'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'text':>5}  error")
+    lines = [header]
     for r in reports:
         join = "-" if r.join_seconds is None else f"{r.join_seconds:.2f}"
         lines.append(f"{r.index:>6} {join:>7} {r.sent_frames:>6} {r.frames:>6} {r.missing:>7} {r.late_frames:>5} "

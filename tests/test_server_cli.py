@@ -51,7 +51,7 @@ def test_serve_loadtest_and_graceful_shutdown(tmp_path):
         load = subprocess.run(
             [sys.executable, "-m", "personaplex", "loadtest", "--url", ws_url, "-n", "2", "--duration", "2",
              "--json", str(report)],
-            capture_output=True, text=True, cwd=ROOT, timeout=120,
+            capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
         )
         assert load.returncode == 0, load.stderr
         table = load.stdout
@@ -66,16 +66,16 @@ def test_serve_loadtest_and_graceful_shutdown(tmp_path):
             assert result["frames"] > 0 and result["latency_p50"] is not None
 
         async def conversation_during_shutdown():
-            async with aiohttp.ClientSession() as session:
-                async with session.ws_connect(ws_url + "?voice_prompt=NATF1&text_prompt=hi") as ws:
-                    kinds, error = [], None
-                    async for message in ws:
-                        kinds.append(message.data[0])
-                        if message.data[0] == 0x00:
-                            process.send_signal(signal.SIGTERM)
-                        if message.data[0] == 0x05:
-                            error = message.data[1:].decode()
-                    return kinds, error, ws.close_code
+            url = ws_url + "?voice_prompt=NATF1&text_prompt=hi"
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                kinds, error = [], None
+                async for message in ws:
+                    kinds.append(message.data[0])
+                    if message.data[0] == 0x00:
+                        process.send_signal(signal.SIGTERM)
+                    if message.data[0] == 0x05:
+                        error = message.data[1:].decode()
+                return kinds, error, ws.close_code
 
         kinds, error, code = asyncio.run(asyncio.wait_for(conversation_during_shutdown(), 60))
         assert 0x00 in kinds and "shutting down" in error and code == 1001
@@ -132,6 +132,6 @@ def test_cpu_offload_and_bad_static_are_refused_clearly():
     for extra, words in ((["--cpu-offload"], "--cpu-offload is not supported"),
                          (["--static", "/no/such/folder"], "--static folder not found")):
         result = subprocess.run([sys.executable, "-m", "personaplex", "serve", "--model", "demo", *extra],
-                                capture_output=True, text=True, cwd=ROOT, timeout=120)
+                                capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
         assert result.returncode == 2
         assert result.stderr.strip().startswith("error:") and words in result.stderr

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import sphn
 
-from personaplex.server.ogg import FLAG_BOS, FLAG_EOS, OggPage, opus_packet_samples, parse_pages
+from personaplex.server.ogg import FLAG_BOS, OggPage, opus_packet_samples, parse_pages
 
 FRAME = 1920
 
@@ -125,23 +125,22 @@ async def converse(url: str, send=None, frames: int = 0, timeout: float = 60) ->
     """Connect, wait for the handshake, run ``send(ws)`` alongside reading, stop after ``frames`` audio
     pages (then close) or when the server closes."""
     received = Received()
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(url, max_msg_size=0) as ws:
-            async def reader():
-                def done(r):
-                    return frames and len([k for k in r.kinds() if k == 0x01]) >= frames + 2
-                await read_all(ws, received, until=done)
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as ws:
+        async def reader():
+            def done(r):
+                return frames and len([k for k in r.kinds() if k == 0x01]) >= frames + 2
+            await read_all(ws, received, until=done)
 
-            read_task = asyncio.create_task(reader())
-            if send is not None:
-                while 0x00 not in received.kinds() and not read_task.done():
-                    await asyncio.sleep(0.01)
-                if not read_task.done():
-                    await send(ws)
-            await asyncio.wait_for(read_task, timeout)
-            if not ws.closed:
-                await ws.close()
-            received.close_code = received.close_code or ws.close_code
+        read_task = asyncio.create_task(reader())
+        if send is not None:
+            while 0x00 not in received.kinds() and not read_task.done():
+                await asyncio.sleep(0.01)
+            if not read_task.done():
+                await send(ws)
+        await asyncio.wait_for(read_task, timeout)
+        if not ws.closed:
+            await ws.close()
+        received.close_code = received.close_code or ws.close_code
     return received
 
 
@@ -388,7 +387,7 @@ def test_queue_position_then_refusal_then_slot(demo_model):
         second, third = run(asyncio.wait_for(scenario(), 60))
     finally:
         small.stop()
-    assert [m["queue_position"] for m in second.metadata if "queue_position" in m][0] == 1
+    assert next(m["queue_position"] for m in second.metadata if "queue_position" in m) == 1
     assert "busy" in third.error and third.close_code == 1013
     assert 0x00 not in third.kinds()
 
@@ -501,11 +500,11 @@ def test_client_that_never_reads_is_ended(demo_model):
                 await asyncio.sleep(0.1)
             freed = hub.load()["slots_busy"] == 0
             transport.resume_reading()
-            rest = await read_all(ws, Received())
-            return freed, rest
+            await read_all(ws, Received())
+            return freed
 
     try:
-        freed, rest = run(asyncio.wait_for(scenario(), 120))
+        freed = run(asyncio.wait_for(scenario(), 120))
     finally:
         stuck_server.stop()
     assert freed

@@ -68,9 +68,10 @@ class AiohttpTransport:
 
 
 def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str | None = None,
-              send_buffer_bytes: int | None = 64 << 10) -> web.Application:
+              send_buffer_bytes: int | None = 64 << 10, phone_personas=None) -> web.Application:
     """The application around a started-or-not ``ConversationHub``. ``send_buffer_bytes`` bounds what
-    the kernel and aiohttp buffer for a client that does not read (so the hub notices it soon)."""
+    the kernel and aiohttp buffer for a client that does not read (so the hub notices it soon).
+    ``phone_personas``: the persona file (or ``PhonePersonas``) of the phone bridge."""
     app = web.Application(
         middlewares=[_auth_middleware(auth_token)], client_max_size=hub.options.max_voice_upload_bytes,
         # Long text prompts travel in the query string: allow long request lines.
@@ -121,6 +122,11 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
     app.router.add_get("/api/voices", voices)
     app.router.add_post("/api/voices", upload_voice)
     app.router.add_get("/metrics", metrics)
+    # /v1/realtime and /twilio/media-stream (personaplex.integrations): they check the token themselves.
+    from ..integrations.routes import add_integration_routes
+
+    add_integration_routes(app, hub, auth_token=auth_token, sessions=app[SESSIONS_KEY],
+                           phone_personas=phone_personas)
     if static_dir is not None:
         static_dir = Path(static_dir)
         index = static_dir / "index.html"

@@ -255,7 +255,7 @@ class ChatSession:
     def _take_audio(self, page: bytes) -> None:
         try:
             pcm = self._reader.append_bytes(page)
-        except Exception as exc:  # sphn reports malformed Ogg or Opus as plain exceptions
+        except Exception as exc:  # noqa: BLE001 - sphn reports malformed Ogg or Opus as plain exceptions
             raise ProtocolError(f"invalid audio: expected one page of an Ogg/Opus stream per 0x01 message ({exc})",
                                 CLOSE_INVALID_DATA) from None
         if self.conversation is not None and pcm is not None and len(pcm):
@@ -318,8 +318,8 @@ class ChatSession:
                 await asyncio.wait_for(self.transport.send_bytes(bytes([KIND_AUDIO]) + eos), SEND_TIMEOUT)
             await asyncio.wait_for(self.transport.send_bytes(bytes([KIND_ERROR]) + message.encode("utf-8")),
                                    SEND_TIMEOUT)
-        except Exception:  # the client is gone or not reading: close anyway
-            pass
+        except Exception:
+            log.debug("could not send the error message", exc_info=True)
         await self._close(code, message)
 
     async def abandon(self, reason: str) -> None:
@@ -338,10 +338,10 @@ class ChatSession:
             try:
                 await asyncio.wait_for(self.transport.send_bytes(bytes([KIND_AUDIO]) + eos), SEND_TIMEOUT)
             except Exception:
-                pass
+                log.debug("could not send the end of stream", exc_info=True)
         try:
             # WebSocket close reasons are limited to 123 bytes.
             await asyncio.wait_for(self.transport.close(code, reason.encode("utf-8")[:120].decode("utf-8", "ignore")),
                                    SEND_TIMEOUT)
         except Exception:
-            pass
+            log.debug("could not close cleanly", exc_info=True)

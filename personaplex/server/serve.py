@@ -63,6 +63,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                              "0: never)")
     limits.add_argument("--allow-voice-upload", action="store_true",
                         help="let clients upload a voice sample (POST /api/voices) to use as the agent's voice")
+    phone = parser.add_argument_group("phone calls (Twilio Media Streams at /twilio/media-stream)")
+    phone.add_argument("--phone-personas", type=Path, default=None, metavar="FILE",
+                       help="JSON file mapping called numbers and persona names to personas (see the README)")
     add_model_arguments(parser)
     return parser
 
@@ -79,11 +82,16 @@ def run(args: argparse.Namespace) -> None:
         ssl_context, generated = tls_context(args.ssl)
         if generated:
             log.info("generated a self-signed certificate in %s (browsers will ask to accept it once)", args.ssl)
+    phone_personas = None
+    if getattr(args, "phone_personas", None) is not None:  # checked before loading weights, too
+        from ..integrations.twilio import PhonePersonas
+
+        phone_personas = PhonePersonas.load(args.phone_personas)
     hub = ConversationHub.from_args(args)
     if hub.model.untrained:
         log.info("note: the demo model has random, untrained weights: it babbles")
     asyncio.run(serve(hub, host=args.host, port=args.port, static_dir=static_dir, ssl_context=ssl_context,
-                      auth_token=args.auth_token))
+                      auth_token=args.auth_token, phone_personas=phone_personas))
 
 
 def static_folder(value: str | None) -> Path | None:
@@ -107,13 +115,14 @@ class RunningServer:
 
 async def start_server(hub, *, host: str = "localhost", port: int = 0, static_dir: Path | None = DEFAULT_STATIC,
                        ssl_context=None, auth_token: str | None = None,
-                       send_buffer_bytes: int | None = 64 << 10) -> RunningServer:
+                       send_buffer_bytes: int | None = 64 << 10, phone_personas=None) -> RunningServer:
     """Start the hub and listen; returns where. ``host`` is really bound (every interface only for
     0.0.0.0 / ::)."""
     from aiohttp import web
 
     await hub.start()
-    app = build_app(hub, static_dir=static_dir, auth_token=auth_token, send_buffer_bytes=send_buffer_bytes)
+    app = build_app(hub, static_dir=static_dir, auth_token=auth_token, send_buffer_bytes=send_buffer_bytes,
+                    phone_personas=phone_personas)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, host=host, port=port, ssl_context=ssl_context)
