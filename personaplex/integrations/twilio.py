@@ -1,0 +1,343 @@
+"""Phone calls: a bridge for Twilio Media Streams (bidirectional, ``<Connect><Stream>``).
+
+Twilio opens a WebSocket to the server and sends JSON text messages: ``connected``, ``start`` (stream
+and call ids, media format, the ``<Parameter>`` values as ``customParameters``), ``media`` (base64
+G.711 mu-law at 8 kHz, 20 ms per message), ``dtmf``, ``mark`` (echo of ours once played) and ``stop``.
+The bridge answers with ``media`` (the agent's audio, 80 ms per message), ``mark`` and ``clear``.
+
+- Audio: mu-law 8 kHz <-> float32 24 kHz through streaming resamplers (``codecs.py``).
+- Barge-in needs nothing special: the model is full duplex, it hears the caller while it speaks and
+  yields by itself; its audio is sent in real time, so what it stops saying stops being heard within a
+  frame or two.
+- ``clear`` keeps that true when the network stalls: the bridge sends a ``mark`` every few frames and
+  Twilio echoes each once played, so the bridge knows how much audio waits in Twilio's playback buffer.
+  A burst after a stall would leave that backlog (and the delay before the caller hears the agent react)
+  for the rest of the call; past ``MAX_PLAYBACK_BACKLOG_SECONDS`` the bridge sends ``clear`` to drop it.
+- Persona per call: ``customParameters`` ``text_prompt`` / ``voice`` / ``seed`` directly, or ``persona``
+  (a name in the phone persona file), or ``to`` (the called number, looked up in that file's
+  ``numbers``), else the file's ``default``, else the server's default persona. See ``PhonePersonas``.
+- With an auth token on the server the stream must carry ``<Parameter name="token" value="..."/>``.
+- The conversation starts at ``start``; media before its persona is applied is dropped. When the
+  conversation ends (length limit, shutdown) the bridge lets the last audio play, then closes the
+  WebSocket, and Twilio goes on with the TwiML after ``</Connect>``. Malformed messages are logged,
+  counted (``personaplex_errors{kind="twilio_..."}``) and ignored: they never end the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import FRAME_RATE, SAMPLE_RATE
+from ..errors import PersonaplexError
+from ..serving.hub import Conversation, HubBusy, HubClosed, PersonaError, PersonaRequest
+from .codecs import (
+    MULAW_RATE,
+    AudioFormatError,
+    StreamResampler,
+    decode_base64,
+    encode_base64,
+    float_to_pcm16,
+    mulaw_to_pcm16,
+    pcm16_to_float,
+    pcm16_to_mulaw,
+)
+
+log = logging.getLogger("personaplex.integrations.twilio")
+
+FRONT_END = "twilio"
+MARK_EVERY_FRAMES = 5  # a playback mark every 400 ms
+MAX_PLAYBACK_BACKLOG_SECONDS = 1.0
+END_MARK = "personaplex-end"
+MAX_MESSAGE_BYTES = 64 << 10  # a 20 ms media message is about 300 bytes
+SEND_TIMEOUT = 2.0
+
+
+class PhonePersonaError(PersonaplexError):
+    """The phone persona file is missing or malformed."""
+
+
+@dataclass
+class PhonePersonas:
+    """Which persona answers a call. The file (``personaplex serve --phone-personas FILE``) is JSON::
+
+        {
+          "personas": {
+            "support": {"text_prompt": "You work for Acme's help desk...", "voice": "NATF2"},
+            "sales":   {"text_prompt": "You sell Acme's plans...", "voice": "NATM1", "seed": 7}
+          },
+          "numbers": {"+15551230001": "support", "+15551230002": "sales"},
+          "default": "support"
+        }
+
+    A persona holds ``text_prompt``, ``voice`` (a preset name) and optionally the sampling settings
+    ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, ``seed``.
+    """
+
+    personas: dict[str, dict] = field(default_factory=dict)
+    numbers: dict[str, str] = field(default_factory=dict)
+    default: str | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> PhonePersonas:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PhonePersonaError(f"phone persona file not found: {path}") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise PhonePersonaError(f"cannot read the phone persona file {path}: {exc}") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "phone personas") -> PhonePersonas:
+        if not isinstance(data, dict) or set(data) - {"personas", "numbers", "default"}:
+            raise PhonePersonaError(f"{source}: expected an object with 'personas', 'numbers' and 'default'")
+        personas, numbers, default = data.get("personas", {}), data.get("numbers", {}), data.get("default")
+        if not isinstance(personas, dict) or not isinstance(numbers, dict):
+            raise PhonePersonaError(f"{source}: 'personas' and 'numbers' must be objects")
+        for name, persona in personas.items():
+            if not isinstance(persona, dict):
+                raise PhonePersonaError(f"{source}: persona {name!r} must be an object")
+            try:
+                _request(persona)
+            except PhonePersonaError as exc:
+                raise PhonePersonaError(f"{source}: persona {name!r}: {exc}") from None
+        for number, name in list(numbers.items()) + [("default", default)]:
+            if name is not None and name not in personas:
+                raise PhonePersonaError(f"{source}: {number} refers to persona {name!r}, which is not in 'personas'")
+        return cls(personas, {_normalize_number(k): v for k, v in numbers.items()}, default)
+
+    def resolve(self, parameters: Mapping[str, str]) -> PersonaRequest:
+        """The persona for a call's ``customParameters``; raises ``PhonePersonaError``."""
+        base: dict = {}
+        name = parameters.get("persona")
+        if name:
+            if name not in self.personas:
+                raise PhonePersonaError(f"unknown persona {name[:60]!r}: add it to the phone persona file")
+            base = self.personas[name]
+        elif parameters.get("to") and _normalize_number(parameters["to"]) in self.numbers:
+            base = self.personas[self.numbers[_normalize_number(parameters["to"])]]
+        elif self.default is not None:
+            base = self.personas[self.default]
+        overrides = {k: v for k, v in parameters.items() if k in _PERSONA_KEYS}
+        return _request({**base, **overrides})
+
+
+_PERSONA_KEYS = ("text_prompt", "voice", "text_temperature", "text_topk", "audio_temperature", "audio_topk", "seed")
+
+
+def _normalize_number(number: str) -> str:
+    return "".join(c for c in str(number) if c.isdigit() or c == "+")
+
+
+def _request(persona: Mapping) -> PersonaRequest:
+    """A ``PersonaRequest`` from persona fields (strings or numbers), validated like ``/api/chat``."""
+    from ..server.chat_protocol import ProtocolError, request_from_query
+
+    unknown = set(persona) - set(_PERSONA_KEYS)
+    if unknown:
+        raise PhonePersonaError(f"unknown fields {sorted(unknown)}; a persona has {', '.join(_PERSONA_KEYS)}")
+    query = {"voice_prompt" if k == "voice" else k: str(v) for k, v in persona.items() if v is not None}
+    try:
+        return request_from_query(query)
+    except ProtocolError as exc:
+        raise PhonePersonaError(str(exc)) from None
+
+
+class TwilioSession:
+    """One Media Streams WebSocket over a ``MessageTransport``."""
+
+    def __init__(self, hub, transport, *, personas: PhonePersonas | None = None, auth_token: str | None = None):
+        self.hub = hub
+        self.transport = transport
+        self.personas = personas or PhonePersonas()
+        self.auth_token = auth_token
+        self.stream_sid: str | None = None
+        self.call_sid: str | None = None
+        self.conversation: Conversation | None = None
+        self.frames_sent = 0
+        self.frames_played = 0  # by the last mark Twilio echoed
+        self.clears = 0
+        self.dropped_media = 0  # inbound media messages before the persona was applied
+        self._inbound = StreamResampler(MULAW_RATE, SAMPLE_RATE)
+        self._outbound = StreamResampler(SAMPLE_RATE, MULAW_RATE)
+        self._conversation_task: asyncio.Task | None = None
+        self._end_mark_played = asyncio.Event()
+        self._over = asyncio.Event()
+
+    async def run(self) -> None:
+        receiver = asyncio.create_task(self._receive_loop())
+        over = asyncio.create_task(self._over.wait())
+        try:
+            await asyncio.wait({receiver, over}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receiver, over):
+                task.cancel()
+            await asyncio.gather(receiver, over, return_exceptions=True)
+            if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
+                log.error("twilio receive loop failed: %r", receiver.exception())
+                self.hub.metrics.record_error("internal")
+            if self.conversation is not None:
+                await self.conversation.close("client closed")
+            if self._conversation_task is not None:
+                self._conversation_task.cancel()
+                await asyncio.gather(self._conversation_task, return_exceptions=True)
+            with contextlib.suppress(Exception):  # Twilio may be gone already
+                await asyncio.wait_for(self.transport.close(1000, ""), SEND_TIMEOUT)
+
+    # --- from Twilio ------------------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = await self.transport.receive()
+            if message is None:
+                return
+            event = self._parse(message)
+            if event is None:
+                continue
+            kind = event.get("event")
+            if kind == "media":
+                self._media(event)
+            elif kind == "start":
+                self._start(event)
+            elif kind == "mark":
+                self._mark(event)
+            elif kind == "stop":
+                log.info("call %s: stream stopped", self.call_sid)
+                return
+            elif kind in ("connected", "dtmf"):
+                log.debug("twilio %s: %s", kind, event)
+            else:
+                self._bad("unknown_event", f"unknown event {str(kind)[:40]!r}")
+
+    def _parse(self, message: bytes | str) -> dict | None:
+        if isinstance(message, bytes):
+            return self._bad("invalid_message", "binary message")
+        if len(message) > MAX_MESSAGE_BYTES:
+            return self._bad("invalid_message", f"message of {len(message)} bytes")
+        try:
+            event = json.loads(message)
+        except (ValueError, RecursionError):
+            return self._bad("invalid_message", "not JSON")
+        if not isinstance(event, dict):
+            return self._bad("invalid_message", "not a JSON object")
+        return event
+
+    def _bad(self, kind: str, what: str) -> None:
+        log.warning("call %s: ignoring a malformed Media Streams message (%s)", self.call_sid, what)
+        self.hub.metrics.record_error("twilio_" + kind)
+
+    def _start(self, event: dict) -> None:
+        start = event.get("start")
+        if self._conversation_task is not None or not isinstance(start, dict):
+            return self._bad("invalid_start", "a second start message" if self._conversation_task else "no start")
+        self.stream_sid = str(start.get("streamSid") or event.get("streamSid") or "")
+        self.call_sid = str(start.get("callSid") or "")
+        media_format = start.get("mediaFormat") or {}
+        parameters = start.get("customParameters") or {}
+        if not isinstance(parameters, dict):
+            parameters = {}
+        parameters = {str(k): str(v) for k, v in parameters.items()}
+        self._conversation_task = asyncio.create_task(self._converse(media_format, parameters))
+
+    def _media(self, event: dict) -> None:
+        media = event.get("media")
+        if not isinstance(media, dict):
+            return self._bad("invalid_media", "no media object")
+        if media.get("track", "inbound") != "inbound":  # only the caller's audio is for the model
+            return None
+        try:
+            data = decode_base64(media.get("payload"), "media payload")
+        except AudioFormatError as error:
+            return self._bad("invalid_media", str(error))
+        pcm = self._inbound(pcm16_to_float(mulaw_to_pcm16(data)))
+        if self.conversation is not None:
+            self.conversation.send_audio(pcm)
+        else:
+            self.dropped_media += 1
+
+    def _mark(self, event: dict) -> None:
+        name = (event.get("mark") or {}).get("name") if isinstance(event.get("mark"), dict) else None
+        if name == END_MARK:
+            self._end_mark_played.set()
+        elif isinstance(name, str) and name.startswith("frame-") and name[6:].isdigit():
+            self.frames_played = max(self.frames_played, int(name[6:]))
+
+    # --- the conversation -------------------------------------------------------------------------------
+
+    async def _converse(self, media_format: object, parameters: dict[str, str]) -> None:
+        if not isinstance(media_format, dict) or media_format.get("encoding", "audio/x-mulaw") != "audio/x-mulaw" \
+                or int(media_format.get("sampleRate", MULAW_RATE)) != MULAW_RATE:
+            log.error("call %s: unsupported media format %s (expected audio/x-mulaw at 8000 Hz)",
+                      self.call_sid, media_format)
+            self.hub.metrics.record_error("twilio_media_format")
+            return self._over.set()
+        if self.auth_token and not hmac.compare_digest(parameters.get("token", "").encode(), self.auth_token.encode()):
+            log.warning("call %s: refused: missing or wrong token parameter", self.call_sid)
+            self.hub.metrics.record_error("twilio_unauthorized")
+            return self._over.set()
+        try:
+            request = self.personas.resolve(parameters)
+            self.conversation = await self.hub.open(request, front_end=FRONT_END)
+        except (PhonePersonaError, PersonaError, HubBusy, HubClosed) as error:
+            log.error("call %s: cannot start the conversation: %s", self.call_sid, error)
+            self.hub.metrics.record_error({PhonePersonaError: "bad_persona", PersonaError: "bad_persona",
+                                           HubBusy: "busy", HubClosed: "closed"}[type(error)])
+            return self._over.set()
+        log.info("call %s: conversation %s started (slot %d)", self.call_sid, self.conversation.id,
+                 self.conversation.slot)
+        conversation = self.conversation
+        try:
+            async for frame in conversation.frames():
+                if conversation.output_overflow:
+                    break
+                await self._send_audio(frame.pcm)
+            log.info("call %s: conversation ended: %s", self.call_sid, conversation.end_reason)
+            await self._send({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": END_MARK}})
+            backlog = (self.frames_sent - self.frames_played) / FRAME_RATE
+            await asyncio.wait_for(self._end_mark_played.wait(), backlog + SEND_TIMEOUT)
+        except Exception as error:  # noqa: BLE001 - the call is gone or not reading: nothing left to play
+            log.debug("call %s: %r", self.call_sid, error)
+        self._over.set()
+
+    async def _send_audio(self, pcm) -> None:
+        payload = pcm16_to_mulaw(float_to_pcm16(self._outbound(pcm)))
+        await self._send({"event": "media", "streamSid": self.stream_sid, "media": {"payload": encode_base64(payload)}})
+        self.frames_sent += 1
+        if self.frames_sent % MARK_EVERY_FRAMES == 0:
+            await self._send({"event": "mark", "streamSid": self.stream_sid,
+                              "mark": {"name": f"frame-{self.frames_sent}"}})
+        backlog_seconds = (self.frames_sent - self.frames_played) / FRAME_RATE
+        if backlog_seconds > MAX_PLAYBACK_BACKLOG_SECONDS + MARK_EVERY_FRAMES / FRAME_RATE:
+            # Twilio echoes the pending marks when it clears; count them as played now.
+            await self._send({"event": "clear", "streamSid": self.stream_sid})
+            self.clears += 1
+            self.frames_played = self.frames_sent
+            log.info("call %s: cleared %.1f s of playback backlog", self.call_sid, backlog_seconds)
+
+    async def _send(self, message: dict) -> None:
+        await self.transport.send_text(json.dumps(message))
+
+
+async def run_twilio(hub, transport, *, personas: PhonePersonas | None = None,
+                     auth_token: str | None = None) -> None:
+    """Serve one Media Streams WebSocket from upgrade to close. Never raises for client behaviour."""
+    session = TwilioSession(hub, transport, personas=personas, auth_token=auth_token)
+    try:
+        await session.run()
+    except asyncio.CancelledError:
+        if session.conversation is not None:
+            await session.conversation.close("the server is shutting down")
+        raise
+    except Exception:  # a bug must end this call only
+        log.exception("twilio session failed")
+        hub.metrics.record_error("internal")
+        if session.conversation is not None:
+            await session.conversation.close("internal error")
