@@ -7,8 +7,8 @@ reports:
 
 - ``frames``: agent audio frames received (80 ms each, counted from the decoded Opus audio);
 - ``missing``: frames expected for the time streamed but not received;
-- ``late``: frames that arrived more than one frame (80 ms) after a steady 80 ms stream from the first
-  frame would have delivered them: what a listener with an 80 ms playback buffer hears as a gap;
+- ``late``: frames that arrived after a listener with an 80 ms playback buffer needed them (an audible
+  gap); after each, that listener's clock restarts from the late frame, as a real player re-buffers;
 - ``latency p50/p90/p99``: arrival of the agent's k-th frame minus the moment the client sent its
   k-th frame (the server answers frame for frame, so this is the end-to-end delay of the exchange);
 - ``join``: seconds from connecting to the handshake (queueing and persona prefill);
@@ -74,6 +74,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--voice-prompt", default="NATF2", help="voice preset name (default NATF2)")
     parser.add_argument("--token", default=None, help="auth token of the server (sent as ?token=)")
     parser.add_argument("--insecure", action="store_true", help="accept a self-signed certificate (wss://)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="spread the clients over this many processes (for many clients: their own Opus "
+                             "encoding and decoding must not be the bottleneck; default 1)")
     parser.add_argument("--json", type=Path, help="also write the per-client results as JSON here")
     return parser
 
@@ -111,7 +114,7 @@ async def run_client(index: int, url: str, audio: np.ndarray, duration: float, s
     report = ClientReport(index)
     started = time.monotonic()
     send_times: list[float] = []
-    first_arrival: float | None = None
+    anchor: float | None = None  # when the listener's playback clock says frame 0 arrived
     reader = sphn.OpusStreamReader(SAMPLE_RATE)
     writer = sphn.OpusStreamWriter(SAMPLE_RATE)
     frames_to_send = int(duration / FRAME_SECONDS)
@@ -146,10 +149,13 @@ async def run_client(index: int, url: str, audio: np.ndarray, duration: float, s
                     before = report.frames
                     report.received_samples += len(pcm)
                     for k in range(before, report.frames):
-                        if first_arrival is None:
-                            first_arrival = now
-                        if now > first_arrival + (k + 1) * FRAME_SECONDS:
+                        # A listener with an 80 ms playback buffer: a frame later than that is a gap,
+                        # after which the player starts again from this frame (it re-buffers).
+                        if anchor is None:
+                            anchor = now - k * FRAME_SECONDS
+                        if now > anchor + (k + 1) * FRAME_SECONDS:
                             report.late_frames += 1
+                            anchor = now - k * FRAME_SECONDS
                         if k < len(send_times):
                             report.latencies.append(now - send_times[k])
                 elif kind == 0x02:
@@ -165,7 +171,7 @@ async def run_client(index: int, url: str, audio: np.ndarray, duration: float, s
     return report
 
 
-async def run_clients(args: argparse.Namespace) -> list[ClientReport]:
+async def run_clients(args: argparse.Namespace, indices: list[int] | None = None) -> list[ClientReport]:
     audio = load_input(args)
     ssl_context = None
     if args.url.startswith("wss://") and args.insecure:
@@ -174,8 +180,28 @@ async def run_clients(args: argparse.Namespace) -> list[ClientReport]:
         ssl_context = ssl.create_default_context()
         ssl_context.check_hostname = False
         ssl_context.verify_mode = ssl.CERT_NONE
-    tasks = [run_client(i, client_url(args, i), audio, args.duration, ssl_context) for i in range(args.clients)]
+    indices = list(range(args.clients)) if indices is None else indices
+    tasks = [run_client(i, client_url(args, i), audio, args.duration, ssl_context) for i in indices]
     return list(await asyncio.gather(*tasks))
+
+
+def _run_share(args: argparse.Namespace, indices: list[int]) -> list[ClientReport]:
+    return asyncio.run(run_clients(args, indices))
+
+
+def run_all(args: argparse.Namespace) -> list[ClientReport]:
+    """Every client, spread over ``args.processes`` processes so that the callers' own Opus work does not
+    slow them down (one process encodes and decodes about 60 real-time streams per core)."""
+    processes = max(1, min(getattr(args, "processes", 1) or 1, args.clients))
+    if processes == 1:
+        return asyncio.run(run_clients(args))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    shares = [list(range(args.clients))[k::processes] for k in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_run_share, [args] * processes, shares))
+    return sorted((r for share in results for r in share), key=lambda r: r.index)
 
 
 def load_input(args: argparse.Namespace) -> np.ndarray:
@@ -219,7 +245,7 @@ def run(args: argparse.Namespace) -> None:
         raise LoadTestError("--duration must be positive")
     client_url(args, 0)  # validates the URL
     print(f"{args.clients} client(s) streaming {args.duration:g} s each to {args.url}", file=sys.stderr, flush=True)
-    reports = asyncio.run(run_clients(args))
+    reports = run_all(args)
     print(format_table(reports), flush=True)
     if args.json:
         args.json.write_text(json.dumps([

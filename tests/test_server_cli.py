@@ -49,7 +49,7 @@ def test_serve_loadtest_and_graceful_shutdown(tmp_path):
         ws_url = url.replace("http://", "ws://") + "/api/chat"
         report = tmp_path / "load.json"
         load = subprocess.run(
-            [sys.executable, "-m", "personaplex", "loadtest", "--url", ws_url, "-n", "2", "--duration", "2",
+            [sys.executable, "-m", "personaplex", "loadtest", "--url", ws_url, "-n", "2", "--duration", "2", "--processes", "2",
              "--json", str(report)],
             capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
         )
