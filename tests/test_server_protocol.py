@@ -543,3 +543,37 @@ def test_neighbour_unaffected_by_bad_clients(demo_model):
     times = [t for t, kind, _ in together.messages if kind == 0x01][2:]
     gaps = np.diff(times)
     assert len(times) >= frames - 2 and gaps.max() < 1.0, f"longest gap between agent pages {gaps.max():.2f} s"
+
+
+@pytest.mark.slow
+def test_eight_simultaneous_conversations(demo_model):
+    eight = ServerThread(demo_model, max_conversations=8, max_queue=0, input_timeout_seconds=None)
+    busiest = []
+
+    async def scenario():
+        async def caller(index):
+            pages = opus_pages(2.0, seed=index)
+
+            async def send(ws):
+                for page in pages:
+                    await ws.send_bytes(b"\x01" + page)
+                    await asyncio.sleep(0.04)
+
+            return await converse(chat_url(eight.url, seed=index, voice_prompt=f"NATM{index % 4}"), send, frames=30,
+                                  timeout=120)
+
+        callers = asyncio.gather(*(caller(i) for i in range(8)))
+        while not callers.done():
+            busiest.append(eight.hub.load()["slots_busy"])
+            await asyncio.sleep(0.05)
+        return await callers
+
+    try:
+        results = run(asyncio.wait_for(scenario(), 180))
+    finally:
+        eight.stop()
+    assert max(busiest) == 8  # all eight live at once
+    for received in results:
+        assert received.error is None and 0x00 in received.kinds()
+        assert len(received.of(0x01)) >= 30 and received.of(0x02)
+    assert len({tuple(p.decode() for p in r.of(0x02)[:10]) for r in results}) == 8  # eight distinct conversations

@@ -205,3 +205,25 @@ def test_voices_reference_names_and_uploads(demo_model, tmp_path):
             await hub.add_voice_upload(b"RIFF....")
 
     run_hub(demo_model, refused, tick_seconds=0)
+
+
+def test_an_engine_failure_ends_its_conversations_and_the_hub_goes_on(demo_model):
+    async def scenario(hub):
+        first = await hub.open(PersonaRequest("x"), front_end="test")
+        await take(first, 2)
+        real_step = hub.engine.step
+
+        def failing_step(pcm):
+            hub.engine.step = real_step  # fail once
+            raise RuntimeError("injected device failure")
+
+        hub.engine.step = failing_step
+        async for _ in first.frames():
+            pass
+        second = await hub.open(PersonaRequest("x"), front_end="test")
+        frames = await take(second, 3)
+        return first.end_reason, len(frames), hub.metrics.render()
+
+    reason, count, metrics = run_hub(demo_model, scenario, tick_seconds=0.01, input_timeout_seconds=None)
+    assert "internal engine error" in reason and count == 3
+    assert 'personaplex_errors_total{kind="engine"} 1.0' in metrics

@@ -238,6 +238,7 @@ class ConversationHub:
         self._admitted: set[Conversation] = set()
         self._waiting: deque[tuple[asyncio.Future, Callable[[int], None] | None, Conversation]] = deque()
         self._prompts: OrderedDict[tuple, object] = OrderedDict()
+        self._prompts_lock = threading.Lock()  # personas are built in worker threads
         self._upload_dir = tempfile.TemporaryDirectory(prefix="personaplex-voices-")
         # Engine-thread state.
         self._live: dict[int, Conversation] = {}
@@ -441,10 +442,11 @@ class ConversationHub:
 
         voice_path = self._voice_path(request)
         key = (str(voice_path), request.text_prompt)
-        prompt = self._prompts.get(key)
-        if prompt is not None:
-            self._prompts.move_to_end(key)
-            return prompt
+        with self._prompts_lock:
+            prompt = self._prompts.get(key)
+            if prompt is not None:
+                self._prompts.move_to_end(key)
+                return prompt
         lm_config = self.model.lm.config
         try:
             voice = load_voice(voice_path, lm_config, self.model.mimi) if voice_path is not None else None
@@ -453,9 +455,10 @@ class ConversationHub:
             raise PersonaError(str(exc)) from exc
         except PersonaplexError as exc:  # e.g. an uploaded file that is not audio
             raise PersonaError(f"cannot use this voice: {exc}") from exc
-        self._prompts[key] = prompt
-        while len(self._prompts) > 32:
-            self._prompts.popitem(last=False)
+        with self._prompts_lock:
+            self._prompts[key] = prompt
+            while len(self._prompts) > 32:
+                self._prompts.popitem(last=False)
         return prompt
 
     def _voice_path(self, request: PersonaRequest) -> Path | None:
