@@ -1,0 +1,379 @@
+"""The OpenAI-Realtime-style endpoint against a real running server (demo model), driven by the official
+``openai`` Python SDK's realtime clients (GA ``client.realtime`` and beta ``client.beta.realtime``): session
+configuration, audio in, audio and transcript deltas out, error events for what a full-duplex model cannot
+do, and a neighbouring session unaffected by another's bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+
+FRAME = 1920  # 80 ms at 24 kHz
+FRAME_BYTES = 2 * FRAME
+
+
+# --- a real server in a background thread ------------------------------------------------------------------
+
+
+class ServerThread:
+    """A hub and the aiohttp server on their own event loop in a thread, as in production."""
+
+    def __init__(self, model, server_options: dict | None = None, **hub_options):
+        from personaplex.serving import ConversationHub, HubOptions
+
+        self.hub = ConversationHub(model, HubOptions(**hub_options))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.call(self._start(server_options or {}))
+        self.http = f"http://127.0.0.1:{self.server.port}"
+        self.ws = f"ws://127.0.0.1:{self.server.port}"
+
+    async def _start(self, options):
+        from personaplex.server.serve import start_server
+
+        return await start_server(self.hub, host="127.0.0.1", port=0, static_dir=None, **options)
+
+    def call(self, coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def metrics(self) -> str:
+        return self.hub.metrics.render()
+
+    def stop(self) -> None:
+        from personaplex.server.serve import stop_server
+
+        self.call(stop_server(self.server, self.hub))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from personaplex.demo import demo_assets
+    from personaplex.loading import load_model
+
+    return load_model(demo_assets(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(demo_model):
+    running = ServerThread(demo_model, max_conversations=3, max_queue=0, input_timeout_seconds=None)
+    yield running
+    running.stop()
+
+
+# --- client helpers ----------------------------------------------------------------------------------------
+
+
+def client_for(server: ServerThread, api_key: str = "unused", *, websocket_base_url: bool = False):
+    """An SDK client for the server: the GA client derives ws:// from an http:// ``base_url``; the beta
+    client always assumes wss:// unless ``websocket_base_url`` is given."""
+    return openai.AsyncOpenAI(api_key=api_key, base_url=f"{server.http}/v1", max_retries=0,
+                              websocket_base_url=f"{server.ws}/v1" if websocket_base_url else None)
+
+
+def voice_like_pcm16(seconds: float, seed: int = 0) -> bytes:
+    """24 kHz PCM16 of a harmonic, pitch-gliding signal with a syllable envelope (a stand-in for speech)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 24000)) / 24000
+    phase = 2 * np.pi * np.cumsum(160 + 40 * np.sin(2 * np.pi * 0.8 * t)) / 24000
+    voice = sum(np.sin(k * phase) / k for k in range(1, 10)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) ** 2
+    samples = 0.15 * voice + 0.005 * rng.standard_normal(len(t))
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def stream_audio(connection, pcm: bytes, chunk_frames: int = 1) -> None:
+    """Append audio at real-time pace, ``chunk_frames`` x 80 ms per event."""
+    start = time.monotonic()
+    step = chunk_frames * FRAME_BYTES
+    for index, offset in enumerate(range(0, len(pcm), step)):
+        await connection.input_audio_buffer.append(audio=base64.b64encode(pcm[offset:offset + step]).decode())
+        delay = start + (index + 1) * chunk_frames * 0.08 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def collect(connection, events: list, stop: asyncio.Event) -> None:
+    """Receive parsed SDK events until ``stop`` is set or the connection closes."""
+    while not stop.is_set():
+        try:
+            event = await asyncio.wait_for(connection.recv(), 0.2)
+        except asyncio.TimeoutError:
+            continue
+        except Exception:  # noqa: BLE001 - the connection closed
+            return
+        events.append(event)
+
+
+def of_type(events: list, kind: str) -> list:
+    return [e for e in events if e.type == kind]
+
+
+# --- GA client ---------------------------------------------------------------------------------------------
+
+
+def test_ga_client_session_update_audio_in_audio_and_transcript_out(server):
+    async def scenario():
+        client = client_for(server)
+        async with client.realtime.connect(model="personaplex") as connection:
+            created = await asyncio.wait_for(connection.recv(), 10)
+            assert created.type == "session.created"
+            assert created.session.audio.output.format.type == "audio/pcm"
+            assert created.session.audio.input.turn_detection is None  # full duplex: no server VAD turns
+
+            await connection.session.update(session={
+                "type": "realtime", "instructions": "You answer calls for a bakery. You are cheerful.",
+                "audio": {"output": {"voice": "NATM1"},
+                          "input": {"turn_detection": {"type": "server_vad"}}},
+            })
+            updated = await asyncio.wait_for(connection.recv(), 30)
+            assert updated.type == "session.updated", updated
+            assert updated.session.instructions == "You answer calls for a bakery. You are cheerful."
+            assert updated.session.audio.output.voice == "NATM1"
+            assert updated.session.audio.input.turn_detection is None  # accepted, reported as what it is
+
+            events: list = []
+            stop = asyncio.Event()
+            receiver = asyncio.create_task(collect(connection, events, stop))
+            started = time.monotonic()
+            await stream_audio(connection, voice_like_pcm16(2.4))
+            await asyncio.sleep(0.3)
+            stop.set()
+            await receiver
+            return events, time.monotonic() - started
+
+    events, seconds = asyncio.run(scenario())
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.output_item.added", "response.content_part.added"]
+    audio = of_type(events, "response.output_audio.delta")
+    # The first audio starts the conversation; from then on the agent's audio flows at one 80 ms frame
+    # per 80 ms (the 2.4 s streamed are 30 frames).
+    assert 22 <= len(audio) <= seconds / 0.08 + 2, (len(audio), seconds)
+    for event in audio:
+        assert len(base64.b64decode(event.delta)) == FRAME_BYTES  # 80 ms of PCM16 at 24 kHz
+        assert event.response_id == events[0].response.id
+    samples = np.frombuffer(b"".join(base64.b64decode(e.delta) for e in audio), dtype="<i2")
+    assert np.abs(samples).max() > 0  # real audio, not padding
+    transcript = of_type(events, "response.output_audio_transcript.delta")
+    assert transcript and all(isinstance(e.delta, str) and e.delta for e in transcript)
+    assert not of_type(events, "error")
+
+
+def test_unknown_and_unsupported_events_get_error_events_and_the_session_goes_on(server):
+    async def scenario():
+        client = client_for(server)
+        async with client.realtime.connect(model="personaplex") as connection:
+            await asyncio.wait_for(connection.recv(), 10)  # session.created
+            events: list = []
+            stop = asyncio.Event()
+            receiver = asyncio.create_task(collect(connection, events, stop))
+            streamer = asyncio.create_task(stream_audio(connection, voice_like_pcm16(2.0, seed=3)))
+            await asyncio.sleep(0.5)
+            await connection.send_raw(json.dumps({"type": "no.such.event", "event_id": "evt_client_1"}))
+            await connection.send_raw("{not json")
+            await connection.response.cancel()
+            await connection.send_raw(json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"}))
+            await connection.conversation.item.create(item={
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]})
+            await connection.session.update(session={"type": "realtime", "instructions": "Someone else."})
+            await connection.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+            before = len(of_type(events, "response.output_audio.delta"))
+            await streamer
+            await asyncio.sleep(0.3)
+            stop.set()
+            await receiver
+            return events, before
+
+    events, audio_before_errors = asyncio.run(scenario())
+    errors = [e.error for e in of_type(events, "error")]
+    codes = [e.code for e in errors]
+    assert codes == ["unknown_event", "invalid_json", "unsupported_event", "invalid_audio",
+                     "text_turns_not_supported", "session_already_started", "unsupported_modalities"], codes
+    assert errors[0].event_id == "evt_client_1" and errors[0].type == "invalid_request_error"
+    assert "response.cancel" in errors[2].message
+    assert "audio" in errors[4].message  # says why: the model hears the user only as audio
+    assert len(of_type(events, "session.updated")) == 2  # the rest of each update still answered
+    # Audio kept flowing after the errors.
+    assert len(of_type(events, "response.output_audio.delta")) >= audio_before_errors + 10
+
+
+def test_a_bad_persona_is_reported_at_session_update(server):
+    async def scenario():
+        client = client_for(server)
+        async with client.realtime.connect(model="personaplex") as connection:
+            await asyncio.wait_for(connection.recv(), 10)
+            await connection.session.update(session={"type": "realtime", "instructions": "Be brief.",
+                                                     "audio": {"output": {"voice": "alloy"}}})
+            error = await asyncio.wait_for(connection.recv(), 30)
+            updated = await asyncio.wait_for(connection.recv(), 10)
+            await connection.session.update(session={"type": "realtime", "sampling": {"text_topk": 0}})
+            sampling_error = await asyncio.wait_for(connection.recv(), 10)
+            await asyncio.wait_for(connection.recv(), 10)
+            return error, updated, sampling_error
+
+    error, updated, sampling_error = asyncio.run(scenario())
+    assert error.type == "error" and error.error.code == "invalid_persona"
+    assert "alloy" in error.error.message and "NATF2" in error.error.message  # lists the presets
+    assert error.error.param == "session.voice"
+    assert updated.type == "session.updated"
+    assert updated.session.audio.output.voice == "NATF2"  # the default voice stays
+    assert sampling_error.error.code == "invalid_value" and "text_topk" in sampling_error.error.message
+
+
+# --- beta client -------------------------------------------------------------------------------------------
+
+
+def test_beta_client_gets_beta_event_names_and_mulaw_audio(server):
+    async def scenario():
+        client = client_for(server, websocket_base_url=True)
+        async with client.beta.realtime.connect(model="personaplex") as connection:
+            created = await asyncio.wait_for(connection.recv(), 10)
+            await connection.session.update(session={
+                "instructions": "You enjoy having a good conversation.", "voice": "NATF2", "temperature": 0.9,
+                "input_audio_format": "pcm16", "output_audio_format": "g711_ulaw", "turn_detection": None})
+            updated = await asyncio.wait_for(connection.recv(), 30)
+            events: list = []
+            stop = asyncio.Event()
+            receiver = asyncio.create_task(collect(connection, events, stop))
+            await stream_audio(connection, voice_like_pcm16(1.6, seed=5), chunk_frames=2)
+            await asyncio.sleep(0.3)
+            stop.set()
+            await receiver
+            return created, updated, events
+
+    created, updated, events = asyncio.run(scenario())
+    assert created.type == "session.created" and created.session.input_audio_format == "pcm16"
+    assert updated.type == "session.updated"
+    assert updated.session.output_audio_format == "g711_ulaw"
+    assert updated.session.temperature == pytest.approx(0.9)
+    assert updated.session.voice == "NATF2"
+    audio = of_type(events, "response.audio.delta")
+    assert len(audio) >= 10
+    assert all(len(base64.b64decode(e.delta)) == 640 for e in audio)  # 80 ms of mu-law at 8 kHz
+    assert of_type(events, "response.audio_transcript.delta")
+    assert not of_type(events, "response.output_audio.delta")
+
+
+# --- isolation, limits, auth, metrics ----------------------------------------------------------------------
+
+
+def test_a_session_is_unaffected_by_another_sessions_bad_input(server):
+    async def bad_client():
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/v1/realtime") as ws:
+            await ws.receive()
+            pcm = voice_like_pcm16(1.0, seed=9)
+            for offset in range(0, len(pcm), FRAME_BYTES):
+                await ws.send_str(json.dumps({"type": "input_audio_buffer.append",
+                                              "audio": base64.b64encode(pcm[offset:offset + FRAME_BYTES]).decode()}))
+                await ws.send_bytes(b"\x00\xff" * 100)
+                await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "AAA"}))  # odd PCM16
+                await ws.send_str(json.dumps([1, 2, 3]))
+                await ws.send_str("x" * ((1 << 20) + 1))  # over the event size limit
+                await asyncio.sleep(0.08)
+            errors = []
+            while True:
+                message = await ws.receive(timeout=5)
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    break
+                event = json.loads(message.data)
+                if event["type"] == "error":
+                    errors.append(event["error"]["code"])
+                if len(errors) >= 4 * 12:
+                    break
+            return errors
+
+    async def good_client():
+        client = client_for(server)
+        async with client.realtime.connect(model="personaplex") as connection:
+            await asyncio.wait_for(connection.recv(), 10)
+            events: list = []
+            stop = asyncio.Event()
+            receiver = asyncio.create_task(collect(connection, events, stop))
+            await stream_audio(connection, voice_like_pcm16(2.0, seed=1))
+            await asyncio.sleep(0.3)
+            stop.set()
+            await receiver
+            return events
+
+    async def both():
+        return await asyncio.gather(bad_client(), good_client())
+
+    bad_errors, good_events = asyncio.run(both())
+    assert set(bad_errors) == {"invalid_message", "invalid_audio", "invalid_event", "event_too_large"}
+    assert not of_type(good_events, "error")
+    assert len(of_type(good_events, "response.output_audio.delta")) >= 18
+
+
+def test_full_server_says_busy(demo_model):
+    small = ServerThread(demo_model, max_conversations=1, max_queue=0, input_timeout_seconds=None)
+
+    async def scenario():
+        client = client_for(small)
+        async with client.realtime.connect(model="personaplex") as first:
+            await first.recv()
+            await first.input_audio_buffer.append(audio=base64.b64encode(b"\x00" * FRAME_BYTES).decode())
+            while (await asyncio.wait_for(first.recv(), 30)).type != "response.created":
+                pass
+            async with aiohttp.ClientSession() as http, http.ws_connect(f"{small.ws}/v1/realtime") as ws:
+                await ws.receive_json()
+                await ws.send_json({"type": "response.create"})
+                busy = await ws.receive_json(timeout=10)
+                closing = await ws.receive(timeout=10)
+                return busy, closing, ws.close_code
+
+    try:
+        busy, closing, code = asyncio.run(scenario())
+    finally:
+        small.stop()
+    assert busy["type"] == "error" and busy["error"]["code"] == "server_busy"
+    assert "busy" in busy["error"]["message"]
+    assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and code == 1013
+
+
+def test_auth_token_is_the_api_key(demo_model):
+    guarded = ServerThread(demo_model, {"auth_token": "s3cret"}, max_conversations=1, input_timeout_seconds=None)
+
+    async def connect(api_key):
+        async with client_for(guarded, api_key).realtime.connect(model="personaplex") as connection:
+            return (await asyncio.wait_for(connection.recv(), 10)).type
+
+    try:
+        assert asyncio.run(connect("s3cret")) == "session.created"
+        with pytest.raises(Exception, match="401"):
+            asyncio.run(connect("wrong"))
+    finally:
+        guarded.stop()
+
+
+def test_metrics_count_realtime_sessions(server):
+    before = metric_value(server.metrics(), "personaplex_sessions_total", front_end="realtime")
+
+    async def one_session():
+        async with client_for(server).realtime.connect(model="personaplex") as connection:
+            await connection.recv()
+            await connection.input_audio_buffer.append(audio=base64.b64encode(b"\x00" * FRAME_BYTES).decode())
+            while (await asyncio.wait_for(connection.recv(), 30)).type != "response.output_audio.delta":
+                pass
+
+    asyncio.run(one_session())
+    text = server.metrics()
+    assert metric_value(text, "personaplex_sessions_total", front_end="realtime") == before + 1
+    assert 'personaplex_sessions_total{front_end="realtime"}' in text
