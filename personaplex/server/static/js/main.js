@@ -23,6 +23,7 @@ const debug = {
   serverErrors: [],
   stats: { playback: null, microphone: null },
   counters: null,
+  sentSeconds: null,
   transcript: () => $("transcript").textContent,
 };
 window.personaplex = debug;
@@ -340,6 +341,7 @@ function onSessionState(state, detail) {
 }
 
 function onSessionClosed({ code, serverError, localError, wasConnected }) {
+  debug.sentSeconds = session.sentSeconds; // the whole microphone stream, final packet included
   if (localError) notify("connection", localError);
   else if (!serverError && code !== 1000 && code !== 1001) {
     notify(
