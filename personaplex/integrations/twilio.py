@@ -291,8 +291,9 @@ class TwilioSession:
             self.hub.metrics.record_error({PhonePersonaError: "bad_persona", PersonaError: "bad_persona",
                                            HubBusy: "busy", HubClosed: "closed"}[type(error)])
             return self._over.set()
-        log.info("call %s: conversation %s started (slot %d)", self.call_sid, self.conversation.id,
-                 self.conversation.slot)
+        log.info("call %s: conversation %s started (slot %d, voice %s, prompt %r)", self.call_sid,
+                 self.conversation.id, self.conversation.slot, request.voice or self.hub.options.default_voice,
+                 request.text_prompt[:60])
         conversation = self.conversation
         try:
             async for frame in conversation.frames():

@@ -1,0 +1,248 @@
+"""The Twilio Media Streams bridge against a real running server (demo model): a client replays the
+documented message sequence (``connected``, ``start`` with ``customParameters``, 20 ms ``media`` of real
+G.711 mu-law audio at real-time pace, ``mark`` echoes, ``stop``) and checks the agent's ``media``, ``mark``
+and ``clear`` messages, persona mapping per number and per call, the token, malformed messages and the
+end of a conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+from test_realtime import ServerThread, metric_value
+from test_twilio_codecs import speech_like
+
+from personaplex.integrations.codecs import float_to_pcm16, mulaw_to_pcm16, pcm16_to_mulaw
+from personaplex.integrations.twilio import PhonePersonaError, PhonePersonas
+
+PERSONAS = {
+    "personas": {
+        "support": {"text_prompt": "You work for Acme's help desk.", "voice": "NATF2"},
+        "sales": {"text_prompt": "You sell Acme's phone plans.", "voice": "NATM1", "seed": 7},
+    },
+    "numbers": {"+1 (555) 123-0002": "sales"},
+    "default": "support",
+}
+STREAM_SID = "MZ0123456789abcdef0123456789abcdef"
+CALL_SID = "CA0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from personaplex.demo import demo_assets
+    from personaplex.loading import load_model
+
+    return load_model(demo_assets(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(demo_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("phone") / "personas.json"
+    path.write_text(json.dumps(PERSONAS))
+    running = ServerThread(demo_model, {"phone_personas": path}, max_conversations=3, max_queue=0,
+                           input_timeout_seconds=None)
+    yield running
+    running.stop()
+
+
+# --- a client that behaves like Twilio ---------------------------------------------------------------------
+
+
+def caller_audio(seconds: float, seed: int = 0) -> bytes:
+    """What a caller's phone sends: speech-like audio, G.711 mu-law at 8 kHz."""
+    return pcm16_to_mulaw(float_to_pcm16(speech_like(seconds, 8000, seed)))
+
+
+class Call:
+    """Replays Twilio's side of a bidirectional Media Stream and records what the server sends."""
+
+    def __init__(self, url: str, parameters: dict[str, str] | None = None, *, echo_marks: bool = True):
+        self.url = url
+        self.parameters = parameters or {}
+        self.echo_marks = echo_marks
+        self.received: list[tuple[float, dict]] = []
+        self.close_code: int | None = None
+        self.sequence = 0
+
+    def of(self, event: str) -> list[dict]:
+        return [m for _, m in self.received if m.get("event") == event]
+
+    def message(self, event: str, **fields) -> str:
+        self.sequence += 1
+        return json.dumps({"event": event, "sequenceNumber": str(self.sequence), **fields})
+
+    async def run(self, audio: bytes, *, extra: list[str] = (), hang_up: bool = True, linger: float = 0.4) -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(self.url) as ws:
+            reader = asyncio.create_task(self._read(ws))
+            await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+            await ws.send_str(self.message("start", streamSid=STREAM_SID, start={
+                "accountSid": "AC0123456789abcdef0123456789abcdef", "streamSid": STREAM_SID, "callSid": CALL_SID,
+                "tracks": ["inbound"], "customParameters": self.parameters,
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}))
+            for text in extra:
+                await ws.send_str(text)
+            start = time.monotonic()
+            for chunk, offset in enumerate(range(0, len(audio), 160)):  # 20 ms per message, in real time
+                if ws.closed:
+                    break
+                await ws.send_str(self.message("media", streamSid=STREAM_SID, media={
+                    "track": "inbound", "chunk": str(chunk + 1), "timestamp": str(chunk * 20),
+                    "payload": base64.b64encode(audio[offset:offset + 160]).decode()}))
+                delay = start + (chunk + 1) * 0.02 - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await asyncio.sleep(linger)
+            if hang_up and not ws.closed:
+                await ws.send_str(self.message("stop", streamSid=STREAM_SID,
+                                               stop={"accountSid": "AC0", "callSid": CALL_SID}))
+            await asyncio.wait_for(reader, 10)
+
+    async def _read(self, ws) -> None:
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                break
+            data = json.loads(message.data)
+            self.received.append((time.monotonic(), data))
+            if data.get("event") == "mark" and self.echo_marks:
+                # Twilio plays what it was sent in real time; the mark comes back once the audio before it
+                # has played. Playback here keeps up, so it comes back at once.
+                await ws.send_str(self.message("mark", streamSid=STREAM_SID, mark=data["mark"]))
+        self.close_code = ws.close_code
+
+    def agent_audio(self) -> np.ndarray:
+        return mulaw_to_pcm16(b"".join(base64.b64decode(m["media"]["payload"]) for m in self.of("media")))
+
+
+def url_of(server: ServerThread) -> str:
+    return f"{server.ws}/twilio/media-stream"
+
+
+# --- the call ----------------------------------------------------------------------------------------------
+
+
+def test_a_call_replayed_with_real_mulaw_audio(server, caplog):
+    caplog.set_level(logging.INFO, logger="personaplex.integrations.twilio")
+    call = Call(url_of(server), {"to": "+15551230002", "FirstName": "Jane"})
+    before = server.metrics()
+    asyncio.run(call.run(caller_audio(2.0)))
+    after = server.metrics()
+
+    media = call.of("media")
+    assert all(m["streamSid"] == STREAM_SID for _, m in call.received)
+    # Full duplex: the agent's audio flows while the caller talks, one 80 ms message per model frame.
+    assert 20 <= len(media) <= 2.4 / 0.08 + 2, len(media)
+    assert all(len(base64.b64decode(m["media"]["payload"])) == 640 for m in media)  # 80 ms at 8 kHz
+    assert np.abs(call.agent_audio()).max() > 0
+    marks = [m["mark"]["name"] for m in call.of("mark")]
+    assert marks and all(name.startswith("frame-") for name in marks)
+    assert not call.of("clear")  # playback kept up: no backlog to drop
+    assert call.close_code == 1000
+    # The called number picked the persona of the file.
+    assert "voice NATM1, prompt \"You sell Acme's phone plans.\"" in caplog.text
+    sessions = [metric_value(m, "personaplex_sessions_total", front_end="twilio") for m in (before, after)]
+    assert sessions[1] == sessions[0] + 1
+    # The model heard the caller: the frames it stepped were fed from the call's audio, not filled with
+    # silence (underruns happen only before the first media and after the last).
+    underruns = [metric_value(m, "personaplex_input_underrun_frames_total") for m in (before, after)]
+    assert underruns[1] - underruns[0] <= 8, underruns
+
+
+def test_per_call_parameters_override_the_file(server, caplog):
+    caplog.set_level(logging.INFO, logger="personaplex.integrations.twilio")
+    asyncio.run(Call(url_of(server), {"persona": "sales", "voice": "VARF1"}).run(caller_audio(0.3), linger=0.2))
+    assert "voice VARF1, prompt \"You sell Acme's phone plans.\"" in caplog.text
+    caplog.clear()
+    asyncio.run(Call(url_of(server), {"to": "+15550000000"}).run(caller_audio(0.3), linger=0.2))
+    assert "voice NATF2, prompt \"You work for Acme's help desk.\"" in caplog.text  # the file's default
+
+
+def test_a_playback_backlog_is_cleared(server):
+    # A "Twilio" that never reports playback: the audio it holds grows by 80 ms per frame.
+    call = Call(url_of(server), echo_marks=False)
+    asyncio.run(call.run(caller_audio(2.4)))
+    clears = call.of("clear")
+    assert clears and clears[0]["streamSid"] == STREAM_SID
+    kinds = [m["event"] for _, m in call.received]
+    first_clear = kinds.index("clear")
+    assert 15 <= kinds[:first_clear].count("media") <= 22  # after about 1.4 s of unplayed audio
+
+
+def test_malformed_messages_are_ignored_and_do_not_disturb_other_calls(server):
+    junk = ["{not json", json.dumps([1, 2]), json.dumps({"event": "media", "media": {"payload": "%%%"}}),
+            json.dumps({"event": "media"}), json.dumps({"event": "surprise"}),
+            json.dumps({"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": "5"}}),
+            json.dumps({"event": "start", "start": {"streamSid": "MZother"}})]
+    bad, good = Call(url_of(server)), Call(url_of(server))
+    errors_before = server.metrics()
+
+    async def both():
+        await asyncio.gather(bad.run(caller_audio(1.6, seed=1), extra=junk * 3),
+                             good.run(caller_audio(1.6, seed=2)))
+
+    asyncio.run(both())
+    for call in (bad, good):
+        assert len(call.of("media")) >= 15 and call.close_code == 1000
+    after = server.metrics()
+    for kind in ("twilio_invalid_message", "twilio_invalid_media", "twilio_unknown_event", "twilio_invalid_start"):
+        assert metric_value(after, "personaplex_errors_total", kind=kind) > metric_value(
+            errors_before, "personaplex_errors_total", kind=kind), kind
+
+
+def test_a_refused_call_gets_no_audio(server, demo_model):
+    unknown = Call(url_of(server), {"persona": "nobody"})
+    asyncio.run(unknown.run(caller_audio(0.4), hang_up=False))
+    assert not unknown.of("media") and unknown.close_code == 1000
+
+    guarded = ServerThread(demo_model, {"auth_token": "s3cret"}, max_conversations=1, input_timeout_seconds=None)
+    try:
+        refused, accepted = Call(url_of(guarded)), Call(url_of(guarded), {"token": "s3cret"})
+        asyncio.run(refused.run(caller_audio(0.4), hang_up=False))
+        asyncio.run(accepted.run(caller_audio(0.6)))
+    finally:
+        guarded.stop()
+    assert not refused.of("media")
+    assert accepted.of("media")
+
+
+def test_the_end_of_a_conversation_lets_the_last_audio_play_then_closes(demo_model):
+    short = ServerThread(demo_model, max_conversations=1, max_conversation_seconds=0.8, input_timeout_seconds=None)
+    try:
+        call = Call(url_of(short))
+        asyncio.run(call.run(caller_audio(1.6), hang_up=False))
+    finally:
+        short.stop()
+    assert len(call.of("media")) == 10  # 0.8 s of agent audio
+    last = call.received[-1][1]
+    assert last["event"] == "mark" and last["mark"]["name"] == "personaplex-end"
+    assert call.close_code == 1000
+
+
+# --- the persona file --------------------------------------------------------------------------------------
+
+
+def test_phone_persona_file_resolution_and_errors(tmp_path):
+    personas = PhonePersonas.from_dict(PERSONAS)
+    assert personas.resolve({"to": "+15551230002"}).voice == "NATM1"
+    assert personas.resolve({"to": "+15551230002"}).sampling.seed == 7
+    assert personas.resolve({}).text_prompt == "You work for Acme's help desk."
+    assert personas.resolve({"text_prompt": "Hi", "seed": "3"}).sampling.seed == 3
+    assert PhonePersonas().resolve({}).voice is None  # no file: the server's default persona
+    with pytest.raises(PhonePersonaError, match="unknown persona 'x'"):
+        personas.resolve({"persona": "x"})
+    with pytest.raises(PhonePersonaError, match="text_topk"):
+        personas.resolve({"text_topk": "0"})
+    with pytest.raises(PhonePersonaError, match="not in 'personas'"):
+        PhonePersonas.from_dict({"personas": {}, "numbers": {"+1": "ghost"}})
+    with pytest.raises(PhonePersonaError, match="unknown fields"):
+        PhonePersonas.from_dict({"personas": {"a": {"prompt": "typo"}}})
+    with pytest.raises(PhonePersonaError, match="not found"):
+        PhonePersonas.load(tmp_path / "missing.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(PhonePersonaError, match="broken.json"):
+        PhonePersonas.load(tmp_path / "broken.json")
