@@ -144,6 +144,7 @@ class ChatSession:
         self.writer = OpusPageWriter()
         self._reader = None
         self._closed = False
+        self._pending_sends: set[asyncio.Task] = set()
 
     async def run(self, query: Mapping[str, str], voice_audio: bytes | None) -> None:
         try:
@@ -153,7 +154,8 @@ class ChatSession:
             return await self.fail(str(error), error.code)
         if voice_audio is not None:
             request = PersonaRequest(request.text_prompt, None, voice_audio, request.sampling)
-        await self._send_metadata(self._welcome(request))
+        if not await self._try_send(bytes([KIND_METADATA]) + json.dumps(self._welcome(request)).encode("utf-8")):
+            return await self._close(CLOSE_NORMAL, "")
 
         receiver = asyncio.create_task(self._receive())
         opener = asyncio.create_task(self.hub.open(request, front_end=self.front_end,
@@ -173,12 +175,17 @@ class ChatSession:
                 CLOSE_TRY_AGAIN if isinstance(error, HubBusy) else CLOSE_GOING_AWAY
             return await self.fail(str(error), code)
         conversation = self.conversation
-        await self.transport.send_bytes(bytes([KIND_HANDSHAKE]))
-        await self._send_metadata({
+        started = {
             "conversation_id": conversation.id, "slot": conversation.slot,
             "max_conversation_seconds": round(conversation.max_frames * 0.08, 2),
             "cached_persona": conversation.cached_persona,
-        })
+        }
+        if not (await self._try_send(bytes([KIND_HANDSHAKE]))
+                and await self._try_send(bytes([KIND_METADATA]) + json.dumps(started).encode("utf-8"))):
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+            await conversation.close("the client left")
+            return await self._close(CLOSE_NORMAL, "")
 
         sender = asyncio.create_task(self._send_frames(conversation))
         ended = asyncio.create_task(conversation.ended())
@@ -187,6 +194,13 @@ class ChatSession:
             ended.cancel()
             await self._finish_receiver(receiver, sender)
             return
+        if sender.done() and conversation.end_reason is None:  # sending failed: the connection is gone
+            log.debug("sending to the client failed: %r", sender.exception())
+            await conversation.close("the connection to the client was lost")
+            receiver.cancel()
+            ended.cancel()
+            await asyncio.gather(receiver, ended, return_exceptions=True)
+            return await self._close(CLOSE_NORMAL, "")
         # The hub ended the conversation (or sending failed): let the last frames out, then say why.
         if not sender.done():
             await asyncio.wait({sender}, timeout=SEND_TIMEOUT)
@@ -297,14 +311,18 @@ class ChatSession:
 
     def _queue_position(self, position: int) -> None:
         message = {"queue_position": position, "queued": self.hub.load()["queued"]}
-        asyncio.ensure_future(self._send_metadata(message, quiet=True))
+        task = asyncio.ensure_future(self._try_send(bytes([KIND_METADATA]) + json.dumps(message).encode("utf-8")))
+        self._pending_sends.add(task)
+        task.add_done_callback(self._pending_sends.discard)
 
-    async def _send_metadata(self, data: dict, quiet: bool = False) -> None:
+    async def _try_send(self, data: bytes) -> bool:
+        """Send; False when the client is gone (the receive side will notice and end the session)."""
         try:
-            await self.transport.send_bytes(bytes([KIND_METADATA]) + json.dumps(data).encode("utf-8"))
+            await self.transport.send_bytes(data)
         except Exception:
-            if not quiet:
-                raise
+            log.debug("sending to the client failed", exc_info=True)
+            return False
+        return True
 
     # --- ending ----------------------------------------------------------------------------------------
 
