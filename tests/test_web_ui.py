@@ -74,7 +74,6 @@ def browser(tmp_path_factory):
             args=[
                 "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={microphone}",
-                "--autoplay-policy=no-user-gesture-required",
                 f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1",
             ],
         )

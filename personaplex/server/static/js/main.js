@@ -13,6 +13,7 @@ const SAMPLING_DEFAULTS = { text_temperature: "0.7", text_topk: "25", audio_temp
 const SAMPLING_FIELDS = { text_temperature: "text-temperature", text_topk: "text-topk",
   audio_temperature: "audio-temperature", audio_topk: "audio-topk", seed: "seed" };
 const TRANSCRIPT_PAUSE_MS = 1500; // a gap this long between text pieces starts a new paragraph
+const AUDIO_START_TIMEOUT_MS = 5000;
 
 // Read-only view of the page's state for people debugging in the console (and for automated tests).
 const debug = {
@@ -255,7 +256,7 @@ async function startConversation(event) {
   try {
     await prepareUpload();
     audioContext = new AudioContext({ latencyHint: "interactive" });
-    await audioContext.resume();
+    await startAudioOutput(audioContext);
     await audioContext.audioWorklet.addModule(new URL("./worklets/capture-worklet.js", import.meta.url));
     await audioContext.audioWorklet.addModule(new URL("./worklets/playback-worklet.js", import.meta.url));
     encoderConfig = await chooseEncoderConfig();
@@ -273,6 +274,15 @@ async function startConversation(event) {
     return;
   }
   beginSession(audioContext, microphone, encoderConfig);
+}
+
+// A browser with no usable audio output never resolves resume(): say so instead of hanging.
+async function startAudioOutput(context) {
+  const timeout = new Promise((resolve) => setTimeout(resolve, AUDIO_START_TIMEOUT_MS));
+  await Promise.race([context.resume(), timeout]);
+  if (context.state !== "running") {
+    throw new Error("the browser could not start audio output; check that a speaker or headset is available");
+  }
 }
 
 async function openMicrophone() {
