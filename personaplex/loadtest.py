@@ -66,7 +66,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.description = ("Run N concurrent synthetic callers against a running server, streaming real Ogg/Opus "
                           "at real-time pace, and report received, missing and late frames, latency and errors.")
     parser.epilog = "example: personaplex loadtest --url ws://localhost:8998/api/chat -n 8 --duration 30"
-    parser.add_argument("--url", required=True, help="the server's /api/chat WebSocket URL (ws:// or wss://)")
+    parser.add_argument("--url", required=True, help="the server's /api/chat WebSocket URL (ws:// or wss://), "
+                        "or its /v1/realtime URL to drive the Realtime-style endpoint")
     parser.add_argument("-n", "--clients", type=int, default=4, help="concurrent callers (default 4)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds each caller streams (default 20)")
     parser.add_argument("--input-wav", type=Path, help="user audio to stream, looped (default: a synthetic voice)")
@@ -181,7 +182,10 @@ async def run_clients(args: argparse.Namespace, indices: list[int] | None = None
         ssl_context.check_hostname = False
         ssl_context.verify_mode = ssl.CERT_NONE
     indices = list(range(args.clients)) if indices is None else indices
-    tasks = [run_client(i, client_url(args, i), audio, args.duration, ssl_context) for i in indices]
+    client = run_client
+    if urlsplit(args.url).path.rstrip("/").endswith("/v1/realtime"):  # the Realtime-style endpoint
+        from .integrations.loadtest_realtime import run_realtime_client as client
+    tasks = [client(i, client_url(args, i), audio, args.duration, ssl_context) for i in indices]
     return list(await asyncio.gather(*tasks))
 
 
