@@ -227,3 +227,29 @@ def test_an_engine_failure_ends_its_conversations_and_the_hub_goes_on(demo_model
     reason, count, metrics = run_hub(demo_model, scenario, tick_seconds=0.01, input_timeout_seconds=None)
     assert "internal engine error" in reason and count == 3
     assert 'personaplex_errors_total{kind="engine"} 1.0' in metrics
+
+
+def test_a_join_spread_over_ticks_while_another_conversation_talks(demo_model):
+    async def scenario(hub):
+        talking = await hub.open(PersonaRequest("first"), front_end="test")
+        received = 0
+
+        async def listen():
+            nonlocal received
+            async for _ in talking.frames():
+                received += 1
+
+        listener = asyncio.create_task(listen())
+        await asyncio.sleep(0.2)
+        before = received
+        joining = await hub.open(PersonaRequest("a second persona, prefilled four frames per block"), front_end="test")
+        during = received - before
+        frames = await take(joining, 3)
+        await talking.close()
+        await listener
+        return during, len(frames), joining.cached_persona
+
+    during, count, cached = run_hub(demo_model, scenario, max_conversations=2, tick_seconds=0.04, join_block_frames=4,
+                                    input_timeout_seconds=None)
+    assert not cached and count == 3
+    assert during >= 10  # the prompt took many ticks, and the live conversation got a frame in each

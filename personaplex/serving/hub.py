@@ -56,6 +56,8 @@ log = logging.getLogger("personaplex.serving")
 TICK_SECONDS = 1.0 / FRAME_RATE  # 80 ms
 DEFAULT_VOICE = "NATF2"
 UPLOAD_PREFIX = "upload-"
+TICK_MARGIN_SECONDS = 0.005  # kept free at the end of a tick for the event loop's share of the GIL
+JOIN_PATIENCE_TICKS = 5
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class Conversation:
         self.prompt_frames = 0
         self.cached_persona = False
         self._engine_frames = 0  # frames stepped (engine thread)
+        self._dropped_counted = 0  # input samples dropped and already counted in the metrics (engine thread)
         self._hub = hub
         self._input = InputJitterBuffer(FRAME_SIZE, max(1, round(hub.options.jitter_buffer_seconds * FRAME_RATE)))
         self._output: deque[AgentFrame] = deque()
@@ -245,6 +248,8 @@ class ConversationHub:
         self._joining: dict[int, tuple[Conversation, float]] = {}
         self.late_ticks = 0
         self.ticks = 0
+        self._join_block_seconds = 0.0  # moving average of one prefill block
+        self._join_waited = 0  # ticks the pending joins found no room
 
     # --- construction ----------------------------------------------------------------------------------
 
@@ -605,13 +610,32 @@ class ConversationHub:
                 self._joining[slot] = (conversation, time.perf_counter())
 
     def _advance_joins(self, until: float | None) -> None:
-        """Prefill queued personas in blocks until ``until`` (perf_counter), at least one block."""
-        # One block at a time: requests (a client leaving mid-prefill) are applied between ticks.
+        """Prefill queued personas in blocks while the tick has time left before ``until`` (perf_counter).
+
+        A block runs only when the time left fits one (measured: a moving average), so that joins never
+        make live conversations late; a join that found no room for ``JOIN_PATIENCE_TICKS`` ticks runs a
+        block anyway (one late tick rather than a join that never ends). Requests (a client leaving
+        mid-prefill) are applied between ticks.
+        """
+        ran = False
         while self._joining:
+            if until is not None:
+                left = until - time.perf_counter() - TICK_MARGIN_SECONDS
+                if self._live and left < self._join_block_seconds and self._join_waited < JOIN_PATIENCE_TICKS:
+                    self._join_waited += 1
+                    return
+                if not self._live and ran and left <= 0:
+                    return
+            ran = True
+            started = time.perf_counter()
             for slot in self.engine.advance_joins(frame_budget=1):
                 conversation, granted = self._joining.pop(slot)
                 self._go_live(conversation, granted)
-            if until is None or time.perf_counter() >= until - 0.005:
+            spent = time.perf_counter() - started
+            self._join_block_seconds = spent if not self._join_block_seconds else \
+                0.8 * self._join_block_seconds + 0.2 * spent
+            self._join_waited = 0
+            if until is None:
                 return
 
     def _go_live(self, conversation: Conversation, granted: float) -> None:
@@ -631,21 +655,27 @@ class ConversationHub:
             if timeout is not None and conversation._input.idle_seconds(now) > timeout:
                 self._end_from_engine(conversation, f"no audio from the client for {timeout:g} s")
                 continue
-            before = conversation._input.underruns, conversation._input.dropped_samples
-            pcm[slot] = torch.from_numpy(conversation._input.pop_frame())
-            underruns, dropped = conversation._input.underruns - before[0], conversation._input.dropped_samples - before[1]
-            if underruns:
-                self.metrics.input_underruns.inc(underruns)
+            buffer = conversation._input
+            underruns = buffer.underruns
+            pcm[slot] = torch.from_numpy(buffer.pop_frame())
+            if buffer.underruns != underruns:
+                self.metrics.input_underruns.inc()
+            dropped = buffer.dropped_samples - conversation._dropped_counted  # dropped by the network side
             if dropped:
+                conversation._dropped_counted += dropped
                 self.metrics.input_dropped.inc(dropped / 24000)
         if not self._live:
             return
         out = self.engine.step(pcm)
+        deliveries = []
         for slot, conversation in list(self._live.items()):
             token = int(out.tokens[slot, 0])
-            frame = AgentFrame(out.pcm[slot].numpy().copy(), tokenizer.spoken_text(token) or None)
-            self._loop.call_soon_threadsafe(conversation._deliver, frame)
+            deliveries.append((conversation, AgentFrame(out.pcm[slot].numpy().copy(), tokenizer.spoken_text(token) or None)))
             conversation._engine_frames += 1
+        # One wake-up of the event loop per tick, whatever the number of conversations; the frames go out
+        # before the end notices queued after them.
+        self._loop.call_soon_threadsafe(_deliver_all, deliveries)
+        for conversation, _ in deliveries:
             if conversation._engine_frames >= conversation.max_frames:
                 seconds = conversation.max_frames / FRAME_RATE
                 self._end_from_engine(conversation, f"the conversation reached its maximum length ({seconds:.0f} s)")
@@ -659,6 +689,11 @@ class ConversationHub:
             self._joining.pop(slot, None)
         conversation.closed.set()
         self._loop.call_soon_threadsafe(conversation._end, reason)
+
+
+def _deliver_all(deliveries: list[tuple[Conversation, AgentFrame]]) -> None:
+    for conversation, frame in deliveries:
+        conversation._deliver(frame)
 
 
 def _resolve(future: asyncio.Future) -> None:
