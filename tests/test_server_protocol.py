@@ -577,3 +577,20 @@ def test_eight_simultaneous_conversations(demo_model):
         assert received.error is None and 0x00 in received.kinds()
         assert len(received.of(0x01)) >= 30 and received.of(0x02)
     assert len({tuple(p.decode() for p in r.of(0x02)[:10]) for r in results}) == 8  # eight distinct conversations
+
+
+def test_host_is_really_bound(demo_model):
+    """Bound to 127.0.0.1, the server is not reachable through this machine's other addresses."""
+    from personaplex.server.tls import lan_address
+
+    other = lan_address()
+    if other is None:
+        pytest.skip("this machine has no address besides loopback")
+    local = ServerThread(demo_model, max_conversations=1)
+    try:
+        with socket.create_connection(("127.0.0.1", local.server.port), timeout=5):
+            pass
+        with pytest.raises(OSError), socket.create_connection((other, local.server.port), timeout=5):
+            pass
+    finally:
+        local.stop()
