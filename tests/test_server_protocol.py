@@ -594,3 +594,29 @@ def test_host_is_really_bound(demo_model):
             pass
     finally:
         local.stop()
+
+
+def test_voice_upload_over_http(demo_model, server):
+    from personaplex.demo import synthesize_voice, wav_bytes
+
+    uploads = ServerThread(demo_model, max_conversations=1, allow_voice_upload=True, input_timeout_seconds=None)
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.http + "/api/voices", data=b"RIFF") as r:
+                refused = r.status, (await r.json())["error"]
+            async with session.post(uploads.http + "/api/voices", data=wav_bytes(synthesize_voice("VARM2", seconds=3.0))) as r:
+                accepted = r.status, await r.json()
+            async with session.post(uploads.http + "/api/voices", data=b"definitely not audio") as r:
+                garbage = r.status, (await r.json())["error"]
+        received = await converse(chat_url(uploads.url, voice_prompt=accepted[1]["voice"]), frames=4)
+        return refused, accepted, garbage, received
+
+    try:
+        refused, accepted, garbage, received = run(scenario())
+    finally:
+        uploads.stop()
+    assert refused[0] == 403 and "--allow-voice-upload" in refused[1]
+    assert accepted[0] == 200 and accepted[1]["voice"].startswith("upload-")
+    assert garbage[0] == 400 and "not audio" in garbage[1]
+    assert received.error is None and 0x00 in received.kinds()

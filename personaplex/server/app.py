@@ -82,7 +82,8 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
 
     async def chat(request: web.Request) -> web.StreamResponse:
         # aiohttp's own limit is only a backstop: the protocol refuses big messages itself, with a 0x05.
-        ws = web.WebSocketResponse(max_msg_size=4 * MAX_MESSAGE_BYTES, compress=False, autoping=True)
+        # heartbeat: a client whose connection silently died is noticed (no pong) even with no input timeout.
+        ws = web.WebSocketResponse(max_msg_size=4 * MAX_MESSAGE_BYTES, compress=False, autoping=True, heartbeat=20.0)
         await ws.prepare(request)
         _bound_send_buffer(request, send_buffer_bytes)
         app[SESSIONS_KEY].add(ws)

@@ -105,6 +105,7 @@ class HubOptions:
     max_output_frames: int = 25  # agent frames (2 s) a slow reader may fall behind before it is ended
     allow_voice_upload: bool = False
     max_voice_upload_bytes: int = 10 << 20
+    max_voice_upload_seconds: float = 30.0
     default_voice: str | None = DEFAULT_VOICE
     join_block_frames: int | None = None  # prompt frames per prefill block (None: the engine's default)
 
@@ -453,6 +454,8 @@ class ConversationHub:
                 self._prompts.move_to_end(key)
                 return prompt
         lm_config = self.model.lm.config
+        if voice_path is not None and voice_path.parent == Path(self._upload_dir.name):
+            self._check_upload_duration(voice_path)
         try:
             voice = load_voice(voice_path, lm_config, self.model.mimi) if voice_path is not None else None
             prompt = build_system_prompt(lm_config, voice, self.model.tokenizer.encode_prompt(request.text_prompt))
@@ -502,6 +505,19 @@ class ConversationHub:
         path = self._store_upload(data)
         await self.build_persona(PersonaRequest(voice=UPLOAD_PREFIX + path.stem))
         return UPLOAD_PREFIX + path.stem
+
+    def _check_upload_duration(self, path: Path) -> None:
+        """Refuse an uploaded sample that is too long before decoding it (a few kilobytes of a compressed
+        format can hold hours of audio)."""
+        import sphn
+
+        duration = sphn.durations([str(path)])[0]
+        if duration is None:
+            raise PersonaError("cannot use this voice: the uploaded file is not audio (use wav, flac, ogg or mp3)")
+        limit = self.options.max_voice_upload_seconds
+        if duration > limit:
+            raise PersonaError(f"the uploaded voice sample is {duration:.0f} s long; use at most {limit:.0f} s "
+                               "(a few seconds of clear speech is best)")
 
     def _store_upload(self, data: bytes) -> Path:
         import hashlib
