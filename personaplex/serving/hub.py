@@ -120,7 +120,7 @@ class Conversation:
         self.end_reason: str | None = None
         self.input_timeout = input_timeout
         self.max_frames = 0  # set when the slot is granted
-        self.frames_sent = 0  # agent frames delivered so far
+        self.frames_sent = 0  # agent frames queued for the front end so far
         self.prompt_frames = 0
         self.cached_persona = False
         self._engine_frames = 0  # frames stepped (engine thread)
@@ -132,7 +132,6 @@ class Conversation:
         self._ended = asyncio.Event()
         self.output_overflow = False  # ended because its client did not take its frames
         self._joined: asyncio.Future = hub._loop.create_future()
-        self._holds_slot = False
         self.closed = threading.Event()  # read by the engine thread
 
     # --- front-end API -----------------------------------------------------------------------------
@@ -291,7 +290,10 @@ class ConversationHub:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.engine.capture_graphs)
+        started = time.perf_counter()
+        captured = await asyncio.to_thread(self.engine.capture_graphs)  # no capture pauses once callers talk
+        if captured:
+            log.info("captured %d CUDA graphs in %.1f s", captured, time.perf_counter() - started)
         self._closed = False
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="personaplex-engine", daemon=True)
