@@ -258,7 +258,7 @@ def test_unknown_voice_shows_the_servers_error(browser, demo_server):
     errors = page.js("personaplex.serverErrors")
     assert len(errors) == 1 and "no-such-voice" in errors[0]
     notice = page.js("document.querySelector('[data-notice=server-error]').textContent")
-    assert notice.startswith("Server error:") and "no-such-voice" in notice
+    assert notice.startswith("The server refused the conversation:") and "no-such-voice" in notice
     assert page.js("document.querySelector('#status-text').textContent") == "Ended by the server"
     assert page.js("document.querySelector('#start').disabled") is False
     page.context.close()

@@ -329,7 +329,8 @@ function beginSession(context, stream, encoderConfig) {
       onMetadata: showMetadata,
       onServerError: (text) => {
         debug.serverErrors.push(text);
-        notify("server-error", `Server error: ${text}`);
+        const started = session?.handshakeAt > 0;
+        notify("server-error", `The server ${started ? "ended" : "refused"} the conversation: ${text}`);
       },
       onStats: (stats) => Object.assign(debug.stats, stats),
       onClosed: onSessionClosed,
@@ -361,13 +362,15 @@ function onSessionClosed({ code, serverError, localError, wasConnected }) {
         : `Could not connect to the server (code ${code}). Check that it is running and reachable.`,
     );
   }
+  const closed = session;
   session = null;
   renderStats();
-  endLocally();
   const text = serverError ? "Ended by the server" : wasConnected ? "Conversation ended" : "Not connected";
   const failed = Boolean(serverError || localError) || (code !== 1000 && code !== 1001);
   setStatus(failed ? "failed" : "closed", text);
   debug.state = "closed";
+  microphone?.getTracks().forEach((track) => track.stop()); // the microphone is off at once, not after the drain
+  closed.drainPlayback().then(endLocally);
 }
 
 async function endLocally() {

@@ -34,7 +34,10 @@ export class ChatSession {
 
   start() {
     this.playback = new OpusPlayback(this.context, {
-      onStats: (stats) => this.events.onStats({ playback: stats }),
+      onStats: (stats) => {
+        this.playbackBufferedMs = stats.bufferedMs;
+        this.events.onStats({ playback: stats });
+      },
       onError: (error) => this.fail(`Audio decoding failed: ${error.message}`),
     });
     this.playback.start();
@@ -140,7 +143,8 @@ export class ChatSession {
   }
 
   onClose(event) {
-    this.teardown();
+    clearInterval(this.watchdog);
+    this.capture?.abort();
     this.setState("closed");
     this.events.onClosed({
       code: event.code,
@@ -149,6 +153,13 @@ export class ChatSession {
       localError: this.localError,
       wasConnected: this.handshakeAt > 0,
     });
+  }
+
+  /** After the close: lets the agent's buffered audio (its last words) play out, at most `maxMs`. */
+  async drainPlayback(maxMs = 1000) {
+    const wait = Math.min(maxMs, this.playbackBufferedMs ?? 0);
+    if (wait > 0) await new Promise((resolve) => setTimeout(resolve, wait));
+    this.playback?.stop();
   }
 
   teardown() {
