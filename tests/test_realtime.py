@@ -195,6 +195,7 @@ def test_unknown_and_unsupported_events_get_error_events_and_the_session_goes_on
                 "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]})
             await connection.session.update(session={"type": "realtime", "instructions": "Someone else."})
             await connection.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+            await connection.send_raw(json.dumps({"type": "session.update", "session": {"type": "transcription"}}))
             before = len(of_type(events, "response.output_audio.delta"))
             await streamer
             await asyncio.sleep(0.3)
@@ -206,7 +207,8 @@ def test_unknown_and_unsupported_events_get_error_events_and_the_session_goes_on
     errors = [e.error for e in of_type(events, "error")]
     codes = [e.code for e in errors]
     assert codes == ["unknown_event", "invalid_json", "unsupported_event", "invalid_audio",
-                     "text_turns_not_supported", "session_already_started", "unsupported_modalities"], codes
+                     "text_turns_not_supported", "session_already_started", "unsupported_modalities",
+                     "unsupported_session_type"], codes
     assert errors[0].event_id == "evt_client_1" and errors[0].type == "invalid_request_error"
     assert "response.cancel" in errors[2].message
     assert "audio" in errors[4].message  # says why: the model hears the user only as audio

@@ -62,8 +62,10 @@ def caller_audio(seconds: float, seed: int = 0) -> bytes:
 class Call:
     """Replays Twilio's side of a bidirectional Media Stream and records what the server sends."""
 
-    def __init__(self, url: str, parameters: dict[str, str] | None = None, *, echo_marks: bool = True):
+    def __init__(self, url: str, parameters: dict[str, str] | None = None, *, echo_marks: bool = True,
+                 encoding: str = "audio/x-mulaw"):
         self.url = url
+        self.encoding = encoding
         self.parameters = parameters or {}
         self.echo_marks = echo_marks
         self.received: list[tuple[float, dict]] = []
@@ -84,7 +86,7 @@ class Call:
             await ws.send_str(self.message("start", streamSid=STREAM_SID, start={
                 "accountSid": "AC0123456789abcdef0123456789abcdef", "streamSid": STREAM_SID, "callSid": CALL_SID,
                 "tracks": ["inbound"], "customParameters": self.parameters,
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}))
+                "mediaFormat": {"encoding": self.encoding, "sampleRate": 8000, "channels": 1}}))
             for text in extra:
                 await ws.send_str(text)
             start = time.monotonic()
@@ -198,6 +200,9 @@ def test_a_refused_call_gets_no_audio(server, demo_model):
     unknown = Call(url_of(server), {"persona": "nobody"})
     asyncio.run(unknown.run(caller_audio(0.4), hang_up=False))
     assert not unknown.of("media") and unknown.close_code == 1000
+    alaw = Call(url_of(server), encoding="audio/x-alaw")
+    asyncio.run(alaw.run(caller_audio(0.4), hang_up=False))
+    assert not alaw.of("media") and alaw.close_code == 1000
 
     guarded = ServerThread(demo_model, {"auth_token": "s3cret"}, max_conversations=1, input_timeout_seconds=None)
     try:

@@ -224,6 +224,9 @@ class RealtimeSession:
         session = event.get("session")
         if not isinstance(session, dict):
             raise RealtimeError("invalid_session", "session.update needs a 'session' object", "session")
+        if session.get("type", "realtime") != "realtime":
+            raise RealtimeError("unsupported_session_type", "only 'realtime' sessions are served (no transcription "
+                                "sessions)", "session.type")
         errors: list[RealtimeError] = []
         audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
         audio_in = audio.get("input") if isinstance(audio.get("input"), dict) else {}

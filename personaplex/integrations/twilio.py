@@ -273,16 +273,25 @@ class TwilioSession:
     # --- the conversation -------------------------------------------------------------------------------
 
     async def _converse(self, media_format: object, parameters: dict[str, str]) -> None:
+        try:
+            await self._converse_until_the_end(media_format, parameters)
+        except Exception:  # a bug must end this call only
+            log.exception("call %s: bridge failure", self.call_sid)
+            self.hub.metrics.record_error("internal")
+        finally:
+            self._over.set()
+
+    async def _converse_until_the_end(self, media_format: object, parameters: dict[str, str]) -> None:
         if not isinstance(media_format, dict) or media_format.get("encoding", "audio/x-mulaw") != "audio/x-mulaw" \
-                or int(media_format.get("sampleRate", MULAW_RATE)) != MULAW_RATE:
+                or str(media_format.get("sampleRate", MULAW_RATE)) != str(MULAW_RATE):
             log.error("call %s: unsupported media format %s (expected audio/x-mulaw at 8000 Hz)",
                       self.call_sid, media_format)
             self.hub.metrics.record_error("twilio_media_format")
-            return self._over.set()
+            return
         if self.auth_token and not hmac.compare_digest(parameters.get("token", "").encode(), self.auth_token.encode()):
             log.warning("call %s: refused: missing or wrong token parameter", self.call_sid)
             self.hub.metrics.record_error("twilio_unauthorized")
-            return self._over.set()
+            return
         try:
             request = self.personas.resolve(parameters)
             self.conversation = await self.hub.open(request, front_end=FRONT_END)
@@ -290,7 +299,7 @@ class TwilioSession:
             log.error("call %s: cannot start the conversation: %s", self.call_sid, error)
             self.hub.metrics.record_error({PhonePersonaError: "bad_persona", PersonaError: "bad_persona",
                                            HubBusy: "busy", HubClosed: "closed"}[type(error)])
-            return self._over.set()
+            return
         log.info("call %s: conversation %s started (slot %d, voice %s, prompt %r)", self.call_sid,
                  self.conversation.id, self.conversation.slot, request.voice or self.hub.options.default_voice,
                  request.text_prompt[:60])
@@ -306,7 +315,6 @@ class TwilioSession:
             await asyncio.wait_for(self._end_mark_played.wait(), backlog + SEND_TIMEOUT)
         except Exception as error:  # noqa: BLE001 - the call is gone or not reading: nothing left to play
             log.debug("call %s: %r", self.call_sid, error)
-        self._over.set()
 
     async def _send_audio(self, pcm) -> None:
         payload = pcm16_to_mulaw(float_to_pcm16(self._outbound(pcm)))
