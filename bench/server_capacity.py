@@ -1,6 +1,6 @@
 """How many simultaneous real-time conversations one server sustains, end to end.
 
-    python bench/server_capacity.py [--clients 1,8,16,32,48,64] [--duration 30] [--max-conversations 64]
+    python bench/server_capacity.py [--clients 1,8,16,24,32,40] [--duration 30] [--kv-dtype fp8 --clients 32,48,64]
     python bench/server_capacity.py --model demo --device cpu --clients 1,2 --duration 3   # quick CPU check
     python bench/server_capacity.py --preset demo --checkpoint /tmp/demo_random.safetensors --device cpu \
         --clients 1 --duration 3                                                           # the random-weights path
@@ -66,9 +66,11 @@ def main() -> None:
                         help="random: --preset's layout with random weights (default); personaplex: the real "
                              "weights; demo: the built-in demo model")
     parser.add_argument("--preset", default="personaplex-7b", help="layout of the random weights")
-    parser.add_argument("--clients", default="1,8,16,32,48,64", help="client counts to try, in order")
+    parser.add_argument("--clients", default="1,8,16,24,32,40", help="client counts to try, in order")
+    parser.add_argument("--kv-dtype", choices=["model", "fp8"], default="model", help="the server's KV precision")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds each caller streams")
-    parser.add_argument("--max-conversations", type=int, default=None, help="server slots (default: what fits)")
+    parser.add_argument("--max-conversations", type=int, default=None,
+                        help="server slots (default: what fits the GPU; callers past it are refused and counted)")
     parser.add_argument("--processes", type=int, default=min(8, os.cpu_count() or 1), help="load test processes")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personaplex_random_lm.safetensors"))
@@ -80,9 +82,9 @@ def main() -> None:
         model_flags = random_assets(work, args.checkpoint, args.device, args.preset)
     else:
         model_flags = ["--model", args.model]
-    slots = args.max_conversations or max(counts)
+    slots = ["--max-conversations", str(args.max_conversations)] if args.max_conversations else []
     command = [sys.executable, "-m", "personaplex", "serve", "--host", "127.0.0.1", "--port", str(args.port),
-               "--device", args.device, "--max-conversations", str(slots), "--max-queue", "0", "--static", "none",
+               "--device", args.device, *slots, "--kv-dtype", args.kv_dtype, "--max-queue", "0", "--static", "none",
                *model_flags]
     print("server:", " ".join(command[2:]), flush=True)
     started = time.perf_counter()

@@ -255,3 +255,14 @@ def test_a_join_spread_over_ticks_while_another_conversation_talks(demo_model):
                                     input_timeout_seconds=None)
     assert not cached and count == 3
     assert during >= 10  # the prompt took many ticks, and the live conversation got a frame in each
+
+
+def test_fp8_kv_option_reaches_the_engine(demo_model):
+    async def scenario(hub):
+        conversation = await hub.open(PersonaRequest("x"), front_end="test")
+        frames = await take(conversation, 3)
+        await conversation.close()
+        return hub.engine.lm_state.tensors()[0].dtype, len(frames)
+
+    dtype, count = run_hub(demo_model, scenario, tick_seconds=0, kv_dtype="fp8", input_timeout_seconds=None)
+    assert dtype == torch.float8_e4m3fn and count == 3

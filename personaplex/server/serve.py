@@ -61,6 +61,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     limits.add_argument("--input-timeout", type=float, default=10.0, dest="input_timeout_seconds",
                         help="end a conversation whose client sent no audio for this many seconds (default 10; "
                              "0: never)")
+    limits.add_argument("--kv-dtype", choices=["model", "fp8"], default="model",
+                        help="KV cache precision: 'fp8' holds about twice the conversations per GPU (default: "
+                             "the model's dtype)")
     limits.add_argument("--allow-voice-upload", action="store_true",
                         help="let clients upload a voice sample (POST /api/voices) to use as the agent's voice")
     phone = parser.add_argument_group("phone calls (Twilio Media Streams at /twilio/media-stream)")

@@ -108,6 +108,7 @@ class HubOptions:
     max_voice_upload_seconds: float = 30.0
     default_voice: str | None = DEFAULT_VOICE
     join_block_frames: int | None = None  # prompt frames per prefill block (None: the engine's default)
+    kv_dtype: str = "model"  # "fp8": KV rings in FP8, about twice the conversations per GPU
 
 
 class Conversation:
@@ -227,7 +228,8 @@ class ConversationHub:
         self.options = options or HubOptions()
         if self.options.max_conversations < 1 or self.options.max_queue < 0:
             raise ValueError("max_conversations must be at least 1 and max_queue at least 0")
-        self.engine = engine or Engine(model.lm, model.mimi, max_slots=self.options.max_conversations)
+        self.engine = engine or Engine(model.lm, model.mimi, max_slots=self.options.max_conversations,
+                                       kv_dtype=self.options.kv_dtype)
         if self.options.join_block_frames:
             self.engine.join_chunk_frames = self.options.join_block_frames
         self.metrics = HubMetrics()
@@ -264,7 +266,7 @@ class ConversationHub:
             raise UsageError("--cpu-offload is not supported yet; use a GPU with >= 20 GB or --model demo")
         options = HubOptions()
         for name in ("max_conversations", "max_queue", "max_conversation_seconds", "allow_voice_upload",
-                     "input_timeout_seconds", "tick_seconds"):
+                     "input_timeout_seconds", "tick_seconds", "kv_dtype"):
             value = getattr(args, name, None)
             if value is not None:
                 setattr(options, name, value)
@@ -280,7 +282,7 @@ class ConversationHub:
         if getattr(args, "max_conversations", None) is None:
             from ..engine import slots_that_fit
 
-            options.max_conversations = min(64, slots_that_fit(model.lm, model.mimi))
+            options.max_conversations = min(64, slots_that_fit(model.lm, model.mimi, options.kv_dtype))
         return cls(model, options)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
