@@ -558,3 +558,79 @@ def test_ogg_reader_takes_any_chunking_and_drops_corrupt_pages(browser, minimal_
     assert result["corrupt"]["stats"]["badPages"] == 1
     assert result["corrupt"]["sizes"] == expected[:3] + expected[4:]
     page.context.close()
+
+
+def test_resampler_keeps_the_band_and_rejects_aliases(browser, minimal_server):
+    page = open_page(browser, f"http://127.0.0.1:{minimal_server.port}/")
+    result = page.page.evaluate(
+        """async () => {
+          const { StreamResampler } = await import('./js/worklets/resampler.js');
+          const run = (inputRate, outputRate, hz) => {
+            const resampler = new StreamResampler(inputRate, outputRate);
+            const input = new Float32Array(inputRate).map((_, i) => 0.5 * Math.sin(2 * Math.PI * hz * i / inputRate));
+            const parts = [];
+            for (let i = 0; i < input.length; i += 128) parts.push(resampler.process(input.subarray(i, i + 128)));
+            const output = new Float32Array(parts.reduce((n, p) => n + p.length, 0));
+            let offset = 0;
+            for (const part of parts) { output.set(part, offset); offset += part.length; }
+            const steady = output.subarray(200, output.length - 200);
+            return { length: output.length, rms: Math.sqrt(steady.reduce((s, v) => s + v * v, 0) / steady.length),
+                     samples: Array.from(output.subarray(1000, 1400)) };
+          };
+          return { speech: run(48000, 24000, 1000), alias: run(48000, 24000, 20000),
+                   up: run(24000, 44100, 440), odd: run(44100, 24000, 3000) };
+        }"""
+    )
+    full = 0.5 / np.sqrt(2)
+    assert abs(result["speech"]["rms"] / full - 1) < 0.01
+    assert abs(result["up"]["rms"] / full - 1) < 0.01 and abs(result["odd"]["rms"] / full - 1) < 0.01
+    assert 20 * np.log10(result["alias"]["rms"] / full) < -50  # 20 kHz would fold to 4 kHz
+    assert abs(result["speech"]["length"] - 24_000) <= 16 and abs(result["up"]["length"] - 44_100) <= 32
+    # The output is the same sine, in phase with the input (no delay): compare with the ideal samples.
+    ideal = 0.5 * np.sin(2 * np.pi * 440 * (np.arange(1000, 1400) / 44_100))
+    assert np.max(np.abs(np.array(result["up"]["samples"]) - ideal)) < 0.01
+    page.context.close()
+
+
+def test_playback_buffer_drops_bursts_and_grows_after_underruns(browser, minimal_server):
+    page = open_page(browser, f"http://127.0.0.1:{minimal_server.port}/")
+    result = page.page.evaluate(
+        """async () => {
+          const context = new AudioContext();
+          await context.resume();
+          await context.audioWorklet.addModule('./js/worklets/playback-worklet.js');
+          const node = new AudioWorkletNode(context, 'personaplex-playback', { numberOfInputs: 0,
+            outputChannelCount: [1], processorOptions: { targetMs: 100, targetStepMs: 20, maxTargetMs: 400, slackMs: 160 } });
+          node.connect(context.destination);
+          let latest = null;
+          node.port.onmessage = (event) => { latest = event.data; };
+          const until = (test) => new Promise((resolve, reject) => {
+            const started = performance.now();
+            const poll = () => latest && test(latest) ? resolve({ ...latest })
+              : performance.now() - started > 5000 ? reject(new Error('timeout: ' + JSON.stringify(latest)))
+              : setTimeout(poll, 10);
+            poll();
+          });
+          const send = (ms) => node.port.postMessage({ type: 'audio', sampleRate: 24000,
+            samples: new Float32Array(24 * ms).map((_, i) => 0.25 * Math.sin(i / 5)) });
+          send(60);
+          const waiting = await until((s) => s.receivedSeconds > 0.05);   // below the target: not playing yet
+          send(640);                                                      // a burst: 700 ms buffered at once
+          const burst = await until((s) => s.droppedSeconds > 0);
+          const underrun = await until((s) => s.underruns > 0);           // nothing more arrives
+          send(110);
+          const stillWaiting = await until((s) => s.receivedSeconds > 0.8);
+          send(20);
+          const resumed = await until((s) => s.playing);
+          await context.close();
+          return { waiting, burst, underrun, stillWaiting, resumed };
+        }"""
+    )
+    assert result["waiting"]["playing"] is False and result["waiting"]["playedSeconds"] == 0
+    # 700 ms is past target + slack (260 ms): the oldest audio goes, 100 ms stay.
+    assert 0.55 < result["burst"]["droppedSeconds"] < 0.62 and result["burst"]["overflows"] == 1
+    assert result["underrun"]["targetMs"] == pytest.approx(120, abs=1)
+    assert result["underrun"]["playedSeconds"] > 0.09  # the 100 ms kept after the burst played
+    assert result["stillWaiting"]["playing"] is False  # 110 ms < the new 120 ms target
+    assert result["resumed"]["playing"] is True
+    page.context.close()
