@@ -259,11 +259,8 @@ class ConversationHub:
     def from_args(cls, args) -> ConversationHub:
         """A hub from command-line arguments: the model flags of ``personaplex offline`` plus the server's
         limits (``max_conversations``, ``max_queue``, ``max_conversation_seconds``, ``allow_voice_upload``)."""
-        from ..loading import load_model
-        from ..offline import UsageError, resolve_model_assets
+        from ..offline import UsageError, load_model_for_args, resolve_model_assets
 
-        if getattr(args, "cpu_offload", False):
-            raise UsageError("--cpu-offload is not supported yet; use a GPU with >= 20 GB or --model demo")
         options = HubOptions()
         for name in ("max_conversations", "max_queue", "max_conversation_seconds", "allow_voice_upload",
                      "input_timeout_seconds", "tick_seconds", "kv_dtype"):
@@ -278,7 +275,8 @@ class ConversationHub:
             raise UsageError("--max-queue must be 0 or more")
         if options.max_conversation_seconds is not None and options.max_conversation_seconds <= 0:
             raise UsageError("--max-conversation-seconds must be positive")
-        model = load_model(resolve_model_assets(args), getattr(args, "device", None))
+        # The same loading as the offline tool: device, --quantize, --cpu-offload, with its advice printed.
+        model = load_model_for_args(args, resolve_model_assets(args), slots=getattr(args, "max_conversations", None) or 1)
         if getattr(args, "max_conversations", None) is None:
             from ..engine import slots_that_fit
 
