@@ -266,3 +266,20 @@ def test_fp8_kv_option_reaches_the_engine(demo_model):
 
     dtype, count = run_hub(demo_model, scenario, tick_seconds=0, kv_dtype="fp8", input_timeout_seconds=None)
     assert dtype == torch.float8_e4m3fn and count == 3
+
+
+def test_jitter_buffer_trims_a_standing_backlog_to_its_target():
+    buffer = InputJitterBuffer(FRAME, capacity_frames=12, target_frames=2, trim_window=5)
+    buffer.push(np.zeros(8 * FRAME, dtype=np.float32))  # a burst: 8 frames ahead
+    for k in range(5):  # then exactly real time: one frame in, one frame out
+        buffer.push(np.full(FRAME, k + 1, dtype=np.float32))
+        buffer.pop_frame()
+    assert buffer.buffered_samples == 2 * FRAME  # latency back to the target, the oldest audio dropped
+    assert buffer.dropped_samples == 6 * FRAME
+    assert np.array_equal(buffer.pop_frame(), np.full(FRAME, 4, dtype=np.float32))
+    # A buffer that does drain below the target is left alone.
+    steady = InputJitterBuffer(FRAME, capacity_frames=12, target_frames=2, trim_window=5)
+    for _ in range(20):
+        steady.push(np.ones(FRAME, dtype=np.float32))
+        steady.pop_frame()
+    assert steady.dropped_samples == 0
