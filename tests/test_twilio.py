@@ -132,13 +132,13 @@ def test_a_call_replayed_with_real_mulaw_audio(server, caplog):
     caplog.set_level(logging.INFO, logger="personaplex.integrations.twilio")
     call = Call(url_of(server), {"to": "+15551230002", "FirstName": "Jane"})
     before = server.metrics()
-    asyncio.run(call.run(caller_audio(2.0)))
+    asyncio.run(call.run(caller_audio(2.0), linger=0.1))
     after = server.metrics()
 
     media = call.of("media")
     assert all(m["streamSid"] == STREAM_SID for _, m in call.received)
     # Full duplex: the agent's audio flows while the caller talks, one 80 ms message per model frame.
-    assert 20 <= len(media) <= 2.4 / 0.08 + 2, len(media)
+    assert 16 <= len(media) <= 2.1 / 0.08 + 2, len(media)
     assert all(len(base64.b64decode(m["media"]["payload"])) == 640 for m in media)  # 80 ms at 8 kHz
     assert np.abs(call.agent_audio()).max() > 0
     marks = [m["mark"]["name"] for m in call.of("mark")]
@@ -150,7 +150,8 @@ def test_a_call_replayed_with_real_mulaw_audio(server, caplog):
     sessions = [metric_value(m, "personaplex_sessions_total", front_end="twilio") for m in (before, after)]
     assert sessions[1] == sessions[0] + 1
     # The model heard the caller: the frames it stepped were fed from the call's audio, not filled with
-    # silence (underruns happen only before the first media and after the last).
+    # silence (underruns happen only before the first media and after the last; with no media at all
+    # there would be one per frame).
     underruns = [metric_value(m, "personaplex_input_underrun_frames_total") for m in (before, after)]
     assert underruns[1] - underruns[0] <= 8, underruns
 
