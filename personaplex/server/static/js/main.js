@@ -51,7 +51,8 @@ function notify(id, text, level = "error") {
   }
   notice.className = `notice ${level}`;
   notice.textContent = text;
-  debug.notices = [...document.querySelectorAll("[data-notice]")].map((n) => ({ id: n.dataset.notice, text: n.textContent }));
+  const notices = [...document.querySelectorAll("[data-notice]")];
+  debug.notices = notices.map((notice) => ({ id: notice.dataset.notice, text: notice.textContent }));
 }
 
 function clearNotice(id) {
@@ -92,13 +93,17 @@ async function watchMicrophonePermission() {
   try {
     const status = await navigator.permissions.query({ name: "microphone" });
     const show = () => {
-      if (status.state === "denied") showMicrophoneBlocked();
-      else clearNotice("mic-blocked");
+      if (status.state === "denied") {
+        showMicrophoneBlocked();
+      } else {
+        delete document.body.dataset.mic;
+        clearNotice("mic-blocked");
+      }
     };
     show();
     status.onchange = show;
   } catch {
-    // Firefox does not expose the microphone permission to queries; getUserMedia's error tells instead.
+    // Some browsers cannot query the microphone permission; getUserMedia's error tells instead.
   }
 }
 
@@ -254,9 +259,12 @@ async function startConversation(event) {
   setBusy(true);
   setStatus("starting", "Starting audio…");
   try {
-    await prepareUpload();
+    // Audio starts inside the click (browsers allow sound only from a user gesture), before any waiting.
     audioContext = new AudioContext({ latencyHint: "interactive" });
-    await startAudioOutput(audioContext);
+    const audioStarted = startAudioOutput(audioContext);
+    audioStarted.catch(() => {}); // handled by the await below, after the upload
+    await prepareUpload();
+    await audioStarted;
     await audioContext.audioWorklet.addModule(new URL("./worklets/capture-worklet.js", import.meta.url));
     await audioContext.audioWorklet.addModule(new URL("./worklets/playback-worklet.js", import.meta.url));
     encoderConfig = await chooseEncoderConfig();
@@ -311,6 +319,7 @@ async function prepareUpload() {
 
 function beginSession(context, stream, encoderConfig) {
   $("transcript").replaceChildren();
+  for (const value of document.querySelectorAll("[data-stat]")) value.textContent = "–";
   $("server-info").replaceChildren();
   $("server-panel").hidden = true;
   debug.metadata = [];
@@ -440,16 +449,32 @@ function queuePosition(metadata) {
 // What the server-info panel shows, from the metadata fields this server sends (and the reference-style
 // fields other servers send); anything else in the metadata is kept in window.personaplex.metadata only.
 const SERVER_INFO_ROWS = [
-  ["Model", (m) => m.model !== undefined ? `${m.model}${m.untrained ? " (untrained demo weights)" : ""}` : m.lm_model_file],
+  ["Model", (m) => {
+    if (m.model === undefined) return m.lm_model_file; // the reference-style field
+    return m.untrained ? `${m.model} (untrained demo weights)` : m.model;
+  }],
   ["Voice", (m) => m.persona?.voice],
   ["Seed", (m) => (m.persona?.seed === undefined ? undefined : m.persona.seed ?? "random")],
-  ["Text sampling", (m) => m.text_temperature !== undefined ? `temperature ${m.text_temperature}, top-k ${m.text_topk}` : undefined],
-  ["Audio sampling", (m) => m.audio_temperature !== undefined ? `temperature ${m.audio_temperature}, top-k ${m.audio_topk}` : undefined],
-  ["Slots busy", (m) => m.slots_busy !== undefined ? `${m.slots_busy} of ${m.limits?.slots ?? m.slots_busy + m.slots_free}` : undefined],
-  ["Waiting", (m) => m.queued !== undefined ? `${m.queued}${m.limits?.max_queue !== undefined ? ` (at most ${m.limits.max_queue})` : ""}` : undefined],
-  ["Longest conversation", (m) => maxConversationSeconds(m) ? formatSeconds(maxConversationSeconds(m)) : undefined],
-  ["Conversation", (m) => m.conversation_id !== undefined ? `${m.conversation_id} (slot ${m.slot}${m.cached_persona ? ", persona from cache" : ""})` : undefined],
+  ["Text sampling", (m) => sampling(m.text_temperature, m.text_topk)],
+  ["Audio sampling", (m) => sampling(m.audio_temperature, m.audio_topk)],
+  ["Slots busy on arrival", (m) => {
+    if (m.slots_busy === undefined) return undefined;
+    return `${m.slots_busy} of ${m.limits?.slots ?? m.slots_busy + m.slots_free}`;
+  }],
+  ["Waiting", (m) => {
+    if (m.queued === undefined) return undefined;
+    return m.limits?.max_queue === undefined ? `${m.queued}` : `${m.queued} (at most ${m.limits.max_queue})`;
+  }],
+  ["Longest conversation", (m) => (maxConversationSeconds(m) ? formatSeconds(maxConversationSeconds(m)) : undefined)],
+  ["Conversation", (m) => {
+    if (m.conversation_id === undefined) return undefined;
+    return `${m.conversation_id} (slot ${m.slot}${m.cached_persona ? ", persona from cache" : ""})`;
+  }],
 ];
+
+function sampling(temperature, topK) {
+  return temperature === undefined ? undefined : `temperature ${temperature}, top-k ${topK}`;
+}
 
 function maxConversationSeconds(metadata) {
   const value = metadata.max_conversation_seconds ?? metadata.limits?.max_conversation_seconds;
@@ -508,7 +533,8 @@ function renderStats() {
   if (sent !== null && playback.playedSeconds > 0) {
     // Every input frame yields one output frame, so microphone time sent minus agent time played is the
     // round trip: network both ways, server processing and the jitter buffer.
-    const sample = Math.max(0, sent - playback.playedSeconds);
+    // Dropped audio (after a burst) moved the agent's timeline on as if it had played.
+    const sample = Math.max(0, sent - playback.playedSeconds - playback.droppedSeconds);
     latencyEstimate = latencyEstimate === null ? sample : 0.85 * latencyEstimate + 0.15 * sample;
     stat("latency", `${Math.round(latencyEstimate * 1000)} ms`);
     debug.stats.latencySeconds = latencyEstimate;

@@ -5,12 +5,16 @@ function authHeaders(token) {
 }
 
 /**
+ * The voice list, whether uploads are allowed, and the default voice. Status "unavailable": the server has no
+ * voice list (the reference server has none); "unauthorized": it wants an access token.
  * @param {string} token access token, or "" when none
  * @returns {Promise<{status:"ok"|"unauthorized"|"unavailable", voices:string[], defaultVoice:string|null,
- *   uploadAllowed:boolean, maxUploadBytes:number|null}>} "unavailable": the server has no voice list (the reference server has none)
+ *   uploadAllowed:boolean, maxUploadBytes:number|null}>}
  */
 export async function loadVoices(token) {
-  const result = { status: "unavailable", voices: [], defaultVoice: null, uploadAllowed: false, maxUploadBytes: null };
+  const result = {
+    status: "unavailable", voices: [], defaultVoice: null, uploadAllowed: false, maxUploadBytes: null,
+  };
   let response;
   try {
     response = await fetch("api/voices", { headers: authHeaders(token), cache: "no-store" });
