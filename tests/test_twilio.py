@@ -249,6 +249,9 @@ def test_phone_persona_file_resolution_and_errors(tmp_path):
         PhonePersonas.from_dict({"personas": {"a": {"prompt": "typo"}}})
     with pytest.raises(PhonePersonaError, match="not found"):
         PhonePersonas.load(tmp_path / "missing.json")
+    personas.check_voices(["NATF2", "NATM1"])
+    with pytest.raises(PhonePersonaError, match="voice 'NATM1'.*voices: NATF2"):
+        personas.check_voices(["NATF2"])
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(PhonePersonaError, match="broken.json"):
         PhonePersonas.load(tmp_path / "broken.json")

@@ -32,6 +32,7 @@ def add_integration_routes(app: web.Application, hub, *, auth_token: str | None 
 
     personas = phone_personas if isinstance(phone_personas, PhonePersonas) else \
         PhonePersonas.load(phone_personas) if phone_personas is not None else PhonePersonas()
+    personas.check_voices(hub.voices())
     open_sockets = sessions if sessions is not None else set()
 
     async def realtime(request: web.Request) -> web.StreamResponse:

@@ -114,6 +114,14 @@ class PhonePersonas:
                 raise PhonePersonaError(f"{source}: {number} refers to persona {name!r}, which is not in 'personas'")
         return cls(personas, {_normalize_number(k): v for k, v in numbers.items()}, default)
 
+    def check_voices(self, available: list[str]) -> None:
+        """Raise ``PhonePersonaError`` when a persona names a voice preset the server does not have."""
+        for name, persona in self.personas.items():
+            voice = persona.get("voice")
+            if voice and voice not in available and str(voice).rsplit(".", 1)[0] not in available:
+                raise PhonePersonaError(f"persona {name!r} uses voice {voice!r}, which this server does not have "
+                                        f"(voices: {', '.join(available) or 'none'})")
+
     def resolve(self, parameters: Mapping[str, str]) -> PersonaRequest:
         """The persona for a call's ``customParameters``; raises ``PhonePersonaError``."""
         base: dict = {}
