@@ -347,6 +347,8 @@ function beginSession(context, stream, encoderConfig) {
   );
   debug.counters = session.counters;
   session.start();
+  // On narrow screens the conversation sits below the persona form: bring it into view.
+  if (window.matchMedia("(max-width: 800px)").matches) $("conversation-heading").scrollIntoView({ block: "start" });
   statsTimer = setInterval(renderStats, 200);
 }
 
@@ -400,9 +402,8 @@ async function stopConversation() {
 function setBusy(busy) {
   $("start").disabled = busy;
   $("stop").disabled = !busy;
-  for (const element of $("persona-form").querySelectorAll("textarea, select, input, .examples button")) {
-    element.disabled = busy;
-  }
+  const controls = $("persona-form").querySelectorAll("textarea, select, input, .examples button, #reset-sampling");
+  for (const element of controls) element.disabled = busy;
 }
 
 function setStatus(state, text) {
