@@ -379,3 +379,26 @@ def test_metrics_count_realtime_sessions(server):
     text = server.metrics()
     assert metric_value(text, "personaplex_sessions_total", front_end="realtime") == before + 1
     assert 'personaplex_sessions_total{front_end="realtime"}' in text
+
+
+def test_shutdown_ends_the_session_with_a_reason(demo_model):
+    stopping = ServerThread(demo_model, max_conversations=1, input_timeout_seconds=None)
+
+    async def scenario():
+        async with client_for(stopping).realtime.connect(model="personaplex") as connection:
+            await connection.recv()
+            await connection.input_audio_buffer.append(audio=base64.b64encode(b"\x00" * FRAME_BYTES).decode())
+            while (await asyncio.wait_for(connection.recv(), 30)).type != "response.output_audio.delta":
+                pass
+            stopper = asyncio.get_running_loop().run_in_executor(None, stopping.stop)
+            events = []
+            events_task = asyncio.create_task(collect(connection, events, asyncio.Event()))
+            await asyncio.wait_for(events_task, 10)
+            await stopper
+            return events
+
+    events = asyncio.run(scenario())
+    done = of_type(events, "response.done")
+    assert done and done[0].response.status == "incomplete"
+    assert "shutting down" in done[0].response.status_details.reason
+    assert [e.error.code for e in of_type(events, "error")] == ["conversation_ended"]
