@@ -57,18 +57,19 @@ def lm_bytes(config: LMConfig, quantize: str, dtype: torch.dtype) -> int:
 def measure_host_to_device_bandwidth(device: torch.device | str, megabytes: int = 256, repeats: int = 3) -> float:
     """Bytes per second of a pinned host -> device copy (best of ``repeats``)."""
     device = torch.device(device)
-    host = torch.empty(megabytes << 20, dtype=torch.uint8).pin_memory()
-    target = torch.empty_like(host, device=device)
-    target.copy_(host, non_blocking=True)  # first touch
-    torch.cuda.synchronize(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        target.copy_(host, non_blocking=True)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1000)
+    with torch.cuda.device(device):
+        host = torch.empty(megabytes << 20, dtype=torch.uint8).pin_memory()
+        target = torch.empty_like(host, device=device)
+        target.copy_(host, non_blocking=True)  # first touch
+        torch.cuda.synchronize(device)
+        best = float("inf")
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(host, non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1000)
     return host.numel() / best
 
 
