@@ -108,7 +108,7 @@ def main() -> None:
 
     print(f"\nall modes in {time.perf_counter() - started:.0f} s; {args.frames} teacher-forced frames, "
           f"{args.steps} timed steps\n")
-    print("| weights | description | weights GiB | load peak GiB | 1-conversation peak GiB (allocated / reserved) | "
+    print("| weights | description | weights GiB | load peak GiB | 1-conversation GiB (peak allocated / peak reserved / device used) | "
           "frame p50 ms | frame p99 ms | conversations that fit here | on 12 / 16 / 24 GB | "
           "text logits rel. L2 error | text argmax agreement | audio argmax agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -118,7 +118,7 @@ def main() -> None:
             continue
         error, text_agree, audio_agree = row["deviation"] if row["deviation"] != "n/a" else ("n/a",) * 3
         print(f"| {mode} | {row['description']} | {row['weights']:.2f} | {row['load_peak']:.2f} | "
-              f"{row['peak']:.2f} / {row['reserved']:.2f} | {row['p50']:.2f} | {row['p99']:.2f} | {row['fit_here']} | "
+              f"{row['peak']:.2f} / {row['reserved']:.2f} / {row['device_used']:.2f} | {row['p50']:.2f} | {row['p99']:.2f} | {row['fit_here']} | "
               f"{row['fit_small']} | {error} | {text_agree} | {audio_agree} |")
 
 
@@ -155,6 +155,9 @@ def measure(mode, args, preset, dtype, device, mimi, prompt, forced):
         times.append(1000 * (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0
     reserved = torch.cuda.max_memory_reserved() / GIB if cuda else 0.0
+    # What the device reports as used (CUDA context and allocator cache included), as nvidia-smi shows it.
+    free, total = torch.cuda.mem_get_info(device) if cuda else (0, 0)
+    device_used = (total - free) / GIB
     per_slot = slot_bytes(lm, mimi)
     mimi_bytes = sum(p.numel() * p.element_size() for p in mimi.parameters())
     fixed = weights + mimi_bytes + RESERVE
@@ -167,7 +170,7 @@ def measure(mode, args, preset, dtype, device, mimi, prompt, forced):
     del engine, lm
     ordered = sorted(times)
     row = dict(description=describe_mode(mode, device), weights=weights / GIB, load_peak=load_peak / GIB, peak=peak,
-               reserved=reserved, p50=statistics.median(times), p99=ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+               reserved=reserved, device_used=device_used, p50=statistics.median(times), p99=ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
                fit_here=fit_here, fit_small=fit_small)
     return row, outputs
 
