@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.build_parser(loadtest_parser)
     loadtest_parser.set_defaults(run=loadtest.run)
 
+    from .scaleout import cli as scaleout_cli  # imports Ray only when a scale command runs
+
+    scale_parser = commands.add_parser(
+        "scale", help="serve from several engine replicas (one per GPU, across machines) behind one endpoint (Ray Serve)"
+    )
+    scaleout_cli.build_parser(scale_parser)
+
     presets = commands.add_parser("presets", help="list the built-in model configurations")
     presets.set_defaults(run=_cmd_presets)
     inspect = commands.add_parser("inspect", help="tell which preset a safetensors weights file fits (reads only its header)")
