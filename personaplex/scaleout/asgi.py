@@ -1,0 +1,145 @@
+"""The single server's routes as an ASGI (Starlette) application over one ``ConversationHub``.
+
+A scale-out replica serves exactly what ``personaplex serve`` serves, through the same transport-agnostic
+protocol handlers (``run_chat``, ``run_realtime``, ``run_twilio``); only the framework differs
+(Starlette under Ray Serve's proxy instead of aiohttp):
+
+| route | what |
+| --- | --- |
+| ``GET /api/chat`` | the WebSocket conversation protocol (``personaplex/server/chat_protocol.py``) |
+| ``GET /v1/realtime`` | the Realtime-style WebSocket (``personaplex/integrations/realtime.py``) |
+| ``GET /twilio/media-stream`` | the Twilio Media Streams WebSocket (``personaplex/integrations/twilio.py``) |
+| ``GET /api/health`` | JSON of this replica: ok, model, slots busy/free, ``replica`` |
+| ``GET /api/voices`` | the voice presets; uploads are refused (an upload would live in one replica only) |
+| ``GET /metrics`` | this replica's Prometheus metrics |
+| ``GET /`` and files | the web page |
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketState
+
+log = logging.getLogger("personaplex.scaleout")
+
+CLOSE_POLICY = 1008
+UPLOAD_REFUSED = ("uploaded voices are not available when serving with replicas (each upload would live in one "
+                  "replica only): put the voice in --voice-prompt-dir on every node instead")
+
+
+class StarletteTransport:
+    """``MessageTransport`` (see ``personaplex/server/chat_protocol.py``) over a Starlette WebSocket."""
+
+    def __init__(self, ws: WebSocket):
+        self.ws = ws
+        self._gone = False
+
+    async def receive(self) -> bytes | str | None:
+        if self._gone:
+            return None
+        message = await self.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            self._gone = True
+            return None
+        if message.get("bytes") is not None:
+            return message["bytes"]
+        if message.get("text") is not None:
+            return message["text"]
+        return None
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def send_text(self, data: str) -> None:
+        await self.ws.send_text(data)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if self._gone or self.ws.application_state == WebSocketState.DISCONNECTED:
+            return
+        self._gone = True
+        await self.ws.close(code=code, reason=reason)
+
+
+def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = None, phone_personas=None,
+                   replica: str = "") -> Starlette:
+    """Routes of the single server over ``hub`` (started by the caller). ``replica`` names this replica
+    in ``/api/health``."""
+    from ..integrations.realtime import run_realtime
+    from ..integrations.twilio import PhonePersonas, run_twilio
+    from ..server.chat_protocol import run_chat
+
+    personas = phone_personas if isinstance(phone_personas, PhonePersonas) else \
+        PhonePersonas.load(phone_personas) if phone_personas is not None else PhonePersonas()
+
+    def authorized(connection: Request | WebSocket) -> bool:
+        if not auth_token:
+            return True
+        given = connection.query_params.get("token", "")
+        header = connection.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:].strip()
+        return hmac.compare_digest(given.encode("utf-8"), auth_token.encode("utf-8"))
+
+    async def chat(ws: WebSocket) -> None:
+        if not authorized(ws):
+            await ws.close(code=CLOSE_POLICY)  # before accepting: the upgrade is refused (HTTP 403)
+            return
+        await ws.accept()
+        await run_chat(hub, ws.query_params, StarletteTransport(ws))
+
+    async def realtime(ws: WebSocket) -> None:
+        if not authorized(ws):
+            await ws.close(code=CLOSE_POLICY)
+            return
+        beta = "realtime=v1" in ws.headers.get("openai-beta", "").replace(" ", "")
+        await ws.accept()
+        await run_realtime(hub, StarletteTransport(ws), beta=beta)
+
+    async def twilio(ws: WebSocket) -> None:  # Twilio sends no headers: the token is a stream parameter
+        await ws.accept()
+        await run_twilio(hub, StarletteTransport(ws), personas=personas, auth_token=auth_token)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": not hub._closed, "model": hub.describe()["model"], "replica": replica,
+                             **hub.load()})
+
+    async def voices(request: Request) -> Response:
+        if not authorized(request):
+            return _unauthorized()
+        if request.method == "POST":
+            return JSONResponse({"error": UPLOAD_REFUSED}, status_code=403)
+        return JSONResponse({"voices": hub.voices(), "default": hub.options.default_voice, "upload": False})
+
+    async def metrics(request: Request) -> Response:
+        return Response(hub.metrics.render().encode("utf-8"), headers={"Content-Type": hub.metrics.content_type})
+
+    routes = [
+        WebSocketRoute("/api/chat", chat),
+        WebSocketRoute("/v1/realtime", realtime),
+        WebSocketRoute("/twilio/media-stream", twilio),
+        Route("/api/health", health),
+        Route("/api/voices", voices, methods=["GET", "POST"]),
+        Route("/metrics", metrics),
+    ]
+    if static_dir is not None and Path(static_dir).is_dir():
+        routes.append(Mount("/", app=StaticFiles(directory=str(static_dir), html=True)))
+    elif static_dir is not None:
+        async def home(request: Request) -> Response:
+            return PlainTextResponse("personaplex server: the web page is not installed; /api/chat is ready\n")
+
+        routes.append(Route("/", home))
+    return Starlette(routes=routes)
+
+
+def _unauthorized() -> Response:
+    return Response(json.dumps({"error": "missing or wrong token: send 'Authorization: Bearer <token>' or "
+                                         "?token=<token>"}), status_code=401, media_type="application/json")
