@@ -58,7 +58,7 @@ class ConversationReplica:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.settings = settings
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
-        args = argparse.Namespace(**settings.model_args)
+        args = replica_args(settings.model_args)
         # Loading takes seconds to minutes: off the replica's event loop, which answers Serve's probes.
         self.hub = await asyncio.to_thread(ReplicaHub.from_args, args)
         self.hub.replica = self.replica
@@ -85,6 +85,16 @@ class ConversationReplica:
 
     async def __del__(self):
         await self.hub.close("the replica is shutting down")
+
+
+def replica_args(model_args: dict) -> argparse.Namespace:
+    """The flags of ``personaplex serve`` with its defaults, overridden by ``model_args``."""
+    from ..server.serve import build_parser
+
+    args = build_parser().parse_args([])
+    for name, value in model_args.items():
+        setattr(args, name, value)
+    return args
 
 
 @dataclass

@@ -1,0 +1,232 @@
+"""Scale-out with Ray Serve: two replicas of the demo model in a local Ray cluster, driven over real
+WebSockets with real Ogg/Opus.
+
+- sessions spread over both replicas, and a replica whose slots are all in conversations gets no new one:
+  the next caller waits until a slot frees and then lands on the replica that freed it;
+- a replica whose process is killed mid-conversation ends only its own sessions: the other replica's
+  sessions keep receiving frames, and a new session goes to the survivor;
+- the command line refuses settings that cannot work before starting anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from personaplex.cli import main as cli_main
+
+ray = pytest.importorskip("ray", reason="scale-out needs Ray Serve: pip install -e '.[scaleout]'")
+serve = pytest.importorskip("ray.serve")
+
+SLOTS = 2  # per replica
+FRAME = 1920
+
+
+# --- command line (no cluster) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "give --max-conversations"),
+    (["--max-conversations", "0"], "--max-conversations must be at least 1"),
+    (["--max-conversations", "2", "--allow-voice-upload"], "--allow-voice-upload is not available"),
+    (["--max-conversations", "2", "--max-queue", "0"], "--max-queue must be at least 1"),
+])
+def test_scale_serve_refuses_bad_flags_before_starting(flags, message, capsys):
+    assert cli_main(["scale", "serve", "--model", "demo", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_replica_plan_one_replica_per_gpu_and_autoscaling():
+    from personaplex.scaleout.cli import ScaleOutError, build_serve_parser, replica_plan
+    import argparse
+
+    parser = build_serve_parser(argparse.ArgumentParser())
+    plan = replica_plan(parser.parse_args(["--max-conversations", "32"]), cluster_gpus=4)
+    assert (plan.replicas, plan.gpus_per_replica, plan.slots, plan.max_queued) == (4, 1.0, 32, 16)
+    plan = replica_plan(parser.parse_args(["--max-conversations", "4"]), cluster_gpus=0)
+    assert (plan.replicas, plan.gpus_per_replica) == (1, 0.0)
+    plan = replica_plan(parser.parse_args(["--max-conversations", "8", "--replicas", "auto", "--min-replicas", "2"]),
+                        cluster_gpus=8)
+    assert (plan.replicas, plan.min_replicas, plan.max_replicas) == (None, 2, 8)
+    with pytest.raises(ScaleOutError, match="--min-replicas"):
+        replica_plan(parser.parse_args(["--max-conversations", "8", "--replicas", "auto", "--min-replicas", "9"]),
+                     cluster_gpus=8)
+    with pytest.raises(ScaleOutError, match="a number or 'auto'"):
+        replica_plan(parser.parse_args(["--max-conversations", "8", "--replicas", "many"]), cluster_gpus=8)
+
+
+# --- a local cluster with two replicas -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster serving two replicas of the demo model with SLOTS slots each; yields the base URL."""
+    from personaplex.scaleout.deployment import APP_NAME, ReplicaSettings, ScaleOptions, build_application
+
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        model_args = {"model": "demo", "device": "cpu", "input_timeout_seconds": 30.0}
+        app = build_application(ReplicaSettings(model_args=model_args),
+                                ScaleOptions(slots=SLOTS, replicas=2, cpus_per_replica=1, max_queued=8))
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        yield f"127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+class Caller:
+    """One real /api/chat client: streams Ogg/Opus at real time, counts the agent's audio pages."""
+
+    def __init__(self, address: str, seed: int):
+        self.url = f"ws://{address}/api/chat?voice_prompt=NATF2&seed={seed}&text_prompt=Hello"
+        self.metadata: list[dict] = []
+        self.audio_pages = 0
+        self.error: str | None = None
+        self.handshake = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+        self._session = None
+        self._ws = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def replica(self) -> str | None:
+        return next((m["replica"] for m in self.metadata if "replica" in m), None)
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.ensure_future(self._run()))
+
+    async def _run(self) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        try:
+            self._ws = await self._session.ws_connect(self.url, max_msg_size=0)
+            sender = asyncio.ensure_future(self._send())
+            async for message in self._ws:
+                if message.type != aiohttp.WSMsgType.BINARY or not message.data:
+                    continue
+                kind, payload = message.data[0], message.data[1:]
+                if kind == 0x00:
+                    self.handshake.set()
+                elif kind == 0x01 and self.handshake.is_set():
+                    self.audio_pages += 1
+                elif kind == 0x04:
+                    self.metadata.append(json.loads(payload))
+                elif kind == 0x05:
+                    self.error = payload.decode("utf-8", "replace")
+            sender.cancel()
+            self.close_code = self._ws.close_code
+        except Exception as exc:  # noqa: BLE001 - the test asserts on what each caller saw
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
+        finally:
+            self.closed.set()
+            await self._session.close()
+
+    async def _send(self) -> None:
+        import sphn
+
+        from personaplex.server.ogg import split_pages
+
+        await self.handshake.wait()
+        writer = sphn.OpusStreamWriter(24000)
+        rng = np.random.default_rng(0)
+        begin = time.monotonic()
+        for k in range(10**6):
+            await asyncio.sleep(max(0.0, begin + k * 0.08 - time.monotonic()))
+            pcm = (0.05 * rng.standard_normal(FRAME)).astype(np.float32)
+            for page in split_pages(writer.append_pcm(pcm) or b""):
+                await self._ws.send_bytes(b"\x01" + page)
+
+    async def close(self) -> None:
+        if self._ws is not None and not self._ws.closed:
+            await self._ws.close()
+        await asyncio.wait_for(self.closed.wait(), 20)
+
+
+async def _started(callers: list[Caller], timeout: float = 60.0) -> None:
+    await asyncio.wait_for(asyncio.gather(*(c.handshake.wait() for c in callers)), timeout)
+
+
+async def _pages_grow(callers: list[Caller], seconds: float) -> list[int]:
+    before = [c.audio_pages for c in callers]
+    await asyncio.sleep(seconds)
+    return [c.audio_pages - b for c, b in zip(callers, before)]
+
+
+@pytest.mark.slow
+def test_sessions_spread_full_replicas_get_none_and_a_killed_replica_ends_only_its_own(cluster):
+    from personaplex.scaleout.stats import replica_actor, replica_names, replica_stats
+
+    async def scenario():
+        names = replica_names()
+        assert len(names) == 2
+
+        # 1. As many callers as slots in all: every replica must take exactly SLOTS (a full one takes no more).
+        callers = [Caller(cluster, seed) for seed in range(2 * SLOTS)]
+        for caller in callers:
+            caller.start()
+        await _started(callers)
+        spread = Counter(c.replica for c in callers)
+        assert set(spread) == set(names) and set(spread.values()) == {SLOTS}, spread
+        assert all(n > 5 for n in await _pages_grow(callers, 1.5))  # every conversation is live
+
+        # 2. One more caller waits (every slot is taken) ...
+        extra = Caller(cluster, 99)
+        extra.start()
+        await asyncio.sleep(3.0)
+        assert not extra.handshake.is_set() and extra.error is None
+        # ... and lands on the replica where a slot frees.
+        freed = callers[0]
+        await freed.close()
+        await asyncio.wait_for(extra.handshake.wait(), 30)
+        assert extra.replica == freed.replica
+        live = callers[1:] + [extra]
+        stats = {row["replica"]: row for row in replica_stats()}
+        assert {name: stats[name]["slots_busy"] for name in names} == {name: SLOTS for name in names}
+
+        # 3. Kill one replica's process mid-conversation; first free a slot on the other one.
+        victim = freed.replica
+        survivor = next(name for name in names if name != victim)
+        on_survivor = [c for c in live if c.replica == survivor]
+        await on_survivor[0].close()
+        on_survivor = on_survivor[1:]
+        on_victim = [c for c in live if c.replica == victim]
+        assert len(on_victim) == SLOTS and len(on_survivor) == SLOTS - 1
+        ray.kill(replica_actor(victim), no_restart=True)
+        await asyncio.wait_for(asyncio.gather(*(c.closed.wait() for c in on_victim)), 30)
+        # The survivor's conversations never noticed: still open, still receiving every frame.
+        assert not any(c.closed.is_set() for c in on_survivor)
+        assert all(n >= 10 for n in await _pages_grow(on_survivor, 2.0))
+        assert all(c.error is None for c in on_survivor)
+
+        # 4. A new session goes to the survivor (the replacement replica is still loading, if it started).
+        newcomer = Caller(cluster, 7)
+        newcomer.start()
+        await asyncio.wait_for(newcomer.handshake.wait(), 30)
+        assert newcomer.replica == survivor
+        assert (await _pages_grow([newcomer], 1.5))[0] > 5
+        assert not any(c.closed.is_set() for c in on_survivor)
+        for caller in on_survivor + [newcomer]:
+            await caller.close()
+        return [c.close_code for c in on_victim]
+
+    started = time.monotonic()
+    codes = asyncio.run(asyncio.wait_for(scenario(), 180))
+    print(f"killed replica's sessions closed with codes {codes}; scenario {time.monotonic() - started:.1f} s")
