@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import signal
-import threading
+import time
 from pathlib import Path
 
 from ..errors import PersonaplexError
@@ -175,21 +175,48 @@ def run_serve(args: argparse.Namespace) -> None:
         print(f"personaplex scale-out ready: {count} replicas x {scale.slots} slots", flush=True)
         print(f"Access the Web UI directly at {scheme}://{access_host(args.host)}:{args.port}", flush=True)
         _wait_for_signal()
-        print("shutting down: ending conversations", flush=True)
-        serve.delete(APP_NAME)
-        if started_here:
-            serve.shutdown()
+        _stop(serve, APP_NAME, started_here)
     finally:
         ray.shutdown()
     print("stopped", flush=True)
 
 
 def _wait_for_signal() -> None:
-    stop = threading.Event()
+    """Return at SIGINT or SIGTERM."""
+    signals = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
+        signal.signal(sig, lambda *_: signals.append(1))
+    while not signals:
+        time.sleep(0.2)
+
+
+def _stop(serve, app_name: str, started_here: bool) -> None:
+    """Graceful stop: no new conversations, live ones may finish (up to --drain-seconds); a second signal
+    ends them at once (their clients see the connection close)."""
+    from .stats import replica_actor, replica_names, replica_stats
+
+    interrupted = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: interrupted.append(1))
+    serve.delete(app_name, _blocking=False)
+    print("stopping: no new conversations; live ones may finish (signal again to end them now)", flush=True)
+    last_report = 0.0
+    while not interrupted:
+        statuses = serve.status().applications
+        if app_name not in statuses:
+            break
+        if time.monotonic() - last_report > 10:
+            busy = sum(row.get("slots_busy", 0) for row in replica_stats(app_name) if "error" not in row)
+            print(f"waiting for {busy} conversations to end", flush=True)
+            last_report = time.monotonic()
+        time.sleep(0.5)
+    if started_here:
+        serve.shutdown()  # stops every replica now
+    elif interrupted:  # a shared cluster: stop only this application's replicas
+        import ray
+
+        for name in replica_names(app_name):
+            ray.kill(replica_actor(name), no_restart=True)
 
 
 def run_status(args: argparse.Namespace) -> None:
