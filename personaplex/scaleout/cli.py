@@ -79,6 +79,9 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--drain-seconds", type=float, default=600.0,
                        help="a replica being removed (scaling down, redeploying) waits this long for its "
                             "conversations to end (default 600)")
+    group.add_argument("--stats-window", type=float, default=30.0, metavar="SECONDS",
+                       help="the frame-time percentiles of 'personaplex scale status' cover the last SECONDS "
+                            "(default 30)")
     return parser
 
 
@@ -165,7 +168,7 @@ def run_serve(args: argparse.Namespace) -> None:
         scale = replica_plan(args, ray.cluster_resources().get("GPU", 0.0))
         model_args = {name: getattr(args, name, None) for name in MODEL_FLAGS}
         settings = ReplicaSettings(model_args=model_args, static_dir=static_dir, auth_token=args.auth_token,
-                                   phone_personas=args.phone_personas)
+                                   phone_personas=args.phone_personas, stats_window_seconds=args.stats_window)
         serve.start(http_options=http_options)
         count = f"{scale.replicas}" if scale.replicas else f"{scale.min_replicas}-{scale.max_replicas} (autoscaling)"
         print(f"starting {count} replicas with {scale.slots} conversation slots each (each loads the model)",
