@@ -28,7 +28,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STATIC = REPO / "personaplex" / "server" / "static"
-INSECURE_HOST = "insecure.test"  # resolved to 127.0.0.1 by the browser: a plain-http origin that is not secure
+LAN_HOST = "lan.test"  # resolved to 127.0.0.1 by the browsers: not "localhost", so plain http is not secure
 TONE_HZ = 440.0
 TOKEN = "browser-test-token"
 
@@ -74,7 +74,7 @@ def browser(tmp_path_factory):
             args=[
                 "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={microphone}",
-                f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1",
+                f"--host-resolver-rules=MAP {LAN_HOST} 127.0.0.1",
             ],
         )
         yield browser
@@ -153,12 +153,10 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return float(match.group(1)) if match else 0.0
 
 
-@pytest.fixture(scope="module")
-def demo_server():
-    """``personaplex serve --model demo`` with one slot (so that a second caller queues), uploads on and an
-    access token (which the pages get through their own URL, ``?token=``)."""
+def start_server(*options: str) -> Server:
+    """``personaplex serve --model demo`` on a free port of 127.0.0.1, with these extra options."""
     command = [sys.executable, "-m", "personaplex", "serve", "--model", "demo", "--host", "127.0.0.1", "--port", "0",
-               "--max-conversations", "1", "--allow-voice-upload", "--auth-token", TOKEN]
+               *options]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     output: list[str] = []
@@ -179,13 +177,24 @@ def demo_server():
     if not found:
         process.kill()
         pytest.fail("personaplex serve did not start:\n" + "".join(output[-40:]))
-    server = Server(found[0], process, output)
-    yield server
-    process.send_signal(signal.SIGINT)
+    return Server(found[0], process, output)
+
+
+def stop_server(server: Server) -> None:
+    server.process.send_signal(signal.SIGINT)
     try:
-        process.wait(20)
+        server.process.wait(20)
     except subprocess.TimeoutExpired:
-        process.kill()
+        server.process.kill()
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """One slot (so that a second caller queues), uploads on and an access token (which the pages get through
+    their own URL, ``?token=``)."""
+    server = start_server("--max-conversations", "1", "--allow-voice-upload", "--auth-token", TOKEN)
+    yield server
+    stop_server(server)
 
 
 def test_page_loads_lists_voices_and_fills_examples(browser, demo_server):
@@ -321,12 +330,36 @@ def test_blocked_microphone_is_explained(browser, demo_server):
 
 def test_insecure_origin_is_explained(browser, demo_server):
     port = demo_server.url.rsplit(":", 1)[1]
-    page = open_page(browser, f"http://{INSECURE_HOST}:{port}/?token={TOKEN}")
+    page = open_page(browser, f"http://{LAN_HOST}:{port}/?token={TOKEN}")
     assert page.js("window.isSecureContext") is False
     assert "insecure" in page.js("document.body.dataset.unsupported")
     assert "not in a secure context" in page.js("document.querySelector('[data-notice=insecure]').textContent")
     assert page.js("document.querySelector('#start').disabled") is True
     page.context.close()
+
+
+def test_https_with_a_generated_certificate_on_a_lan_name(browser, tmp_path):
+    """The way to reach a server from another machine: --ssl makes a certificate, and the page on a name
+    other than localhost is a secure context, talking over wss://."""
+    server = start_server("--ssl", str(tmp_path / "tls"))
+    try:
+        assert server.url.startswith("https://")
+        port = server.url.rsplit(":", 1)[1]
+        context = browser.new_context(permissions=["microphone"], ignore_https_errors=True)  # self-signed
+        page = context.new_page()
+        page.goto(f"https://{LAN_HOST}:{port}/")
+        page.wait_for_selector("body[data-ready]", timeout=10_000)
+        assert page.evaluate("window.isSecureContext") is True
+        assert page.evaluate("personaplex.notices") == []
+        page.click("#start")
+        page.wait_for_function("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 0.5",
+                               timeout=60_000)
+        page.click("#stop")
+        page.wait_for_function("personaplex.state === 'closed'", timeout=10_000)
+        assert page.evaluate("personaplex.notices") == []
+        context.close()
+    finally:
+        stop_server(server)
 
 
 # --- a server that speaks only kinds 0-2, as the reference does -------------------------------------------------

@@ -20,7 +20,7 @@ import time
 
 import pytest
 from test_web_ui import (  # noqa: F401  (fixtures used by name)
-    INSECURE_HOST,
+    LAN_HOST,
     TOKEN,
     check_sent_stream,
     demo_server,
@@ -46,8 +46,8 @@ PROFILE_PREFS = {
     "network.proxy.ssl": "127.0.0.1",
     "network.proxy.ssl_port": 9,
     "network.proxy.share_proxy_settings": True,
-    "network.proxy.no_proxies_on": f"localhost, 127.0.0.1, {INSECURE_HOST}",
-    "network.dns.localDomains": INSECURE_HOST,  # resolves to this machine: a plain-http origin that is not secure
+    "network.proxy.no_proxies_on": f"localhost, 127.0.0.1, {LAN_HOST}",
+    "network.dns.localDomains": LAN_HOST,  # resolves to this machine: a plain-http origin that is not secure
     "network.proxy.allow_hijacking_localhost": False,
     "services.settings.server": "http://127.0.0.1:9/",
     "app.normandy.enabled": False,
@@ -292,7 +292,7 @@ def test_firefox_sends_a_valid_ogg_opus_stream(bidi, minimal_server):  # noqa: F
 
 def test_firefox_explains_an_insecure_origin(bidi, demo_server):  # noqa: F811
     port = demo_server.url.rsplit(":", 1)[1]
-    tab = Tab(bidi, f"http://{INSECURE_HOST}:{port}/?token={TOKEN}")
+    tab = Tab(bidi, f"http://{LAN_HOST}:{port}/?token={TOKEN}")
     assert tab.js("window.isSecureContext") is False
     assert "not in a secure context" in tab.js("document.querySelector('[data-notice=insecure]').textContent")
     assert tab.js("document.querySelector('#start').disabled") is True
