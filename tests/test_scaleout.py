@@ -75,13 +75,14 @@ def _free_port() -> int:
 def cluster():
     """A local Ray cluster serving two replicas of the demo model with SLOTS slots each; yields the base URL."""
     from personaplex.scaleout.deployment import APP_NAME, ReplicaSettings, ScaleOptions, build_application
+    from personaplex.server.app import DEFAULT_STATIC
 
     port = _free_port()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         model_args = {"model": "demo", "device": "cpu", "input_timeout_seconds": 30.0}
-        app = build_application(ReplicaSettings(model_args=model_args),
+        app = build_application(ReplicaSettings(model_args=model_args, static_dir=DEFAULT_STATIC),
                                 ScaleOptions(slots=SLOTS, replicas=2, cpus_per_replica=1, max_queued=8))
         serve.run(app, name=APP_NAME, route_prefix="/")
         yield f"127.0.0.1:{port}"
@@ -168,6 +169,50 @@ async def _pages_grow(callers: list[Caller], seconds: float) -> list[int]:
     before = [c.audio_pages for c in callers]
     await asyncio.sleep(seconds)
     return [c.audio_pages - b for c, b in zip(callers, before)]
+
+
+@pytest.mark.slow
+def test_replicas_serve_the_single_servers_routes(cluster):
+    """The web page, health (naming the replica), voices (uploads refused) and the Realtime-style endpoint."""
+    import base64
+
+    import aiohttp
+
+    from personaplex.scaleout.stats import replica_names
+
+    async def scenario():
+        base = f"http://{cluster}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/") as page:
+                assert page.status == 200 and "<html" in (await page.text()).lower()
+            async with http.get(base + "/js/main.js") as script:
+                assert script.status == 200
+            seen = set()
+            for _ in range(8):
+                async with http.get(base + "/api/health") as health:
+                    body = await health.json()
+                    assert body["ok"] and body["slots_free"] == SLOTS
+                    seen.add(body["replica"])
+            assert seen <= set(replica_names()) and seen
+            async with http.get(base + "/api/voices") as voices:
+                body = await voices.json()
+                assert "NATF2" in body["voices"] and body["upload"] is False
+            async with http.post(base + "/api/voices", data=b"RIFF....") as upload:
+                assert upload.status == 403 and "--voice-prompt-dir" in (await upload.json())["error"]
+            async with http.ws_connect(f"ws://{cluster}/v1/realtime") as ws:
+                assert (await ws.receive_json(timeout=30))["type"] == "session.created"
+                pcm = (np.zeros(FRAME, dtype="<i2")).tobytes()
+                await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})
+                kinds = set()
+                while not any(k.endswith("audio.delta") for k in kinds):
+                    event = await ws.receive_json(timeout=30)
+                    kinds.add(event["type"])
+                    if event["type"] == "error":
+                        raise AssertionError(event)
+                    await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})
+                assert "response.created" in kinds
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
 
 
 @pytest.mark.slow
