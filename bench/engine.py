@@ -62,6 +62,11 @@ def main() -> None:
     parser.add_argument("--position", type=int, default=None,
                         help="move every conversation to this frame before timing (e.g. 2990: full-ring reads)")
     parser.add_argument("--no-spread-join", action="store_true", help="skip the real-time join measurement")
+    parser.add_argument("--profile", action="store_true", help="count the kernels of one frame (run outside a graph)")
+    parser.add_argument("--lazy-capture", action="store_true",
+                        help="capture (and compile) only the graphs the run meets, during warm-up, not every bucket")
+    parser.add_argument("--full-ring", action="store_true",
+                        help="also time steps with every conversation at the end of its context (whole ring read)")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personaplex_random_lm.safetensors"))
     args = parser.parse_args()
     device = torch.device("cuda" if CUDA else "cpu")  # the CPU only for a dry run with a small preset
@@ -130,7 +135,9 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
     # As a server would at start-up: every graph this run can need, captured before timing, and one
     # join run the live way (first-use costs of the prefill's shapes).
     start_frame = args.position or prompt.num_steps
-    engine.capture_graphs(up_to_frames=start_frame + args.warmup + args.steps + 40)
+    t0 = time.perf_counter()
+    captured = 0 if args.lazy_capture else engine.capture_graphs(up_to_frames=start_frame + args.warmup + args.steps + 40)
+    print(f"N={slots}: {captured} CUDA graphs captured in {time.perf_counter() - t0:.1f} s (first use compiles)", flush=True)
     if slots > 1:
         engine.leave(slots - 1)
         engine.warm_up_join(persona(999))
@@ -140,6 +147,8 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
             engine.gen_state.offset[slots - 1] = args.position
     for _ in range(args.warmup):
         engine.step(pcm)
+    if args.profile and CUDA:
+        profile_frame(engine, pcm)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -157,12 +166,51 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
             engine.join(slots - 1, slots, fresh, sampling)
             sync()
             samples.append(1000 * (time.perf_counter() - t0))
+    if args.full_ring:
+        full = full_ring_times(engine, pcm, args.steps)
+        print(f"N={slots} full ring: p50 {statistics.median(full):.2f} ms, p99 {percentile(full, 0.99):.2f} ms", flush=True)
     ticks, missed, latency = real_time_joins(engine, pcm, persona, sampling, slots) if not args.no_spread_join else ([], 0, [])
     peak = torch.cuda.max_memory_allocated() if CUDA else 0
     return (slots, statistics.median(times), percentile(times, 0.99), first_join,
             statistics.median(join_new), statistics.median(join_cached), state_bytes / slots / GIB, peak / GIB,
             f"{statistics.median(ticks):.1f} / {max(ticks):.1f}" if ticks else "-", missed if ticks else "-",
             f"{statistics.median(latency):.0f}" if latency else "-")
+
+
+def full_ring_times(engine, pcm, steps: int) -> list[float]:
+    """Step times with every conversation moved to the end of its context: attention reads whole rings
+    (4-minute conversations). Timing only: ring contents are whatever is there."""
+    position = engine.config.context - 5
+    for slot in range(engine.max_slots):
+        engine._offsets[slot] = position
+    engine.gen_state.offset.fill_(position)
+    for _ in range(5):  # captures the full-length graph
+        engine.step(pcm)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step(pcm)
+        times.append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def profile_frame(engine, pcm) -> None:
+    """Kernels one whole frame launches (the same code a graph replays), and where GPU time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch, length = engine._bucket()
+    frame, _ = engine._frame_fn(batch, length)
+    active = torch.tensor(engine.active[:batch], device=engine.device)
+    with torch.inference_mode():
+        frame(pcm[:batch].cuda(), active)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            frame(pcm[:batch].cuda(), active)
+            sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / 1000
+    print(f"N={batch}: one frame = {len(kernels)} kernels, {total:.2f} ms of kernel time")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 def real_time_joins(engine, pcm, persona, sampling, slots, attempts: int = 3, period: float = 0.080):

@@ -110,8 +110,7 @@ class Engine:
         self.lm, self.mimi = lm, mimi
         if fused_step == "auto":
             fused_step = "compile" if compile_available(lm.device) else None
-        if fused_step is not None:
-            lm.use_fused_step(fused_step)
+        lm.use_fused_step(fused_step)
         self.config = lm.config
         self.device = lm.device
         self.max_slots = max_slots

@@ -9,9 +9,13 @@ import torch
 
 
 class Rotation(NamedTuple):
-    """Unit complex numbers cos + i sin of the rotation angles: [B, 1, T, head_dim / 2] complex64."""
+    """cos and sin of the rotation angles, stacked last: [B, 1, T, head_dim / 2, 2] float32.
 
-    phase: torch.Tensor
+    Laid out as the real view of the unit complex numbers cos + i sin, so that eager code rotates with
+    one complex product while compiled code (Inductor has no complex kernels) uses real arithmetic.
+    """
+
+    cos_sin: torch.Tensor
 
 
 def rotation_for(positions: torch.Tensor, head_dim: int, max_period: float) -> Rotation:
@@ -22,15 +26,20 @@ def rotation_for(positions: torch.Tensor, head_dim: int, max_period: float) -> R
     # operation order so float32 results agree to the last bits.
     freqs = torch.exp(pair * (-math.log(max_period) * 2 / head_dim))
     angles = positions.to(torch.float32)[:, None, :, None] * freqs
-    return Rotation(torch.polar(torch.ones_like(angles), angles))
+    return Rotation(torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1))
 
 
 def apply_rope(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     """Rotate adjacent pairs ``(x[2i], x[2i+1])`` of x [B, H, T, head_dim] (in float32; x's dtype out).
 
-    As a complex product (pair = real + i imag, times cos + i sin): the same arithmetic as the
-    reference's explicit formulas, in a few kernels instead of a dozen.
+    A complex product (pair = real + i imag, times cos + i sin): the reference's explicit formulas in
+    a few kernels instead of a dozen when eager, and the same formulas spelt out when compiled.
     """
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
-    rotated = torch.view_as_real(pairs * rotation.phase)
+    pairs = x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    if torch.compiler.is_compiling():
+        cos, sin = rotation.cos_sin[..., 0], rotation.cos_sin[..., 1]
+        real, imag = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    else:
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation.cos_sin))
     return rotated.reshape(x.shape).to(x.dtype)

@@ -34,14 +34,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def attention_input(
     x: torch.Tensor, norm_weight: torch.Tensor, eps: float, in_proj_weight: torch.Tensor, num_heads: int,
-    phase: torch.Tensor, fp8_scale_dtype: torch.dtype | None,
+    cos_sin: torch.Tensor, fp8_scale_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, ...]:
     """Norm, fused q/k/v projection and RoPE of x [B, T, dim] -> q, k, v [B, H, T, head_dim].
 
     With ``fp8_scale_dtype`` k and v come back quantised for an FP8 ring: (q, k8, k_scale, v8, v_scale).
     """
     q, k, v = F.linear(rms_norm(x, norm_weight, eps), in_proj_weight).chunk(3, dim=-1)
-    rotation = Rotation(phase)
+    rotation = Rotation(cos_sin)
     q = apply_rope(split_heads(q, num_heads), rotation)
     k = apply_rope(split_heads(k, num_heads), rotation)
     v = split_heads(v, num_heads)

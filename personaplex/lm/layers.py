@@ -115,7 +115,7 @@ class TemporalTransformer(nn.Module):
         fp8 = key_scales is not None
         for index, layer in enumerate(self.layers):
             projected = kernels.attention_input(
-                x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.phase,
+                x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.cos_sin,
                 key_scales.dtype if fp8 else None,
             )
             if fp8:

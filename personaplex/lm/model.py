@@ -73,13 +73,20 @@ class LMModel(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q))
         # Compiled kernels for single-frame steps, when enabled (``use_fused_step``).
         self.step_kernels: StepKernels | None = None
+        self._compiled_kernels: StepKernels | None = None
 
     def use_fused_step(self, mode: str | None) -> None:
         """Single-frame steps through fused kernels: "compile" (torch.compile, for CUDA), "eager" (the same
         functions uncompiled: tests) or None (the module code, the default)."""
         if mode not in (None, "eager", "compile"):
             raise ValueError(f"fused step mode must be None, 'eager' or 'compile', got {mode!r}")
-        self.step_kernels = None if mode is None else (compile_step_kernels if mode == "compile" else eager_step_kernels)(self)
+        if mode == "compile":
+            # Compiled once per model: every engine over it reuses the compiled code (minutes to build).
+            if self._compiled_kernels is None:
+                self._compiled_kernels = compile_step_kernels(self)
+            self.step_kernels = self._compiled_kernels
+        else:
+            self.step_kernels = None if mode is None else eager_step_kernels(self)
 
     @property
     def device(self) -> torch.device:
