@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from collections import Counter
@@ -25,6 +26,8 @@ ray = pytest.importorskip("ray", reason="scale-out needs Ray Serve: pip install 
 serve = pytest.importorskip("ray.serve")
 
 SLOTS = 2  # per replica
+AUTOSCALING_PUSH = ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
 FRAME = 1920
 
 
@@ -44,8 +47,9 @@ def test_scale_serve_refuses_bad_flags_before_starting(flags, message, capsys):
 
 
 def test_replica_plan_one_replica_per_gpu_and_autoscaling():
-    from personaplex.scaleout.cli import ScaleOutError, build_serve_parser, replica_plan
     import argparse
+
+    from personaplex.scaleout.cli import ScaleOutError, build_serve_parser, replica_plan
 
     parser = build_serve_parser(argparse.ArgumentParser())
     plan = replica_plan(parser.parse_args(["--max-conversations", "32"]), cluster_gpus=4)
@@ -78,6 +82,9 @@ def cluster():
     from personaplex.server.app import DEFAULT_STATIC
 
     port = _free_port()
+    # Replicas and proxies report their load every second instead of every ten (the autoscaling test).
+    saved = {name: os.environ.get(name) for name in AUTOSCALING_PUSH}
+    os.environ.update(dict.fromkeys(AUTOSCALING_PUSH, "1"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -89,6 +96,11 @@ def cluster():
     finally:
         serve.shutdown()
         ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class Caller:
@@ -275,3 +287,44 @@ def test_sessions_spread_full_replicas_get_none_and_a_killed_replica_ends_only_i
     started = time.monotonic()
     codes = asyncio.run(asyncio.wait_for(scenario(), 180))
     print(f"killed replica's sessions closed with codes {codes}; scenario {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_autoscaling_adds_a_replica_under_load_and_new_sessions_use_it(cluster):
+    """One replica to start with; two conversations fill it, the autoscaler adds a second replica and the
+    next conversation goes there."""
+    from personaplex.scaleout.deployment import APP_NAME, ReplicaSettings, ScaleOptions, build_application
+    from personaplex.scaleout.stats import replica_stats
+
+    model_args = {"model": "demo", "device": "cpu", "input_timeout_seconds": 30.0}
+    scale = ScaleOptions(slots=SLOTS, replicas=None, min_replicas=1, max_replicas=2, cpus_per_replica=1,
+                         max_queued=8, upscale_delay_s=1.0, load_window_s=2.0, drain_seconds=5.0)
+    serve.delete(APP_NAME)  # a fresh application starts at --min-replicas
+    serve.run(build_application(ReplicaSettings(model_args=model_args), scale), name=APP_NAME, route_prefix="/")
+
+    def ready() -> list[str]:
+        return sorted(row["replica"] for row in replica_stats() if "error" not in row)
+
+    async def scenario():
+        first = ready()
+        assert len(first) == 1
+        callers = [Caller(cluster, seed) for seed in range(SLOTS)]
+        for caller in callers:
+            caller.start()
+        await _started(callers)
+        assert {c.replica for c in callers} == set(first)
+        started = time.monotonic()
+        while len(ready()) < 2:
+            assert time.monotonic() - started < 90, "no replica was added under load"
+            await asyncio.sleep(0.5)
+        added = time.monotonic() - started
+        newcomer = Caller(cluster, 50)
+        newcomer.start()
+        await asyncio.wait_for(newcomer.handshake.wait(), 30)
+        assert newcomer.replica not in first
+        for caller in callers + [newcomer]:
+            await caller.close()
+        return added
+
+    added = asyncio.run(asyncio.wait_for(scenario(), 170))
+    print(f"second replica ready {added:.1f} s after the first one was full")
