@@ -110,7 +110,7 @@ class ScaleOptions:
     max_queued: int = -1  # callers waiting in each proxy for a free slot; -1: no limit
     target_busy_fraction: float = 0.75  # autoscaling keeps this share of the slots busy
     upscale_delay_s: float = 10.0
-    load_window_s: float = 10.0  # the load the autoscaler compares with its target is averaged over this
+    load_window_s: float = 30.0  # the load the autoscaler compares with its target is averaged over this
     downscale_delay_s: float = 300.0
     drain_seconds: float = 600.0  # a replica being removed waits this long for its conversations to end
     extra_actor_options: dict = field(default_factory=dict)
