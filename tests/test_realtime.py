@@ -100,10 +100,10 @@ def voice_like_pcm16(seconds: float, seed: int = 0) -> bytes:
     return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-async def stream_audio(connection, pcm: bytes, chunk_frames: int = 1) -> None:
-    """Append audio at real-time pace, ``chunk_frames`` x 80 ms per event."""
+async def stream_audio(connection, pcm: bytes, chunk_frames: int = 1, frame_bytes: int = FRAME_BYTES) -> None:
+    """Append audio at real-time pace, ``chunk_frames`` x 80 ms (``frame_bytes``) per event."""
     start = time.monotonic()
-    step = chunk_frames * FRAME_BYTES
+    step = chunk_frames * frame_bytes
     for index, offset in enumerate(range(0, len(pcm), step)):
         await connection.input_audio_buffer.append(audio=base64.b64encode(pcm[offset:offset + step]).decode())
         delay = start + (index + 1) * chunk_frames * 0.08 - time.monotonic()
@@ -272,6 +272,40 @@ def test_beta_client_gets_beta_event_names_and_mulaw_audio(server):
     assert all(len(base64.b64decode(e.delta)) == 640 for e in audio)  # 80 ms of mu-law at 8 kHz
     assert of_type(events, "response.audio_transcript.delta")
     assert not of_type(events, "response.output_audio.delta")
+
+
+def test_mulaw_both_ways(server):
+    from personaplex.integrations.codecs import float_to_pcm16, pcm16_to_mulaw
+
+    rng = np.random.default_rng(4)
+    t = np.arange(8000 * 2) / 8000
+    caller = pcm16_to_mulaw(float_to_pcm16(0.2 * np.sin(2 * np.pi * 300 * t) + 0.01 * rng.standard_normal(len(t))))
+
+    async def scenario():
+        async with client_for(server).realtime.connect(model="personaplex") as connection:
+            await asyncio.wait_for(connection.recv(), 10)
+            await connection.session.update(session={"type": "realtime", "audio": {
+                "input": {"format": {"type": "audio/pcmu"}}, "output": {"format": {"type": "audio/pcmu"}}}})
+            updated = await asyncio.wait_for(connection.recv(), 30)
+            events: list = []
+            stop = asyncio.Event()
+            receiver = asyncio.create_task(collect(connection, events, stop))
+            await stream_audio(connection, caller, frame_bytes=640)  # 80 ms of mu-law at 8 kHz
+            stop.set()
+            await receiver
+            return updated, events
+
+    before = server.metrics()
+    updated, events = asyncio.run(scenario())
+    after = server.metrics()
+    assert updated.session.audio.input.format.type == "audio/pcmu"
+    assert updated.session.audio.output.format.type == "audio/pcmu"
+    audio = of_type(events, "response.output_audio.delta")
+    assert len(audio) >= 15 and all(len(base64.b64decode(e.delta)) == 640 for e in audio)
+    assert not of_type(events, "error")
+    # The 8 kHz audio reached the model as 24 kHz frames: no silence filled in while it streamed.
+    underruns = [metric_value(m, "personaplex_input_underrun_frames_total") for m in (before, after)]
+    assert underruns[1] - underruns[0] <= 4, underruns
 
 
 # --- isolation, limits, auth, metrics ----------------------------------------------------------------------
