@@ -228,6 +228,52 @@ def test_replicas_serve_the_single_servers_routes(cluster):
 
 
 @pytest.mark.slow
+def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
+    """The single server's web page in headless Chromium (fake microphone), served and answered by a replica."""
+    import shutil
+    import wave
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    chromium = os.environ.get("PERSONAPLEX_CHROMIUM") or shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium is not installed (apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    microphone = tmp_path / "speech.wav"
+    t = np.arange(4 * 48_000) / 48_000
+    with wave.open(str(microphone), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(48_000)
+        out.writeframes((12000 * np.sin(2 * np.pi * 440 * t) * (0.55 + 0.45 * np.sin(6 * np.pi * t))).astype("<i2"))
+    from personaplex.scaleout.stats import replica_names
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=[
+            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={microphone}"])
+        try:
+            context = browser.new_context(permissions=["microphone"])
+            page = context.new_page()
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"http://{cluster}/")
+            page.wait_for_selector("body[data-ready]", timeout=20_000)
+            assert "NATF2" in page.evaluate("personaplex.voices")
+            page.click("#start")
+            page.wait_for_function("personaplex.state === 'connected'", timeout=60_000)
+            page.wait_for_function("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 2",
+                                   timeout=30_000)
+            welcome = page.evaluate("personaplex.metadata[0]")
+            assert welcome["model"] == "demo" and welcome["replica"] in replica_names()
+            assert page.evaluate("personaplex.counters.pagesOut") > 20  # the microphone's Ogg/Opus went out
+            page.click("#stop")
+            page.wait_for_function("personaplex.state === 'closed'", timeout=10_000)
+            assert page.evaluate("personaplex.notices") == [] and errors == []
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
 def test_sessions_spread_full_replicas_get_none_and_a_killed_replica_ends_only_its_own(cluster):
     from personaplex.scaleout.stats import replica_actor, replica_names, replica_stats
 
