@@ -15,8 +15,6 @@ import aiohttp
 import numpy as np
 import pytest
 
-openai = pytest.importorskip("openai")
-
 FRAME = 1920  # 80 ms at 24 kHz
 FRAME_BYTES = 2 * FRAME
 
@@ -86,6 +84,8 @@ def server(demo_model):
 def client_for(server: ServerThread, api_key: str = "unused", *, websocket_base_url: bool = False):
     """An SDK client for the server: the GA client derives ws:// from an http:// ``base_url``; the beta
     client always assumes wss:// unless ``websocket_base_url`` is given."""
+    import openai  # the dev extra's openai[realtime]
+
     return openai.AsyncOpenAI(api_key=api_key, base_url=f"{server.http}/v1", max_retries=0,
                               websocket_base_url=f"{server.ws}/v1" if websocket_base_url else None)
 
