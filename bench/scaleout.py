@@ -175,23 +175,32 @@ def kill_phase(deployment: Deployment, args: argparse.Namespace, work: Path) -> 
     log(f"killing replica {victim} (pid {victim_row['pid']}, {victim_row['slots_busy']} live conversations)")
     killed_at = time.monotonic()
     ray.kill(replica_actor(victim), no_restart=True)
+    replacement: dict = {}
+
+    def watch_replacement() -> None:  # when Serve's replacement answers, whatever the load is doing
+        deadline = killed_at + args.replacement_timeout
+        while time.monotonic() < deadline:
+            fresh = set(stats_by_replica()) - set(before)
+            if fresh:
+                replacement.update(name=fresh.pop(), seconds=time.monotonic() - killed_at)
+                return
+            time.sleep(0.5)
+
+    import threading
+
+    watcher = threading.Thread(target=watch_replacement, daemon=True)
+    watcher.start()
     time.sleep(3.0)
     after_kill = stats_by_replica()
     # Callers arriving after the kill (as the killed replica's callers would when they reconnect).
     newcomers = min(victim_row["slots_busy"], sum(r["slots_free"] for r in after_kill.values())) or 1
     new_report = work / "kill_newcomers.json"
+    newcomers_started = time.monotonic() - killed_at
     new_load = start_load(deployment.url, newcomers, 10.0, args.processes, new_report)
     new_load.communicate()
     after_new = stats_by_replica()
     load.communicate()
-    replacement_seconds = None
-    deadline = time.monotonic() + args.replacement_timeout
-    while time.monotonic() < deadline:
-        names = set(stats_by_replica())
-        if len(names) >= deployment.replicas and victim not in names:
-            replacement_seconds = time.monotonic() - killed_at
-            break
-        time.sleep(1.0)
+    watcher.join()
     results = json.loads(report.read_text()) if report.exists() else []
     full = args.kill_duration / FRAME_SECONDS
     ended_early = [r for r in results if r["error"] is not None or r["sent_frames"] < 0.9 * full]
@@ -207,8 +216,10 @@ def kill_phase(deployment: Deployment, args: argparse.Namespace, work: Path) -> 
         "others_missing_share": sum(r["missing"] for r in kept) / kept_expected,
         "others_with_error": sum(r["error"] is not None for r in kept),
         "survivors_busy_after_kill": {n.rsplit("#", 1)[-1]: r["slots_busy"] for n, r in after_kill.items()},
-        "newcomers": newcomers, "newcomers_ok": sum(r["error"] is None and r["frames"] > 0 for r in new_results),
-        "newcomers_landed_on": landed, "replacement_ready_seconds": replacement_seconds,
+        "newcomers": newcomers, "newcomers_started_after_kill_seconds": newcomers_started, "newcomers_ok": sum(r["error"] is None and r["frames"] > 0 for r in new_results),
+        "newcomers_landed_on": landed,
+        "replacement": replacement.get("name", "none").rsplit("#", 1)[-1],
+        "replacement_ready_seconds": replacement.get("seconds"),
         "only_its_own_ended": len(ended_early) == victim_row["slots_busy"],
     }
 
