@@ -60,6 +60,12 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "  personaplex scale serve --model demo --device cpu --replicas 2 --max-conversations 2   # try it on a CPU"
     )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:  # the single server's flags whose meaning differs here
+        if action.dest == "max_conversations":
+            action.help = "conversations per replica (its engine slots; required: what one GPU fits, as a single " \
+                          "'personaplex serve' there reports)"
+        elif action.dest == "max_queue":
+            action.help = "callers that may wait in each proxy while every slot is busy (default 16); more get HTTP 503"
     group = parser.add_argument_group("replicas (Ray Serve)")
     group.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                        help="Ray cluster to deploy on: 'auto' (the cluster this machine joined with 'ray start') or "
