@@ -374,3 +374,53 @@ def test_autoscaling_adds_a_replica_under_load_and_new_sessions_use_it(cluster):
 
     added = asyncio.run(asyncio.wait_for(scenario(), 170))
     print(f"second replica ready {added:.1f} s after the first one was full")
+
+
+# --- a replica's routes without Ray (uvicorn, as Serve's proxy runs them) ---------------------------------
+
+
+@pytest.mark.slow
+def test_replica_routes_check_the_token_and_name_the_replica():
+    """``build_asgi_app`` over a real hub: the token guards /api/* but /api/health, WebSockets included."""
+    import aiohttp
+    import uvicorn
+
+    from personaplex.demo import demo_assets
+    from personaplex.loading import load_model
+    from personaplex.scaleout.asgi import build_asgi_app
+    from personaplex.scaleout.replica_hub import ReplicaHub
+    from personaplex.serving import HubOptions
+
+    model = load_model(demo_assets(), "cpu")
+    port = _free_port()
+
+    async def scenario():
+        hub = ReplicaHub(model, HubOptions(max_conversations=1), replica="replica-a")
+        await hub.start()
+        app = build_asgi_app(hub, static_dir=None, auth_token="secret", replica="replica-a")
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+        serving = asyncio.ensure_future(server.serve())
+        try:
+            while not server.started:
+                await asyncio.sleep(0.05)
+            base = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as http:
+                async with http.get(base + "/api/health") as health:
+                    assert health.status == 200 and (await health.json())["replica"] == "replica-a"
+                async with http.get(base + "/api/voices") as refused:
+                    assert refused.status == 401
+                async with http.get(base + "/api/voices", headers={"Authorization": "Bearer secret"}) as voices:
+                    assert voices.status == 200
+                with pytest.raises(aiohttp.WSServerHandshakeError):
+                    await http.ws_connect(f"ws://127.0.0.1:{port}/api/chat")
+                async with http.ws_connect(f"ws://127.0.0.1:{port}/api/chat?token=secret") as ws:
+                    first = await ws.receive_bytes(timeout=30)
+                    assert first[0] == 0x04 and json.loads(first[1:])["replica"] == "replica-a"
+                    assert (await ws.receive_bytes(timeout=30))[:1] == b"\x00"
+                assert hub.stats()["conversations_opened"] == 1
+        finally:
+            server.should_exit = True
+            await serving
+            await hub.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
