@@ -31,6 +31,7 @@ STATIC = REPO / "personaplex" / "server" / "static"
 LAN_HOST = "lan.test"  # resolved to 127.0.0.1 by the browsers: not "localhost", so plain http is not secure
 TONE_HZ = 440.0
 TOKEN = "browser-test-token"
+PROXY_PREFIX = "/voice/agent"
 
 pytestmark = pytest.mark.slow
 
@@ -372,6 +373,7 @@ class MinimalServer:
     def __init__(self):
         self.streams: list[bytearray] = []
         self.queries: list[dict] = []
+        self.paths: list[str] = []
         self.loop = asyncio.new_event_loop()
         self.port = 0
 
@@ -380,6 +382,7 @@ class MinimalServer:
         from aiohttp import WSMsgType, web
 
         self.queries.append(dict(request.query))
+        self.paths.append(request.path)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         await ws.send_bytes(b"\x00")
@@ -414,6 +417,10 @@ class MinimalServer:
         app = web.Application()
         app.router.add_get("/api/chat", self.chat)
         app.router.add_get("/", index)
+        # The same page behind a path prefix, as a reverse proxy would mount it.
+        app.router.add_get(f"{PROXY_PREFIX}/api/chat", self.chat)
+        app.router.add_get(f"{PROXY_PREFIX}/", index)
+        app.router.add_static(f"{PROXY_PREFIX}/", STATIC)
         app.router.add_static("/", STATIC)
         started = threading.Event()
 
@@ -555,6 +562,16 @@ def test_server_that_speaks_only_kinds_0_to_2(browser, minimal_server):
     assert query["text_topk"] == "25" and query["audio_topk"] == "250" and "seed" not in query
 
     check_sent_stream(bytes(minimal_server.streams[-1]), page.js("personaplex.sentSeconds"), TONE_HZ)
+    page.context.close()
+
+
+def test_page_behind_a_path_prefix(browser, minimal_server):
+    page = open_page(browser, f"http://127.0.0.1:{minimal_server.port}{PROXY_PREFIX}/")
+    conversations = len(minimal_server.paths)
+    start_conversation(page)
+    stop_conversation(page)
+    assert minimal_server.paths[conversations:] == [f"{PROXY_PREFIX}/api/chat"]  # relative to the page
+    assert page.js("personaplex.notices") == []
     page.context.close()
 
 

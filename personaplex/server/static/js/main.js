@@ -228,8 +228,13 @@ function chatUrl() {
   const page = new URLSearchParams(location.search);
   // ?worker_addr=HOST:PORT talks to another server than the one serving the page (as the reference client).
   const workerAddress = page.get("worker_addr");
-  const host = workerAddress && workerAddress !== "same" ? workerAddress : location.host;
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  // Relative to the page, so that a server behind a reverse proxy at /some/path/ works too.
+  const url = new URL("api/chat", location.href);
+  if (workerAddress && workerAddress !== "same") {
+    url.host = workerAddress;
+    url.pathname = "/api/chat";
+  }
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const params = new URLSearchParams();
   params.set("text_temperature", $("text-temperature").value);
   params.set("text_topk", $("text-topk").value);
@@ -241,7 +246,9 @@ function chatUrl() {
   params.set("voice_prompt", uploadedVoice ?? $("voice").value);
   const token = tokenValue();
   if (token) params.set("token", token);
-  return `${scheme}//${host}/api/chat?${params}`;
+  url.search = params.toString();
+  url.hash = "";
+  return url.toString();
 }
 
 async function startConversation(event) {

@@ -4,6 +4,7 @@ import { OggReader } from "./ogg.js";
 import { OPUS_GRANULE_RATE, isOpusHead, isOpusTags, opusPacketSamples } from "./opus.js";
 
 const DECODER_RATE = 48000; // Opus decodes at 48 kHz; the worklet converts to the context rate
+const MAX_DECODE_ERRORS = 3;
 
 export function canDecodeOpus() {
   return typeof AudioDecoder !== "undefined";
@@ -57,8 +58,10 @@ export class OpusPlayback {
     this.decoder = new AudioDecoder({
       output: (data) => this.onDecoded(data),
       error: (error) => {
+        // The decoder is closed now; the next packet configures a new one. Only repeated failures end the
+        // conversation: one bad packet costs 80 ms of audio, not the call.
         this.decodeErrors++;
-        this.handlers.onError(error);
+        if (this.decodeErrors > MAX_DECODE_ERRORS) this.handlers.onError(error);
       },
     });
     const config = { codec: "opus", sampleRate: DECODER_RATE, numberOfChannels: 1 };
@@ -67,7 +70,7 @@ export class OpusPlayback {
   }
 
   decode(packet) {
-    if (!this.decoder || this.decoder.state === "closed") this.configure(); // a stream without OpusHead
+    if (!this.decoder || this.decoder.state === "closed") this.configure(); // no OpusHead yet, or after an error
     const duration = opusPacketSamples(packet);
     const chunk = new EncodedAudioChunk({
       type: "key",
