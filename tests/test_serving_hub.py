@@ -251,8 +251,10 @@ def test_a_join_spread_over_ticks_while_another_conversation_talks(demo_model):
         await listener
         return during, len(frames), joining.cached_persona
 
-    during, count, cached = run_hub(demo_model, scenario, max_conversations=2, tick_seconds=0.04, join_block_frames=4,
-                                    input_timeout_seconds=None)
+    # Stepping as fast as possible runs exactly one prefill block per tick (with a fixed tick, as many blocks
+    # as the time left allows): the prompt of ~75 frames takes ~19 ticks.
+    during, count, cached = run_hub(demo_model, scenario, max_conversations=2, tick_seconds=0, join_block_frames=4,
+                                    input_timeout_seconds=None, max_output_frames=10_000)
     assert not cached and count == 3
     assert during >= 10  # the prompt took many ticks, and the live conversation got a frame in each
 

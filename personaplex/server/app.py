@@ -95,7 +95,7 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
 
     async def health(request: web.Request) -> web.Response:
         load = hub.load()
-        return web.json_response({"ok": not hub._closed, "model": hub.describe()["model"], **load})
+        return web.json_response({"ok": hub.accepting, "model": hub.describe()["model"], **load})
 
     async def voices(request: web.Request) -> web.Response:
         return web.json_response({"voices": hub.voices(), "default": hub.options.default_voice,

@@ -340,6 +340,11 @@ class ConversationHub:
         return {"slots_busy": busy, "slots_free": self.engine.max_slots - busy, "queued": len(self._waiting),
                 "max_queue": self.options.max_queue}
 
+    @property
+    def accepting(self) -> bool:
+        """Whether new conversations are taken (started and not shutting down)."""
+        return not self._closed
+
     def voices(self) -> list[str]:
         """Available voice presets (names to pass as ``PersonaRequest.voice``)."""
         from ..persona import available_voices
