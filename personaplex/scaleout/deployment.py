@@ -47,7 +47,6 @@ class ReplicaSettings:
     phone_personas: Path | None = None
     log_level: str = "INFO"
     stats_window_seconds: float = 30.0  # the frame-time percentiles of ``record_routing_stats`` cover this
-    extra: dict = field(default_factory=dict)
 
 
 @serve.ingress()
