@@ -575,6 +575,22 @@ def test_page_behind_a_path_prefix(browser, minimal_server):
     page.context.close()
 
 
+def test_unreachable_server_is_explained(browser, minimal_server):
+    import socket
+
+    with socket.socket() as closed:  # a port that was free a moment ago: nothing listens there
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    page = open_page(browser, f"http://127.0.0.1:{minimal_server.port}/?worker_addr=127.0.0.1:{port}")
+    page.page.click("#start")
+    page.wait("personaplex.state === 'closed'", timeout=20, what="the failed connection")
+    notice = page.js("document.querySelector('[data-notice=connection]').textContent")
+    assert notice.startswith("Could not connect to the server")
+    assert page.js("document.querySelector('#status').dataset.state") == "failed"
+    page.wait("!document.querySelector('#start').disabled", timeout=5, what="Start to be offered again")
+    page.context.close()
+
+
 def test_ogg_reader_takes_any_chunking_and_drops_corrupt_pages(browser, minimal_server):
     import sphn
 
