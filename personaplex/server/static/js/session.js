@@ -15,7 +15,7 @@ export class ChatSession {
   /**
    * @param {{url:string, context:AudioContext, microphone:MediaStream, encoderConfig:object}} options
    * @param {object} events callbacks: onState(state, detail), onText(piece), onMetadata(json), onServerError(text),
-   *   onStats(stats), onClosed({code, reason, error})
+   *   onStats(stats), onClosed({code, reason, serverError, localError, wasConnected})
    */
   constructor({ url, context, microphone, encoderConfig }, events) {
     this.url = url;
@@ -43,7 +43,15 @@ export class ChatSession {
     this.playback.start();
     this.setState("connecting");
     this.openedAt = performance.now();
-    const socket = new WebSocket(this.url);
+    let socket;
+    try {
+      socket = new WebSocket(this.url);
+    } catch (error) {
+      // a malformed address (e.g. a bad ?worker_addr=): end the same way as a failed connection
+      this.localError = `Cannot connect to ${this.url.split("?")[0]}: ${error.message}`;
+      this.onClose({ code: 1006, reason: "" });
+      return;
+    }
     socket.binaryType = "arraybuffer";
     socket.onopen = () => this.setState("preparing");
     socket.onmessage = (event) => this.onMessage(event.data);
