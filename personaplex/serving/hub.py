@@ -554,7 +554,9 @@ class ConversationHub:
 
         period = self.options.tick_seconds
         engine = self.engine
-        pcm = torch.zeros(engine.max_slots, FRAME_SIZE)
+        # Pinned on a GPU machine, so that the copy to the device does not stage through pageable memory
+        # (the step reads its results back before the next tick writes this buffer again).
+        pcm = torch.zeros(engine.max_slots, FRAME_SIZE, pin_memory=engine.device.type == "cuda")
         deadline = time.perf_counter()
         while not self._stopping.is_set():
             if not self._live and not self._joining and self._commands.empty():
