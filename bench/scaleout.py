@@ -102,6 +102,21 @@ def stats_by_replica() -> dict[str, dict]:
     return {row["replica"]: row for row in replica_stats() if "error" not in row}
 
 
+def proxy_cpu_seconds() -> float:
+    """CPU seconds used so far by Serve's HTTP proxy processes on this host (every conversation's messages
+    pass through one of them: a possible bottleneck, so it is measured)."""
+    total = 0.0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"ProxyActor" not in cmdline.read_bytes():
+                continue
+            fields = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def start_load(url: str, clients: int, duration: float, processes: int, report: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "personaplex", "loadtest", "--url", url, "-n", str(clients),
                "--duration", str(duration), "--processes", str(max(1, min(processes, clients))),
@@ -114,7 +129,10 @@ def run_level(deployment: Deployment, clients: int, args: argparse.Namespace, wo
     before = stats_by_replica()
     report = work / f"load_{deployment.replicas}x_{clients}.json"
     load = start_load(deployment.url, clients, args.duration, args.processes, report)
-    time.sleep(max(1.0, args.duration - 1.0))  # the replicas' window covers the loaded part of the run
+    time.sleep(4.0)  # past the joins
+    proxy_start, proxy_clock = proxy_cpu_seconds(), time.monotonic()
+    time.sleep(max(1.0, args.duration - 5.0))  # the replicas' window covers the loaded part of the run
+    proxy_share = (proxy_cpu_seconds() - proxy_start) / (time.monotonic() - proxy_clock)
     during = stats_by_replica()
     output, _ = load.communicate()
     results = json.loads(report.read_text()) if report.exists() else []
@@ -138,7 +156,7 @@ def run_level(deployment: Deployment, clients: int, args: argparse.Namespace, wo
     level = {
         "replicas": deployment.replicas, "callers": clients, "ok": ok, "late_share": late / expected,
         "missing_share": missing / expected, "worst_latency_p99_ms": 1000 * (latencies[-1] if latencies else 0),
-        "skipped_ticks": skipped, "per_replica": replicas,
+        "skipped_ticks": skipped, "per_replica": replicas, "proxy_cpu_share": proxy_share,
         "sustained": ok == clients and (late + missing) < 0.01 * expected and skipped == 0,
     }
     if ok < clients:
@@ -149,14 +167,14 @@ def run_level(deployment: Deployment, clients: int, args: argparse.Namespace, wo
 
 def level_table(levels: list[dict]) -> str:
     header = ("| replicas | callers | ok | late | missing | worst caller p99 ms | skipped ticks | sustained "
-              "| sessions per replica | tick p99 ms per replica |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+              "| sessions per replica | tick p99 ms per replica | proxy CPU (cores) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for lv in levels:
         spread = " / ".join(str(r["conversations"]) for r in lv["per_replica"])
         p99 = " / ".join("-" if r["tick_p99_ms"] is None else f"{r['tick_p99_ms']:.1f}" for r in lv["per_replica"])
         lines.append(f"| {lv['replicas']} | {lv['callers']} | {lv['ok']} | {lv['late_share']:.2%} | "
                      f"{lv['missing_share']:.2%} | {lv['worst_latency_p99_ms']:.0f} | {lv['skipped_ticks']} | "
-                     f"{'yes' if lv['sustained'] else 'no'} | {spread} | {p99} |")
+                     f"{'yes' if lv['sustained'] else 'no'} | {spread} | {p99} | {lv['proxy_cpu_share']:.2f} |")
     return "\n".join(lines)
 
 
