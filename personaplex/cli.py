@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scaleout_cli.build_parser(scale_parser)
 
+    from .eval import cli as eval_cli
+
+    eval_parser = commands.add_parser(
+        "eval", help="evaluate: Full-Duplex-Bench (run, transcribe, score, report) and service-persona adherence"
+    )
+    eval_cli.build_parser(eval_parser)
+
     presets = commands.add_parser("presets", help="list the built-in model configurations")
     presets.set_defaults(run=_cmd_presets)
     inspect = commands.add_parser("inspect", help="tell which preset a safetensors weights file fits (reads only its header)")

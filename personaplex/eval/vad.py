@@ -1,0 +1,46 @@
+"""Voice activity with Silero VAD (the ``silero-vad`` package ships its model: nothing is downloaded)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PersonaplexError
+
+VAD_RATE = 16_000
+
+
+class MissingDependency(PersonaplexError):
+    """An optional evaluation package is not installed."""
+
+
+@lru_cache(maxsize=1)
+def _model():
+    try:
+        from silero_vad import load_silero_vad
+    except ImportError as error:
+        raise MissingDependency("voice activity needs silero-vad: pip install 'personaplex[eval]'") from error
+    return load_silero_vad()
+
+
+def speech_segments(samples: np.ndarray, sample_rate: int) -> list[tuple[float, float]]:
+    """Speech segments (start, end) in seconds, with the package's default settings (as the benchmark uses)."""
+    import torch
+    from silero_vad import get_speech_timestamps
+
+    from ..audio import resample
+
+    audio = resample(samples.astype(np.float32), sample_rate, VAD_RATE) if sample_rate != VAD_RATE else samples
+    stamps = get_speech_timestamps(torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), _model(),
+                                   sampling_rate=VAD_RATE)
+    return [(s["start"] / VAD_RATE, s["end"] / VAD_RATE) for s in stamps]
+
+
+def file_segments(path: Path) -> tuple[list[tuple[float, float]], float]:
+    """Speech segments of an audio file and its duration in seconds."""
+    from ..audio import read_audio
+
+    samples = read_audio(path, VAD_RATE)
+    return speech_segments(samples, VAD_RATE), len(samples) / VAD_RATE
