@@ -13,7 +13,7 @@ by default (``official=True``) so numbers compare with published tables, and can
   backchannels by the word/duration rule). Frequency = backchannels / output duration (s). The distance to the human
   distribution is scipy's Jensen-Shannon *distance* (square root of the divergence, natural log) between 0.2 s
   window histograms (epsilon 1e-10, human curve linearly resampled to the run's length); a sample with no
-  backchannel gets 1.
+  backchannel gets 1. (Not reproduced: scipy's NaN for identical distributions, which is reported as 0.)
 * v1.5 timing: user speech segments merged over gaps <= 0.6 s, model segments over gaps <= 0.5 s; stop latency is
   each overlap of user and model speech (the shortest per end time), response latency the gap from a user segment's
   end to the next model segment's start (the later user end per model start).
@@ -21,6 +21,7 @@ by default (``official=True``) so numbers compare with published tables, and can
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,7 +140,11 @@ def js_distance(backchannels: list[Interval], duration: float, human: list[float
     human_curve = np.asarray(human, dtype=float)
     resized = interp1d(np.linspace(0, 1, len(human_curve)), human_curve, kind="linear", fill_value="extrapolate")(
         np.linspace(0, 1, len(predicted)))
-    return float(jensenshannon(predicted, resized))
+    with np.errstate(invalid="ignore"):
+        distance = float(jensenshannon(predicted, resized))
+    # Identical shapes can leave a rounding-negative divergence, whose square root scipy reports as NaN
+    # (which would turn the task's mean into NaN): that is a distance of 0.
+    return 0.0 if math.isnan(distance) else distance
 
 
 def merge_segments(segments: list[Interval], gap: float) -> list[Interval]:

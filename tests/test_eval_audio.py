@@ -1,0 +1,155 @@
+"""Recognition, voice activity and scoring on synthetic audio: espeak-ng speech placed at known times."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sphn
+
+pytest.importorskip("pocketsphinx")
+pytest.importorskip("silero_vad")
+if shutil.which("espeak-ng") is None:
+    pytest.skip("espeak-ng is not installed", allow_module_level=True)
+
+from personaplex.eval import layout  # noqa: E402
+from personaplex.eval.asr import make_recognizer, transcribe_file  # noqa: E402
+from personaplex.eval.persona_bench import synthesize  # noqa: E402
+from personaplex.eval.scoring import score, score_sample  # noqa: E402
+from personaplex.eval.vad import MissingDependency, file_segments  # noqa: E402
+
+RATE = 24_000
+SENTENCE = "I think that the weather will be lovely for a long walk in the park tomorrow"
+
+
+def voice(text: str) -> np.ndarray:
+    """espeak-ng speech without the silence it leaves before and after the words."""
+    audio = synthesize(text, RATE)
+    loud = np.flatnonzero(np.abs(audio) > 0.01)
+    return audio[loud[0] : loud[-1] + 1]
+
+
+def place(path: Path, total: float, *speech: tuple[float, str]) -> list[tuple[float, float]]:
+    """Write ``total`` seconds of audio with each (start, text) spoken at its start; returns the spans."""
+    audio = np.zeros(int(total * RATE), np.float32)
+    spans = []
+    for start, text in speech:
+        speech = voice(text)
+        first = int(start * RATE)
+        audio[first : first + len(speech)] = speech[: len(audio) - first]
+        spans.append((start, start + len(speech) / RATE))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sphn.write_wav(str(path), audio, RATE)
+    return spans
+
+
+@pytest.fixture(scope="module")
+def recognizer():
+    return make_recognizer("pocketsphinx")
+
+
+def test_pocketsphinx_words_sit_where_the_speech_is(tmp_path, recognizer):
+    [(start, end)] = place(tmp_path / "a.wav", 6.0, (1.5, SENTENCE))
+    result = transcribe_file(recognizer, tmp_path / "a.wav")
+    chunks = result["chunks"]
+    assert len(chunks) >= 6 and result["text"] == " ".join(c["text"] for c in chunks)
+    assert abs(chunks[0]["timestamp"][0] - start) < 0.3
+    assert abs(chunks[-1]["timestamp"][1] - end) < 0.3
+    assert all(a["timestamp"][0] <= b["timestamp"][0] for a, b in zip(chunks, chunks[1:]))
+    place(tmp_path / "silence.wav", 2.0)
+    assert transcribe_file(recognizer, tmp_path / "silence.wav") == {"text": "", "chunks": []}
+
+
+def test_silero_segments_and_no_speech(tmp_path):
+    spans = place(tmp_path / "a.wav", 8.0, (1.0, "hello there"), (4.0, "good morning to you"))
+    segments, duration = file_segments(tmp_path / "a.wav")
+    assert duration == pytest.approx(8.0)
+    assert len(segments) == 2
+    for (start, end), (s, e) in zip(spans, segments):
+        assert abs(s - start) < 0.15 and abs(e - end) < 0.2
+    place(tmp_path / "silence.wav", 3.0)
+    assert file_segments(tmp_path / "silence.wav")[0] == []
+
+
+def test_stronger_recognisers_say_what_is_missing(tmp_path):
+    for name, package in (("parakeet", "nemo"), ("whisper", "faster_whisper")):
+        try:
+            __import__(package)
+        except ImportError:
+            with pytest.raises(MissingDependency, match="needs"):
+                make_recognizer(name)
+        else:
+            with pytest.raises(MissingDependency, match="weights not found"):
+                make_recognizer(name, tmp_path / "absent")
+
+
+def _sample(root: Path, task_dir: str, annotations: dict, output: list[tuple[float, str]], total: float = 7.0,
+            user: list[tuple[float, str]] | None = None) -> layout.Sample:
+    folder = root / task_dir / "1"
+    place(folder / "input.wav", total, *(user or [(0.3, "so what do you think")]))
+    place(folder / "output.wav", total, *output)
+    for name, value in annotations.items():
+        (folder / name).write_text(json.dumps(value))
+    [sample] = layout.discover(root / task_dir)
+    return sample
+
+
+def _transcribe(sample: layout.Sample, recognizer) -> None:
+    sample.output_json.write_text(json.dumps(transcribe_file(recognizer, sample.output_wav)))
+
+
+@pytest.mark.slow
+def test_turn_taking_latency_and_take_over_from_audio(tmp_path, recognizer):
+    turn = {"turn_taking.json": [{"text": "[TURN-TAKING]", "timestamp": [2.0, 2.4]}]}
+    on_time = _sample(tmp_path / "a", "candor_turn_taking", turn, [(2.5, SENTENCE)])
+    early = _sample(tmp_path / "b", "candor_turn_taking", turn, [(1.0, SENTENCE)])
+    silent = _sample(tmp_path / "c", "candor_turn_taking", turn, [])
+    for sample in (on_time, early, silent):
+        _transcribe(sample, recognizer)
+    assert on_time.task == layout.TURN_TAKING
+    row = score_sample(on_time)
+    assert row["tor"] == 1 and abs(row["latency"] - 0.5) < 0.3
+    assert score_sample(early) == {"tor": 1, "latency": 0.0}  # started before the user stopped: clipped
+    assert score_sample(early, official=False)["latency"] == pytest.approx(-1.0, abs=0.3)
+    assert score_sample(silent) == {"tor": 0, "latency": None}
+
+
+@pytest.mark.slow
+def test_pause_and_backchannel_from_audio(tmp_path, recognizer):
+    pause = _sample(tmp_path, "synthetic_pause_handling", {"pause.json": [{"text": "[PAUSE]", "timestamp": [2, 3]}]},
+                    [(2.2, SENTENCE)])
+    quiet = _sample(tmp_path / "q", "candor_pause_handling", {"pause.json": [{"text": "[PAUSE]", "timestamp": [2, 3]}]}, [])
+    backchannel = _sample(tmp_path, "icc_backchannel", {}, [(2.0, "yeah")], total=6.0)
+    for sample in (pause, quiet, backchannel):
+        _transcribe(sample, recognizer)
+    assert score_sample(pause) == {"tor": 1} and score_sample(quiet) == {"tor": 0}
+    row = score_sample(backchannel, human={"1": [1.0] * 30})
+    assert row["tor"] == 0 and len(row["backchannels"]) == 1
+    start, end = row["backchannels"][0]
+    assert abs(start - 2.0) < 0.15 and end - start < 1.0
+    assert row["frequency"] == pytest.approx(1 / 6.0)
+    assert 0.0 < row["jsd"] < 1.0
+    summary = score([backchannel], progress=False)["summary"]["icc_backchannel"]
+    assert summary["tor"] == 0.0 and summary["jsd"] is None and summary["frequency"] == pytest.approx(1 / 6)
+
+
+@pytest.mark.slow
+def test_v15_stop_and_response_latency_from_audio(tmp_path):
+    user_spans = [(0.5, SENTENCE)]
+    sample = _sample(tmp_path / "v1.5", "user_backchannel", {"metadata.json": {"timestamps": [1, 2]}},
+                     [(5.5, "sure, here is my answer")], total=9.0, user=user_spans)
+    (_, user_end), = [(s, s + len(voice(t)) / RATE) for s, t in user_spans]
+    row = score_sample(sample)
+    assert sample.task == layout.OVERLAP
+    assert row["latency_stop_list"] == [] and row["stop_latency"] is None
+    [(gap_start, gap_end)] = row["latency_resp_list"]
+    assert abs(gap_start - user_end) < 0.2 and abs(gap_end - 5.5) < 0.15
+    assert row["response_latency"] == pytest.approx(gap_end - gap_start)
+    # The model talking over the user: the overlap is the stop latency.
+    over = _sample(tmp_path / "w" / "v1.5", "talking_to_other", {"metadata.json": {"timestamps": [1, 2]}},
+                   [(2.0, SENTENCE)], total=9.0, user=user_spans)
+    [(stop_start, stop_end)] = score_sample(over)["latency_stop_list"]
+    assert abs(stop_start - 2.0) < 0.15 and abs(stop_end - user_end) < 0.2
