@@ -75,6 +75,12 @@ def run(args: argparse.Namespace) -> None:
     write_manifest(manifest_path, args, samples, overrides)
 
 
+def persona_note(task: str, overrides: dict[str, str]) -> str:
+    if task == layout.PERSONA and task not in overrides:
+        return "each sample's persona.txt"
+    return prompt_for(task, overrides)
+
+
 def write_manifest(path: Path, args: argparse.Namespace, samples: list[Sample], overrides: dict[str, str]) -> None:
     import torch
 
@@ -88,11 +94,11 @@ def write_manifest(path: Path, args: argparse.Namespace, samples: list[Sample], 
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": args.model, "hf_repo": args.hf_repo,
         "moshi_weight": None if args.moshi_weight is None else str(args.moshi_weight),
-        "voice": args.voice_prompt, "personas": {t: prompt_for(t, overrides) for t in tasks},
+        "voice": args.voice_prompt, "personas": {t: persona_note(t, overrides) for t in tasks},
         "seed": args.seed, "sampling": {"temp_audio": args.temp_audio, "temp_text": args.temp_text,
                                         "topk_audio": args.topk_audio, "topk_text": args.topk_text,
                                         "greedy": args.greedy},
-        "samples": len(samples), "quantize": args.quantize,
+        "samples": len(samples), "quantize": args.quantize, "batch_size": args.batch_size,
         "versions": {"personaplex": __version__, "torch": torch.__version__, "python": platform.python_version()},
     })
     path.write_text(json.dumps({"runs": runs}, indent=2), encoding="utf-8")

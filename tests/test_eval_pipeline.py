@@ -1,0 +1,144 @@
+"""The whole evaluation through the command line with the demo model: run -> transcribe -> score -> report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sphn
+
+pytest.importorskip("pocketsphinx")
+pytest.importorskip("silero_vad")
+pytest.importorskip("matplotlib")
+if shutil.which("espeak-ng") is None:
+    pytest.skip("espeak-ng is not installed", allow_module_level=True)
+
+from test_eval_judge import FakeChatServer  # noqa: E402
+
+from personaplex.cli import main  # noqa: E402
+from personaplex.eval.persona_bench import synthesize  # noqa: E402
+
+
+def write_sample(folder: Path, rate: int, text: str, annotations: dict) -> float:
+    folder.mkdir(parents=True)
+    audio = np.concatenate([np.zeros(rate // 4, np.float32), synthesize(text, rate), np.zeros(rate, np.float32)])
+    sphn.write_wav(str(folder / "input.wav"), audio, rate)
+    for name, value in annotations.items():
+        (folder / name).write_text(json.dumps(value))
+    return len(audio) / rate
+
+
+@pytest.fixture
+def dataset(tmp_path) -> tuple[Path, dict]:
+    root = tmp_path / "fdb"
+    lengths = {
+        "candor_pause_handling/1": write_sample(root / "candor_pause_handling" / "1", 16_000, "so I was thinking",
+                                                {"pause.json": [{"text": "[PAUSE]", "timestamp": [1.0, 1.8]}]}),
+        "candor_turn_taking/1": write_sample(root / "candor_turn_taking" / "1", 24_000, "what do you think",
+                                             {"turn_taking.json": [{"text": "[TURN-TAKING]", "timestamp": [1.2, 1.6]}]}),
+        "synthetic_user_interruption/1": write_sample(
+            root / "synthetic_user_interruption" / "1", 16_000, "wait, tell me about cats",
+            {"interrupt.json": [{"context": "tell me about dogs", "interrupt": "wait, tell me about cats",
+                                 "timestamp": [0.25, 1.5]}]}),
+        "icc_backchannel/1": write_sample(root / "icc_backchannel" / "1", 16_000, "and then we went to the beach", {}),
+    }
+    (root / "icc_gt_distribution.json").write_text(json.dumps({"1": [0.1] * 10}))
+    return root, lengths
+
+
+@pytest.mark.slow
+def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
+    root, lengths = dataset
+    assert main(["eval", "fdb", "run", "--data", str(root), "--model", "demo", "--seed", "3", "--batch-size", "2"]) == 0
+    for key, seconds in lengths.items():
+        audio, rate = sphn.read(str(root / key / "output.wav"))
+        assert abs(audio.shape[-1] / rate - seconds) < 1e-3  # time-aligned: the input's duration
+    mtime = (root / "icc_backchannel/1/output.wav").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["eval", "fdb", "run", "--data", str(root), "--model", "demo"]) == 0  # resumed: nothing to redo
+    assert "4 already done, 0 to run" in capsys.readouterr().err
+    assert (root / "icc_backchannel/1/output.wav").stat().st_mtime_ns == mtime
+    manifest = json.loads((root / "run_manifest.json").read_text())["runs"][0]
+    assert manifest["model"] == "demo" and manifest["seed"] == 3 and manifest["samples"] == 4
+    assert manifest["personas"]["user_interruption"].startswith("You are a wise and friendly teacher")
+    assert manifest["personas"]["pause_handling"] == "You enjoy having a good conversation."
+
+    assert main(["eval", "fdb", "transcribe", "--data", str(root)]) == 0
+    for key in lengths:
+        transcript = json.loads((root / key / "output.json").read_text())
+        assert set(transcript) == {"text", "chunks"}
+
+    reply = "Analysis: fine.\nI would rate the AI's response as 3."
+    with FakeChatServer(reply_for=lambda body: reply) as judge:
+        assert main(["eval", "fdb", "score", "--data", str(root), "--judge-url", judge.url]) == 0
+    scores = json.loads((root / "scores.json").read_text())
+    assert set(scores["summary"]) == {"candor_pause_handling", "candor_turn_taking", "synthetic_user_interruption",
+                                      "icc_backchannel"}
+    assert scores["official_quirks"] is True
+    for key, row in scores["samples"].items():
+        assert row["tor"] in (0, 1)
+        if row["tor"] == 1 and row["task"] != "backchannel":
+            assert row["latency"] >= 0.0
+    interruption = scores["samples"]["synthetic_user_interruption/1"]
+    assert (interruption.get("relevance") == 3) == (interruption["tor"] == 1)
+    assert len(judge.requests) == interruption["tor"]
+    backchannel = scores["samples"]["icc_backchannel/1"]
+    assert (backchannel["jsd"] == 1.0) == (backchannel["backchannels"] == [])  # the human file was found
+
+    compare = tmp_path / "compare.json"
+    compare.write_text(json.dumps({"other checkpoint": {"pause_handling": {"tor": 0.5}}}))
+    out = tmp_path / "report"
+    assert main(["eval", "fdb", "report", "--scores", str(root / "scores.json"), "--out", str(out),
+                 "--compare", str(compare), "--label", "demo"]) == 0
+    table = (out / "report.md").read_text()
+    assert "| demo |" in table and "| other checkpoint | 0.500 |" in table
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_persona_pipeline_with_the_demo_model(tmp_path):
+    root = tmp_path / "persona_set"
+    assert main(["eval", "persona", "build", "--data", str(root), "--limit", "2"]) == 0
+    folders = sorted((root / "persona").iterdir())
+    assert [f.name for f in folders] == ["bakery_context_detail_1", "bakery_proper_noun"]
+    assert "Crumb and Co" in (folders[0] / "persona.txt").read_text()
+    assert main(["eval", "persona", "run", "--data", str(root), "--model", "demo", "--seed", "1"]) == 0
+    manifest = json.loads((root / "run_manifest.json").read_text())["runs"][0]
+    assert manifest["personas"] == {"persona": "each sample's persona.txt"}
+    assert main(["eval", "persona", "transcribe", "--data", str(root)]) == 0
+
+    def grade(body):
+        user = body["messages"][1]["content"]
+        return "Gives the name.\nScore: 5" if "proper_noun" in user else "Misses the hours.\nScore: 2"
+
+    with FakeChatServer(reply_for=grade) as judge:
+        assert main(["eval", "persona", "score", "--data", str(root), "--judge-url", judge.url]) == 0
+    assert all("Role prompt: You work for Crumb and Co" in r["messages"][1]["content"] for r in judge.requests)
+    summary = json.loads((root / "scores.json").read_text())["summary"]
+    assert summary["persona"]["score"] == pytest.approx(3.5) and summary["persona"]["pass_rate"] == pytest.approx(0.5)
+    assert summary["persona/proper_noun"]["score"] == 5
+    assert main(["eval", "persona", "report", "--scores", str(root / "scores.json")]) == 0
+    assert (root / "report.png").is_file()
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert main(["eval", "fdb", "run", "--data", str(tmp_path / "absent"), "--model", "demo"]) == 2
+    assert capsys.readouterr().err.startswith("error: data folder not found")
+    (tmp_path / "empty" / "x").mkdir(parents=True)
+    assert main(["eval", "fdb", "score", "--data", str(tmp_path / "empty")]) == 2
+    assert "no samples" in capsys.readouterr().err
+    assert main(["eval", "fdb", "report", "--scores", str(tmp_path / "nope.json")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    folder = tmp_path / "t" / "candor_turn_taking" / "1"
+    folder.mkdir(parents=True)
+    sphn.write_wav(str(folder / "input.wav"), np.zeros(2400, np.float32), 24_000)
+    assert main(["eval", "fdb", "transcribe", "--data", str(tmp_path / "t")]) == 2
+    assert "run the run step first" in capsys.readouterr().err
+    assert main(["eval", "persona", "score", "--data", str(tmp_path / "t")]) == 2  # no persona samples there
+    assert "no samples" in capsys.readouterr().err
+    sphn.write_wav(str(folder / "output.wav"), np.zeros(2400, np.float32), 24_000)
+    assert main(["eval", "fdb", "transcribe", "--data", str(tmp_path / "t"), "--asr", "whisper"]) == 2
+    assert "error: the whisper recogniser needs faster-whisper" in capsys.readouterr().err
