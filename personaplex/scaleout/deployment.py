@@ -80,7 +80,9 @@ class ConversationReplica:
 
     async def record_routing_stats(self) -> dict:
         """Serve's per-replica statistics hook (also read by ``stats.replica_stats``): load and frame times."""
-        return self.hub.stats(self.settings.stats_window_seconds)
+        import ray
+
+        return {**self.hub.stats(self.settings.stats_window_seconds), "node": ray.get_runtime_context().get_node_id()}
 
     async def __del__(self):
         await self.hub.close("the replica is shutting down")
