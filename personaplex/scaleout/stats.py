@@ -52,9 +52,9 @@ def replica_stats(app: str = APP_NAME, deployment: str = DEPLOYMENT_NAME, timeou
 
 def format_stats(rows: list[dict]) -> str:
     """A table of ``replica_stats()``."""
-    header = ("| replica | host | pid | device | slots busy/total | conversations opened | tick p50 ms | tick p99 ms "
+    header = ("| replica | host | node | pid | device | slots busy/total | conversations opened | tick p50 ms | tick p99 ms "
               "| tick max ms | late ticks | skipped ticks |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(value) -> str:
         return "-" if value is None else f"{value:.1f}"
@@ -62,9 +62,9 @@ def format_stats(rows: list[dict]) -> str:
     for row in rows:
         name = row["replica"].rsplit("#", 1)[-1]
         if "error" in row:
-            lines.append(f"| {name} | {row['error']} |||||||||")
+            lines.append(f"| {name} | {row['error']} ||||||||||")
             continue
-        lines.append(f"| {name} | {row['host']} | {row['pid']} | {row['device']} | {row['slots_busy']}/{row['slots']} "
+        lines.append(f"| {name} | {row['host']} | {row.get('node', '')[:8]} | {row['pid']} | {row['device']} | {row['slots_busy']}/{row['slots']} "
                      f"| {row['conversations_opened']} | {ms(row['tick_p50_ms'])} | {ms(row['tick_p99_ms'])} "
                      f"| {ms(row['tick_max_ms'])} | {row['late_ticks_total']} | {row['skipped_ticks_total']} |")
     return "\n".join(lines)
