@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -15,11 +16,11 @@ pytest.importorskip("silero_vad")
 if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed", allow_module_level=True)
 
-from personaplex.eval import layout  # noqa: E402
-from personaplex.eval.asr import make_recognizer, transcribe_file  # noqa: E402
-from personaplex.eval.persona_bench import synthesize  # noqa: E402
-from personaplex.eval.scoring import score, score_sample  # noqa: E402
-from personaplex.eval.vad import MissingDependency, file_segments  # noqa: E402
+from personaplex.eval import layout
+from personaplex.eval.asr import make_recognizer, transcribe_file
+from personaplex.eval.persona_bench import synthesize
+from personaplex.eval.scoring import score, score_sample
+from personaplex.eval.vad import MissingDependency, file_segments
 
 RATE = 24_000
 SENTENCE = "I think that the weather will be lovely for a long walk in the park tomorrow"
@@ -58,7 +59,7 @@ def test_pocketsphinx_words_sit_where_the_speech_is(tmp_path, recognizer):
     assert len(chunks) >= 6 and result["text"] == " ".join(c["text"] for c in chunks)
     assert abs(chunks[0]["timestamp"][0] - start) < 0.3
     assert abs(chunks[-1]["timestamp"][1] - end) < 0.3
-    assert all(a["timestamp"][0] <= b["timestamp"][0] for a, b in zip(chunks, chunks[1:]))
+    assert all(a["timestamp"][0] <= b["timestamp"][0] for a, b in itertools.pairwise(chunks))
     place(tmp_path / "silence.wav", 2.0)
     assert transcribe_file(recognizer, tmp_path / "silence.wav") == {"text": "", "chunks": []}
 

@@ -16,10 +16,10 @@ pytest.importorskip("matplotlib")
 if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed", allow_module_level=True)
 
-from test_eval_judge import FakeChatServer  # noqa: E402
+from test_eval_judge import FakeChatServer
 
-from personaplex.cli import main  # noqa: E402
-from personaplex.eval.persona_bench import synthesize  # noqa: E402
+from personaplex.cli import main
+from personaplex.eval.persona_bench import synthesize
 
 
 def write_sample(folder: Path, rate: int, text: str, annotations: dict) -> float:

@@ -90,6 +90,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     _add_transcribe(steps.add_parser("transcribe", help="write output.json (word timestamps) for every output.wav"), True)
     _add_score(steps.add_parser("score", help="compute the benchmark's metrics; write scores.json and a Markdown table"), True)
     _add_report(steps.add_parser("report", help="Markdown table and figure from scores.json"), "Full-Duplex-Bench")
+    tiny = steps.add_parser("synth", help="write a tiny synthetic dataset in the benchmark's layout (espeak-ng) "
+                                          "to try the pipeline; its scores say nothing about a model")
+    tiny.add_argument("--data", type=Path, required=True, help="folder to write it into")
+    tiny.set_defaults(run=_cmd_synth)
 
     persona = suites.add_parser("persona", help="service-persona adherence: build, run, transcribe, score, report",
                                 description="Scenarios with a company, an agent name, facts and constraints; one spoken "
@@ -178,3 +182,10 @@ def _cmd_persona_build(args: argparse.Namespace) -> None:
         raise offline.UsageError("--limit must be at least 1")
     folders = build(args.data, limit=args.limit)
     offline.log(f"wrote {len(folders)} question(s) under {Path(args.data) / layout.PERSONA}")
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from .synthetic import build
+
+    folders = build(args.data)
+    offline.log(f"wrote {len(folders)} synthetic sample(s) under {args.data}")

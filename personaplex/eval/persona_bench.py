@@ -97,7 +97,8 @@ def synthesize(text: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise SynthesisError("speech synthesis needs espeak-ng (Debian/Ubuntu: apt-get install espeak-ng)")
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "speech.wav"
-        done = subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(wav), text], capture_output=True)
+        done = subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(wav), text],
+                              check=False, capture_output=True)
         if done.returncode != 0:
             raise SynthesisError(f"espeak-ng failed: {done.stderr.decode(errors='replace').strip()}")
         return read_audio(wav, sample_rate)

@@ -75,7 +75,17 @@ def plot(summary: dict[str, dict], path: Path, title: str, others: dict[str, dic
             if entry.get(name) is not None:
                 labels.append(series_label)
                 values.append(entry[name])
+        if not values:  # e.g. a latency when no sample took the turn
+            ax.text(0.5, 0.5, "no value\n(no sample qualified)", ha="center", va="center", fontsize=8,
+                    transform=ax.transAxes)
+            ax.set_xticks([])
         ax.bar(range(len(values)), values, color=colours[: len(values)])
+        if name in ("tor", "pass_rate", "jsd"):
+            ax.set_ylim(0, 1.05)
+        elif name in ("relevance", "score"):
+            ax.set_ylim(0, 5.2)
+        else:
+            ax.set_ylim(0, max(values + [0.0]) * 1.2 or 1.0)
         ax.set_xticks(range(len(values)), labels, rotation=20, fontsize=7)
         arrow = "lower is better" if name in LOWER_IS_BETTER else "higher is better"
         ax.set_title(f"{group}\n{LABELS.get(name, name)} ({arrow})", fontsize=8)
