@@ -154,3 +154,21 @@ def test_v15_stop_and_response_latency_from_audio(tmp_path):
                    [(2.0, SENTENCE)], total=9.0, user=user_spans)
     [(stop_start, stop_end)] = score_sample(over)["latency_stop_list"]
     assert abs(stop_start - 2.0) < 0.15 and abs(stop_end - user_end) < 0.2
+
+
+def test_synthetic_dataset_annotations_match_its_audio(tmp_path):
+    from personaplex.eval.synthetic import build
+
+    build(tmp_path)
+    samples = layout.discover(tmp_path)
+    assert {s.task for s in samples} == {layout.PAUSE, layout.TURN_TAKING, layout.INTERRUPTION, layout.BACKCHANNEL}
+    assert layout.discover(tmp_path, [layout.PAUSE])[0].task_dir == "synthetic_pause_handling"
+    pause = next(s for s in samples if s.task == layout.PAUSE)
+    (first_end, second_start) = pause.annotation("pause.json")[0]["timestamp"]
+    segments, _ = file_segments(pause.input_wav)
+    assert len(segments) == 2
+    assert abs(segments[0][1] - first_end) < 0.2 and abs(segments[1][0] - second_start) < 0.15
+    interruption = next(s for s in samples if s.task == layout.INTERRUPTION)
+    start, end = interruption.annotation("interrupt.json")[0]["timestamp"]
+    segments, _ = file_segments(interruption.input_wav)
+    assert abs(segments[-1][0] - start) < 0.15 and abs(segments[-1][1] - end) < 0.2

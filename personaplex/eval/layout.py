@@ -1,9 +1,9 @@
 """The Full-Duplex-Bench data layout: ``ROOT/<task folder>/<sample id>/input.wav`` plus annotation files.
 
-A task folder's task is recognised from its name (e.g. ``candor_pause_handling``, ``icc_backchannel``,
-``synthetic_user_interruption``) or, failing that, from the annotation files its samples hold: ``pause.json``
-(pause handling), ``turn_taking.json`` (smooth turn-taking), ``interrupt.json`` (user interruption), ``metadata.json``
-(v1.5 overlap sets, scored with the timing metrics). A folder with only audio is a backchannel set.
+A task folder's task is recognised from the annotation files its samples hold: ``pause.json`` (pause handling),
+``turn_taking.json`` (smooth turn-taking), ``interrupt.json`` (user interruption), ``metadata.json`` (v1.5 overlap
+sets, scored with the timing metrics), ``question.json`` (the persona set); failing that, from its name (e.g.
+``candor_pause_handling``, ``icc_backchannel``). A folder with only audio is a backchannel set.
 """
 
 from __future__ import annotations
@@ -74,20 +74,19 @@ def _natural(path: Path):
 
 
 def task_of(task_dir: Path) -> str | None:
+    """The task a folder of samples belongs to: its annotation files first (a v1.5 ``user_interruption`` folder
+    holds metadata.json, not interrupt.json), then its name; ``None`` when it holds no samples."""
+    samples = _sample_dirs(task_dir)
+    if not samples:
+        return None
+    for annotation, task in _ANNOTATIONS.items():
+        if (samples[0] / annotation).is_file():
+            return task
     name = task_dir.name.lower()
-    if name == PERSONA:
-        return PERSONA
-    if "v1.5" in str(task_dir).lower() or name in ("user_backchannel", "talking_to_other", "background_speech"):
-        return OVERLAP
     for hint, task in _NAME_HINTS:
         if hint in name:
             return task
-    samples = _sample_dirs(task_dir)
-    for sample in samples[:1]:
-        for annotation, task in _ANNOTATIONS.items():
-            if (sample / annotation).is_file():
-                return task
-    return BACKCHANNEL if samples else None
+    return BACKCHANNEL
 
 
 def discover(root: Path, tasks: list[str] | None = None) -> list[Sample]:
