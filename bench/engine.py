@@ -166,10 +166,10 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
             engine.join(slots - 1, slots, fresh, sampling)
             sync()
             samples.append(1000 * (time.perf_counter() - t0))
-    if args.full_ring:
+    ticks, missed, latency = real_time_joins(engine, pcm, persona, sampling, slots) if not args.no_spread_join else ([], 0, [])
+    if args.full_ring:  # last: it moves every conversation to the end of its context
         full = full_ring_times(engine, pcm, args.steps)
         print(f"N={slots} full ring: p50 {statistics.median(full):.2f} ms, p99 {percentile(full, 0.99):.2f} ms", flush=True)
-    ticks, missed, latency = real_time_joins(engine, pcm, persona, sampling, slots) if not args.no_spread_join else ([], 0, [])
     peak = torch.cuda.max_memory_allocated() if CUDA else 0
     return (slots, statistics.median(times), percentile(times, 0.99), first_join,
             statistics.median(join_new), statistics.median(join_cached), state_bytes / slots / GIB, peak / GIB,
@@ -222,6 +222,7 @@ def real_time_joins(engine, pcm, persona, sampling, slots, attempts: int = 3, pe
     latencies ms, missed ticks, ms from the join request until the newcomer is live).
     """
     ticks, latency, missed = [], [], 0
+    block_host, block_events = [], []
     for attempt in range(attempts):
         engine.leave(slots - 1)
         engine.step(pcm)
@@ -232,7 +233,15 @@ def real_time_joins(engine, pcm, persona, sampling, slots, attempts: int = 3, pe
             engine.step(pcm)
             ticks.append(1000 * (time.perf_counter() - due))
             missed += ticks[-1] > 1000 * period
+            host0 = time.perf_counter()
+            begin, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if CUDA else (None, None)
+            if CUDA:
+                begin.record()
             engine.advance_joins(frame_budget=engine.join_chunk_frames)
+            block_host.append(1000 * (time.perf_counter() - host0))
+            if CUDA:
+                end.record()
+                block_events.append((begin, end))
             due += period
             time.sleep(max(0.0, due - time.perf_counter()))
         latency.append(1000 * (time.perf_counter() - start))
@@ -242,6 +251,10 @@ def real_time_joins(engine, pcm, persona, sampling, slots, attempts: int = 3, pe
             missed += ticks[-1] > 1000 * period
             due += period
             time.sleep(max(0.0, due - time.perf_counter()))
+    sync()
+    gpu = [b.elapsed_time(e) for b, e in block_events]
+    print(f"  prefill blocks: host time p50 {statistics.median(block_host):.1f} / max {max(block_host):.1f} ms"
+          + (f", GPU time p50 {statistics.median(gpu):.1f} / max {max(gpu):.1f} ms" if gpu else ""), flush=True)
     return ticks, missed, latency
 
 

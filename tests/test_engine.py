@@ -44,3 +44,21 @@ def test_golden_session_through_the_engine(golden, models, voice_file, prefix):
     assert torch.equal(torch.stack(tokens), expected)
     agent_pcm = session["agent_pcm"] if prefix == "step" else session["replay_agent_pcm"]
     np.testing.assert_allclose(torch.stack(pcm).numpy(), agent_pcm.numpy(), atol=1e-6, rtol=0)
+
+
+def test_out_of_range_forced_tokens_never_index_outside_the_tables():
+    """Forced ids beyond the vocabularies are clamped before every embedding lookup (on a GPU an
+    out-of-range gather is a device assert that kills the process, not an exception)."""
+    from personaplex.config import TINY_LM
+    from personaplex.lm.generator import Generator
+    from personaplex.lm.model import LMModel
+    from personaplex.random_weights import randomize_
+
+    lm = randomize_(LMModel(TINY_LM), seed=0).eval()
+    generator = Generator(lm)
+    gen_state, lm_state = generator.new_state(1), lm.new_state(1)
+    forced = torch.full((1, TINY_LM.num_channels), 10**6)
+    with torch.inference_mode():
+        for _ in range(4):
+            result = generator.step(gen_state, lm_state, forced)
+    assert torch.isfinite(result.text_logits).all()

@@ -177,6 +177,7 @@ def test_quantized_step_captured_as_cuda_graph_replays_the_eager_step(checkpoint
     assert summarize(model).declined == []
     generator = Generator(model)
     forced = torch.randint(0, CONFIG.card, (2, CONFIG.num_channels), device="cuda")
+    forced[:, 0] = torch.randint(0, CONFIG.text_card, (2,), device="cuda")
     results = {}
     with torch.inference_mode():
         for graphed in (False, True):

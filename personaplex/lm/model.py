@@ -172,7 +172,8 @@ class LMModel(nn.Module):
         batch = transformer_out.shape[0]
         keys, values = self.depformer.new_cache(batch, transformer_out.device, transformer_out.dtype)
         hidden = transformer_out[:, None, :]
-        previous = self.depformer_text_emb(text_token)[:, None, :]
+        # Ids are clamped into the tables, as in ``embed``: a forced out-of-range id must not reach the GPU gather.
+        previous = self.depformer_text_emb(text_token.clamp(0, cfg.text_card))[:, None, :]
         if steps == 0:
             empty = forced_audio[:, :0]
             return DepthOutput(empty, transformer_out.new_zeros(batch, 0, cfg.card) if return_logits else None)
@@ -187,5 +188,5 @@ class LMModel(nn.Module):
             if return_logits:
                 all_logits.append(logits)
             if step + 1 < steps:
-                previous = self.depformer_emb[step](token)[:, None, :]
+                previous = self.depformer_emb[step](token.clamp(0, cfg.card))[:, None, :]
         return DepthOutput(torch.stack(tokens, dim=1), torch.stack(all_logits, dim=1) if return_logits else None)
