@@ -170,9 +170,12 @@ def test_conversation_streams_audio_and_text_in_step(server):
     welcome = received.metadata[0]
     assert welcome["model"] == "demo" and welcome["limits"]["slots"] == 3
     assert welcome["persona"]["voice"] == "NATF2" and welcome["persona"]["seed"] == 5
-    # The reference client's server-info panel needs these fields.
-    for key in ("text_temperature", "text_topk", "audio_temperature", "audio_topk", "lm_model_file", "build_info"):
-        assert key in welcome
+    # The reference client's server-info panel needs these fields, and it validates every metadata
+    # message whole: later ones (conversation started, queue position) repeat them.
+    assert len(received.metadata) >= 2 and "conversation_id" in received.metadata[-1]
+    for message in received.metadata:
+        for key in ("text_temperature", "text_topk", "audio_temperature", "audio_topk", "lm_model_file", "build_info"):
+            assert key in message
     ogg = agent_pages(received)
     assert ogg[0].bos and ogg[0].packets[0].startswith(b"OpusHead")
     assert ogg[1].packets[0].startswith(b"OpusTags")
@@ -395,6 +398,7 @@ def test_queue_position_then_refusal_then_slot(demo_model):
     finally:
         small.stop()
     assert next(m["queue_position"] for m in second.metadata if "queue_position" in m) == 1
+    assert all("text_temperature" in m for m in second.metadata)
     assert "busy" in third.error and third.close_code == 1013
     assert 0x00 not in third.kinds()
 

@@ -145,6 +145,7 @@ class ChatSession:
         self._reader = None
         self._closed = False
         self._pending_sends: set[asyncio.Task] = set()
+        self._metadata: dict = {}
 
     async def run(self, query: Mapping[str, str], voice_audio: bytes | None) -> None:
         try:
@@ -154,7 +155,9 @@ class ChatSession:
             return await self.fail(str(error), error.code)
         if voice_audio is not None:
             request = PersonaRequest(request.text_prompt, None, voice_audio, request.sampling)
-        if not await self._try_send(bytes([KIND_METADATA]) + json.dumps(self._welcome(request)).encode("utf-8")):
+        # Every metadata message repeats the welcome fields: the reference client validates each one whole.
+        self._metadata = self._welcome(request)
+        if not await self._try_send(self._metadata_message()):
             return await self._close(CLOSE_NORMAL, "")
 
         receiver = asyncio.create_task(self._receive())
@@ -181,7 +184,7 @@ class ChatSession:
             "cached_persona": conversation.cached_persona,
         }
         if not (await self._try_send(bytes([KIND_HANDSHAKE]))
-                and await self._try_send(bytes([KIND_METADATA]) + json.dumps(started).encode("utf-8"))):
+                and await self._try_send(self._metadata_message(started))):
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
             await conversation.close("the client left")
@@ -309,9 +312,14 @@ class ChatSession:
             **self.hub.load(),
         }
 
+    def _metadata_message(self, update: dict | None = None) -> bytes:
+        """A ``0x04`` message: everything known so far, with ``update`` merged in."""
+        self._metadata.update(update or {})
+        return bytes([KIND_METADATA]) + json.dumps(self._metadata).encode("utf-8")
+
     def _queue_position(self, position: int) -> None:
         message = {"queue_position": position, "queued": self.hub.load()["queued"]}
-        task = asyncio.ensure_future(self._try_send(bytes([KIND_METADATA]) + json.dumps(message).encode("utf-8")))
+        task = asyncio.ensure_future(self._try_send(self._metadata_message(message)))
         self._pending_sends.add(task)
         task.add_done_callback(self._pending_sends.discard)
 
