@@ -181,7 +181,7 @@ class ChatSession:
         started = {
             "conversation_id": conversation.id, "slot": conversation.slot,
             "max_conversation_seconds": round(conversation.max_frames * 0.08, 2),
-            "cached_persona": conversation.cached_persona,
+            "cached_persona": conversation.cached_persona, "queue_position": None,
         }
         if not (await self._try_send(bytes([KIND_HANDSHAKE]))
                 and await self._try_send(self._metadata_message(started))):
