@@ -223,6 +223,29 @@ def test_replicas_serve_the_single_servers_routes(cluster):
                         raise AssertionError(event)
                     await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})
                 assert "response.created" in kinds
+            async with http.ws_connect(f"ws://{cluster}/twilio/media-stream") as ws:  # a phone call
+                sid = "MZ0123456789abcdef0123456789abcdef"
+                await ws.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+                await ws.send_json({"event": "start", "sequenceNumber": "1", "streamSid": sid, "start": {
+                    "accountSid": "AC0", "streamSid": sid, "callSid": "CA0", "tracks": ["inbound"],
+                    "customParameters": {}, "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000,
+                                                             "channels": 1}}})
+                silence = base64.b64encode(b"\xff" * 160).decode()  # 20 ms of mu-law silence
+                agent_media = 0
+                for chunk in range(200):
+                    await ws.send_json({"event": "media", "streamSid": sid, "media": {
+                        "track": "inbound", "chunk": str(chunk + 1), "timestamp": str(20 * chunk), "payload": silence}})
+                    try:
+                        message = await ws.receive_json(timeout=0.02)
+                    except asyncio.TimeoutError:
+                        continue
+                    if message.get("event") == "media":
+                        assert message["streamSid"] == sid
+                        agent_media += 1
+                        if agent_media >= 3:
+                            break
+                assert agent_media >= 3, "no agent audio on the phone bridge"
+                await ws.send_json({"event": "stop", "streamSid": sid, "stop": {"accountSid": "AC0", "callSid": "CA0"}})
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
