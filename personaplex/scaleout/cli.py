@@ -1,9 +1,9 @@
 """``personaplex scale serve`` and ``personaplex scale status``: many engine replicas behind one endpoint.
 
 ``scale serve`` deploys the Ray Serve application of ``deployment.py`` on a Ray cluster (a local one by
-default, or ``--address`` of one started with ``ray start``) and keeps it up until SIGINT/SIGTERM, when it
-ends every conversation and removes the application. ``scale status`` prints each replica's load and
-frame times from a running cluster.
+default, or ``--address`` of one started with ``ray start``) and keeps it up until SIGINT/SIGTERM: the first
+signal stops new conversations and lets live ones finish (up to ``--drain-seconds``), a second ends them at
+once. ``scale status`` prints each replica's load and frame times from a running cluster.
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.allow_voice_upload:
         raise ScaleOutError("--allow-voice-upload is not available with replicas (an upload would live in one "
                             "replica only); put the voice files in --voice-prompt-dir on every node instead")
+    if getattr(args, "cpu_offload", False):
+        raise ScaleOutError("--cpu-offload is not supported with replicas; give each replica a GPU that holds the "
+                            "model (or use --quantize int8)")
     if args.max_queue < 1:  # Serve bounds its queue at 1 or more
         raise ScaleOutError("--max-queue must be at least 1 with replicas (callers waiting in each proxy)")
 
@@ -169,6 +172,11 @@ def run_serve(args: argparse.Namespace) -> None:
         PhonePersonas.load(args.phone_personas)  # a bad file fails here, before any replica loads weights
     check_flags(args)  # before starting Ray or loading anything
     started_here = args.address is None
+    if started_here:  # every replica runs on this machine: its files must be here (on a cluster, on each node)
+        for flag in ("moshi_weight", "mimi_weight", "tokenizer", "voice_prompt_dir"):
+            path = getattr(args, flag, None)
+            if path is not None and not Path(path).expanduser().exists():
+                raise ScaleOutError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
     ray.init(address=args.address, include_dashboard=False if started_here else None, logging_level=logging.WARNING)
     try:
         scale = replica_plan(args, ray.cluster_resources().get("GPU", 0.0))
@@ -179,7 +187,10 @@ def run_serve(args: argparse.Namespace) -> None:
         count = f"{scale.replicas}" if scale.replicas else f"{scale.min_replicas}-{scale.max_replicas} (autoscaling)"
         print(f"starting {count} replicas with {scale.slots} conversation slots each (each loads the model)",
               flush=True)
-        serve.run(build_application(settings, scale), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(build_application(settings, scale), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # a replica could not start (bad weights, out of memory...)
+            raise ScaleOutError(f"the replicas did not start: {str(exc)[:600]} (the replicas' log above says why)")
         scheme = "https" if args.ssl is not None else "http"
         print(f"personaplex scale-out ready: {count} replicas x {scale.slots} slots", flush=True)
         print(f"Access the Web UI directly at {scheme}://{access_host(args.host)}:{args.port}", flush=True)
