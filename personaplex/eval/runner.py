@@ -1,7 +1,8 @@
 """``personaplex eval fdb run``: every sample's ``input.wav`` through the batched engine into ``output.wav``.
 
 Each sample runs as the offline tool runs a file (same code: continuous batching, the input streamed frame by
-frame after the persona's prompt), so ``output.wav`` has the input's length and origin. Samples whose outputs
+frame after the persona's prompt); ``output.wav`` is then written at the input's sample rate with exactly its
+number of samples, so both share their origin and length. Samples whose outputs
 exist are skipped, which makes a run resumable; ``run_manifest.json`` records what produced the outputs.
 """
 
@@ -72,7 +73,46 @@ def run(args: argparse.Namespace) -> None:
         batch.text_prompt = [sample_prompt(s, overrides) for s in todo]
         batch.voice_prompt = [args.voice_prompt]
         offline.run(batch)
+    for sample in samples:
+        if is_done(sample):
+            match_input_rate(sample)
     write_manifest(manifest_path, args, samples, overrides)
+
+
+def _wav_info(path: Path) -> tuple[int, int]:
+    """(sample rate, samples per channel) of an audio file, from the header when it is PCM wav."""
+    import wave
+
+    try:
+        with wave.open(str(path)) as wav:
+            return wav.getframerate(), wav.getnframes()
+    except (wave.Error, EOFError):
+        import sphn
+
+        audio, rate = sphn.read(str(path))
+        return int(rate), audio.shape[-1]
+
+
+def match_input_rate(sample: Sample) -> None:
+    """Rewrite output.wav at input.wav's sample rate with exactly its number of samples.
+
+    The engine speaks at 24 kHz; the benchmark's inputs are 16 kHz, and its scripts read some files assuming
+    16 kHz, so an output with the input's rate and length stays comparable sample for sample.
+    """
+    import numpy as np
+    import sphn
+
+    from ..audio import read_audio
+
+    input_rate, input_samples = _wav_info(sample.input_wav)
+    output_rate, output_samples = _wav_info(sample.output_wav)
+    if (input_rate, input_samples) == (output_rate, output_samples):
+        return
+    audio = read_audio(sample.output_wav, input_rate)[:input_samples]
+    audio = np.pad(audio, (0, input_samples - len(audio)))
+    partial = sample.output_wav.with_suffix(".partial.wav")
+    sphn.write_wav(str(partial), np.clip(audio, -1.0, 1.0).astype(np.float32), input_rate)
+    partial.replace(sample.output_wav)
 
 
 def persona_note(task: str, overrides: dict[str, str]) -> str:
