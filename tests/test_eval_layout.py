@@ -53,3 +53,18 @@ def test_personas_per_task_and_overrides(tmp_path):
     [sample] = layout.discover(tmp_path)
     assert sample.task == layout.PERSONA and sample_prompt(sample, {}) == "You work for Velo Rent."
     assert sample_prompt(sample, {"persona": "Other."}) == "Other."
+
+
+def test_summary_per_folder_and_per_task_over_several_folders():
+    from personaplex.eval.scoring import summarize
+
+    rows = {"candor/1": {"task": layout.TURN_TAKING, "task_dir": "candor", "tor": 1, "latency": 0.5},
+            "candor/2": {"task": layout.TURN_TAKING, "task_dir": "candor", "tor": 0, "latency": None},
+            "synthetic/1": {"task": layout.TURN_TAKING, "task_dir": "synthetic", "tor": 1, "latency": 0.2},
+            "icc/1": {"task": layout.BACKCHANNEL, "task_dir": "icc", "tor": 0, "frequency": 0.1, "jsd": None}}
+    summary = summarize(rows)
+    assert summary["candor"] == {"task": layout.TURN_TAKING, "samples": 2, "tor": 0.5, "latency": 0.5}
+    assert summary["smooth_turn_taking (all)"]["tor"] == pytest.approx(2 / 3)
+    assert summary["smooth_turn_taking (all)"]["latency"] == pytest.approx(0.35)
+    assert summary["icc"] == {"task": layout.BACKCHANNEL, "samples": 1, "tor": 0.0, "frequency": 0.1, "jsd": None}
+    assert "backchannel (all)" not in summary

@@ -121,6 +121,7 @@ def test_persona_pipeline_with_the_demo_model(tmp_path):
     summary = json.loads((root / "scores.json").read_text())["summary"]
     assert summary["persona"]["score"] == pytest.approx(3.5) and summary["persona"]["pass_rate"] == pytest.approx(0.5)
     assert summary["persona/proper_noun"]["score"] == 5
+    assert "| this run | 3.500 | 0.500 |" in (root / "scores.md").read_text()
     assert main(["eval", "persona", "report", "--scores", str(root / "scores.json")]) == 0
     assert (root / "report.png").is_file()
 

@@ -163,8 +163,10 @@ def _cmd_score(args: argparse.Namespace) -> None:
     output = args.output or Path(args.data) / "scores.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(scores, indent=2), encoding="utf-8")
-    print(markdown(scores["summary"], "Full-Duplex-Bench" if args.suite == "fdb" else "Persona adherence"))
-    offline.log(f"wrote {output}")
+    table = markdown(scores["summary"], "Full-Duplex-Bench" if args.suite == "fdb" else "Persona adherence")
+    output.with_suffix(".md").write_text(table, encoding="utf-8")
+    print(table)
+    offline.log(f"wrote {output} and {output.with_suffix('.md')}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

@@ -78,12 +78,18 @@ AGGREGATES = {
 
 
 def summarize(rows: dict[str, dict]) -> dict[str, dict]:
-    """Per task folder: the mean of each metric over the samples that have it (latency: samples with TOR = 1)."""
+    """Per task folder, per task when it spans several folders, per persona category: the mean of each metric over
+    the samples that have it (latency: samples with TOR = 1)."""
     by_dir: dict[str, list[dict]] = {}
+    by_task: dict[str, list[dict]] = {}
     for row in rows.values():
         by_dir.setdefault(row["task_dir"], []).append(row)
+        by_task.setdefault(row["task"], []).append(row)
         if row["task"] == layout.PERSONA:  # also per question category
             by_dir.setdefault(f"persona/{row['category']}", []).append(row)
+    for task, task_rows in by_task.items():  # a task over several folders (Candor and synthetic pauses): overall too
+        if len({r["task_dir"] for r in task_rows}) > 1:
+            by_dir[f"{task} (all)"] = task_rows
     summary = {}
     for task_dir, task_rows in sorted(by_dir.items()):
         task = task_rows[0]["task"]
