@@ -21,17 +21,15 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 
+from .chat_client import FRAME_SECONDS, chat_url, client_ssl_context, run_exchange
 from .config import FRAME_SIZE, SAMPLE_RATE
 from .errors import PersonaplexError
-
-FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE
 
 
 class LoadTestError(PersonaplexError):
@@ -94,93 +92,25 @@ def synthetic_voice(seconds: float, seed: int) -> np.ndarray:
 
 
 def client_url(args: argparse.Namespace, index: int) -> str:
-    parts = urlsplit(args.url)
-    if parts.scheme not in ("ws", "wss"):
-        raise LoadTestError(f"--url must start with ws:// or wss://, got {args.url!r}")
-    query = dict(parse_qsl(parts.query))
-    query.setdefault("text_prompt", args.text_prompt)
-    query.setdefault("voice_prompt", args.voice_prompt)
-    query.setdefault("seed", str(index))
-    if args.token:
-        query["token"] = args.token
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    defaults = {"text_prompt": args.text_prompt, "voice_prompt": args.voice_prompt, "seed": str(index)}
+    return chat_url(args.url, defaults, args.token)
 
 
 async def run_client(index: int, url: str, audio: np.ndarray, duration: float, ssl_context=None) -> ClientReport:
-    import aiohttp
-    import sphn
+    def looped(k: int) -> np.ndarray:
+        start = (k * FRAME_SIZE) % max(1, len(audio) - FRAME_SIZE)
+        return audio[start:start + FRAME_SIZE]
 
-    from .server.ogg import split_pages
-
-    report = ClientReport(index)
-    started = time.monotonic()
-    send_times: list[float] = []
-    anchor: float | None = None  # when the listener's playback clock says frame 0 arrived
-    reader = sphn.OpusStreamReader(SAMPLE_RATE)
-    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
-    frames_to_send = int(duration / FRAME_SECONDS)
-
-    async def send(ws) -> None:
-        begin = time.monotonic()
-        for k in range(frames_to_send):
-            await asyncio.sleep(max(0.0, begin + k * FRAME_SECONDS - time.monotonic()))
-            start = (k * FRAME_SIZE) % max(1, len(audio) - FRAME_SIZE)
-            pages = split_pages(writer.append_pcm(audio[start:start + FRAME_SIZE]) or b"")
-            send_times.append(time.monotonic())
-            report.sent_frames += 1
-            for page in pages:
-                await ws.send_bytes(b"\x01" + page)
-        # Wait one more second for the last answers, then hang up.
-        await asyncio.sleep(1.0)
-        await ws.close()
-
-    try:
-        async with aiohttp.ClientSession() as session, session.ws_connect(url, ssl=ssl_context, max_msg_size=0) as ws:
-            sender = None
-            async for message in ws:
-                if message.type != aiohttp.WSMsgType.BINARY or not message.data:
-                    continue
-                kind, payload = message.data[0], message.data[1:]
-                now = time.monotonic()
-                if kind == 0x00 and sender is None:
-                    report.join_seconds = now - started
-                    sender = asyncio.create_task(send(ws))
-                elif kind == 0x01:
-                    pcm = reader.append_bytes(payload)
-                    before = report.frames
-                    report.received_samples += len(pcm)
-                    for k in range(before, report.frames):
-                        # A listener with an 80 ms playback buffer: a frame later than that is a gap,
-                        # after which the player starts again from this frame (it re-buffers).
-                        if anchor is None:
-                            anchor = now - k * FRAME_SECONDS
-                        if now > anchor + (k + 1) * FRAME_SECONDS:
-                            report.late_frames += 1
-                            anchor = now - k * FRAME_SECONDS
-                        if k < len(send_times):
-                            report.latencies.append(now - send_times[k])
-                elif kind == 0x02:
-                    report.text_pieces += 1
-                elif kind == 0x05:
-                    report.error = payload.decode("utf-8", "replace")
-            if sender is not None:
-                await asyncio.gather(sender, return_exceptions=True)
-            elif report.error is None:
-                report.error = f"closed before the handshake (code {ws.close_code})"
-    except Exception as exc:  # noqa: BLE001 - one caller's failure is a result, not a crash of the test
-        report.error = report.error or f"{type(exc).__name__}: {exc}"
-    return report
+    frames = (looped(k) for k in range(int(duration / FRAME_SECONDS)))
+    exchange = await run_exchange(url, frames, ssl_context=ssl_context)
+    return ClientReport(index, join_seconds=exchange.join_seconds, sent_frames=exchange.sent_frames,
+                        received_samples=exchange.received_samples, text_pieces=len(exchange.text),
+                        late_frames=exchange.late_frames, latencies=exchange.latencies, error=exchange.error)
 
 
 async def run_clients(args: argparse.Namespace, indices: list[int] | None = None) -> list[ClientReport]:
     audio = load_input(args)
-    ssl_context = None
-    if args.url.startswith("wss://") and args.insecure:
-        import ssl
-
-        ssl_context = ssl.create_default_context()
-        ssl_context.check_hostname = False
-        ssl_context.verify_mode = ssl.CERT_NONE
+    ssl_context = client_ssl_context(args.url, args.insecure)
     indices = list(range(args.clients)) if indices is None else indices
     client = run_client
     if urlsplit(args.url).path.rstrip("/").endswith("/v1/realtime"):  # the Realtime-style endpoint
