@@ -119,6 +119,7 @@ class Exchange:
     late_frames: int = 0
     latencies: list[float] = field(default_factory=list)
     error: str | None = None  # a 0x05 message, an unexpected close or a connection failure
+    error_from_server: bool = False  # ``error`` is the server's own 0x05 text
     close_code: int | None = None
     send_times: list[float] = field(default_factory=list)
     _anchor: float | None = None  # when the listener's playback clock says frame 0 arrived
@@ -227,6 +228,7 @@ async def run_exchange(url: str, frames: Iterable[np.ndarray], *, ssl_context: s
                         pass  # metadata is informative only
                 elif kind == KIND_ERROR:
                     exchange.error = payload.decode("utf-8", "replace")
+                    exchange.error_from_server = True
             exchange.close_code = ws.close_code
             if sender is not None:
                 if not sender.done():  # the server hung up first: stop sending

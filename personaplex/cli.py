@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.build_parser(loadtest_parser)
     loadtest_parser.set_defaults(run=loadtest.run)
 
+    from . import client
+
+    client_parser = commands.add_parser(
+        "client", help="stream a recording to a server in real time; save the reply wav and its transcript"
+    )
+    client.build_parser(client_parser)
+    client_parser.set_defaults(run=client.run)
+
     from .scaleout import cli as scaleout_cli  # imports Ray only when a scale command runs
 
     scale_parser = commands.add_parser(
