@@ -202,8 +202,9 @@ async def run_exchange(url: str, frames: Iterable[np.ndarray], *, ssl_context: s
         finally:  # done, failed or cancelled: hang up (which also ends the reading loop)
             await ws.close()
 
+    verify = ssl_context or True  # True: the default certificate checks
     try:
-        async with aiohttp.ClientSession() as session, session.ws_connect(url, ssl=ssl_context, max_msg_size=0) as ws:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url, ssl=verify, max_msg_size=0) as ws:
             sender = None
             async for message in ws:
                 if message.type != aiohttp.WSMsgType.BINARY or not message.data:
