@@ -57,6 +57,28 @@ def ring_self_attention(
     Returns merged heads [B, T, dim] (before the output projection).
     """
     q, k, v = _project(h, in_proj_weight, num_heads, rotation)
+    return merge_heads(ring_attention(
+        q, k, v, start, keys, values, mask, prefill=prefill, used_length=used_length, key_scales=key_scales,
+        value_scales=value_scales,
+    ))
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    prefill: bool = False,
+    used_length: int | None = None,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The attention of ``ring_self_attention`` from projected q, k, v [B, H, T, head_dim]; returns
+    [B, H, T, head_dim] (heads not merged)."""
     if prefill:
         if key_scales is not None:  # the block sees its own keys as a later step would: through FP8
             scale_dtype = key_scales.dtype
@@ -76,4 +98,4 @@ def ring_self_attention(
             q, read_ring(keys, used_length, q.dtype, key_scales), read_ring(values, used_length, q.dtype, value_scales),
             attn_mask=mask,
         )
-    return merge_heads(attended)
+    return attended

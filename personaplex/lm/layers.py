@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LMConfig
-from ..layers.attention import ring_self_attention
+from ..layers.attention import ring_attention, ring_self_attention
 from ..layers.kv_ring import ring_positions, ring_visibility, write_quantized, write_ring
 from ..layers.norm import RMSNorm
 from ..layers.rope import rotation_for
@@ -75,7 +75,7 @@ class TemporalTransformer(nn.Module):
         ring plus their own keys and are written after. ``used_length`` (<= C) may bound the ring
         entries read when every position written so far, this block's included, is below it.
         ``key_scales``/``value_scales`` ([layers, B, H, C, 1]): the rings are FP8 with per-vector scales.
-        ``kernels``: compiled functions for single-frame steps (``personaplex.lm.fused``).
+        ``kernels``: compiled functions for single-frame steps and prefill blocks (``personaplex.lm.fused``).
         """
         cfg = self.config
         steps = x.shape[1]
@@ -94,6 +94,8 @@ class TemporalTransformer(nn.Module):
         rotation = rotation_for(query_positions, cfg.head_dim, cfg.max_period)
         if kernels is not None and steps == 1:
             return self._fused_step(kernels, x, positions, keys, values, used, key_scales, value_scales, mask, rotation)
+        if kernels is not None and prefill:
+            return self._fused_prefill(kernels, x, positions, keys, values, used, key_scales, value_scales, mask, rotation)
         for index, layer in enumerate(self.layers):
             attended = ring_self_attention(
                 layer.norm1(x), layer.self_attn.in_proj_weight, cfg.num_heads, rotation, positions,
@@ -133,6 +135,29 @@ class TemporalTransformer(nn.Module):
                 attended = F.scaled_dot_product_attention(
                     q, keys[index, :, :, :used], values[index, :, :, :used], attn_mask=mask
                 )
+            x = kernels.attention_output_and_ffn(
+                x, attended, layer.self_attn.out_proj.weight, layer.norm2.alpha, cfg.norm_eps,
+                layer.gating.linear_in.weight, layer.gating.linear_out.weight,
+            )
+        return x
+
+    def _fused_prefill(
+        self, kernels: StepKernels, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+        values: torch.Tensor, used: int, key_scales: torch.Tensor | None, value_scales: torch.Tensor | None,
+        mask: torch.Tensor, rotation,
+    ) -> torch.Tensor:
+        """A prefill block with the compiled layer functions around the (eager) block attention: a join's
+        prefill blocks run between live ticks, and their cost is mostly kernel launches."""
+        cfg = self.config
+        for index, layer in enumerate(self.layers):
+            q, k, v = kernels.attention_input(
+                x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.cos_sin, None
+            )
+            attended = ring_attention(
+                q, k, v, positions, keys[index], values[index], mask, prefill=True, used_length=used,
+                key_scales=None if key_scales is None else key_scales[index],
+                value_scales=None if value_scales is None else value_scales[index],
+            )
             x = kernels.attention_output_and_ffn(
                 x, attended, layer.self_attn.out_proj.weight, layer.norm2.alpha, cfg.norm_eps,
                 layer.gating.linear_in.weight, layer.gating.linear_out.weight,
