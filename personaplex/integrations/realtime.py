@@ -64,6 +64,7 @@ from .codecs import (
     pcm16_to_float,
     pcm16_to_mulaw,
 )
+from .session_loop import receive_until_over
 
 log = logging.getLogger("personaplex.integrations.realtime")
 
@@ -138,20 +139,13 @@ class RealtimeSession:
 
     async def run(self) -> None:
         await self._send("session.created", session=self.session_view())
-        receiver = asyncio.create_task(self._receive_loop())
-        over = asyncio.create_task(self._session_over.wait())
         try:
-            await asyncio.wait({receiver, over}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (receiver, over):
-                task.cancel()
-            await asyncio.gather(receiver, over, return_exceptions=True)
-            if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
-                log.error("realtime receive loop failed: %r", receiver.exception())
+            if await receive_until_over(self._receive_loop, self._session_over, log, "realtime") is not None:
                 self.hub.metrics.record_error("internal")
                 await self._error_event(RealtimeError("internal_error", "internal server error; please reconnect",
                                                       kind="server_error"))
                 self._close_code = CLOSE_INTERNAL
+        finally:
             await self._shutdown()
 
     async def _shutdown(self) -> None:

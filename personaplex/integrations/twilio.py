@@ -48,6 +48,7 @@ from .codecs import (
     pcm16_to_float,
     pcm16_to_mulaw,
 )
+from .session_loop import receive_until_over
 
 log = logging.getLogger("personaplex.integrations.twilio")
 
@@ -181,17 +182,10 @@ class TwilioSession:
         self._over = asyncio.Event()
 
     async def run(self) -> None:
-        receiver = asyncio.create_task(self._receive_loop())
-        over = asyncio.create_task(self._over.wait())
         try:
-            await asyncio.wait({receiver, over}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (receiver, over):
-                task.cancel()
-            await asyncio.gather(receiver, over, return_exceptions=True)
-            if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
-                log.error("twilio receive loop failed: %r", receiver.exception())
+            if await receive_until_over(self._receive_loop, self._over, log, "twilio") is not None:
                 self.hub.metrics.record_error("internal")
+        finally:
             if self.conversation is not None:
                 await self.conversation.close("client closed")
             if self._conversation_task is not None:
