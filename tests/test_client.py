@@ -19,13 +19,31 @@ from personaplex.loadtest import synthetic_voice
 TOKEN = "s3cret"
 
 
+class TlsServerThread(ServerThread):
+    """The same server behind TLS, with a self-signed certificate."""
+
+    def __init__(self, model, ssl_context, **options):
+        self.ssl_context = ssl_context
+        super().__init__(model, **options)
+        self.url = self.url.replace("ws://127.0.0.1", "wss://localhost")
+
+    async def _start(self, kwargs):
+        from personaplex.server.serve import start_server
+
+        return await start_server(self.hub, host="127.0.0.1", port=0, ssl_context=self.ssl_context, **kwargs)
+
+
 @pytest.fixture(scope="module")
-def server():
+def demo_model():
     from personaplex.demo import demo_assets
     from personaplex.loading import load_model
 
-    running = ServerThread(load_model(demo_assets(), "cpu"), max_conversations=2, input_timeout_seconds=None,
-                           auth_token=TOKEN)
+    return load_model(demo_assets(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(demo_model):
+    running = ServerThread(demo_model, max_conversations=2, input_timeout_seconds=None, auth_token=TOKEN)
     yield running
     running.stop()
 
@@ -103,3 +121,21 @@ def test_refusals_before_connecting(tmp_path, capsys):
     assert "--url must start with ws://" in errors[1]
     assert errors[2].startswith(f"error: cannot connect to ws://127.0.0.1:{port}/api/chat") and "serve" in errors[2]
     assert "does not exist" in errors[3]
+
+
+def test_wss_with_a_self_signed_certificate_needs_insecure(demo_model, tmp_path, capsys):
+    from personaplex.server.tls import tls_context
+
+    context, generated = tls_context(tmp_path / "tls")
+    assert generated
+    running = TlsServerThread(demo_model, context, max_conversations=1, input_timeout_seconds=None)
+    try:
+        source = voice_wav(tmp_path / "q.wav", 0.8)
+        assert main([str(source), "--url", running.url]) == 2
+        err = capsys.readouterr().err
+        assert "is not trusted" in err and "--insecure" in err
+        assert main([str(source), "--url", running.url, "--insecure"]) == 0
+    finally:
+        running.stop()
+    audio, rate = sphn.read(str(tmp_path / "q.reply.wav"))
+    assert audio.shape[-1] == round(0.8 * rate) and np.abs(audio).max() > 0.01
