@@ -203,9 +203,9 @@ async def run_exchange(url: str, frames: Iterable[np.ndarray], *, ssl_context: s
             await ws.close()
 
     verify = ssl_context or True  # True: the default certificate checks
+    sender: asyncio.Task | None = None
     try:
         async with aiohttp.ClientSession() as session, session.ws_connect(url, ssl=verify, max_msg_size=0) as ws:
-            sender = None
             async for message in ws:
                 if message.type != aiohttp.WSMsgType.BINARY or not message.data:
                     continue
@@ -244,4 +244,7 @@ async def run_exchange(url: str, frames: Iterable[np.ndarray], *, ssl_context: s
                     exchange.error = f"the server closed the connection (code {ws.close_code})"
     except Exception as exc:  # noqa: BLE001 - a failed connection is a result, not a crash
         exchange.error = exchange.error or describe_connection_error(exc, url)
+        if sender is not None and not sender.done():
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
     return exchange
