@@ -35,6 +35,7 @@ from personaplex.engine import Engine, SamplingConfig  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
 from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402
 from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
+from engine_timing import p99, time_one_conversation  # noqa: E402
 
 GIB = 2**30
 
@@ -121,20 +122,10 @@ def measure(args, preset, dtype, device, mimi, prompt, quantize, offloaded) -> d
     host_bytes = getattr(layers, "streamed_bytes", 0)
     outputs = teacher_forced(lm, preset, steps=6)
     engine = Engine(lm, mimi, max_slots=1, fused_step=None)
-    engine.join(0, 1, prompt, SamplingConfig(seed=5))
-    engine.capture_graphs(up_to_frames=prompt.num_steps + args.warmup + args.steps + 8)
-    pcm = 0.05 * torch.randn(1, 1920, generator=torch.Generator().manual_seed(1))
-    for _ in range(args.warmup):
-        engine.step(pcm)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        engine.step(pcm)
-        times.append(1000 * (time.perf_counter() - t0))
+    times = time_one_conversation(engine, prompt, SamplingConfig(seed=5), args.warmup, args.steps)
     del engine, lm
-    ordered = sorted(times)
     return dict(device_gib=device_bytes / GIB, host_gib=host_bytes / GIB, p50=statistics.median(times),
-                p99=ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], outputs=outputs)
+                p99=p99(times), outputs=outputs)
 
 
 def teacher_forced(lm, preset, steps: int) -> torch.Tensor:

@@ -45,6 +45,7 @@ from personaplex.engine import Engine, SamplingConfig, slot_bytes  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
 from personaplex.persona import VoicePrompt, apply_system_prompt, build_system_prompt  # noqa: E402
 from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
+from engine_timing import p99, time_one_conversation  # noqa: E402
 
 GIB = 2**30
 RESERVE = 2 * GIB
@@ -143,16 +144,7 @@ def measure(mode, args, preset, dtype, device, mimi, prompt, forced):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     engine = Engine(lm, mimi, max_slots=1, fused_step=None if args.fused == "none" else "compile")
-    engine.join(0, 1, prompt, SamplingConfig(seed=5))
-    engine.capture_graphs(up_to_frames=prompt.num_steps + args.warmup + args.steps + 8)
-    pcm = 0.05 * torch.randn(1, 1920, generator=torch.Generator().manual_seed(1))
-    for _ in range(args.warmup):
-        engine.step(pcm)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        engine.step(pcm)
-        times.append(1000 * (time.perf_counter() - t0))
+    times = time_one_conversation(engine, prompt, SamplingConfig(seed=5), args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0
     reserved = torch.cuda.max_memory_reserved() / GIB if cuda else 0.0
     # What the device reports as used (CUDA context and allocator cache included), as nvidia-smi shows it.
@@ -168,9 +160,8 @@ def measure(mode, args, preset, dtype, device, mimi, prompt, forced):
         fit_here = "n/a"
     fit_small = " / ".join(str(max(0, int((gb * 1e9 - 0.5 * GIB - fixed) // per_slot))) for gb in (12, 16, 24))
     del engine, lm
-    ordered = sorted(times)
     row = dict(description=describe_mode(mode, device), weights=weights / GIB, load_peak=load_peak / GIB, peak=peak,
-               reserved=reserved, device_used=device_used, p50=statistics.median(times), p99=ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+               reserved=reserved, device_used=device_used, p50=statistics.median(times), p99=p99(times),
                fit_here=fit_here, fit_small=fit_small)
     return row, outputs
 
