@@ -285,3 +285,19 @@ def test_jitter_buffer_trims_a_standing_backlog_to_its_target():
         steady.push(np.ones(FRAME, dtype=np.float32))
         steady.pop_frame()
     assert steady.dropped_samples == 0
+
+
+def test_the_default_persona_is_warmed_up_at_start(demo_model):
+    """Start-up runs one join of the default persona the live way: the first caller with it starts from
+    the prefix cache, and a different persona still prefills."""
+
+    async def scenario(hub):
+        default = await hub.open(PersonaRequest(), front_end="test")
+        other = await hub.open(PersonaRequest("someone else"), front_end="test")
+        cached = default.cached_persona, other.cached_persona
+        await default.close()
+        await other.close()
+        return cached
+
+    cached = run_hub(demo_model, scenario, max_conversations=2, tick_seconds=0, input_timeout_seconds=None)
+    assert cached == (True, False)

@@ -294,10 +294,22 @@ class ConversationHub:
         captured = await asyncio.to_thread(self.engine.capture_graphs)  # no capture pauses once callers talk
         if captured:
             log.info("captured %d CUDA graphs in %.1f s", captured, time.perf_counter() - started)
+        await asyncio.to_thread(self._warm_up_join)
         self._closed = False
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="personaplex-engine", daemon=True)
         self._thread.start()
+
+    def _warm_up_join(self) -> None:
+        """One join of the default persona, run the live way before anyone calls: the prefill's first-use
+        costs (and its compilation on a GPU) are paid now, and that persona starts from the prefix cache."""
+        started = time.perf_counter()
+        try:
+            self.engine.warm_up_join(self._build_persona(PersonaRequest()))
+        except PersonaError as exc:
+            log.warning("no warm-up join (%s): the first join pays its one-time costs", exc)
+            return
+        log.info("warm-up join of the default persona in %.1f s", time.perf_counter() - started)
 
     async def close(self, reason: str = "the server is shutting down") -> None:
         """Graceful shutdown: refuse new conversations, end waiting and live ones with ``reason``, stop
