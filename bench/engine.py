@@ -28,6 +28,7 @@ from personaplex.config import get_preset  # noqa: E402
 from personaplex.engine import Engine, SamplingConfig  # noqa: E402
 from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402
 from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
+from engine_timing import p99, time_steps  # noqa: E402
 
 GIB = 2**30
 
@@ -44,9 +45,6 @@ def allocated() -> int:
     return torch.cuda.memory_allocated() if CUDA else 0
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -106,8 +104,8 @@ def main() -> None:
           "(incl. compile/capture) | join new persona ms | join from cache ms | state GiB/slot | peak GiB | "
           "real-time join: tick latency p50 / max ms | missed ticks | ms until live |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for slots, p50, p99, first, new, cached, per_slot, peak, tick, missed, latency in rows:
-        print(f"| {slots} | {p50:.2f} | {p99:.2f} | {slots * 80 / p50:.1f}x | {first:.1f} | {new:.1f} | {cached:.1f} | "
+    for slots, p50, p99_ms, first, new, cached, per_slot, peak, tick, missed, latency in rows:
+        print(f"| {slots} | {p50:.2f} | {p99_ms:.2f} | {slots * 80 / p50:.1f}x | {first:.1f} | {new:.1f} | {cached:.1f} | "
               f"{per_slot:.2f} | {peak:.1f} | {tick} | {missed} | {latency} |")
 
 
@@ -149,11 +147,7 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
         engine.step(pcm)
     if args.profile and CUDA:
         profile_frame(engine, pcm)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        engine.step(pcm)
-        times.append(1000 * (time.perf_counter() - t0))
+    times = time_steps(engine, pcm, args.steps)
     # Joins while the others are live: leave the last slot, re-join it (new persona, then cached).
     join_new, join_cached = [], []
     for kind, samples in (("new", join_new), ("cached", join_cached)):
@@ -169,9 +163,9 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
     ticks, missed, latency = real_time_joins(engine, pcm, persona, sampling, slots) if not args.no_spread_join else ([], 0, [])
     if args.full_ring:  # last: it moves every conversation to the end of its context
         full = full_ring_times(engine, pcm, args.steps)
-        print(f"N={slots} full ring: p50 {statistics.median(full):.2f} ms, p99 {percentile(full, 0.99):.2f} ms", flush=True)
+        print(f"N={slots} full ring: p50 {statistics.median(full):.2f} ms, p99 {p99(full):.2f} ms", flush=True)
     peak = torch.cuda.max_memory_allocated() if CUDA else 0
-    return (slots, statistics.median(times), percentile(times, 0.99), first_join,
+    return (slots, statistics.median(times), p99(times), first_join,
             statistics.median(join_new), statistics.median(join_cached), state_bytes / slots / GIB, peak / GIB,
             f"{statistics.median(ticks):.1f} / {max(ticks):.1f}" if ticks else "-", missed if ticks else "-",
             f"{statistics.median(latency):.0f}" if latency else "-")
@@ -186,12 +180,7 @@ def full_ring_times(engine, pcm, steps: int) -> list[float]:
     engine.gen_state.offset.fill_(position)
     for _ in range(5):  # captures the full-length graph
         engine.step(pcm)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step(pcm)
-        times.append(1000 * (time.perf_counter() - t0))
-    return times
+    return time_steps(engine, pcm, steps)
 
 
 def profile_frame(engine, pcm) -> None:

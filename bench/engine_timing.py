@@ -15,6 +15,11 @@ def time_one_conversation(engine, prompt, sampling, warmup: int, steps: int) -> 
     pcm = 0.05 * torch.randn(1, 1920, generator=torch.Generator().manual_seed(1))
     for _ in range(warmup):
         engine.step(pcm)
+    return time_steps(engine, pcm, steps)
+
+
+def time_steps(engine, pcm: torch.Tensor, steps: int) -> list[float]:
+    """Wall-clock milliseconds of ``steps`` engine steps (each waits for its outputs)."""
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
