@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from personaplex.checkpoint import build_mimi, load_lm  # noqa: E402
+from personaplex.checkpoint import load_lm  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.engine import Engine, SamplingConfig  # noqa: E402
 from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402
-from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
+from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
 from engine_timing import p99, time_steps  # noqa: E402
 
 GIB = 2**30
@@ -72,9 +72,7 @@ def main() -> None:
     if not args.checkpoint.exists():
         write_random_lm_checkpoint(preset.lm, args.checkpoint, dtype=torch.bfloat16, device=device.type)
     lm = load_lm(args.checkpoint, preset.lm, device=device, dtype=torch.bfloat16 if CUDA else torch.float32)
-    mimi = build_mimi(preset.mimi, "cpu")
-    mimi.load_state_dict(random_mimi_state_dict(preset.mimi), strict=True)
-    mimi = mimi.to(device).eval().requires_grad_(False)
+    mimi = random_mimi(preset.mimi, device)
     weights = allocated()
     generator = torch.Generator().manual_seed(0)
 

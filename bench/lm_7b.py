@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from personaplex.checkpoint import build_mimi, load_lm  # noqa: E402
+from personaplex.checkpoint import load_lm  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.cuda_graph import CapturedStep  # noqa: E402
 from personaplex.lm.generator import Generator, SamplingSettings  # noqa: E402
 from personaplex.lm.sampling import SamplingParams  # noqa: E402
-from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
+from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
 
 
 def gib(n_bytes: int) -> float:
@@ -118,9 +118,7 @@ def main() -> None:
         f"(counts the memory-mapped file's pages), now {host_memory()}"
     )
 
-    mimi = build_mimi(preset.mimi, "cpu")
-    mimi.load_state_dict(random_mimi_state_dict(preset.mimi), strict=True)
-    mimi = mimi.to(device).eval().requires_grad_(False)
+    mimi = random_mimi(preset.mimi, device)
 
     generator = Generator(model)
     gen_state, lm_state = generator.new_state(1), model.new_state(1)

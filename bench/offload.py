@@ -27,14 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from personaplex.checkpoint import build_mimi  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.deploy.load import load_lm_deployed  # noqa: E402
 from personaplex.deploy.realtime import measure_host_to_device_bandwidth, offload_estimate  # noqa: E402
 from personaplex.engine import Engine, SamplingConfig  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
 from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402
-from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
+from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
 from engine_timing import p99, time_one_conversation  # noqa: E402
 
 GIB = 2**30
@@ -65,9 +64,7 @@ def main() -> None:
     bandwidth = measure_host_to_device_bandwidth(device) if cuda else 10e9
     print(f"host -> device bandwidth (pinned, 256 MiB copy): {bandwidth / 1e9:.1f} GB/s"
           + ("" if cuda else " (assumed: no GPU)"), flush=True)
-    mimi = build_mimi(preset.mimi, "cpu")
-    mimi.load_state_dict(random_mimi_state_dict(preset.mimi), strict=True)
-    mimi = mimi.to(device).eval().requires_grad_(False)
+    mimi = random_mimi(preset.mimi, device)
     draw = torch.Generator().manual_seed(0)
     voice_frames, text_tokens = (125, 60) if preset.lm.context >= 1000 else (4, 3)
     voice = VoicePrompt("random", codes=torch.randint(0, 2048, (voice_frames, 8), generator=draw))

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from personaplex.checkpoint import build_mimi, load_lm  # noqa: E402
+from personaplex.checkpoint import load_lm  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
 from personaplex.persona import (  # noqa: E402
@@ -32,7 +32,7 @@ from personaplex.persona import (  # noqa: E402
     load_voice,
     record_voice,
 )
-from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
+from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
 
 
 def synthetic_voice(path: Path, seconds: float) -> Path:
@@ -82,9 +82,7 @@ def main() -> None:
     if not args.checkpoint.exists():
         write_random_lm_checkpoint(preset.lm, args.checkpoint, dtype=dtype, device=args.device)
     lm = load_lm(args.checkpoint, preset.lm, device=device, dtype=dtype)
-    mimi = build_mimi(preset.mimi, "cpu")
-    mimi.load_state_dict(random_mimi_state_dict(preset.mimi), strict=True)
-    mimi = mimi.to(device).eval().requires_grad_(False)
+    mimi = random_mimi(preset.mimi, device)
     generator = Generator(lm)
     gen_state, lm_state = generator.new_state(1), lm.new_state(1)
     text_tokens = torch.randint(4, preset.lm.text_card, (args.text_tokens,)).tolist()

@@ -36,7 +36,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from personaplex.checkpoint import build_mimi  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.cuda_graph import CapturedStep  # noqa: E402
 from personaplex.deploy.load import load_lm_deployed  # noqa: E402
@@ -44,7 +43,7 @@ from personaplex.deploy.quantize import describe_mode, summarize, torchao_versio
 from personaplex.engine import Engine, SamplingConfig, slot_bytes  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
 from personaplex.persona import VoicePrompt, apply_system_prompt, build_system_prompt  # noqa: E402
-from personaplex.random_weights import random_mimi_state_dict, write_random_lm_checkpoint  # noqa: E402
+from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
 from engine_timing import p99, time_one_conversation  # noqa: E402
 
 GIB = 2**30
@@ -76,9 +75,7 @@ def main() -> None:
     if not args.checkpoint.exists():
         write_random_lm_checkpoint(preset.lm, args.checkpoint, dtype=torch.bfloat16, device=device.type)
         print(f"wrote random checkpoint {args.checkpoint} in {time.perf_counter() - started:.0f} s", flush=True)
-    mimi = build_mimi(preset.mimi, "cpu")
-    mimi.load_state_dict(random_mimi_state_dict(preset.mimi), strict=True)
-    mimi = mimi.to(device).eval().requires_grad_(False)
+    mimi = random_mimi(preset.mimi, device)
     draw = torch.Generator().manual_seed(0)
     # 10 s of voice and 60 text tokens; a toy preset's short context gets a toy prompt.
     voice_frames, text_tokens = (125, 60) if preset.lm.context >= 1000 else (4, 3)

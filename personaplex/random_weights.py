@@ -73,3 +73,12 @@ def random_mimi_state_dict(config: MimiConfig, seed: int = 0) -> dict[str, torch
         elif name.endswith("_initialized"):
             state[name] = torch.ones(state[name].shape)
     return state
+
+
+def random_mimi(config: MimiConfig, device: torch.device | str = "cpu", seed: int = 0):
+    """A Mimi codec with ``random_mimi_state_dict`` weights, on ``device``, ready for inference."""
+    from .checkpoint import build_mimi
+
+    mimi = build_mimi(config, "cpu")
+    mimi.load_state_dict(random_mimi_state_dict(config, seed), strict=True)
+    return mimi.to(device).eval().requires_grad_(False)
