@@ -32,30 +32,38 @@ def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return values.to(dtype) * scale.to(dtype)
 
 
-def write_ring(ring: torch.Tensor, values: torch.Tensor, start: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+def ring_index(start: torch.Tensor, steps: int, capacity: int) -> torch.Tensor:
+    """Ring index [B, 1, T, 1] of positions ``start[b] + t``: shared by every layer's writes of a step."""
+    return ((start[:, None] + torch.arange(steps, device=start.device)) % capacity)[:, None, :, None]
+
+
+def write_ring(
+    ring: torch.Tensor, values: torch.Tensor, start: torch.Tensor, scales: torch.Tensor | None = None,
+    *, index: torch.Tensor | None = None,
+) -> None:
     """Store ``values`` [B, H, T, D] at positions ``start[b] + t`` of ``ring`` [B, H, C, D], in place.
 
-    With ``scales`` ([B, H, C, 1]) the ring holds FP8 values and their per-vector scales.
+    With ``scales`` ([B, H, C, 1]) the ring holds FP8 values and their per-vector scales. ``index``: the
+    ``ring_index`` of ``start``, when the caller has it already.
     """
-    batch, heads, steps, dim = values.shape
-    capacity = ring.shape[2]
-    index = (start[:, None] + torch.arange(steps, device=start.device)) % capacity  # [B, T]
-    index = index[:, None, :, None]
+    if index is None:
+        index = ring_index(start, values.shape[2], ring.shape[2])
     if scales is None:
-        ring.scatter_(2, index.expand(batch, heads, steps, dim), values)
+        ring.scatter_(2, index.expand(values.shape), values)
         return
-    write_quantized(ring, scales, *quantize_fp8(values, scales.dtype), start)
+    write_quantized(ring, scales, *quantize_fp8(values, scales.dtype), start, index=index)
 
 
 def write_quantized(
-    ring: torch.Tensor, scales: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, start: torch.Tensor
+    ring: torch.Tensor, scales: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, start: torch.Tensor,
+    *, index: torch.Tensor | None = None,
 ) -> None:
     """Store already quantised values [B, H, T, D] (FP8) and their scales [B, H, T, 1] at ``start[b] + t``."""
-    batch, heads, steps, dim = quantized.shape
-    index = ((start[:, None] + torch.arange(steps, device=start.device)) % ring.shape[2])[:, None, :, None]
+    if index is None:
+        index = ring_index(start, quantized.shape[2], ring.shape[2])
     # Scatter moves bytes: do it on a uint8 view (scatter has no FP8 kernels on some devices).
-    ring.view(torch.uint8).scatter_(2, index.expand(batch, heads, steps, dim), quantized.view(torch.uint8))
-    scales.scatter_(2, index.expand(batch, heads, steps, 1), scale)
+    ring.view(torch.uint8).scatter_(2, index.expand(quantized.shape), quantized.view(torch.uint8))
+    scales.scatter_(2, index.expand(scale.shape), scale)
 
 
 def read_ring(ring: torch.Tensor, length: int | None, dtype: torch.dtype, scales: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import LMConfig
 from ..layers.attention import ring_attention, ring_self_attention
-from ..layers.kv_ring import ring_positions, ring_visibility, write_quantized, write_ring
+from ..layers.kv_ring import ring_index, ring_positions, ring_visibility, write_quantized, write_ring
 from ..layers.norm import RMSNorm
 from ..layers.rope import rotation_for
 from .fused import StepKernels
@@ -115,6 +115,7 @@ class TemporalTransformer(nn.Module):
         """One frame through every layer with the compiled kernels: same arithmetic as the loop above."""
         cfg = self.config
         fp8 = key_scales is not None
+        slots = ring_index(positions, 1, keys.shape[3])  # where this frame goes in every layer's rings
         for index, layer in enumerate(self.layers):
             projected = kernels.attention_input(
                 x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.cos_sin,
@@ -122,16 +123,16 @@ class TemporalTransformer(nn.Module):
             )
             if fp8:
                 q, k8, k_scale, v8, v_scale = projected
-                write_quantized(keys[index], key_scales[index], k8, k_scale, positions)
-                write_quantized(values[index], value_scales[index], v8, v_scale, positions)
+                write_quantized(keys[index], key_scales[index], k8, k_scale, positions, index=slots)
+                write_quantized(values[index], value_scales[index], v8, v_scale, positions, index=slots)
                 attended = kernels.fp8_ring_attention(
                     q, keys[index, :, :, :used], key_scales[index, :, :, :used], values[index, :, :, :used],
                     value_scales[index, :, :, :used], mask,
                 )
             else:
                 q, k, v = projected
-                write_ring(keys[index], k, positions)
-                write_ring(values[index], v, positions)
+                write_ring(keys[index], k, positions, index=slots)
+                write_ring(values[index], v, positions, index=slots)
                 attended = F.scaled_dot_product_attention(
                     q, keys[index, :, :, :used], values[index, :, :, :used], attn_mask=mask
                 )
