@@ -97,29 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_model_arguments(build)
     build.set_defaults(run=_cmd_voice_build)
 
+    from . import client, loadtest
     from .server import serve
 
-    serve_parser = commands.add_parser(
-        "serve", help="serve live conversations (WebSocket /api/chat) and the web page"
-    )
-    serve.build_parser(serve_parser)
-    serve_parser.set_defaults(run=serve.run)
-
-    from . import loadtest
-
-    loadtest_parser = commands.add_parser(
-        "loadtest", help="run N concurrent real-time callers against a server; report latency and late frames"
-    )
-    loadtest.build_parser(loadtest_parser)
-    loadtest_parser.set_defaults(run=loadtest.run)
-
-    from . import client
-
-    client_parser = commands.add_parser(
-        "client", help="stream a recording to a server in real time; save the reply wav and its transcript"
-    )
-    client.build_parser(client_parser)
-    client_parser.set_defaults(run=client.run)
+    # Commands whose module has build_parser(parser) and run(args).
+    for name, module, summary in (
+        ("serve", serve, "serve live conversations (WebSocket /api/chat) and the web page"),
+        ("loadtest", loadtest, "run N concurrent real-time callers against a server; report latency and late frames"),
+        ("client", client, "stream a recording to a server in real time; save the reply wav and its transcript"),
+    ):
+        command = commands.add_parser(name, help=summary)
+        module.build_parser(command)
+        command.set_defaults(run=module.run)
 
     from .scaleout import cli as scaleout_cli  # imports Ray only when a scale command runs
 
