@@ -6,6 +6,7 @@ as the same tensors in safetensors. Each must reproduce the recorded session exa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -119,15 +120,21 @@ def user_phase(session_info) -> slice:
 
 @pytest.fixture
 def step_kernels(request, models):
-    """The model's single-frame steps through its module code (None) or the fused-kernel functions run
-    eagerly ("eager": the code that CUDA compiles, checked here against the reference)."""
+    """The model's single-frame steps through its module code (None), the fused-kernel functions run
+    eagerly ("eager": the code that CUDA compiles, checked here against the reference), or those with
+    the Triton decode attention kernel ("triton": on a CPU in Triton's interpreter)."""
     lm, _ = models
-    lm.use_fused_step(request.param)
+    lm.use_fused_step(None if request.param is None else "eager")
+    if request.param == "triton":
+        pytest.importorskip("triton", reason="the decode attention kernel needs Triton")
+        from personaplex.layers.decode_attention import decode_attention
+
+        lm.step_kernels = dataclasses.replace(lm.step_kernels, ring_attention=decode_attention)
     yield request.param
     lm.use_fused_step(None)
 
 
-@pytest.mark.parametrize("step_kernels", [None, "eager"], indirect=True)
+@pytest.mark.parametrize("step_kernels", [None, "eager", "triton"], indirect=True)
 @pytest.mark.parametrize("prompt_mode", ["prefill", "stepwise"])
 @pytest.mark.parametrize("voice_source", ["wav", "pt", "safetensors"])
 def test_whole_session(golden, models, session, session_info, voice_source, prompt_mode, step_kernels):

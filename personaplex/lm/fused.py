@@ -6,9 +6,11 @@ here are the same arithmetic as the eager modules, written as functions of tenso
 that one compiled version serves every layer; Inductor fuses their element-wise work (norms, RoPE,
 residual adds, the gated activation, FP8 quantisation, the sampling hash) into a few kernels.
 
-``fp8_ring_attention`` is the reason FP8 rings pay: written as two reductions over the ring, it
-compiles to kernels that read the FP8 bytes and their scales directly, instead of first writing a
-dequantised bf16 copy of the ring and reading that.
+The step's attention over the rings (``StepKernels.ring_attention``) is, on a GPU with Triton, the
+split-K kernel of ``personaplex.layers.decode_attention``: it reads FP8 bytes and their scales directly
+(no dequantised bf16 copy of the ring) and each slot only up to its own filled length. Elsewhere it is
+``fp8_ring_attention`` (two reductions over the ring) or scaled-dot-product attention, which compute
+the same.
 
 Only single-frame steps use these (see ``StepKernels``); prefill and golden-parity paths stay eager.
 Run eagerly, each function computes what its module counterpart computes, which the tests check.
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.attention import merge_heads, split_heads
+from ..layers.decode_attention import decode_attention, decode_attention_available
 from ..layers.kv_ring import quantize_fp8
 from ..layers.rope import Rotation, apply_rope
 
@@ -76,13 +79,23 @@ def fp8_ring_attention(
     return (weights[..., None] * values.float()).sum(2, keepdim=True).to(q.dtype)
 
 
+def ring_attention_reference(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
+    key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``decode_attention``'s contract in plain PyTorch (``lengths`` only saves reading, so it is unused)."""
+    if key_scales is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return fp8_ring_attention(q, keys, key_scales, values, value_scales, mask)
+
+
 @dataclass
 class StepKernels:
     """The compiled hot functions one model's single-frame steps use (see ``LMModel.use_fused_step``)."""
 
     attention_input: Callable
     attention_output_and_ffn: Callable
-    fp8_ring_attention: Callable
+    ring_attention: Callable  # signature of ``decode_attention``
     forward_depth: Callable
     choose_tokens: Callable
 
@@ -91,7 +104,8 @@ def compile_step_kernels(model) -> StepKernels:
     """torch.compile the step's hot functions for ``model``; compilation happens at first use.
 
     Batch sizes vary between steps (batch buckets), ring lengths too: both are compiled as dynamic
-    dimensions, so a handful of compilations serve every bucket.
+    dimensions, so a handful of compilations serve every bucket. The ring attention is the Triton
+    split-K kernel when the model lives on a GPU.
     """
     from .sampling import choose_tokens
 
@@ -101,7 +115,7 @@ def compile_step_kernels(model) -> StepKernels:
     return StepKernels(
         attention_input=fused(attention_input),
         attention_output_and_ffn=fused(attention_output_and_ffn),
-        fp8_ring_attention=fused(fp8_ring_attention),
+        ring_attention=decode_attention if on_gpu_with_triton(model) else fused(ring_attention_reference),
         forward_depth=fused(model.forward_depth),
         choose_tokens=fused(choose_tokens),
     )
@@ -111,4 +125,10 @@ def eager_step_kernels(model) -> StepKernels:
     """The same functions uncompiled: the fused code path, run eagerly (tests, CPU)."""
     from .sampling import choose_tokens
 
-    return StepKernels(attention_input, attention_output_and_ffn, fp8_ring_attention, model.forward_depth, choose_tokens)
+    return StepKernels(
+        attention_input, attention_output_and_ffn, ring_attention_reference, model.forward_depth, choose_tokens
+    )
+
+
+def on_gpu_with_triton(model) -> bool:
+    return model.text_emb.weight.is_cuda and decode_attention_available()

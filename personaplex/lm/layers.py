@@ -116,6 +116,8 @@ class TemporalTransformer(nn.Module):
         cfg = self.config
         fp8 = key_scales is not None
         slots = ring_index(positions, 1, keys.shape[3])  # where this frame goes in every layer's rings
+        # Ring entries each slot has filled (its own part is all it reads); the mask does the rest.
+        lengths = (positions + 1).clamp(max=used).to(torch.int32)
         for index, layer in enumerate(self.layers):
             projected = kernels.attention_input(
                 x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.cos_sin,
@@ -125,17 +127,15 @@ class TemporalTransformer(nn.Module):
                 q, k8, k_scale, v8, v_scale = projected
                 write_quantized(keys[index], key_scales[index], k8, k_scale, positions, index=slots)
                 write_quantized(values[index], value_scales[index], v8, v_scale, positions, index=slots)
-                attended = kernels.fp8_ring_attention(
-                    q, keys[index, :, :, :used], key_scales[index, :, :, :used], values[index, :, :, :used],
-                    value_scales[index, :, :, :used], mask,
+                attended = kernels.ring_attention(
+                    q, keys[index, :, :, :used], values[index, :, :, :used], mask, lengths,
+                    key_scales[index, :, :, :used], value_scales[index, :, :, :used],
                 )
             else:
                 q, k, v = projected
                 write_ring(keys[index], k, positions, index=slots)
                 write_ring(values[index], v, positions, index=slots)
-                attended = F.scaled_dot_product_attention(
-                    q, keys[index, :, :, :used], values[index, :, :, :used], attn_mask=mask
-                )
+                attended = kernels.ring_attention(q, keys[index, :, :, :used], values[index, :, :, :used], mask, lengths)
             x = kernels.attention_output_and_ffn(
                 x, attended, layer.self_attn.out_proj.weight, layer.norm2.alpha, cfg.norm_eps,
                 layer.gating.linear_in.weight, layer.gating.linear_out.weight,

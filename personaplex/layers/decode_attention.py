@@ -1,0 +1,161 @@
+"""Split-K ("flash-decoding") attention of one query per slot over its KV ring, as Triton kernels.
+
+Why a hand-written kernel: at the end of a long conversation a step's attention reads the whole
+3000-frame ring of every slot (47 GB per step for 64 FP8 slots), which must run near the GPU's
+memory bandwidth. Generic attention kernels either need bf16 keys (a dequantised copy of an FP8
+ring costs more than it saves) or parallelise over queries, of which a decode step has one per head.
+Here every (slot, head) pair is cut into chunks of the ring read by separate programs, each
+keeping a running maximum and sum (online softmax) in float32; a second kernel merges the chunks.
+
+Each slot reads only its own filled part of the ring (``lengths``): a 10-second conversation next to
+a 4-minute one costs 10 seconds of reading, not 4 minutes. Visibility inside that part comes from the
+same boolean mask as the other attention paths, so the reference's ring quirks carry over unchanged.
+
+The arithmetic is that of ``personaplex.lm.fused.fp8_ring_attention`` (and of scaled-dot-product
+attention for bf16 rings), up to float32 summation order. Without a GPU the kernels run in Triton's
+interpreter (``TRITON_INTERPRET=1``), which is how the tests check them on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs use the other attention paths.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+BLOCK_KEYS = 64  # ring entries per loop iteration of one program
+TARGET_PROGRAMS = 1024  # enough programs to fill an H100 (132 SMs) several times over
+
+
+def decode_attention_available() -> bool:
+    return triton is not None
+
+
+def split_count(pairs: int, length: int, target_programs: int = TARGET_PROGRAMS) -> int:
+    """Chunks per (slot, head) pair: few slots need many chunks to keep every SM reading."""
+    blocks = max(1, math.ceil(length / BLOCK_KEYS))
+    return max(1, min(blocks, math.ceil(target_programs / max(pairs, 1))))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_kernel(
+        q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, len_ptr, acc_ptr, max_ptr, sum_ptr,
+        q_sb, q_sh, k_sb, k_sh, k_sl, ks_sb, ks_sh, ks_sl, v_sb, v_sh, v_sl, vs_sb, vs_sh, vs_sl, mask_sb,
+        heads, chunk_len, splits, sm_scale,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr,
+    ):
+        pair = tl.program_id(0)
+        split = tl.program_id(1)
+        slot = pair // heads
+        head = pair % heads
+        length = tl.load(len_ptr + slot)
+        start = split * chunk_len
+        stop = tl.minimum(start + chunk_len, length)
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + slot * q_sb + head * q_sh + dims).to(tl.float32) * sm_scale
+        k_base = k_ptr + slot * k_sb + head * k_sh
+        v_base = v_ptr + slot * v_sb + head * v_sh
+        running_max = tl.full((), float("-inf"), tl.float32)
+        running_sum = tl.zeros((), tl.float32)
+        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        for first in range(start, stop, BLOCK):
+            keys_at = first + tl.arange(0, BLOCK)
+            inside = keys_at < stop
+            visible = tl.load(mask_ptr + slot * mask_sb + keys_at, mask=inside, other=0) != 0
+            k = tl.load(k_base + keys_at[:, None] * k_sl + dims[None, :], mask=inside[:, None], other=0.0)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+            if SCALED:
+                scores *= tl.load(ks_ptr + slot * ks_sb + head * ks_sh + keys_at * ks_sl, mask=inside, other=0.0).to(tl.float32)
+            scores = tl.where(visible, scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+            # All keys so far masked: keep exp() away from (-inf) - (-inf).
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            weights = tl.exp(scores - safe_max)
+            rescale = tl.exp(running_max - safe_max)
+            running_sum = running_sum * rescale + tl.sum(weights, axis=0)
+            if SCALED:
+                weights *= tl.load(vs_ptr + slot * vs_sb + head * vs_sh + keys_at * vs_sl, mask=inside, other=0.0).to(tl.float32)
+            v = tl.load(v_base + keys_at[:, None] * v_sl + dims[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+            running_max = new_max
+        out = pair * splits + split
+        tl.store(acc_ptr + out * HEAD_DIM + dims, acc)
+        tl.store(max_ptr + out, running_max)
+        tl.store(sum_ptr + out, running_sum)
+
+    @triton.jit
+    def _merge_kernel(
+        acc_ptr, max_ptr, sum_ptr, out_ptr, out_sb, out_sh, heads, splits,
+        HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+    ):
+        pair = tl.program_id(0)
+        chunks = tl.arange(0, SPLITS)
+        used = chunks < splits
+        maxima = tl.load(max_ptr + pair * splits + chunks, mask=used, other=float("-inf"))
+        top = tl.max(maxima, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        factors = tl.where(used, tl.exp(maxima - top), 0.0)
+        total = tl.sum(tl.load(sum_ptr + pair * splits + chunks, mask=used, other=0.0) * factors, axis=0)
+        dims = tl.arange(0, HEAD_DIM)
+        acc = tl.load(acc_ptr + (pair * splits + chunks)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
+        merged = tl.sum(acc * factors[:, None], axis=0) / total
+        slot = pair // heads
+        head = pair % heads
+        tl.store(out_ptr + slot * out_sb + head * out_sh + dims, merged.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
+    key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None, *, splits: int | None = None,
+) -> torch.Tensor:
+    """One query per slot and head over the first ``lengths[b]`` entries of each slot's ring.
+
+    q [B, H, 1, D]; keys/values [B, H, L, D] (bf16/float32, or e4m3 with ``key_scales``/``value_scales``
+    [B, H, L, 1]); mask [B, 1, 1, L] bool (True = visible); lengths [B] int32 (entries at or beyond a
+    slot's length are not read: they must be masked for it anyway). Returns [B, H, 1, D] in q's dtype.
+    Every slot must see at least one key (a decode query always sees itself). ``splits``: chunks per
+    (slot, head), by default enough to fill the GPU (``split_count``).
+    """
+    if triton is None:
+        raise RuntimeError("decode_attention needs Triton (installed with CUDA builds of torch)")
+    batch, heads, _, head_dim = q.shape
+    ring = keys.shape[2]
+    scaled = key_scales is not None
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two for this kernel, got {head_dim}")
+    if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("the last dimension of q, keys and values must be contiguous")
+    splits = splits or split_count(batch * heads, ring)
+    chunk_len = math.ceil(math.ceil(ring / splits) / BLOCK_KEYS) * BLOCK_KEYS
+    splits = math.ceil(ring / chunk_len)
+    pairs = batch * heads
+    partial = torch.empty(pairs * splits, head_dim, device=q.device, dtype=torch.float32)
+    maxima = torch.empty(pairs * splits, device=q.device, dtype=torch.float32)
+    sums = torch.empty(pairs * splits, device=q.device, dtype=torch.float32)
+    visible = mask.reshape(batch, ring)
+    if visible.dtype == torch.bool:
+        visible = visible.view(torch.uint8)
+    key_scales = key_scales if scaled else keys  # unread when not scaled; any pointer will do
+    value_scales = value_scales if scaled else values
+    _chunk_kernel[(pairs, splits)](
+        q, keys, key_scales, values, value_scales, visible, lengths, partial, maxima, sums,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        value_scales.stride(0), value_scales.stride(1), value_scales.stride(2), visible.stride(0),
+        heads, chunk_len, splits, head_dim ** -0.5,
+        HEAD_DIM=head_dim, BLOCK=BLOCK_KEYS, SCALED=scaled,
+    )
+    out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
+    _merge_kernel[(pairs,)](
+        partial, maxima, sums, out, out.stride(0), out.stride(1), heads, splits,
+        HEAD_DIM=head_dim, SPLITS=triton.next_power_of_2(splits),
+    )
+    return out
