@@ -34,6 +34,9 @@ GIB = 2**30
 
 
 CUDA = torch.cuda.is_available()
+# --profile counts GPU kernels; on a CPU (a dry run of the script) it counts operators.
+PROFILED = torch.profiler.ProfilerActivity.CUDA if CUDA else torch.profiler.ProfilerActivity.CPU
+KERNELS = torch.autograd.DeviceType.CUDA if CUDA else torch.autograd.DeviceType.CPU
 
 
 def sync() -> None:
@@ -143,7 +146,7 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
             engine.gen_state.offset[slots - 1] = args.position
     for _ in range(args.warmup):
         engine.step(pcm)
-    if args.profile and CUDA:
+    if args.profile:
         profile_frame(engine, pcm)
     times = time_steps(engine, pcm, args.steps)
     # Joins while the others are live: leave the last slot, re-join it (new persona, then cached).
@@ -183,21 +186,62 @@ def full_ring_times(engine, pcm, steps: int) -> list[float]:
 
 def profile_frame(engine, pcm) -> None:
     """Kernels one whole frame launches (the same code a graph replays), and where GPU time goes."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
     batch, length = engine._bucket()
     frame, _ = engine._frame_fn(batch, length)
     active = torch.tensor(engine.active[:batch], device=engine.device)
     with torch.inference_mode():
-        frame(pcm[:batch].cuda(), active)
+        frame(pcm[:batch].to(engine.device), active)
         sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            frame(pcm[:batch].cuda(), active)
+        with profile(activities=[PROFILED]) as prof:
+            frame(pcm[:batch].to(engine.device), active)
             sync()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in prof.events() if e.device_type == KERNELS]
     total = sum(e.device_time for e in kernels) / 1000
     print(f"N={batch}: one frame = {len(kernels)} kernels, {total:.2f} ms of kernel time")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(f"N={batch}: kernel time by phase (CUDA events around each part, outside a graph):")
+    for phase, ms, count in phase_times(engine, pcm[:batch].to(engine.device), batch, length):
+        print(f"  {phase:<34} {ms:7.3f} ms  {count:5d} kernels")
+
+
+def phase_times(engine, pcm, batch, length):
+    """GPU time and kernel count of each part of a frame, each part run and profiled on its own."""
+    from torch.profiler import profile
+
+    from personaplex.lm.sampling import SamplingParams
+
+    model, device = engine.generator.model, engine.device
+    gen_state, lm_state = engine.gen_state.slots(0, batch), engine.lm_state.slots(0, batch)
+    encoder, decoder = engine.encoder.slots(0, batch), engine.decoder.slots(0, batch)
+    positions = gen_state.offset.clamp(max=length - 1)
+    x = torch.randn(batch, 1, model.config.dim, device=device, dtype=model.dtype)
+    kernels = model.step_kernels
+    sampling = SamplingParams.fill(batch, 0.8, 250, device)
+    seed = torch.zeros(batch, dtype=torch.long, device=device)
+    tokens = torch.zeros(batch, model.config.dep_q + 1, dtype=torch.long, device=device)
+    parts = {
+        "Mimi encode": lambda: engine.mimi.encode_frame(pcm, encoder),
+        "LM embed": lambda: model.embed(torch.zeros(batch, 1, 1 + model.config.n_q, dtype=torch.long, device=device)),
+        f"temporal transformer ({model.config.num_layers} layers)": lambda: model.transformer(
+            x, positions, lm_state.keys, lm_state.values, length, lm_state.key_scales, lm_state.value_scales, kernels=kernels),
+        "out norm + text head": lambda: model.text_linear(model.out_norm(x)),
+        "depth transformer + sampling": lambda: (kernels.forward_depth if kernels else model.forward_depth)(
+            x[:, 0], tokens[:, 0], torch.full((batch, 8), -1, device=device), 8, sampling, seed, seed),
+        "Mimi decode": lambda: engine.mimi.decode_frame(tokens[:, 1:9], decoder),
+    }
+    results = []
+    with torch.inference_mode():
+        for phase, run in parts.items():
+            run()
+            sync()
+            with profile(activities=[PROFILED]) as prof:
+                run()
+                sync()
+            events = [e for e in prof.events() if e.device_type == KERNELS]
+            results.append((phase, sum(e.device_time for e in events) / 1000, len(events)))
+    return results
 
 
 def real_time_joins(engine, pcm, persona, sampling, slots, attempts: int = 3, period: float = 0.080):
