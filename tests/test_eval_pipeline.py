@@ -88,6 +88,7 @@ def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
     assert len(judge.requests) == interruption["tor"]
     backchannel = scores["samples"]["icc_backchannel/1"]
     assert (backchannel["jsd"] == 1.0) == (backchannel["backchannels"] == [])  # the human file was found
+    assert "| PersonaPlex (published) |" in (root / "scores.md").read_text()  # published rows by default
 
     compare = tmp_path / "compare.json"
     compare.write_text(json.dumps({"other checkpoint": {"pause_handling": {"tor": 0.5}}}))
@@ -96,6 +97,7 @@ def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
                  "--compare", str(compare), "--label", "demo"]) == 0
     table = (out / "report.md").read_text()
     assert "| demo |" in table and "| other checkpoint | 0.500 |" in table
+    assert "| PersonaPlex (published) | 0.662 |" in table and "| Moshi (published) | 0.980 |" in table
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -48,6 +48,12 @@ def _add_transcribe(parser: argparse.ArgumentParser, tasks: bool) -> None:
     parser.set_defaults(run=_cmd_transcribe)
 
 
+def _published_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-published", dest="published", action="store_false",
+                        help="leave out the published PersonaPlex and Moshi rows bundled with the package "
+                             "(shown by default next to the run)")
+
+
 def _add_score(parser: argparse.ArgumentParser, tasks: bool) -> None:
     _data_argument(parser, tasks)
     parser.add_argument("--output", type=Path, help="scores file to write (default DATA/scores.json)")
@@ -58,6 +64,7 @@ def _add_score(parser: argparse.ArgumentParser, tasks: bool) -> None:
         parser.add_argument("--human-distribution", type=Path,
                             help="the benchmark's icc_gt_distribution.json for the backchannel JSD "
                                  "(default: DATA/icc_gt_distribution.json when present; without it no JSD)")
+        _published_argument(parser)
     judge = parser.add_argument_group("LLM judge (OpenAI chat-completions protocol)")
     judge.add_argument("--judge-url", help="API base URL, e.g. https://api.openai.com/v1 or http://localhost:8000/v1 "
                                            "(default: OpenAI's when the key variable is set; else no judge)")
@@ -67,14 +74,17 @@ def _add_score(parser: argparse.ArgumentParser, tasks: bool) -> None:
     parser.set_defaults(run=_cmd_score)
 
 
-def _add_report(parser: argparse.ArgumentParser, default_title: str) -> None:
+def _add_report(parser: argparse.ArgumentParser, default_title: str, published: bool) -> None:
     parser.add_argument("--scores", type=Path, required=True, help="scores.json written by the score command")
     parser.add_argument("--out", type=Path, help="folder for report.md and report.png (default: beside the scores)")
-    parser.add_argument("--compare", type=Path,
-                        help="JSON of other rows to compare with: {\"label\": {\"<task>\": {\"<metric>\": value}}}")
+    parser.add_argument("--compare", type=Path, nargs="+", action="extend", metavar="FILE",
+                        help="JSON files of other rows to compare with: {\"label\": {\"<task or folder>\": "
+                             "{\"<metric>\": value}}}; a label already shown (e.g. a published row) is replaced")
     parser.add_argument("--title", default=default_title, help="report title")
     parser.add_argument("--label", default="this run", help="the run's row label")
-    parser.set_defaults(run=_cmd_report)
+    if published:
+        _published_argument(parser)
+    parser.set_defaults(run=_cmd_report, published=published)
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +99,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     _add_run(steps.add_parser("run", help="write every sample's output.wav (time-aligned with input.wav); resumable"), True)
     _add_transcribe(steps.add_parser("transcribe", help="write output.json (word timestamps) for every output.wav"), True)
     _add_score(steps.add_parser("score", help="compute the benchmark's metrics; write scores.json and a Markdown table"), True)
-    _add_report(steps.add_parser("report", help="Markdown table and figure from scores.json"), "Full-Duplex-Bench")
+    _add_report(steps.add_parser("report", help="Markdown table and figure from scores.json, next to the published "
+                                                 "PersonaPlex and Moshi results"), "Full-Duplex-Bench", True)
     tiny = steps.add_parser("synth", help="write a tiny synthetic dataset in the benchmark's layout (espeak-ng) "
                                           "to try the pipeline; its scores say nothing about a model")
     tiny.add_argument("--data", type=Path, required=True, help="folder to write it into")
@@ -106,7 +117,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     _add_run(steps.add_parser("run", help="write every question's output.wav; resumable"), False)
     _add_transcribe(steps.add_parser("transcribe", help="write output.json for every output.wav"), False)
     _add_score(steps.add_parser("score", help="grade the answers with the judge; write scores.json"), False)
-    _add_report(steps.add_parser("report", help="Markdown table and figure from scores.json"), "Persona adherence")
+    _add_report(steps.add_parser("report", help="Markdown table and figure from scores.json"), "Persona adherence", False)
 
 
 def _tasks(args: argparse.Namespace) -> list[str]:
@@ -149,7 +160,7 @@ def _judge(args: argparse.Namespace):
 
 
 def _cmd_score(args: argparse.Namespace) -> None:
-    from .report import markdown
+    from .report import comparison_rows, markdown, quirks_note
     from .scoring import load_human_distribution, score
 
     samples = layout.discover(args.data, _tasks(args))
@@ -163,7 +174,11 @@ def _cmd_score(args: argparse.Namespace) -> None:
     output = args.output or Path(args.data) / "scores.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(scores, indent=2), encoding="utf-8")
-    table = markdown(scores["summary"], "Full-Duplex-Bench" if args.suite == "fdb" else "Persona adherence")
+    published = getattr(args, "published", False)
+    others, notes = comparison_rows(published=published)
+    notes += quirks_note(scores, published)
+    table = markdown(scores["summary"], "Full-Duplex-Bench" if args.suite == "fdb" else "Persona adherence",
+                     others, notes=notes)
     output.with_suffix(".md").write_text(table, encoding="utf-8")
     print(table)
     offline.log(f"wrote {output} and {output.with_suffix('.md')}")
@@ -173,7 +188,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     from .report import write_report
 
     out = args.out or args.scores.parent
-    for path in write_report(args.scores, out, args.title, args.compare, args.label):
+    for path in write_report(args.scores, out, args.title, args.compare, args.label, args.published):
         offline.log(f"wrote {path}")
 
 

@@ -1,7 +1,8 @@
 """Reports of scored runs: a Markdown table and a figure comparing the run with other rows.
 
-Other rows (published results, other checkpoints) come from a JSON file the user gives, mapping a row label to
-``{"<task folder or task>": {"<metric>": value}}``; no published numbers are bundled.
+Other rows map a row label to ``{"<task folder or task>": {"<metric>": value}}``: by default the published
+Full-Duplex-Bench results bundled with the package (``published``), plus any JSON file of that shape the user
+gives (other checkpoints, other papers). A metric a row has no number for is shown as "–".
 """
 
 from __future__ import annotations
@@ -10,11 +11,23 @@ import json
 from pathlib import Path
 
 from ..errors import PersonaplexError
+from . import layout
 
 LOWER_IS_BETTER = {"latency", "jsd", "stop_latency", "response_latency"}
+# Take-over is wrong during a pause or a backchannel (the user keeps the floor) and right at a turn's end or after
+# an interruption, so TOR's direction depends on the task.
+LOWER_TOR_TASKS = {layout.PAUSE, layout.BACKCHANNEL}
 LABELS = {"tor": "TOR", "latency": "latency (s)", "relevance": "relevance (0-5)", "frequency": "freq. (1/s)",
           "jsd": "JSD", "stop_latency": "stop latency (s)", "response_latency": "response latency (s)",
           "score": "score (0-5)", "pass_rate": "pass rate"}
+MISSING = "\u2013"  # en dash: no number (not published, or no sample qualified)
+
+
+def better(task: str, metric: str) -> str:
+    """"lower" or "higher": which way a metric is better for a task, as the benchmark marks it."""
+    if metric in LOWER_IS_BETTER or (metric == "tor" and task in LOWER_TOR_TASKS):
+        return "lower"
+    return "higher"
 
 
 class ReportError(PersonaplexError):
@@ -31,83 +44,134 @@ def read_json(path: Path) -> dict:
 
 
 def _cell(value) -> str:
-    return "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+    return MISSING if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
-def markdown(summary: dict[str, dict], title: str, others: dict[str, dict] | None = None, label: str = "this run") -> str:
-    """One table per task folder: a row for the run and one per comparison row."""
+def _values(row: dict, group: str, task: str) -> dict:
+    """A comparison row's numbers for a group: by task folder first, then by task."""
+    return row.get(group) or row.get(task) or {}
+
+
+def _header(task: str, name: str) -> str:
+    return LABELS.get(name, name) + (" \u2193" if better(task, name) == "lower" else " \u2191")
+
+
+def markdown(summary: dict[str, dict], title: str, others: dict[str, dict] | None = None, label: str = "this run",
+             notes: list[str] | None = None) -> str:
+    """One table per task folder: a row for the run and one per comparison row (every row in every table, so a
+    missing number reads as "–", not as a missing model); ``notes`` (e.g. the published rows' sources) close it."""
     lines = [f"# {title}", ""]
     for group, entry in summary.items():
+        task = entry["task"]
         names = [k for k in entry if k not in ("task", "samples")]
-        lines += [f"## {group} ({entry['task']}, {entry['samples']} samples)", "",
-                  "| model | " + " | ".join(LABELS.get(n, n) for n in names) + " |",
+        lines += [f"## {group} ({task}, {entry['samples']} samples)", "",
+                  "| model | " + " | ".join(_header(task, n) for n in names) + " |",
                   "|---" * (len(names) + 1) + "|",
                   f"| {label} | " + " | ".join(_cell(entry[n]) for n in names) + " |"]
         for row_label, row in (others or {}).items():
-            values = row.get(group) or row.get(entry["task"])
-            if values:
-                lines.append(f"| {row_label} | " + " | ".join(_cell(values.get(n)) for n in names) + " |")
+            values = _values(row, group, task)
+            lines.append(f"| {row_label} | " + " | ".join(_cell(values.get(n)) for n in names) + " |")
         lines.append("")
+    if notes:
+        lines += ["Sources of the comparison rows:", "", *notes, ""]
     return "\n".join(lines)
 
 
 def plot(summary: dict[str, dict], path: Path, title: str, others: dict[str, dict] | None = None,
          label: str = "this run") -> None:
-    """One panel per (group, metric), a bar per row; the lower/higher-is-better direction in each panel's title."""
+    """One panel per (group, metric), a bar per row in the same colour in every panel ("–" where a row has no
+    number), one legend for the figure; the lower/higher-is-better direction in each panel's title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     panels = [(group, name) for group, entry in summary.items() for name in entry if name not in ("task", "samples")]
     if not panels:
         raise ReportError("nothing to plot: the scores hold no metrics")
     columns = min(4, len(panels))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows + 0.6), squeeze=False)
     series = [(label, summary)] + [(name, row) for name, row in (others or {}).items()]
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = [cycle[i % len(cycle)] for i in range(len(series))]
     for ax, (group, name) in zip(axes.flat, panels):
         task = summary[group]["task"]
-        labels, values = [], []
-        for series_label, data in series:
-            entry = data.get(group) or data.get(task) or {}
-            if entry.get(name) is not None:
-                labels.append(series_label)
-                values.append(entry[name])
-        if not values:  # e.g. a latency when no sample took the turn
+        arrow = "lower is better" if better(task, name) == "lower" else "higher is better"
+        ax.set_title(f"{group}\n{LABELS.get(name, name)} ({arrow})", fontsize=8)
+        values = [_values(data, group, task).get(name) for _, data in series]
+        present = [v for v in values if v is not None]
+        if not present:  # e.g. a latency when no sample took the turn, and none published
             ax.text(0.5, 0.5, "no value\n(no sample qualified)", ha="center", va="center", fontsize=8,
                     transform=ax.transAxes)
-            ax.set_xticks([])
-        ax.bar(range(len(values)), values, color=colours[: len(values)])
-        if name in ("tor", "pass_rate", "jsd"):
-            ax.set_ylim(0, 1.05)
+        ax.bar(range(len(values)), [0.0 if v is None else v for v in values], color=colours)
+        if name in ("tor", "pass_rate", "jsd"):  # bounded metrics: the same scale in every panel, room for labels
+            top = 1.15
         elif name in ("relevance", "score"):
-            ax.set_ylim(0, 5.2)
+            top = 5.6
         else:
-            ax.set_ylim(0, max(values + [0.0]) * 1.2 or 1.0)
-        ax.set_xticks(range(len(values)), labels, rotation=20, fontsize=7)
-        arrow = "lower is better" if name in LOWER_IS_BETTER else "higher is better"
-        ax.set_title(f"{group}\n{LABELS.get(name, name)} ({arrow})", fontsize=8)
+            top = max(present + [0.0]) * 1.25 or 1.0
+        ax.set_ylim(0, top)
+        ax.set_xticks([])
         for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+            ax.text(i, 0.0 if v is None else v, MISSING if v is None else f"{v:.3f}", ha="center", va="bottom",
+                    fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
+    fig.legend(handles=[Patch(color=c, label=s) for c, (s, _) in zip(colours, series)], loc="lower center",
+               ncol=min(len(series), 4), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.6 / (2.6 * rows + 0.6), 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(scores_path: Path, out_dir: Path, title: str, others_path: Path | None, label: str) -> list[Path]:
+def _check_rows(rows, path: Path) -> dict[str, dict]:
+    shape = '{"label": {"<task or folder>": {"<metric>": value}}}'
+    if not isinstance(rows, dict) or not all(isinstance(r, dict) and all(isinstance(v, dict) for v in r.values())
+                                              for r in rows.values()):
+        raise ReportError(f"{path}: comparison rows must look like {shape}")
+    return rows
+
+
+def comparison_rows(paths: list[Path] | None = None, published: bool = False) -> tuple[dict[str, dict], list[str]]:
+    """The rows to compare with and a Markdown line naming each one's source: the bundled published rows when
+    ``published``, then every file of ``paths`` in order (a label given again replaces the earlier row)."""
+    rows: dict[str, dict] = {}
+    notes: dict[str, str] = {}
+    if published:
+        from . import published as bundled
+
+        values = bundled.load()
+        rows.update(bundled.comparison(values))
+        notes.update(bundled.sources(values))
+    for path in paths or []:
+        for row_label, row in _check_rows(read_json(path), path).items():
+            rows[row_label] = row
+            notes[row_label] = str(path)
+    return rows, [f"- {row_label}: {source}" for row_label, source in notes.items()]
+
+
+def quirks_note(scores: dict, published: bool) -> list[str]:
+    """A warning line when the run was scored without the benchmark's quirks but sits next to published rows."""
+    if published and scores.get("official_quirks") is False:
+        return [("- note: this run was scored with --no-official-quirks, so its numbers do not compare with the "
+                 "published rows")]
+    return []
+
+
+def write_report(scores_path: Path, out_dir: Path, title: str, others_paths: list[Path] | None, label: str,
+                 published: bool = False) -> list[Path]:
     scores = read_json(scores_path)
     if "summary" not in scores:
         raise ReportError(f"{scores_path} holds no 'summary': give the scores.json a score command wrote")
-    others = read_json(others_path) if others_path else None
+    others, notes = comparison_rows(others_paths, published)
+    notes += quirks_note(scores, published)
     out_dir.mkdir(parents=True, exist_ok=True)
     table, figure = out_dir / "report.md", out_dir / "report.png"
-    text = markdown(scores["summary"], title, others, label)
+    text = markdown(scores["summary"], title, others, label, notes)
     table.write_text(text + f"\n![{title}](report.png)\n", encoding="utf-8")
     plot(scores["summary"], figure, title, others, label)
     return [table, figure]
