@@ -6,11 +6,12 @@ here are the same arithmetic as the eager modules, written as functions of tenso
 that one compiled version serves every layer; Inductor fuses their element-wise work (norms, RoPE,
 residual adds, the gated activation, FP8 quantisation, the sampling hash) into a few kernels.
 
-The step's attention over the rings (``StepKernels.ring_attention``) is, on a GPU with Triton, the
+The step's attention over FP8 rings (``StepKernels.ring_attention``) is, on a GPU with Triton, the
 split-K kernel of ``personaplex.layers.decode_attention``: it reads FP8 bytes and their scales directly
-(no dequantised bf16 copy of the ring) and each slot only up to its own filled length. Elsewhere it is
-``fp8_ring_attention`` (two reductions over the ring) or scaled-dot-product attention, which compute
-the same.
+(no dequantised bf16 copy of the ring) and each slot only up to its own filled length; 2-3x faster
+than the compiled ``fp8_ring_attention`` (two reductions over the ring), which computes the same.
+bf16 rings stay with scaled-dot-product attention, whose kernels beat this one on them
+(``bench/decode_attention.py``).
 
 Only single-frame steps use these (see ``StepKernels``); prefill and golden-parity paths stay eager.
 Run eagerly, each function computes what its module counterpart computes, which the tests check.
@@ -79,6 +80,16 @@ def fp8_ring_attention(
     return (weights[..., None] * values.float()).sum(2, keepdim=True).to(q.dtype)
 
 
+def gpu_ring_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
+    key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FP8 rings through the Triton kernel, bf16 rings through scaled-dot-product attention."""
+    if key_scales is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return decode_attention(q, keys, values, mask, lengths, key_scales, value_scales)
+
+
 def ring_attention_reference(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
     key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
@@ -104,8 +115,8 @@ def compile_step_kernels(model) -> StepKernels:
     """torch.compile the step's hot functions for ``model``; compilation happens at first use.
 
     Batch sizes vary between steps (batch buckets), ring lengths too: both are compiled as dynamic
-    dimensions, so a handful of compilations serve every bucket. The ring attention is the Triton
-    split-K kernel when the model lives on a GPU.
+    dimensions, so a handful of compilations serve every bucket. The attention over FP8 rings is the
+    Triton split-K kernel when the model lives on a GPU.
     """
     from .sampling import choose_tokens
 
@@ -115,7 +126,7 @@ def compile_step_kernels(model) -> StepKernels:
     return StepKernels(
         attention_input=fused(attention_input),
         attention_output_and_ffn=fused(attention_output_and_ffn),
-        ring_attention=decode_attention if on_gpu_with_triton(model) else fused(ring_attention_reference),
+        ring_attention=gpu_ring_attention if on_gpu_with_triton(model) else fused(ring_attention_reference),
         forward_depth=fused(model.forward_depth),
         choose_tokens=fused(choose_tokens),
     )
