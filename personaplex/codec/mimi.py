@@ -153,6 +153,11 @@ class Mimi(nn.Module):
 
     # --- state -------------------------------------------------------------------------------------
 
+    def use_compiled_transformers(self, enabled: bool) -> None:
+        """Frame-by-frame encode/decode through torch.compile'd streaming transformers (GPU engines)."""
+        self.encoder_transformer.transformer.use_compile(enabled)
+        self.decoder_transformer.transformer.use_compile(enabled)
+
     def new_encoder_state(self, batch_size: int, device: torch.device | str) -> EncoderState:
         """Preallocated encoder memory for ``batch_size`` slots, all fresh."""
         conv: CausalConv1d = self.downsample.conv

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiTransformerConfig
-from ..layers.attention import ring_self_attention
+from ..layers.attention import math_attention, ring_self_attention
 from ..layers.kv_ring import reference_lowest_visible, ring_positions, ring_visibility
 from ..layers.rope import Rotation, rotation_for
 
@@ -90,6 +90,7 @@ class TransformerLayer(nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         prefill: bool = False,
+        attend=F.scaled_dot_product_attention,
     ) -> torch.Tensor:
         """x: [B, T, dim] at positions ``start[b] + t`` (start: [B]); rings updated in place.
 
@@ -98,7 +99,7 @@ class TransformerLayer(nn.Module):
         """
         attended = ring_self_attention(
             self.norm1(x), self.self_attn.in_proj_weight, self.config.num_heads, rotation,
-            start, keys, values, mask, prefill=prefill,
+            start, keys, values, mask, prefill=prefill, attend=attend,
         )
         x = x + self.layer_scale_1(self.self_attn.out_proj(attended))
         update = self.linear2(F.gelu(self.linear1(self.norm2(x))))
@@ -112,6 +113,18 @@ class TransformerStack(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
+        self._compiled_forward = None
+        self._use_compiled = False
+
+    def use_compile(self, enabled: bool) -> None:
+        """Stream frames through a torch.compile'd ``forward`` (GPU engines: ~16 kernels a layer become a
+        few, and float32 attention of two queries is fused instead of a slow generic kernel)."""
+        if enabled and self._compiled_forward is None:
+            def compiled(x: torch.Tensor, state: TransformerState) -> torch.Tensor:
+                return self._stream(x, state, math_attention)
+
+            self._compiled_forward = torch.compile(compiled, fullgraph=True, dynamic=True)
+        self._use_compiled = enabled
 
     def new_state(self, batch_size: int, device: torch.device | str) -> TransformerState:
         cfg = self.config
@@ -129,6 +142,11 @@ class TransformerStack(nn.Module):
         Equals the reference called with these T frames at once (T < context); Mimi always passes the 2
         encoder frames of one 1920-sample call, which fixes which keys are visible (module docstring).
         """
+        if self._use_compiled:
+            return self._compiled_forward(x, state)
+        return self._stream(x, state, F.scaled_dot_product_attention)
+
+    def _stream(self, x: torch.Tensor, state: TransformerState, attend) -> torch.Tensor:
         steps = x.shape[1]
         capacity = self.config.context
         query_positions = state.position[:, None] + torch.arange(steps, device=x.device)
@@ -140,7 +158,7 @@ class TransformerStack(nn.Module):
         )
         rotation = rotation_for(query_positions, self.config.head_dim, self.config.max_period)
         for layer, keys, values in zip(self.layers, state.keys, state.values):
-            x = layer(x, state.position, rotation, mask, keys, values)
+            x = layer(x, state.position, rotation, mask, keys, values, attend=attend)
         state.position.add_(steps)
         return x
 

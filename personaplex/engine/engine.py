@@ -15,6 +15,8 @@ whole frame (Mimi encode, LM step, Mimi decode) and replayed.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -111,6 +113,9 @@ class Engine:
         if fused_step == "auto":
             fused_step = "compile" if compile_available(lm.device) else None
         lm.use_fused_step(fused_step)
+        # Mimi's streaming transformers are compiled alongside (not its convolutions and quantizer,
+        # whose compilation costs minutes and recompiles for little gain).
+        mimi.use_compiled_transformers(fused_step == "compile")
         self.config = lm.config
         self.device = lm.device
         self.max_slots = max_slots
@@ -137,6 +142,7 @@ class Engine:
             use_cuda_graph = self.device.type == "cuda" and os.environ.get("PERSONAPLEX_NO_CUDA_GRAPH", "") in ("", "0")
         self._use_cuda_graph = use_cuda_graph
         self._graphs: dict[tuple[int, int], CapturedStep] = {}
+        self._side_stream: torch.cuda.Stream | None = None
         self._graph_pool = torch.cuda.graph_pool_handle() if use_cuda_graph else None
 
     # --- conversations ---------------------------------------------------------------------------
@@ -270,12 +276,18 @@ class Engine:
 
         def frame(pcm: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """User audio [n, 1920] -> (tokens [n, channels], agent audio [n, 1920]), on the device."""
-            # A broken client's NaN or infinite samples become silence instead of poisoning its slot.
-            codes = self.mimi.encode_frame(torch.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), encoder)
-            forced = torch.full((batch, self.config.num_channels), -1, dtype=torch.long, device=pcm.device)
-            forced[:, user] = codes
             before = [t.clone() for t in gen_state.tensors()]
-            result = self.generator.step(gen_state, lm_state, forced, sampling=sampling, used_length=length)
+            # The user's new frame is encoded beside the temporal transformer (on a second stream on a
+            # GPU): the transformer reads the previous frame's tokens, this frame's codes are only
+            # stored by the second half of the step.
+            with self._beside_main_stream() as join:
+                # A broken client's NaN or infinite samples become silence instead of poisoning its slot.
+                codes = self.mimi.encode_frame(torch.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), encoder)
+                forced = torch.full((batch, self.config.num_channels), -1, dtype=torch.long, device=pcm.device)
+                forced[:, user] = codes
+            temporal = self.generator.step_temporal(gen_state, lm_state, used_length=length)
+            join(forced)
+            result = self.generator.step_tokens(gen_state, temporal, forced, sampling=sampling)
             # Slots that are idle or still joining step too (their results are dropped); their token
             # state is put back. Their one KV write lands on the position the slot writes next (its
             # next prefill block, or 0 when idle), which is rewritten before anyone reads it.
@@ -286,6 +298,29 @@ class Engine:
 
         preserve = gen_state.tensors() + encoder.tensors() + decoder.tensors()
         return frame, preserve
+
+    @contextlib.contextmanager
+    def _beside_main_stream(self):
+        """Work queued inside runs on a side stream (CUDA) concurrently with what the main stream queues
+        next; ``join(*tensors)`` makes the main stream wait for it before using ``tensors``. On a CPU
+        everything simply runs in order."""
+        if self.device.type != "cuda":
+            yield lambda *tensors: None
+            return
+        main = torch.cuda.current_stream(self.device)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        side = self._side_stream
+        side.wait_stream(main)
+
+        def join(*tensors: torch.Tensor) -> None:
+            main.wait_stream(side)
+            if not torch.cuda.is_current_stream_capturing():  # a graph's memory is its own
+                for tensor in tensors:  # allocated on the side stream, used on the main one
+                    tensor.record_stream(main)
+
+        with torch.cuda.stream(side):
+            yield join
 
     def length_buckets(self, up_to_frames: int) -> list[int]:
         """Ring lengths the steps of conversations up to ``up_to_frames`` frames long will read."""

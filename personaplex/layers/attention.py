@@ -21,6 +21,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, steps, -1)
 
 
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention`` with a boolean mask, as plain matmuls and a softmax.
+
+    For torch.compile'd float32 paths with a couple of queries (Mimi's streaming transformers): there
+    the generic float32 attention kernel costs ~30 us a call on an H100, these ops fuse into a few.
+    """
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
 def _project(h: torch.Tensor, in_proj_weight: torch.Tensor, num_heads: int, rotation: Rotation):
     # The fused projection gives q, k, v as rows [0, D), [D, 2D), [2D, 3D); q and k get RoPE.
     q, k, v = F.linear(h, in_proj_weight).chunk(3, dim=-1)
@@ -43,6 +54,7 @@ def ring_self_attention(
     used_length: int | None = None,
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
+    attend=F.scaled_dot_product_attention,
 ) -> torch.Tensor:
     """Attention of the T new frames h [B, T, dim] (at positions ``start[b] + t``) over the ring.
 
@@ -54,12 +66,13 @@ def ring_self_attention(
     ``used_length``: attend only over ring indices [0, used_length), valid when no slot has written a
     position beyond it (short conversations need not read a 3000-frame ring); the mask covers those.
     ``key_scales``/``value_scales`` [B, H, C, 1]: the rings hold FP8 values with per-vector scales.
+    ``attend``: the attention function (``scaled_dot_product_attention`` or ``math_attention``).
     Returns merged heads [B, T, dim] (before the output projection).
     """
     q, k, v = _project(h, in_proj_weight, num_heads, rotation)
     return merge_heads(ring_attention(
         q, k, v, start, keys, values, mask, prefill=prefill, used_length=used_length, key_scales=key_scales,
-        value_scales=value_scales,
+        value_scales=value_scales, attend=attend,
     ))
 
 
@@ -76,6 +89,7 @@ def ring_attention(
     used_length: int | None = None,
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
+    attend=F.scaled_dot_product_attention,
 ) -> torch.Tensor:
     """The attention of ``ring_self_attention`` from projected q, k, v [B, H, T, head_dim]; returns
     [B, H, T, head_dim] (heads not merged)."""
@@ -88,13 +102,13 @@ def ring_attention(
             k_seen, v_seen = k, v
         old_keys = read_ring(keys, used_length, q.dtype, key_scales)
         old_values = read_ring(values, used_length, q.dtype, value_scales)
-        attended = F.scaled_dot_product_attention(
+        attended = attend(
             q, torch.cat([old_keys, k_seen], dim=2), torch.cat([old_values, v_seen], dim=2), attn_mask=mask
         )
     write_ring(keys, k, start, key_scales)
     write_ring(values, v, start, value_scales)
     if not prefill:
-        attended = F.scaled_dot_product_attention(
+        attended = attend(
             q, read_ring(keys, used_length, q.dtype, key_scales), read_ring(values, used_length, q.dtype, value_scales),
             attn_mask=mask,
         )

@@ -104,6 +104,7 @@ def ring_attention_reference(
 class StepKernels:
     """The compiled hot functions one model's single-frame steps use (see ``LMModel.use_fused_step``)."""
 
+    embed: Callable  # the sum of the 17 channel embeddings: ~100 tiny kernels eagerly
     attention_input: Callable
     attention_output_and_ffn: Callable
     ring_attention: Callable  # signature of ``decode_attention``
@@ -124,6 +125,7 @@ def compile_step_kernels(model) -> StepKernels:
         return torch.compile(fn, fullgraph=True, dynamic=True)
 
     return StepKernels(
+        embed=fused(model.embed),
         attention_input=fused(attention_input),
         attention_output_and_ffn=fused(attention_output_and_ffn),
         ring_attention=gpu_ring_attention if on_gpu_with_triton(model) else fused(ring_attention_reference),
@@ -137,7 +139,7 @@ def eager_step_kernels(model) -> StepKernels:
     from .sampling import choose_tokens
 
     return StepKernels(
-        attention_input, attention_output_and_ffn, ring_attention_reference, model.forward_depth, choose_tokens
+        model.embed, attention_input, attention_output_and_ffn, ring_attention_reference, model.forward_depth, choose_tokens
     )
 
 

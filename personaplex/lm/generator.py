@@ -55,6 +55,15 @@ class StepResult:
 
 
 @dataclass
+class TemporalOutput:
+    """The temporal transformer's part of a step (``Generator.step_temporal``)."""
+
+    counter: torch.Tensor  # [B] the slots' step counters (offsets) before the step
+    transformer_out: torch.Tensor  # [B, dim]
+    text_logits: torch.Tensor  # [B, text_card]
+
+
+@dataclass
 class SamplingSettings:
     """Per-slot sampling for text and audio, and the per-slot seeds. None => greedy everywhere."""
 
@@ -146,16 +155,40 @@ class Generator:
         used_length: read only the first ``used_length`` KV ring entries; valid while every slot's
         step counter (offset) is at most ``used_length``, i.e. no position beyond it was written.
         """
-        cfg = self.config
-        depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
+        temporal = self.step_temporal(state, lm_state, input_embeddings, used_length=used_length)
+        return self.step_tokens(
+            state, temporal, forced, depth_steps=depth_steps, sampling=sampling, return_audio_logits=return_audio_logits
+        )
+
+    def step_temporal(
+        self, state: GeneratorState, lm_state: LMState, input_embeddings: torch.Tensor | None = None, *,
+        used_length: int | None = None,
+    ) -> TemporalOutput:
+        """First half of ``step``: the temporal transformer on the previous column.
+
+        It does not depend on this frame's forced tokens (delays are >= 0, so nothing forced now lands in
+        the previous column): an engine can encode the user's new audio meanwhile, on another stream,
+        and hand the codes to ``step_tokens``. The state is not changed until ``step_tokens``.
+        """
         counter = state.offset.clone()
-        model_input, target, target_forced = self._write_given(state, forced)
+        model_input = state.cache.gather(2, self._column(counter - 1, state.cache.shape[1]))[..., 0]
         if input_embeddings is None:
-            embeddings = self.model.embed(model_input[:, None, :])
+            kernels = self.model.step_kernels
+            embeddings = (kernels.embed if kernels is not None else self.model.embed)(model_input[:, None, :])
         else:
             embeddings = input_embeddings[:, None, :].to(self.model.dtype)
         transformer_out, text_logits = self.model.forward_temporal(embeddings, counter - 1, lm_state, used_length=used_length)
-        transformer_out, text_logits = transformer_out[:, 0], text_logits[:, 0]
+        return TemporalOutput(counter, transformer_out[:, 0], text_logits[:, 0])
+
+    def step_tokens(
+        self, state: GeneratorState, temporal: TemporalOutput, forced: torch.Tensor, *, depth_steps: int | None = None,
+        sampling: SamplingSettings | None = None, return_audio_logits: bool = False,
+    ) -> StepResult:
+        """Second half of ``step``: store the forced tokens, choose the free ones, advance."""
+        cfg = self.config
+        depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
+        counter, transformer_out, text_logits = temporal.counter, temporal.transformer_out, temporal.text_logits
+        _, target, target_forced = self._write_given(state, forced)
 
         seed = sampling.seed if sampling is not None else None
         kernels = self.model.step_kernels
