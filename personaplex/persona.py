@@ -130,11 +130,12 @@ def apply_system_prompt(
 
 def system_prompt_work(
     generator, gen_state, lm_state, frames: torch.Tensor, saved_voice: SavedVoice | None = None, *,
-    chunk_frames: int | None = None, stepwise: bool = False,
+    chunk_frames: int | None = None, stepwise: bool = False, temporal=None,
 ):
     """``apply_system_prompt`` as a generator that pauses after every block of at most ``chunk_frames``
     frames, yielding the number of frames just processed. Between two blocks the state is consistent,
-    so an engine can interleave a long prompt with the real-time steps of other slots."""
+    so an engine can interleave a long prompt with the real-time steps of other slots. ``temporal``: see
+    ``Generator.prefill``."""
     batch = gen_state.batch_size
     device = gen_state.cache.device
     # The token state is kept on the host as well, so that no block reads it back from the device.
@@ -156,7 +157,7 @@ def system_prompt_work(
                         input_embeddings=None if part_embeddings is None else part_embeddings[:, t],
                     )
             else:
-                generator.prefill(gen_state, lm_state, part, part_embeddings, host_state=host)
+                generator.prefill(gen_state, lm_state, part, part_embeddings, host_state=host, temporal=temporal)
             yield part.shape[1]
 
     def start(first_frame: torch.Tensor) -> None:

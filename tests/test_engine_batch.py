@@ -117,13 +117,17 @@ def test_fp8_rings_track_model_dtype_rings(models):
     assert 0 < error < 0.05, error
 
 
+@pytest.mark.parametrize("scratch", [False, True], ids=["in-place", "scratch"])
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
-def test_joins_spread_over_ticks_while_others_talk(models, kv_dtype):
+def test_joins_spread_over_ticks_while_others_talk(models, kv_dtype, scratch):
     """A new persona's prefill runs in small blocks between the others' steps; nobody is disturbed and
-    the newcomer, once live, behaves exactly as if it had joined at once."""
+    the newcomer, once live, behaves exactly as if it had joined at once. "scratch": the GPU way, the
+    prompt prefilled in padded fixed-size blocks in a scratch slot and copied in when done (run eagerly
+    here; on a GPU the blocks are CUDA graphs)."""
     lm, mimi = models
     p1, p2, p3 = persona(lm, 1), persona(lm, 2), persona(lm, 3)
     engine = Engine(lm, mimi, max_slots=4, kv_dtype=kv_dtype)
+    engine.scratch_prefill = scratch
     engine.join_chunk_frames = 4  # the 23-frame prompts take several ticks
     engine.join(0, 1, p1, SamplingConfig(seed=1))
     talkers = {0: (p1, SamplingConfig(seed=1), user_audio(1, 40))}
@@ -148,6 +152,8 @@ def test_joins_spread_over_ticks_while_others_talk(models, kv_dtype):
         for slot in talkers:
             recorded[slot].append(out.tokens[slot])
     assert started[3] >= 2 + 4 and started[1] > started[3] + 3  # the prefills really were spread over ticks
+    if scratch:
+        assert engine._prefill_graphs is not None  # the scratch path really ran (for slot 3; slot 1 queued behind)
     for slot, (prompt, sampling, audio) in talkers.items():
         frames = len(recorded[slot])
         tokens, _ = run_alone(lm, mimi, prompt, sampling, audio[:frames], kv_dtype)

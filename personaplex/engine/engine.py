@@ -29,6 +29,7 @@ from ..lm.generator import Generator, GeneratorState, SamplingSettings
 from ..lm.model import LMState
 from ..lm.sampling import SamplingParams
 from ..persona import SystemPrompt, system_prompt_work
+from .prefill_graphs import PrefillGraphs
 from .prefix_cache import PrefixCache, restore_snapshot, take_snapshot
 
 
@@ -68,6 +69,7 @@ class PendingJoin:
     prompt: SystemPrompt
     key: tuple
     work: Iterator[int]
+    in_scratch: bool = False  # prefilled in the CUDA-graph scratch slot, copied in when done
 
 
 def slot_bytes(lm, mimi, kv_dtype: str = "model") -> int:
@@ -143,6 +145,10 @@ class Engine:
         self._use_cuda_graph = use_cuda_graph
         self._graphs: dict[tuple[int, int], CapturedStep] = {}
         self._side_stream: torch.cuda.Stream | None = None
+        self.kv_dtype = kv_dtype
+        # New personas prefill in a scratch slot by CUDA graphs, then are copied in (see PrefillGraphs).
+        self.scratch_prefill = use_cuda_graph
+        self._prefill_graphs: PrefillGraphs | None = None
         self._graph_pool = torch.cuda.graph_pool_handle() if use_cuda_graph else None
 
     # --- conversations ---------------------------------------------------------------------------
@@ -189,17 +195,37 @@ class Engine:
                 restore_snapshot(snapshot, self.gen_state, self.lm_state, first, stop)
             self._go_live(first, stop, prompt)
             return True
-        work = system_prompt_work(
-            self.generator, self.gen_state.slots(first, stop), self.lm_state.slots(first, stop),
-            prompt.frames, prompt.saved_voice, chunk_frames=self.join_chunk_frames if chunk_frames == -1 else chunk_frames,
-        )
-        self._joining[first] = PendingJoin(first, stop, prompt, key, work)
+        chunk = self.join_chunk_frames if chunk_frames == -1 else chunk_frames
+        graphs = self._scratch_prefill(stop - first, prompt.num_steps)
+        if graphs is not None:
+            work = system_prompt_work(
+                self.generator, self.gen_state.slots(first, stop), graphs.scratch, prompt.frames, prompt.saved_voice,
+                chunk_frames=graphs.block_frames, temporal=graphs.temporal,
+            )
+        else:
+            work = system_prompt_work(
+                self.generator, self.gen_state.slots(first, stop), self.lm_state.slots(first, stop),
+                prompt.frames, prompt.saved_voice, chunk_frames=chunk,
+            )
+        self._joining[first] = PendingJoin(first, stop, prompt, key, work, in_scratch=graphs is not None)
         return False
+
+    def _scratch_prefill(self, slots: int, prompt_frames: int) -> PrefillGraphs | None:
+        """The CUDA-graph prefill for a one-slot join, when graphs are on, the prompt fits the scratch
+        slot and no other join holds it (joins mostly queue behind each other; a second runs in place)."""
+        if not self.scratch_prefill or slots != 1 or any(p.in_scratch for p in self._joining.values()):
+            return None
+        block = self.join_chunk_frames or JOIN_CHUNK_FRAMES
+        if self._prefill_graphs is None or self._prefill_graphs.block_frames != block:
+            self._prefill_graphs = PrefillGraphs(self.lm, self.kv_dtype, block, graphs=self._use_cuda_graph)
+        return self._prefill_graphs if self._prefill_graphs.fits(prompt_frames) else None
 
     def advance_joins(self, frame_budget: int | None) -> list[int]:
         """Run queued prefill work, at most ``frame_budget`` prompt frames (None: all of it).
 
-        Returns the first slot of each conversation that went live.
+        Returns the first slot of each conversation that went live, once the work has run on the device
+        (on a GPU the blocks are graph replays that return at once: callers that fit blocks into the
+        time a tick leaves must see what they cost).
         """
         done = []
         spent = 0
@@ -208,13 +234,20 @@ class Engine:
                 while frame_budget is None or spent < frame_budget:
                     frames = next(pending.work, None)
                     if frames is None:
-                        snapshot = take_snapshot(self.gen_state, self.lm_state, first, pending.prompt.num_steps - 1)
+                        positions = pending.prompt.num_steps - 1
+                        if pending.in_scratch:
+                            snapshot = take_snapshot(self.gen_state, self._prefill_graphs.scratch, first, positions, kv_slot=0)
+                            restore_snapshot(snapshot, self.gen_state, self.lm_state, first, pending.stop)
+                        else:
+                            snapshot = take_snapshot(self.gen_state, self.lm_state, first, positions)
                         self.prefix_cache.put(pending.key, snapshot)
                         del self._joining[first]
                         self._go_live(first, pending.stop, pending.prompt)
                         done.append(first)
                         break
                     spent += frames
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
         return done
 
     def warm_up_join(self, prompt: SystemPrompt, chunk_frames: int | None = -1) -> None:

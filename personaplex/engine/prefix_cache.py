@@ -56,10 +56,12 @@ class PrefixCache:
             self._entries.popitem(last=False)
 
 
-def take_snapshot(gen_state, lm_state, slot: int, prompt_positions: int) -> PromptSnapshot:
-    """Copy what slot ``slot`` holds after its prompt (KV ring indices [0, prompt_positions))."""
+def take_snapshot(gen_state, lm_state, slot: int, prompt_positions: int, kv_slot: int | None = None) -> PromptSnapshot:
+    """Copy what slot ``slot`` holds after its prompt (KV ring indices [0, prompt_positions)); the KV
+    entries come from ``lm_state``'s slot ``kv_slot`` when given (a prompt prefilled elsewhere)."""
+    kv_slot = slot if kv_slot is None else kv_slot
     return PromptSnapshot(
-        kv=[t[:, slot : slot + 1, :, :prompt_positions].clone() for t in lm_state.tensors()],
+        kv=[t[:, kv_slot : kv_slot + 1, :, :prompt_positions].clone() for t in lm_state.tensors()],
         cache=gen_state.cache[slot : slot + 1].clone(),
         provided=gen_state.provided[slot : slot + 1].clone(),
         offset=gen_state.offset[slot : slot + 1].clone(),

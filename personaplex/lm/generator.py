@@ -219,6 +219,7 @@ class Generator:
         frames: torch.Tensor,
         input_embeddings: torch.Tensor | None = None,
         host_state: GeneratorState | None = None,
+        temporal=None,
     ) -> torch.Tensor:
         """Many fully forced frames at once: the same state as ``step`` called once per frame.
 
@@ -231,6 +232,8 @@ class Generator:
         Returns the input embeddings [B, T, dim] that were fed (a voice file stores them).
         host_state: a host copy of ``state`` that the caller keeps in step with it; given, nothing is
         read back from the device (no synchronisation with work in flight, e.g. other slots' steps).
+        temporal: runs the temporal transformer over a block of more than two frames instead of
+        ``forward_temporal`` (same arguments: block, positions, lm_state, used_length), e.g. a CUDA graph.
         """
         steps = frames.shape[1]
         # The bookkeeping is a few tiny ops per frame: on a GPU their launch overhead would dominate,
@@ -263,6 +266,8 @@ class Generator:
                     self.model.forward_temporal(
                         block[:, t : t + 1], start - 1 + first + t, lm_state, heads=False, used_length=used
                     )
+            elif temporal is not None:
+                temporal(block, start - 1 + first, lm_state, used)
             else:
                 self.model.forward_temporal(block, start - 1 + first, lm_state, heads=False, used_length=used)
         return embeddings

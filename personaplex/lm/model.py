@@ -96,14 +96,18 @@ class LMModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text_emb.weight.dtype
 
-    def new_state(self, batch_size: int, device: torch.device | str | None = None, kv_dtype: str = "model") -> LMState:
+    def new_state(
+        self, batch_size: int, device: torch.device | str | None = None, kv_dtype: str = "model",
+        capacity: int | None = None,
+    ) -> LMState:
         """Zeroed KV rings for ``batch_size`` slots (their content is never read before written).
 
         kv_dtype: "model" (the weights' dtype) or "fp8" (e4m3 with one scale per vector, in the model
-        dtype: about half the memory of bfloat16 rings).
+        dtype: about half the memory of bfloat16 rings). capacity: ring entries, by default the model's
+        context; fewer only for states that never hold positions past them (a prompt's prefill).
         """
         cfg = self.config
-        shape = (cfg.num_layers, batch_size, cfg.num_heads, cfg.context, cfg.head_dim)
+        shape = (cfg.num_layers, batch_size, cfg.num_heads, capacity or cfg.context, cfg.head_dim)
         device = self.device if device is None else device
         if kv_dtype == "model":
             return LMState(torch.zeros(shape, device=device, dtype=self.dtype), torch.zeros(shape, device=device, dtype=self.dtype))
