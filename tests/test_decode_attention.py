@@ -96,3 +96,68 @@ def test_non_power_of_two_head_dim_is_refused(kernels):
     q, keys, values, mask, lengths = rings(1, 1, 8, 24, [3])
     with pytest.raises(ValueError, match="power of two"):
         kernels.decode_attention(q, keys, values, mask, lengths)
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-style", "fp8"])
+def test_writing_this_frame_in_the_same_launch_equals_writing_first(kernels, fp8, splits):
+    """Store this frame's key/value and attend over the ring including it, in one launch: same ring
+    afterwards and same output as a scatter into the ring followed by attention."""
+    from personaplex.layers.kv_ring import write_quantized, write_ring
+
+    positions = torch.tensor(POSITIONS)
+    capacity = 200
+    q, keys, values, mask, lengths = rings(5, 3, capacity, 32, POSITIONS, seed=2)
+    generator = torch.Generator().manual_seed(3)
+    k = torch.randn(5, 3, 1, 32, generator=generator)
+    v = torch.randn(5, 3, 1, 32, generator=generator)
+    index = (positions % capacity)[:, None, None, None]
+    write_at = (positions % capacity).to(torch.int32)
+    if fp8:
+        keys, key_scales = quantize_fp8(keys, torch.bfloat16)
+        values, value_scales = quantize_fp8(values, torch.bfloat16)
+        k8, ks = quantize_fp8(k, torch.bfloat16)
+        v8, vs = quantize_fp8(v, torch.bfloat16)
+        expected_keys, expected_values = keys.clone(), values.clone()
+        expected_ks, expected_vs = key_scales.clone(), value_scales.clone()
+        write_quantized(expected_keys, expected_ks, k8, ks, positions, index=index)
+        write_quantized(expected_values, expected_vs, v8, vs, positions, index=index)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q, dequantize_fp8(expected_keys, expected_ks, torch.float32),
+            dequantize_fp8(expected_values, expected_vs, torch.float32), attn_mask=mask,
+        )
+        rings_on = on(DEVICE, keys, values, key_scales, value_scales)
+        got = kernels.decode_attention(
+            *on(DEVICE, q), rings_on[0], rings_on[1], *on(DEVICE, mask, lengths), rings_on[2], rings_on[3],
+            splits=splits, new=tuple(on(DEVICE, k8, ks, v8, vs)), write_at=write_at.to(DEVICE),
+        )
+        for ring, want in zip(rings_on, (expected_keys, expected_values, expected_ks, expected_vs)):
+            assert torch.equal(ring.cpu().view(torch.uint8) if fp8 and ring.dtype != torch.bfloat16 else ring.cpu(),
+                               want.view(torch.uint8) if want.dtype != torch.bfloat16 else want)
+    else:
+        expected_keys, expected_values = keys.clone(), values.clone()
+        write_ring(expected_keys, k, positions, index=index)
+        write_ring(expected_values, v, positions, index=index)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, expected_keys, expected_values, attn_mask=mask)
+        rings_on = on(DEVICE, keys, values)
+        got = kernels.decode_attention(
+            *on(DEVICE, q), rings_on[0], rings_on[1], *on(DEVICE, mask, lengths), splits=splits,
+            new=tuple(on(DEVICE, k, v)), write_at=write_at.to(DEVICE),
+        )
+        assert torch.equal(rings_on[0].cpu(), expected_keys) and torch.equal(rings_on[1].cpu(), expected_values)
+    torch.testing.assert_close(got.cpu(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_a_write_past_the_viewed_entries_lands_in_the_ring_unread(kernels):
+    """Slots stepping along outside the length the batch reads (idle or joining) still store their entry."""
+    q, keys, values, mask, lengths = rings(2, 2, 64, 16, [10, 20])
+    ring_k, ring_v = torch.zeros(2, 2, 128, 16), torch.zeros(2, 2, 128, 16)
+    ring_k[:, :, :64], ring_v[:, :, :64] = keys, values
+    new_k, new_v = torch.ones(2, 2, 1, 16), torch.ones(2, 2, 1, 16)
+    write_at = torch.tensor([10, 100], dtype=torch.int32)  # slot 1 writes beyond the 64 entries viewed
+    ring_k, ring_v = on(DEVICE, ring_k, ring_v)
+    kernels.decode_attention(
+        *on(DEVICE, q), ring_k[:, :, :64], ring_v[:, :, :64], *on(DEVICE, mask, lengths),
+        new=tuple(on(DEVICE, new_k, new_v)), write_at=write_at.to(DEVICE),
+    )
+    assert torch.equal(ring_k[1, :, 100].cpu(), torch.ones(2, 16)) and torch.equal(ring_k[0, :, 10].cpu(), torch.ones(2, 16))

@@ -127,9 +127,10 @@ def step_kernels(request, models):
     lm.use_fused_step(None if request.param is None else "eager")
     if request.param == "triton":
         pytest.importorskip("triton", reason="the decode attention kernel needs Triton")
-        from personaplex.layers.decode_attention import decode_attention
+        from personaplex.lm.fused import TRITON_BF16_MAX_BATCH, gpu_write_and_attend
 
-        lm.step_kernels = dataclasses.replace(lm.step_kernels, ring_attention=decode_attention)
+        assert TRITON_BF16_MAX_BATCH >= 1  # these single-conversation steps take the Triton kernel
+        lm.step_kernels = dataclasses.replace(lm.step_kernels, write_and_attend=gpu_write_and_attend)
     yield request.param
     lm.use_fused_step(None)
 

@@ -47,9 +47,11 @@ if triton is not None:
     @triton.jit
     def _chunk_kernel(
         q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, len_ptr, acc_ptr, max_ptr, sum_ptr,
+        nk_ptr, nks_ptr, nv_ptr, nvs_ptr, at_ptr,
         q_sb, q_sh, k_sb, k_sh, k_sl, ks_sb, ks_sh, ks_sl, v_sb, v_sh, v_sl, vs_sb, vs_sh, vs_sl, mask_sb,
+        nk_sb, nk_sh, nv_sb, nv_sh, ns_sb, ns_sh,
         heads, chunk_len, splits, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, WRITE: tl.constexpr,
     ):
         pair = tl.program_id(0)
         split = tl.program_id(1)
@@ -62,6 +64,24 @@ if triton is not None:
         q = tl.load(q_ptr + slot * q_sb + head * q_sh + dims).to(tl.float32) * sm_scale
         k_base = k_ptr + slot * k_sb + head * k_sh
         v_base = v_ptr + slot * v_sb + head * v_sh
+        ks_base = ks_ptr + slot * ks_sb + head * ks_sh
+        vs_base = vs_ptr + slot * vs_sb + head * vs_sh
+        if WRITE:
+            # This frame's key and value: stored at ring index ``at`` by the first chunk's program, and
+            # used from here (not from the ring) by whichever program reads that index, so that no
+            # program depends on another's store.
+            at = tl.load(at_ptr + slot)
+            new_k = tl.load(nk_ptr + slot * nk_sb + head * nk_sh + dims)
+            new_v = tl.load(nv_ptr + slot * nv_sb + head * nv_sh + dims)
+            if SCALED:
+                new_ks = tl.load(nks_ptr + slot * ns_sb + head * ns_sh)
+                new_vs = tl.load(nvs_ptr + slot * ns_sb + head * ns_sh)
+            if split == 0:
+                tl.store(k_base + at * k_sl + dims, new_k)
+                tl.store(v_base + at * v_sl + dims, new_v)
+                if SCALED:
+                    tl.store(ks_base + at * ks_sl, new_ks)
+                    tl.store(vs_base + at * vs_sl, new_vs)
         running_max = tl.full((), float("-inf"), tl.float32)
         running_sum = tl.zeros((), tl.float32)
         acc = tl.zeros((HEAD_DIM,), tl.float32)
@@ -70,9 +90,14 @@ if triton is not None:
             inside = keys_at < stop
             visible = tl.load(mask_ptr + slot * mask_sb + keys_at, mask=inside, other=0) != 0
             k = tl.load(k_base + keys_at[:, None] * k_sl + dims[None, :], mask=inside[:, None], other=0.0)
+            if WRITE:
+                k = tl.where((keys_at == at)[:, None], new_k[None, :], k)
             scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             if SCALED:
-                scores *= tl.load(ks_ptr + slot * ks_sb + head * ks_sh + keys_at * ks_sl, mask=inside, other=0.0).to(tl.float32)
+                key_scale = tl.load(ks_base + keys_at * ks_sl, mask=inside, other=0.0)
+                if WRITE:
+                    key_scale = tl.where(keys_at == at, new_ks, key_scale)
+                scores *= key_scale.to(tl.float32)
             scores = tl.where(visible, scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=0))
             # All keys so far masked: keep exp() away from (-inf) - (-inf).
@@ -81,8 +106,13 @@ if triton is not None:
             rescale = tl.exp(running_max - safe_max)
             running_sum = running_sum * rescale + tl.sum(weights, axis=0)
             if SCALED:
-                weights *= tl.load(vs_ptr + slot * vs_sb + head * vs_sh + keys_at * vs_sl, mask=inside, other=0.0).to(tl.float32)
+                value_scale = tl.load(vs_base + keys_at * vs_sl, mask=inside, other=0.0)
+                if WRITE:
+                    value_scale = tl.where(keys_at == at, new_vs, value_scale)
+                weights *= value_scale.to(tl.float32)
             v = tl.load(v_base + keys_at[:, None] * v_sl + dims[None, :], mask=inside[:, None], other=0.0)
+            if WRITE:
+                v = tl.where((keys_at == at)[:, None], new_v[None, :], v)
             acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
             running_max = new_max
         out = pair * splits + split
@@ -114,6 +144,7 @@ if triton is not None:
 def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
     key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None, *, splits: int | None = None,
+    new: tuple[torch.Tensor, ...] | None = None, write_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per slot and head over the first ``lengths[b]`` entries of each slot's ring.
 
@@ -122,6 +153,12 @@ def decode_attention(
     slot's length are not read: they must be masked for it anyway). Returns [B, H, 1, D] in q's dtype.
     Every slot must see at least one key (a decode query always sees itself). ``splits``: chunks per
     (slot, head), by default enough to fill the GPU (``split_count``).
+
+    ``new`` = (k, v) [B, H, 1, D] in the rings' dtype, or (k, k_scale, v, v_scale) for FP8 rings, with
+    ``write_at`` [B] int32 ring indices: this frame's entries are stored there and attended to in the
+    same launch (what writing the rings first and then attending computes, without the extra kernels).
+    An index may lie past ``keys.shape[2]`` (a view of the first entries of a longer ring): it is
+    stored all the same, and not attended to.
     """
     if triton is None:
         raise RuntimeError("decode_attention needs Triton (installed with CUDA builds of torch)")
@@ -144,14 +181,24 @@ def decode_attention(
         visible = visible.view(torch.uint8)
     key_scales = key_scales if scaled else keys  # unread when not scaled; any pointer will do
     value_scales = value_scales if scaled else values
+    write = new is not None
+    if write:
+        new_k, new_ks, new_v, new_vs = new if scaled else (new[0], new[0], new[1], new[1])
+        if new_k.stride(-1) != 1 or new_v.stride(-1) != 1 or (scaled and new_vs.stride() != new_ks.stride()):
+            raise ValueError("the new keys and values need a contiguous last dimension (scales: one layout)")
+    else:
+        new_k = new_ks = new_v = new_vs = q
+        write_at = lengths
     _chunk_kernel[(pairs, splits)](
         q, keys, key_scales, values, value_scales, visible, lengths, partial, maxima, sums,
+        new_k, new_ks, new_v, new_vs, write_at,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         value_scales.stride(0), value_scales.stride(1), value_scales.stride(2), visible.stride(0),
+        new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), new_ks.stride(0), new_ks.stride(1),
         heads, chunk_len, splits, head_dim ** -0.5,
-        HEAD_DIM=head_dim, BLOCK=BLOCK_KEYS, SCALED=scaled,
+        HEAD_DIM=head_dim, BLOCK=BLOCK_KEYS, SCALED=scaled, WRITE=write,
     )
     out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
     _merge_kernel[(pairs,)](

@@ -6,12 +6,12 @@ here are the same arithmetic as the eager modules, written as functions of tenso
 that one compiled version serves every layer; Inductor fuses their element-wise work (norms, RoPE,
 residual adds, the gated activation, FP8 quantisation, the sampling hash) into a few kernels.
 
-The step's attention over FP8 rings (``StepKernels.ring_attention``) is, on a GPU with Triton, the
-split-K kernel of ``personaplex.layers.decode_attention``: it reads FP8 bytes and their scales directly
-(no dequantised bf16 copy of the ring) and each slot only up to its own filled length; 2-3x faster
-than the compiled ``fp8_ring_attention`` (two reductions over the ring), which computes the same.
-bf16 rings stay with scaled-dot-product attention, whose kernels beat this one on them
-(``bench/decode_attention.py``).
+The step's ring update and attention (``StepKernels.write_and_attend``) is, on a GPU with Triton, the
+split-K kernel of ``personaplex.layers.decode_attention``, which also stores this frame's key and
+value in the same launch: it reads FP8 bytes and their scales directly (no dequantised bf16 copy of
+the ring) and each slot only up to its own filled length; 2-3x faster than ``fp8_ring_attention``
+(two reductions over the ring), which computes the same. bf16 rings of more than two conversations
+stay with scaled-dot-product attention, faster there (``bench/decode_attention.py``).
 
 Only single-frame steps use these (see ``StepKernels``); prefill and golden-parity paths stay eager.
 Run eagerly, each function computes what its module counterpart computes, which the tests check.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..layers.attention import merge_heads, split_heads
 from ..layers.decode_attention import decode_attention, decode_attention_available
-from ..layers.kv_ring import quantize_fp8
+from ..layers.kv_ring import quantize_fp8, write_quantized, write_ring
 from ..layers.rope import Rotation, apply_rope
 
 
@@ -80,24 +80,42 @@ def fp8_ring_attention(
     return (weights[..., None] * values.float()).sum(2, keepdim=True).to(q.dtype)
 
 
-def gpu_ring_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
-    key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
+def write_and_attend_reference(
+    q: torch.Tensor, new: tuple[torch.Tensor, ...], rings: tuple[torch.Tensor, ...], slots: torch.Tensor,
+    write_at: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, used: int,
 ) -> torch.Tensor:
-    """FP8 rings through the Triton kernel, bf16 rings through scaled-dot-product attention."""
-    if key_scales is None:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    return decode_attention(q, keys, values, mask, lengths, key_scales, value_scales)
+    """Store this frame's key/value in one layer's rings, then attend over their first ``used`` entries.
+
+    new: (k, v) [B, H, 1, D], or (k8, k_scale, v8, v_scale) quantised for FP8 rings; rings: (keys, values)
+    [B, H, C, D], plus (key_scales, value_scales) for FP8; slots: the ``ring_index`` [B, 1, 1, 1] of this
+    frame; write_at: the same as [B] int32; lengths: entries each slot has filled (only saves reading).
+    """
+    if len(rings) == 2:
+        (keys, values), (k, v) = rings, new
+        write_ring(keys, k, None, index=slots)
+        write_ring(values, v, None, index=slots)
+        return F.scaled_dot_product_attention(q, keys[:, :, :used], values[:, :, :used], attn_mask=mask)
+    (keys, values, key_scales, value_scales), (k8, k_scale, v8, v_scale) = rings, new
+    write_quantized(keys, key_scales, k8, k_scale, None, index=slots)
+    write_quantized(values, value_scales, v8, v_scale, None, index=slots)
+    return fp8_ring_attention(
+        q, keys[:, :, :used], key_scales[:, :, :used], values[:, :, :used], value_scales[:, :, :used], mask
+    )
 
 
-def ring_attention_reference(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
-    key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
+TRITON_BF16_MAX_BATCH = 2  # bf16 rings: the Triton kernel beats SDPA only for one or two conversations
+
+
+def gpu_write_and_attend(
+    q: torch.Tensor, new: tuple[torch.Tensor, ...], rings: tuple[torch.Tensor, ...], slots: torch.Tensor,
+    write_at: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, used: int,
 ) -> torch.Tensor:
-    """``decode_attention``'s contract in plain PyTorch (``lengths`` only saves reading, so it is unused)."""
-    if key_scales is None:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    return fp8_ring_attention(q, keys, key_scales, values, value_scales, mask)
+    """``write_and_attend_reference`` through the Triton kernel (store and attention in one launch) for
+    FP8 rings and for bf16 rings of few conversations; SDPA after a scatter for larger bf16 batches."""
+    if len(rings) == 2 and q.shape[0] > TRITON_BF16_MAX_BATCH:
+        return write_and_attend_reference(q, new, rings, slots, write_at, mask, lengths, used)
+    keys, values, *scales = (ring[:, :, :used] for ring in rings)
+    return decode_attention(q, keys, values, mask, lengths, *scales, new=new, write_at=write_at)
 
 
 @dataclass
@@ -107,7 +125,7 @@ class StepKernels:
     embed: Callable  # the sum of the 17 channel embeddings: ~100 tiny kernels eagerly
     attention_input: Callable
     attention_output_and_ffn: Callable
-    ring_attention: Callable  # signature of ``decode_attention``
+    write_and_attend: Callable  # signature of ``write_and_attend_reference``
     forward_depth: Callable
     choose_tokens: Callable
 
@@ -128,7 +146,7 @@ def compile_step_kernels(model) -> StepKernels:
         embed=fused(model.embed),
         attention_input=fused(attention_input),
         attention_output_and_ffn=fused(attention_output_and_ffn),
-        ring_attention=gpu_ring_attention if on_gpu_with_triton(model) else fused(ring_attention_reference),
+        write_and_attend=gpu_write_and_attend if on_gpu_with_triton(model) else write_and_attend_reference,
         forward_depth=fused(model.forward_depth),
         choose_tokens=fused(choose_tokens),
     )
@@ -139,7 +157,8 @@ def eager_step_kernels(model) -> StepKernels:
     from .sampling import choose_tokens
 
     return StepKernels(
-        model.embed, attention_input, attention_output_and_ffn, ring_attention_reference, model.forward_depth, choose_tokens
+        model.embed, attention_input, attention_output_and_ffn, write_and_attend_reference, model.forward_depth,
+        choose_tokens,
     )
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import LMConfig
 from ..layers.attention import ring_attention, ring_self_attention
-from ..layers.kv_ring import ring_index, ring_positions, ring_visibility, write_quantized, write_ring
+from ..layers.kv_ring import ring_index, ring_positions, ring_visibility
 from ..layers.norm import RMSNorm
 from ..layers.rope import rotation_for
 from .fused import StepKernels
@@ -116,26 +116,16 @@ class TemporalTransformer(nn.Module):
         cfg = self.config
         fp8 = key_scales is not None
         slots = ring_index(positions, 1, keys.shape[3])  # where this frame goes in every layer's rings
+        write_at = slots.view(-1).to(torch.int32)
         # Ring entries each slot has filled (its own part is all it reads); the mask does the rest.
         lengths = (positions + 1).clamp(max=used).to(torch.int32)
         for index, layer in enumerate(self.layers):
-            projected = kernels.attention_input(
+            new = kernels.attention_input(
                 x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.cos_sin,
                 key_scales.dtype if fp8 else None,
             )
-            if fp8:
-                q, k8, k_scale, v8, v_scale = projected
-                write_quantized(keys[index], key_scales[index], k8, k_scale, positions, index=slots)
-                write_quantized(values[index], value_scales[index], v8, v_scale, positions, index=slots)
-                attended = kernels.ring_attention(
-                    q, keys[index, :, :, :used], values[index, :, :, :used], mask, lengths,
-                    key_scales[index, :, :, :used], value_scales[index, :, :, :used],
-                )
-            else:
-                q, k, v = projected
-                write_ring(keys[index], k, positions, index=slots)
-                write_ring(values[index], v, positions, index=slots)
-                attended = kernels.ring_attention(q, keys[index, :, :, :used], values[index, :, :, :used], mask, lengths)
+            rings = (keys[index], values[index]) + ((key_scales[index], value_scales[index]) if fp8 else ())
+            attended = kernels.write_and_attend(new[0], new[1:], rings, slots, write_at, mask, lengths, used)
             x = kernels.attention_output_and_ffn(
                 x, attended, layer.self_attn.out_proj.weight, layer.norm2.alpha, cfg.norm_eps,
                 layer.gating.linear_in.weight, layer.gating.linear_out.weight,
