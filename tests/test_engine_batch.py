@@ -205,3 +205,21 @@ def test_fused_step_functions_give_the_same_conversations(models, kv_dtype):
     for plain, fused in zip(*runs):
         assert torch.equal(plain.tokens[[0, 2]], fused.tokens[[0, 2]])
         torch.testing.assert_close(plain.pcm, fused.pcm, atol=1e-5, rtol=0)
+
+
+def test_slot_sizing_leaves_room_for_the_prefix_cache_and_the_prefill_scratch(models, monkeypatch):
+    """A server sizes its slots to the free GPU memory; what else it allocates later (the prefix cache, the
+    scratch slot new personas prefill in, activations) must stay outside that count, or a join runs out of
+    memory mid-conversation."""
+    from types import SimpleNamespace
+
+    lm, mimi = models
+    per_slot = engine_module.slot_bytes(lm, mimi)
+    scratch = per_slot * min(engine_module.SCRATCH_FRAMES, lm.config.context) // lm.config.context
+    fake = SimpleNamespace(device=torch.device("cuda"), config=lm.config, dtype=lm.dtype)
+    reserve, cache = 3 << 30, 2 << 30
+    free = reserve + cache + scratch + 10 * per_slot
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, free))
+    assert engine_module.slots_that_fit(fake, mimi) == 10
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free - 1, free))
+    assert engine_module.slots_that_fit(fake, mimi) == 9

@@ -29,7 +29,7 @@ from ..lm.generator import Generator, GeneratorState, SamplingSettings
 from ..lm.model import LMState
 from ..lm.sampling import SamplingParams
 from ..persona import SystemPrompt, system_prompt_work
-from .prefill_graphs import PrefillGraphs
+from .prefill_graphs import SCRATCH_FRAMES, PrefillGraphs
 from .prefix_cache import PrefixCache, restore_snapshot, take_snapshot
 
 
@@ -83,12 +83,17 @@ def slot_bytes(lm, mimi, kv_dtype: str = "model") -> int:
     return kv + codec
 
 
-def slots_that_fit(lm, mimi, kv_dtype: str = "model", reserve_bytes: int = 3 << 30) -> int:
-    """How many slots the free device memory holds, keeping ``reserve_bytes`` for activations and graphs."""
+def slots_that_fit(
+    lm, mimi, kv_dtype: str = "model", reserve_bytes: int = 3 << 30, prefix_cache_bytes: int = 2 << 30,
+) -> int:
+    """How many slots the free device memory holds, keeping ``reserve_bytes`` for activations and graphs,
+    room for a full prefix cache and the scratch slot that new personas prefill in (``PrefillGraphs``)."""
     if lm.device.type != "cuda":
         return 4
     free, _ = torch.cuda.mem_get_info(lm.device)
-    return max(1, (free - reserve_bytes) // slot_bytes(lm, mimi, kv_dtype))
+    per_slot = slot_bytes(lm, mimi, kv_dtype)
+    scratch = per_slot * min(SCRATCH_FRAMES, lm.config.context) // lm.config.context
+    return max(1, (free - reserve_bytes - prefix_cache_bytes - scratch) // per_slot)
 
 
 def compile_available(device: torch.device) -> bool:
