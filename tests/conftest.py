@@ -48,3 +48,33 @@ def _deterministic_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def run_golden_through_engine(golden):
+    """A function (engine, lm, mimi, voice file) -> (tokens, pcm): the golden persona joined in slot 1 of a
+    two-slot engine (greedy), then the golden user audio streamed frame by frame; rows on the host."""
+    from safetensors.torch import load_file
+
+    from personaplex.audio import read_audio, split_frames
+    from personaplex.config import LMConfig
+    from personaplex.engine import SamplingConfig
+    from personaplex.persona import build_system_prompt, load_voice
+
+    def run(engine, lm, mimi, voice_file: str) -> tuple[torch.Tensor, torch.Tensor]:
+        session = load_file(golden / "golden_lm_session.safetensors")
+        voice = load_voice(golden / voice_file, lm.config, mimi)
+        prompt = build_system_prompt(
+            LMConfig(**{**lm.config.__dict__, "context": 3000}), voice, session["text_prompt_tokens"].tolist()
+        )  # the tiny 24-frame context is too short for the prompt-length guard; the math is unchanged
+        engine.join(1, 2, prompt, SamplingConfig(greedy=True))
+        tokens, pcm = [], []
+        for frame in split_frames(read_audio(golden / "user_input.wav")):
+            batch = torch.zeros(2, frame.shape[0])
+            batch[1] = torch.from_numpy(frame)
+            out = engine.step(batch)
+            tokens.append(out.tokens[1])
+            pcm.append(out.pcm[1])
+        return torch.stack(tokens), torch.stack(pcm).float().cpu()
+
+    return run

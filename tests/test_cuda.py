@@ -148,36 +148,21 @@ def test_compiled_fp8_step_equals_module_step(golden, golden_config, configs):
         assert torch.equal(plain.tokens, fused.tokens)
 
 
-def test_golden_session_through_the_gpu_engine(golden, golden_config, configs):
+def test_golden_session_through_the_gpu_engine(golden, golden_config, configs, run_golden_through_engine):
     """The engine as served on a GPU (compiled kernels, Mimi's compiled transformers, the user's frame
     encoded on a side stream beside the temporal transformer, the whole frame replayed as a CUDA graph)
     reproduces the reference session."""
-    from personaplex.audio import read_audio, split_frames
-    from personaplex.engine import Engine, SamplingConfig
-    from personaplex.persona import build_system_prompt, load_voice
+    from personaplex.engine import Engine
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     session = load_file(golden / "golden_lm_session.safetensors")
     lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
     mimi = load_mimi(golden / golden_config["mimi"]["file"], configs[1], device="cuda")
-    voice = load_voice(golden / "voice_prompt.pt", lm.config, mimi)
-    prompt = build_system_prompt(
-        LMConfig(**{**lm.config.__dict__, "context": 3000}), voice, session["text_prompt_tokens"].tolist()
-    )  # the tiny 24-frame context is too short for the prompt-length guard; the math is unchanged
-    engine = Engine(lm, mimi, max_slots=2)
     try:
-        engine.join(1, 2, prompt, SamplingConfig(greedy=True))
-        frames = split_frames(read_audio(golden / "user_input.wav"))
-        tokens, pcm = [], []
-        for frame in frames:
-            batch = torch.zeros(2, frame.shape[0])
-            batch[1] = torch.from_numpy(frame)
-            out = engine.step(batch)
-            tokens.append(out.tokens[1])
-            pcm.append(out.pcm[1])
+        tokens, pcm = run_golden_through_engine(Engine(lm, mimi, max_slots=2), lm, mimi, "voice_prompt.pt")
     finally:
         lm.use_fused_step(None)
         mimi.use_compiled_transformers(False)
-    assert torch.equal(torch.stack(tokens), session["replay_step_out_tokens"][-len(frames):])
-    torch.testing.assert_close(torch.stack(pcm).float().cpu(), session["replay_agent_pcm"], atol=1e-5, rtol=0)
+    assert torch.equal(tokens, session["replay_step_out_tokens"][-len(tokens):])
+    torch.testing.assert_close(pcm, session["replay_agent_pcm"], atol=1e-5, rtol=0)
