@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -58,6 +59,7 @@ DEFAULT_VOICE = "NATF2"
 UPLOAD_PREFIX = "upload-"
 TICK_MARGIN_SECONDS = 0.005  # kept free at the end of a tick for the event loop's share of the GIL
 JOIN_PATIENCE_TICKS = 5
+ENGINE_SWITCH_INTERVAL_SECONDS = 0.001  # see ConversationHub.start
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,10 @@ class ConversationHub:
 
     async def start(self) -> None:
         """Start the engine thread (captures CUDA graphs first on a GPU). Call on the serving event loop."""
+        # The engine thread waits for the GPU several times a tick, releasing the GIL; winning it back from
+        # a busy event loop takes up to one switch interval each (Python's default: 5 ms), which made
+        # 32-caller ticks take ~100 ms around a 20 ms step. A shorter interval bounds that wait.
+        sys.setswitchinterval(min(sys.getswitchinterval(), ENGINE_SWITCH_INTERVAL_SECONDS))
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
@@ -682,10 +688,11 @@ class ConversationHub:
         self._loop.call_soon_threadsafe(_resolve, conversation._joined)
 
     def _tick(self, pcm) -> None:
-        import torch
-
         tokenizer = self.model.tokenizer
-        pcm.zero_()
+        # Per-conversation work below touches numpy only: every torch call releases the GIL, and winning
+        # it back from a busy event loop costs up to a switch interval (5 ms) each (bench/hub_tick.py).
+        pcm_host = pcm.numpy()
+        pcm_host.fill(0.0)
         now = time.monotonic()
         for slot, conversation in list(self._live.items()):
             timeout = conversation.input_timeout
@@ -694,7 +701,7 @@ class ConversationHub:
                 continue
             buffer = conversation._input
             underruns = buffer.underruns
-            pcm[slot] = torch.from_numpy(buffer.pop_frame())
+            pcm_host[slot] = buffer.pop_frame()
             if buffer.underruns != underruns:
                 self.metrics.input_underruns.inc()
             dropped = buffer.dropped_samples - conversation._dropped_counted  # dropped by the network side
@@ -704,10 +711,11 @@ class ConversationHub:
         if not self._live:
             return
         out = self.engine.step(pcm)
+        text_tokens, agent_pcm = out.tokens[:, 0].tolist(), out.pcm.numpy()
         deliveries = []
         for slot, conversation in list(self._live.items()):
-            token = int(out.tokens[slot, 0])
-            deliveries.append((conversation, AgentFrame(out.pcm[slot].numpy().copy(), tokenizer.spoken_text(token) or None)))
+            token = text_tokens[slot]
+            deliveries.append((conversation, AgentFrame(agent_pcm[slot].copy(), tokenizer.spoken_text(token) or None)))
             conversation._engine_frames += 1
         # One wake-up of the event loop per tick, whatever the number of conversations; the frames go out
         # before the end notices queued after them.
