@@ -9,6 +9,7 @@ request to a closed local port, so nothing leaves the machine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -111,10 +112,16 @@ def pulse_socket(tmp_path_factory):
 @pytest.fixture(scope="module")
 def firefox(tmp_path_factory, pulse_socket):
     """Headless Firefox with a fresh profile; yields its WebDriver BiDi address."""
+    with running_firefox(tmp_path_factory.mktemp("firefox-profile"), pulse_socket, PROFILE_PREFS) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def running_firefox(profile, pulse_socket, prefs: dict):
+    """Headless Firefox on profile folder ``profile`` with ``prefs``; yields its WebDriver BiDi address."""
     executable = required_program("firefox-esr", "firefox")
-    profile = tmp_path_factory.mktemp("firefox-profile")
     (profile / "user.js").write_text(
-        "".join(f"user_pref({json.dumps(name)}, {json.dumps(value)});\n" for name, value in PROFILE_PREFS.items())
+        "".join(f"user_pref({json.dumps(name)}, {json.dumps(value)});\n" for name, value in prefs.items())
     )
     process = subprocess.Popen(
         [executable, "--headless", "--no-remote", "--profile", str(profile), "--remote-debugging-port", "0",
@@ -138,8 +145,10 @@ def firefox(tmp_path_factory, pulse_socket):
     if not address:
         stop_process(process)
         pytest.fail("firefox did not open its WebDriver BiDi port")
-    yield address[0]
-    stop_process(process)
+    try:
+        yield address[0]
+    finally:
+        stop_process(process)
 
 
 class Bidi:
@@ -298,3 +307,24 @@ def test_firefox_explains_an_insecure_origin(bidi, demo_server):  # noqa: F811
     assert tab.js("document.querySelector('#start').disabled") is True
     assert len(tab.js("personaplex.voices")) == 18  # the rest of the page still works
     tab.close()
+
+
+def test_firefox_explains_a_blocked_microphone(tmp_path_factory, pulse_socket, demo_server):  # noqa: F811
+    """A Firefox whose user blocks microphones (its own permission default, as "Block" sets per site): the
+    page says so, offers Start again and opens no session."""
+    prefs = {**PROFILE_PREFS, "media.navigator.permission.disabled": False, "permissions.default.microphone": 2}
+    sessions = metric(demo_server.metrics(), "personaplex_sessions_total", 'front_end="chat"')
+    with running_firefox(tmp_path_factory.mktemp("firefox-mic-blocked"), pulse_socket, prefs) as address:
+        client = Bidi(address)
+        try:
+            tab = Tab(client, demo_server.page_url)
+            tab.click("#start")
+            tab.wait("document.body.dataset.mic === 'blocked'", timeout=15, what="the blocked-microphone notice")
+            notice = tab.js("document.querySelector('[data-notice=mic-blocked]').textContent")
+            assert "microphone is blocked" in notice
+            tab.wait("!document.querySelector('#start').disabled", timeout=5, what="Start to be offered again")
+            assert tab.js("personaplex.state") != "connected"
+            tab.close()
+        finally:
+            client.close()
+    assert metric(demo_server.metrics(), "personaplex_sessions_total", 'front_end="chat"') == sessions
