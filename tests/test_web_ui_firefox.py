@@ -27,6 +27,7 @@ from test_web_ui import (  # noqa: F401  (fixtures used by name)
     demo_server,
     metric,
     minimal_server,
+    write_microphone_wav,
 )
 
 pytestmark = pytest.mark.slow
@@ -244,6 +245,16 @@ class Tab:
     def click(self, selector: str) -> None:
         self.js(f"document.querySelector({json.dumps(selector)}).click()")
 
+    def set_files(self, selector: str, paths: list[str]) -> None:
+        """Choose files in a file input, as a user's file picker would (BiDi ``input.setFiles``)."""
+        element = self.bidi.command("script.evaluate", {
+            "expression": f"document.querySelector({json.dumps(selector)})", "target": {"context": self.context},
+            "awaitPromise": False, "resultOwnership": "root",
+        })["result"]
+        self.bidi.command("input.setFiles", {
+            "context": self.context, "element": {"sharedId": element["sharedId"]}, "files": paths,
+        })
+
     def close(self) -> None:
         self.bidi.command("browsingContext.close", {"context": self.context})
 
@@ -328,3 +339,40 @@ def test_firefox_explains_a_blocked_microphone(tmp_path_factory, pulse_socket, d
         finally:
             client.close()
     assert metric(demo_server.metrics(), "personaplex_sessions_total", 'front_end="chat"') == sessions
+
+
+def start_and_connect(tab: Tab) -> None:
+    tab.click("#start")
+    tab.wait("personaplex.state === 'connected'", timeout=60, what="the handshake")
+
+
+def stop_and_close(tab: Tab) -> None:
+    tab.click("#stop")
+    tab.wait("personaplex.state === 'closed'", timeout=10, what="the close")
+
+
+def test_firefox_second_caller_waits_with_its_queue_position(bidi, demo_server):  # noqa: F811
+    first = Tab(bidi, demo_server.page_url)
+    second = Tab(bidi, demo_server.page_url)
+    start_and_connect(first)
+    second.click("#start")
+    second.wait("document.querySelector('#status-text').textContent === 'Waiting, position 1'", timeout=20,
+                what="the queue position")
+    assert second.js("personaplex.state") == "preparing"
+    stop_and_close(first)
+    second.wait("personaplex.state === 'connected'", timeout=60, what="the queued caller to get the slot")
+    stop_and_close(second)
+    assert first.errors == [] and second.errors == []
+    first.close()
+    second.close()
+
+
+def test_firefox_uploaded_voice_sample(bidi, demo_server, tmp_path):  # noqa: F811
+    sample = write_microphone_wav(tmp_path / "my-voice.wav", seconds=2.0, sample_rate=24_000)
+    tab = Tab(bidi, demo_server.page_url)
+    tab.set_files("#voice-file", [str(sample)])
+    start_and_connect(tab)
+    assert tab.js("personaplex.metadata[0].persona.voice").startswith("upload-")
+    stop_and_close(tab)
+    assert tab.js("personaplex.notices") == []
+    tab.close()
