@@ -93,6 +93,9 @@ class Page:
     def js(self, expression: str):
         return self.page.evaluate(expression)
 
+    def click(self, selector: str) -> None:
+        self.page.click(selector)
+
     def wait(self, expression: str, timeout: float = 20.0, what: str | None = None):
         try:
             self.page.wait_for_function(expression, timeout=timeout * 1000)
@@ -113,14 +116,31 @@ def open_page(browser, url: str, *, microphone: bool = True) -> Page:
     return result
 
 
-def start_conversation(page: Page) -> None:
-    page.page.click("#start")
+# The page helpers below take any page with ``click``, ``js``, ``wait`` and ``errors`` (Chromium's ``Page`` here,
+# Firefox's ``Tab`` in test_web_ui_firefox.py), so that both browsers run the same scenarios.
+
+
+def start_conversation(page) -> None:
+    page.click("#start")
     page.wait("personaplex.state === 'connected'", timeout=60, what="the handshake")
 
 
-def stop_conversation(page: Page) -> None:
-    page.page.click("#stop")
+def stop_conversation(page) -> None:
+    page.click("#stop")
     page.wait("personaplex.state === 'closed'", timeout=10, what="the close")
+
+
+def second_caller_waits_for_the_slot(first, second) -> None:
+    """With one slot, a second caller is told its queue position and gets the slot when the first leaves."""
+    start_conversation(first)
+    second.click("#start")
+    second.wait("document.querySelector('#status-text').textContent === 'Waiting, position 1'", timeout=20,
+                what="the queue position")
+    assert second.js("personaplex.state") == "preparing"
+    stop_conversation(first)
+    second.wait("personaplex.state === 'connected'", timeout=60, what="the queued caller to get the slot")
+    stop_conversation(second)
+    assert first.errors == [] and second.errors == []
 
 
 # --- the real server ---------------------------------------------------------------------------------------
@@ -277,15 +297,7 @@ def test_unknown_voice_shows_the_servers_error(browser, demo_server):
 def test_second_caller_waits_with_its_queue_position(browser, demo_server):
     first = open_page(browser, demo_server.page_url)
     second = open_page(browser, demo_server.page_url)
-    start_conversation(first)
-    second.page.click("#start")
-    second.wait("document.querySelector('#status-text').textContent === 'Waiting, position 1'", timeout=20,
-                what="the queue position")
-    assert second.js("personaplex.state") == "preparing"
-    stop_conversation(first)
-    second.wait("personaplex.state === 'connected'", timeout=60, what="the queued caller to get the slot")
-    stop_conversation(second)
-    assert first.errors == [] and second.errors == []
+    second_caller_waits_for_the_slot(first, second)
     first.context.close()
     second.context.close()
 

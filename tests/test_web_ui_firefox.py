@@ -27,6 +27,9 @@ from test_web_ui import (  # noqa: F401  (fixtures used by name)
     demo_server,
     metric,
     minimal_server,
+    second_caller_waits_for_the_slot,
+    start_conversation,
+    stop_conversation,
     write_microphone_wav,
 )
 
@@ -341,28 +344,10 @@ def test_firefox_explains_a_blocked_microphone(tmp_path_factory, pulse_socket, d
     assert metric(demo_server.metrics(), "personaplex_sessions_total", 'front_end="chat"') == sessions
 
 
-def start_and_connect(tab: Tab) -> None:
-    tab.click("#start")
-    tab.wait("personaplex.state === 'connected'", timeout=60, what="the handshake")
-
-
-def stop_and_close(tab: Tab) -> None:
-    tab.click("#stop")
-    tab.wait("personaplex.state === 'closed'", timeout=10, what="the close")
-
-
 def test_firefox_second_caller_waits_with_its_queue_position(bidi, demo_server):  # noqa: F811
     first = Tab(bidi, demo_server.page_url)
     second = Tab(bidi, demo_server.page_url)
-    start_and_connect(first)
-    second.click("#start")
-    second.wait("document.querySelector('#status-text').textContent === 'Waiting, position 1'", timeout=20,
-                what="the queue position")
-    assert second.js("personaplex.state") == "preparing"
-    stop_and_close(first)
-    second.wait("personaplex.state === 'connected'", timeout=60, what="the queued caller to get the slot")
-    stop_and_close(second)
-    assert first.errors == [] and second.errors == []
+    second_caller_waits_for_the_slot(first, second)
     first.close()
     second.close()
 
@@ -371,8 +356,8 @@ def test_firefox_uploaded_voice_sample(bidi, demo_server, tmp_path):  # noqa: F8
     sample = write_microphone_wav(tmp_path / "my-voice.wav", seconds=2.0, sample_rate=24_000)
     tab = Tab(bidi, demo_server.page_url)
     tab.set_files("#voice-file", [str(sample)])
-    start_and_connect(tab)
+    start_conversation(tab)
     assert tab.js("personaplex.metadata[0].persona.voice").startswith("upload-")
-    stop_and_close(tab)
+    stop_conversation(tab)
     assert tab.js("personaplex.notices") == []
     tab.close()
