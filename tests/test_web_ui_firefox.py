@@ -29,7 +29,9 @@ from test_web_ui import (  # noqa: F401  (fixtures used by name)
     minimal_server,
     second_caller_waits_for_the_slot,
     start_conversation,
+    start_server,
     stop_conversation,
+    stop_server,
     write_microphone_wav,
 )
 
@@ -158,7 +160,7 @@ def running_firefox(profile, pulse_socket, prefs: dict):
 class Bidi:
     """A small synchronous WebDriver BiDi client: one session, commands, console errors per tab."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, capabilities: dict | None = None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -166,7 +168,7 @@ class Bidi:
         self.pending: dict[int, asyncio.Future] = {}
         self.console_errors: dict[str, list[str]] = {}
         self._call(self._connect(address))
-        self.command("session.new", {"capabilities": {}})
+        self.command("session.new", {"capabilities": capabilities or {}})
         self.command("session.subscribe", {"events": ["log.entryAdded"]})
 
     def _call(self, coroutine, timeout: float = 90):
@@ -361,3 +363,28 @@ def test_firefox_uploaded_voice_sample(bidi, demo_server, tmp_path):  # noqa: F8
     stop_conversation(tab)
     assert tab.js("personaplex.notices") == []
     tab.close()
+
+
+def test_firefox_https_with_a_generated_certificate_on_a_lan_name(tmp_path_factory, pulse_socket, tmp_path):
+    """--ssl's self-signed certificate, the page on a name other than localhost: a secure context talking
+    over wss:// (the certificate accepted as a user would, for this browser session only)."""
+    server = start_server("--ssl", str(tmp_path / "tls"))
+    try:
+        port = server.url.rsplit(":", 1)[1]
+        profile = tmp_path_factory.mktemp("firefox-https")
+        with running_firefox(profile, pulse_socket, PROFILE_PREFS) as address:
+            client = Bidi(address, {"alwaysMatch": {"acceptInsecureCerts": True}})
+            try:
+                tab = Tab(client, f"https://{LAN_HOST}:{port}/")
+                assert tab.js("window.isSecureContext") is True
+                assert tab.js("personaplex.notices") == []
+                tab.click("#start")
+                tab.wait("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 0.5", timeout=60,
+                         what="agent audio over wss://")
+                stop_conversation(tab)
+                assert tab.js("personaplex.notices") == []
+                tab.close()
+            finally:
+                client.close()
+    finally:
+        stop_server(server)
