@@ -38,6 +38,18 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return resample(mono, int(file_rate), sample_rate)
 
 
+def audio_file_format(path: str | Path) -> tuple[int, int]:
+    """(sample rate, samples per channel) of an audio file, from the header alone when it is PCM wav."""
+    import wave
+
+    try:
+        with wave.open(str(path)) as wav:
+            return wav.getframerate(), wav.getnframes()
+    except (wave.Error, EOFError):
+        audio, rate = sphn.read(str(path))
+        return int(rate), np.asarray(audio).shape[-1]
+
+
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
     """Polyphase resampling [T] -> [ceil(T * target / source)] float32, with no time shift.
 

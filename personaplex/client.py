@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .audio import audio_file_format
 from .chat_client import ChatClientError, Exchange, chat_url, client_ssl_context, run_exchange
 from .config import SAMPLE_RATE
 from .offline import DEFAULT_TEXT_PROMPT
@@ -75,20 +76,6 @@ def query_parameters(args: argparse.Namespace) -> dict[str, str | None]:
     }
 
 
-def input_format(path: Path) -> tuple[int, int]:
-    """(sample rate, samples per channel) of the input, from the header when it is PCM wav."""
-    import wave
-
-    try:
-        with wave.open(str(path)) as wav:
-            return wav.getframerate(), wav.getnframes()
-    except (wave.Error, EOFError):
-        import sphn
-
-        audio, rate = sphn.read(str(path))
-        return int(rate), np.asarray(audio).shape[-1]
-
-
 def reply_on_input_timeline(exchange: Exchange, rate: int, length: int) -> np.ndarray:
     """The agent's audio at ``rate`` with exactly ``length`` samples (frame 0 at sample 0; silence pads)."""
     from .audio import resample
@@ -124,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
 
     url = chat_url(args.url, query_parameters(args), args.token)  # validates the URL first
     audio = read_audio(args.input)
-    rate, length = input_format(args.input)
+    rate, length = audio_file_format(args.input)
     output_wav = args.output_wav or args.input.with_name(args.input.stem + ".reply.wav")
     output_text = args.output_text or output_wav.with_suffix(".json")
     for output in (output_wav, output_text):

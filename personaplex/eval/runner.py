@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .. import offline
+from ..audio import audio_file_format
 from . import layout
 from .layout import Sample
 
@@ -79,20 +80,6 @@ def run(args: argparse.Namespace) -> None:
     write_manifest(manifest_path, args, samples, overrides)
 
 
-def _wav_info(path: Path) -> tuple[int, int]:
-    """(sample rate, samples per channel) of an audio file, from the header when it is PCM wav."""
-    import wave
-
-    try:
-        with wave.open(str(path)) as wav:
-            return wav.getframerate(), wav.getnframes()
-    except (wave.Error, EOFError):
-        import sphn
-
-        audio, rate = sphn.read(str(path))
-        return int(rate), audio.shape[-1]
-
-
 def match_input_rate(sample: Sample) -> None:
     """Rewrite output.wav at input.wav's sample rate with exactly its number of samples.
 
@@ -104,8 +91,8 @@ def match_input_rate(sample: Sample) -> None:
 
     from ..audio import read_audio
 
-    input_rate, input_samples = _wav_info(sample.input_wav)
-    output_rate, output_samples = _wav_info(sample.output_wav)
+    input_rate, input_samples = audio_file_format(sample.input_wav)
+    output_rate, output_samples = audio_file_format(sample.output_wav)
     if (input_rate, input_samples) == (output_rate, output_samples):
         return
     audio = read_audio(sample.output_wav, input_rate)[:input_samples]
