@@ -78,3 +78,13 @@ def run_golden_through_engine(golden):
         return torch.stack(tokens), torch.stack(pcm).float().cpu()
 
     return run
+
+
+def require_triton_kernels() -> None:
+    """Skip (with the reason) where the Triton kernels cannot run: no Triton, or no GPU and a Triton whose
+    interpreter predates numpy 2 support (3.8)."""
+    triton = pytest.importorskip("triton", reason="the decode attention kernels need Triton")
+    if not torch.cuda.is_available():
+        version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+        if version < (3, 8):
+            pytest.skip(f"Triton {triton.__version__}'s CPU interpreter fails with numpy 2: pip install 'triton>=3.8'")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require_triton_kernels
 
 from personaplex.layers import decode_attention as decode_attention_module
 from personaplex.layers.kv_ring import dequantize_fp8, quantize_fp8, ring_positions, ring_visibility
@@ -17,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(scope="module")
 def kernels():
-    pytest.importorskip("triton", reason="the decode attention kernels need Triton")
+    require_triton_kernels()
     return decode_attention_module
 
 

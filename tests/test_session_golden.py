@@ -126,7 +126,9 @@ def step_kernels(request, models):
     lm, _ = models
     lm.use_fused_step(None if request.param is None else "eager")
     if request.param == "triton":
-        pytest.importorskip("triton", reason="the decode attention kernel needs Triton")
+        from conftest import require_triton_kernels
+
+        require_triton_kernels()
         from personaplex.lm.fused import TRITON_BF16_MAX_BATCH, gpu_write_and_attend
 
         assert TRITON_BF16_MAX_BATCH >= 1  # these single-conversation steps take the Triton kernel
