@@ -171,7 +171,7 @@ class Generator:
         and hand the codes to ``step_tokens``. The state is not changed until ``step_tokens``.
         """
         counter = state.offset.clone()
-        model_input = state.cache.gather(2, self._column(counter - 1, state.cache.shape[1]))[..., 0]
+        model_input = self._model_input(state)
         if input_embeddings is None:
             kernels = self.model.step_kernels
             embeddings = (kernels.embed if kernels is not None else self.model.embed)(model_input[:, None, :])
@@ -188,7 +188,7 @@ class Generator:
         cfg = self.config
         depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
         counter, transformer_out, text_logits = temporal.counter, temporal.transformer_out, temporal.text_logits
-        _, target, target_forced = self._write_given(state, forced)
+        target, target_forced = self._write_given(state, forced)
 
         seed = sampling.seed if sampling is not None else None
         kernels = self.model.step_kernels
@@ -243,8 +243,8 @@ class Generator:
         host_frames = frames.cpu()
         inputs = []
         for t in range(steps):
-            model_input, target, _ = self._write_given(host, host_frames[:, t])
-            inputs.append(model_input)
+            inputs.append(self._model_input(host))
+            target, _ = self._write_given(host, host_frames[:, t])
             self._commit(host, target)
         for tensor, value in zip(state.tensors(), host.tensors()):
             tensor.copy_(value, non_blocking=True)
@@ -272,9 +272,13 @@ class Generator:
                 self.model.forward_temporal(block, start - 1 + first, lm_state, heads=False, used_length=used)
         return embeddings
 
-    def _write_given(self, state: GeneratorState, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """First half of a step: store the given tokens, apply initial tokens; returns
-        (model input column [B, K], target column [B, K], target forced flags [B, K])."""
+    def _model_input(self, state: GeneratorState) -> torch.Tensor:
+        """The column the temporal transformer reads [B, K]: the previous one. Nothing a step forces lands
+        there (delays are >= 0), so it can be read before or after ``_write_given``."""
+        return state.cache.gather(2, self._column(state.offset - 1, state.cache.shape[1]))[..., 0]
+
+    def _write_given(self, state: GeneratorState, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the given tokens, apply initial tokens; returns (target column [B, K], its forced flags [B, K])."""
         batch, channels = forced.shape
         offset = state.offset
         # Write the caller's tokens at their delayed positions.
@@ -284,15 +288,11 @@ class Generator:
         state.cache.scatter_(2, write_at, torch.where(given, forced[..., None], state.cache.gather(2, write_at)))
         state.provided.scatter_(2, write_at, given | state.provided.gather(2, write_at))
         # Channels still inside their initial delay get the initial token.
-        now, previous = self._column(offset, channels), self._column(offset - 1, channels)
+        now = self._column(offset, channels)
         warming = (offset[:, None] <= delays)[..., None]  # [B, K, 1]
         state.cache.scatter_(2, now, torch.where(warming, initial[:, None], state.cache.gather(2, now)))
         state.provided.scatter_(2, now, warming | state.provided.gather(2, now))
-        return (
-            state.cache.gather(2, previous)[..., 0],
-            state.cache.gather(2, now)[..., 0],
-            state.provided.gather(2, now)[..., 0],
-        )
+        return state.cache.gather(2, now)[..., 0], state.provided.gather(2, now)[..., 0]
 
     def _commit(self, state: GeneratorState, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Second half of a step: store the completed column [B, K], read the frame that is complete
