@@ -55,6 +55,8 @@ def session(model, frames: int = 8) -> torch.Tensor:
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 @pytest.mark.parametrize("offloaded", [1, 3, 5])
 def test_offloaded_layers_give_identical_outputs(checkpoint, quantize, offloaded):
+    if quantize != "none":
+        pytest.importorskip("torchao", reason="--quantize needs torchao: pip install -e '.[quantize]'")
     if quantize == "none":
         reference = session(load_lm(checkpoint, CONFIG, dtype=torch.float32))
     else:
@@ -75,6 +77,7 @@ def test_any_number_of_staging_buffers_gives_identical_outputs(checkpoint, buffe
 
 
 def test_offloaded_weights_live_in_host_tensors_apart_from_the_staging_buffers(checkpoint):
+    pytest.importorskip("torchao", reason="--quantize needs torchao: pip install -e '.[quantize]'")
     model = load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, quantize="int8", offload_layers=3)
     streamed = model.transformer.layers
     host_pointers = {t.data_ptr() for host in streamed._host for t in host}

@@ -100,6 +100,7 @@ def test_offload_flags_are_checked():
 
 def test_gpu_plan_picks_the_layers_to_offload(monkeypatch):
     """The GPU side of the plan with the device's answers replaced (no GPU here): free memory and link speed."""
+    pytest.importorskip("torchao", reason="--quantize needs torchao: pip install -e '.[quantize]'")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (12 * GIB, 16 * GIB))
     monkeypatch.setattr(plan_module, "measure_host_to_device_bandwidth", lambda device: 25e9)
