@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from personaplex.lm.sampling import SamplingParams, choose_tokens
+from personaplex.lm import sampling
+from personaplex.lm.sampling import SamplingParams, choose_tokens, rank_in_row
 
 
 def draw(logits: torch.Tensor, temperature: float, top_k: int, n: int, seed: int = 7) -> torch.Tensor:
@@ -63,3 +64,28 @@ def test_seed_reproduces_and_differs():
     first = draw(logits, 1.0, 1000, 64, seed=11)
     assert torch.equal(first, draw(logits, 1.0, 1000, 64, seed=11))
     assert not torch.equal(first, draw(logits, 1.0, 1000, 64, seed=12))
+
+
+def test_rank_in_row_is_the_position_in_a_stable_descending_sort():
+    torch.manual_seed(0)
+    probs = torch.randn(3, 1000).softmax(-1)
+    probs[0, 10] = probs[0, 20]  # a tie: the lower index comes first, as in a stable sort
+    probs[2] = 0.001  # a row of ties
+    order = torch.sort(probs, dim=-1, descending=True, stable=True).indices
+    expected = torch.empty_like(order).scatter_(1, order, torch.arange(1000).expand(3, -1).contiguous())
+    assert torch.equal(rank_in_row(probs), expected)
+
+
+def test_ranking_and_topk_sample_the_same_tokens(monkeypatch):
+    """Rows up to RANK_MAX_VOCAB find their top-k by ranking, longer ones by topk: same draws."""
+    torch.manual_seed(1)
+    logits = torch.randn(6, 3000)
+    params = SamplingParams(torch.tensor([0.9, 0.9, 1.3, 0.7, 1.0, 0.0]), torch.tensor([1, 5, 25, 250, 2000, 3000]))
+    seeds, counters = torch.arange(6), torch.arange(6) + 3
+    draws = []
+    for rank_max_vocab in (4096, 0):
+        monkeypatch.setattr(sampling, "RANK_MAX_VOCAB", rank_max_vocab)
+        draws.append(torch.stack([choose_tokens(logits, params, seeds, counters + n, stream=2, max_top_k=3000) for n in range(50)]))
+    assert torch.equal(draws[0], draws[1])
+    assert len(draws[0][:, 4].unique()) > 10  # a wide top-k really samples
+    assert (draws[0][:, 0] == logits[0].argmax()).all()  # top-1 is greedy

@@ -16,6 +16,18 @@ from ..layers.norm import RMSNorm
 from .layers import GatedFeedForward, SelfAttentionWeights
 
 
+def attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Attention of q [B, H, 1, D] over a few (<= dep_q) keys/values [B, H, S, D], in float32.
+
+    Written as element-wise products and sums rather than scaled_dot_product_attention: compiled, it
+    fuses with the key/value store around it into a couple of kernels, where an attention kernel per
+    layer and depth step (48 a frame) cost more to launch than to run.
+    """
+    scores = (q.float() * keys.float()).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # [B, H, S, 1]
+    weights = torch.softmax(scores, dim=2)
+    return (weights * values.float()).sum(2, keepdim=True).to(q.dtype)
+
+
 class DepthLayer(nn.Module):
     def __init__(self, config: LMConfig):
         super().__init__()
@@ -53,7 +65,7 @@ class DepthTransformer(nn.Module):
             q, k, v = F.linear(h, qkv_weight).chunk(3, dim=-1)
             keys[index, :, :, step] = split_heads(k, cfg.depformer_num_heads)[:, :, 0]
             values[index, :, :, step] = split_heads(v, cfg.depformer_num_heads)[:, :, 0]
-            attended = F.scaled_dot_product_attention(
+            attended = attend_few(
                 split_heads(q, cfg.depformer_num_heads),
                 keys[index, :, :, first_visible : step + 1],
                 values[index, :, :, first_visible : step + 1],

@@ -4,7 +4,7 @@ Inside a CUDA graph a frame is still launch-bound at small batches: eager PyTorc
 operation (~3,900 per frame, most of them tiny element-wise ops around the matmuls). The functions
 here are the same arithmetic as the eager modules, written as functions of tensors (not modules) so
 that one compiled version serves every layer; Inductor fuses their element-wise work (norms, RoPE,
-residual adds, the gated activation, FP8 quantisation, the sampling hash) into a few kernels.
+residual adds, the gated activation, FP8 quantisation, the sampling hash, the delayed token buffer's updates) into a few kernels.
 
 The step's ring update and attention (``StepKernels.write_and_attend``) is, on a GPU with Triton, the
 split-K kernel of ``personaplex.layers.decode_attention``, which also stores this frame's key and
@@ -29,6 +29,7 @@ from ..layers.attention import merge_heads, split_heads
 from ..layers.decode_attention import decode_attention, decode_attention_available
 from ..layers.kv_ring import quantize_fp8, write_quantized, write_ring
 from ..layers.rope import Rotation, apply_rope
+from .token_buffer import commit, write_given
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -128,6 +129,8 @@ class StepKernels:
     write_and_attend: Callable  # signature of ``write_and_attend_reference``
     forward_depth: Callable
     choose_tokens: Callable
+    write_given: Callable  # the token buffer's updates around the model (``token_buffer``)
+    commit: Callable
 
 
 def compile_step_kernels(model) -> StepKernels:
@@ -149,6 +152,8 @@ def compile_step_kernels(model) -> StepKernels:
         write_and_attend=gpu_write_and_attend if on_gpu_with_triton(model) else write_and_attend_reference,
         forward_depth=fused(model.forward_depth),
         choose_tokens=fused(choose_tokens),
+        write_given=fused(write_given),
+        commit=fused(commit),
     )
 
 
@@ -158,7 +163,7 @@ def eager_step_kernels(model) -> StepKernels:
 
     return StepKernels(
         model.embed, attention_input, attention_output_and_ffn, write_and_attend_reference, model.forward_depth,
-        choose_tokens,
+        choose_tokens, write_given, commit,
     )
 
 

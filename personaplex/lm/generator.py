@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .fused import StepKernels
 from .model import LMModel, LMState
 from .sampling import SamplingParams, choose_tokens
-
-CACHE_FRAMES = 4  # max_delay + 3, as in the reference; enough for any delay pattern used here
+from .token_buffer import CACHE_FRAMES, column_index, commit, write_given
 
 
 @dataclass
@@ -188,10 +188,10 @@ class Generator:
         cfg = self.config
         depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
         counter, transformer_out, text_logits = temporal.counter, temporal.transformer_out, temporal.text_logits
-        target, target_forced = self._write_given(state, forced)
+        kernels = self.model.step_kernels
+        target, target_forced = self._write_given(state, forced, kernels)
 
         seed = sampling.seed if sampling is not None else None
-        kernels = self.model.step_kernels
         choose = kernels.choose_tokens if kernels is not None else choose_tokens
         forward_depth = kernels.forward_depth if kernels is not None else self.model.forward_depth
         chosen_text = choose(
@@ -209,7 +209,7 @@ class Generator:
         # Codebooks the depformer skipped must be forced; the forced value stands.
         depth_tokens = torch.cat([depth.tokens, forced_audio[:, depth_steps:]], dim=1)
         chosen = torch.cat([text[:, None], depth_tokens], dim=1)
-        tokens, valid = self._commit(state, torch.where(target_forced, target, chosen))
+        tokens, valid = self._commit(state, torch.where(target_forced, target, chosen), kernels)
         return StepResult(tokens, valid, text_logits, depth.logits, transformer_out)
 
     def prefill(
@@ -275,46 +275,27 @@ class Generator:
     def _model_input(self, state: GeneratorState) -> torch.Tensor:
         """The column the temporal transformer reads [B, K]: the previous one. Nothing a step forces lands
         there (delays are >= 0), so it can be read before or after ``_write_given``."""
-        return state.cache.gather(2, self._column(state.offset - 1, state.cache.shape[1]))[..., 0]
+        return state.cache.gather(2, column_index(state.offset - 1, state.cache.shape[1]))[..., 0]
 
-    def _write_given(self, state: GeneratorState, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _write_given(
+        self, state: GeneratorState, forced: torch.Tensor, kernels: StepKernels | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the given tokens, apply initial tokens; returns (target column [B, K], its forced flags [B, K])."""
-        batch, channels = forced.shape
-        offset = state.offset
-        # Write the caller's tokens at their delayed positions.
-        delays, initial = self._constants(offset.device)
-        write_at = ((offset[:, None] + delays) % CACHE_FRAMES)[..., None]  # [B, K, 1]
-        given = (forced >= 0)[..., None]
-        state.cache.scatter_(2, write_at, torch.where(given, forced[..., None], state.cache.gather(2, write_at)))
-        state.provided.scatter_(2, write_at, given | state.provided.gather(2, write_at))
-        # Channels still inside their initial delay get the initial token.
-        now = self._column(offset, channels)
-        warming = (offset[:, None] <= delays)[..., None]  # [B, K, 1]
-        state.cache.scatter_(2, now, torch.where(warming, initial[:, None], state.cache.gather(2, now)))
-        state.provided.scatter_(2, now, warming | state.provided.gather(2, now))
-        return state.cache.gather(2, now)[..., 0], state.provided.gather(2, now)[..., 0]
+        delays, initial = self._constants(state.offset.device)
+        write = kernels.write_given if kernels is not None else write_given
+        return write(state.cache, state.provided, state.offset, forced, delays, initial)
 
-    def _commit(self, state: GeneratorState, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Second half of a step: store the completed column [B, K], read the frame that is complete
-        at every delay, advance. Returns (tokens [B, K], -1 where not valid; valid [B])."""
-        channels = column.shape[1]
-        offset = state.offset
-        state.provided.scatter_(2, self._column(offset - 1, channels), False)
-        state.cache.scatter_(2, self._column(offset, channels), column[..., None])
-        delays, _ = self._constants(offset.device)
-        read_at = ((offset[:, None] - 1 + delays) % CACHE_FRAMES)[..., None]
-        valid = offset > self.config.max_delay
-        tokens = torch.where(valid[:, None], state.cache.gather(2, read_at)[..., 0], -1)
-        state.offset.add_(1)
-        return tokens, valid
+    def _commit(
+        self, state: GeneratorState, column: torch.Tensor, kernels: StepKernels | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the completed column [B, K], read the frame complete at every delay, advance.
+        Returns (tokens [B, K], -1 where not valid; valid [B])."""
+        delays, _ = self._constants(state.offset.device)
+        store = kernels.commit if kernels is not None else commit
+        return store(state.cache, state.provided, state.offset, column, delays, self.config.max_delay)
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(delays [K], initial tokens [K]) on ``device``: the model's, or host copies for bookkeeping."""
         if device not in self._per_device:
             self._per_device[device] = (self.delays.to(device), self.initial.to(device))
         return self._per_device[device]
-
-    @staticmethod
-    def _column(frame: torch.Tensor, channels: int) -> torch.Tensor:
-        """Gather/scatter index [B, K, 1] selecting one buffer column per slot (no host sync)."""
-        return (frame % CACHE_FRAMES)[:, None, None].expand(-1, channels, 1)
