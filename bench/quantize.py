@@ -1,6 +1,6 @@
 """Weight quantization on the GPU: memory, single-conversation step time, capacity and output deviation.
 
-    python bench/quantize.py [--modes none int8 fp8] [--frames 100] [--steps 100] [--fused none|compile]
+    python bench/quantize.py [--modes none int8 fp8] [--frames 100] [--steps 100] [--fused none|compile] [--kv-dtype fp8]
 
 For each mode the 7B LM (random bf16 weights in the real layout; written once to --checkpoint) is
 loaded quantized unit by unit, then:
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed engine steps")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--fused", choices=["none", "compile"], default="none")
+    parser.add_argument("--kv-dtype", choices=["model", "fp8"], default="model",
+                        help="the engine's KV rings: the model dtype, or FP8 (half the memory per conversation)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personaplex_random_lm.safetensors"))
     args = parser.parse_args()
@@ -71,7 +73,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, torchao "
-          f"{torchao_version()}, preset {preset.name}, fused step: {args.fused}", flush=True)
+          f"{torchao_version()}, preset {preset.name}, fused step: {args.fused}, KV rings: {args.kv_dtype}", flush=True)
     if not args.checkpoint.exists():
         write_random_lm_checkpoint(preset.lm, args.checkpoint, dtype=torch.bfloat16, device=device.type)
         print(f"wrote random checkpoint {args.checkpoint} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -140,14 +142,14 @@ def measure(mode, args, preset, dtype, device, mimi, prompt, forced):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    engine = Engine(lm, mimi, max_slots=1, fused_step=None if args.fused == "none" else "compile")
+    engine = Engine(lm, mimi, max_slots=1, fused_step=None if args.fused == "none" else "compile", kv_dtype=args.kv_dtype)
     times = time_one_conversation(engine, prompt, SamplingConfig(seed=5), args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0
     reserved = torch.cuda.max_memory_reserved() / GIB if cuda else 0.0
     # What the device reports as used (CUDA context and allocator cache included), as nvidia-smi shows it.
     free, total = torch.cuda.mem_get_info(device) if cuda else (0, 0)
     device_used = (total - free) / GIB
-    per_slot = slot_bytes(lm, mimi)
+    per_slot = slot_bytes(lm, mimi, args.kv_dtype)
     mimi_bytes = sum(p.numel() * p.element_size() for p in mimi.parameters())
     fixed = weights + mimi_bytes + RESERVE
     if cuda:
