@@ -19,7 +19,7 @@ import torch
 from .fused import StepKernels
 from .model import LMModel, LMState
 from .sampling import SamplingParams, choose_tokens
-from .token_buffer import CACHE_FRAMES, column_index, commit, write_given
+from .token_buffer import CACHE_FRAMES, column_index, commit, prefill_block, write_given
 
 
 @dataclass
@@ -227,8 +227,8 @@ class Generator:
         instead of the embedded tokens. Nothing is sampled because nothing would survive: each
         step's target column is entirely forced. That holds when every channel of the step before
         was forced too, or the slots were just reset, which callers (the system prompt) guarantee.
-        The token bookkeeping runs frame by frame (cheap); the temporal transformer runs once over
-        the whole block, in chunks that fit its KV ring. Outputs are discarded, as when stepping.
+        The token bookkeeping of the whole block is computed at once (``token_buffer.prefill_block``);
+        the temporal transformer runs once over the whole block, in chunks that fit its KV ring. Outputs are discarded, as when stepping.
         Returns the input embeddings [B, T, dim] that were fed (a voice file stores them).
         host_state: a host copy of ``state`` that the caller keeps in step with it; given, nothing is
         read back from the device (no synchronisation with work in flight, e.g. other slots' steps).
@@ -236,20 +236,16 @@ class Generator:
         ``forward_temporal`` (same arguments: block, positions, lm_state, used_length), e.g. a CUDA graph.
         """
         steps = frames.shape[1]
-        # The bookkeeping is a few tiny ops per frame: on a GPU their launch overhead would dominate,
-        # so it runs on a host copy of the (small) token state, written back once.
+        # The bookkeeping runs on a host copy of the (small) token state, written back once: on a GPU its
+        # tiny ops would cost more in launches than in work.
         host = host_state or GeneratorState(state.cache.cpu(), state.provided.cpu(), state.offset.cpu())
         start = host.offset.clone().to(state.offset.device, non_blocking=True)
-        host_frames = frames.cpu()
-        inputs = []
-        for t in range(steps):
-            inputs.append(self._model_input(host))
-            target, _ = self._write_given(host, host_frames[:, t])
-            self._commit(host, target)
+        delays, initial = self._constants(host.offset.device)
+        inputs = prefill_block(host.cache, host.provided, host.offset, frames.cpu(), delays, initial)
         for tensor, value in zip(state.tensors(), host.tensors()):
             tensor.copy_(value, non_blocking=True)
         if input_embeddings is None:
-            embeddings = self.model.embed(torch.stack(inputs, dim=1).to(self.model.device))
+            embeddings = self.model.embed(inputs.to(self.model.device))
         else:
             embeddings = input_embeddings.to(self.model.dtype)
         chunk = max(1, self.config.context - 1)
