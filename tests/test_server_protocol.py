@@ -33,7 +33,8 @@ class ServerThread:
     def __init__(self, model, **options):
         from personaplex.serving import ConversationHub, HubOptions
 
-        server_kwargs = {k: options.pop(k) for k in ("auth_token", "send_buffer_bytes", "static_dir") if k in options}
+        server_kwargs = {k: options.pop(k) for k in ("auth_token", "send_buffer_bytes", "static_dir", "opus_workers")
+                         if k in options}
         self.hub = ConversationHub(model, HubOptions(**options))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -646,3 +647,51 @@ def test_voice_upload_over_http(demo_model, server):
     assert accepted[0] == 200 and accepted[1]["voice"].startswith("upload-")
     assert garbage[0] == 400 and "not audio" in garbage[1]
     assert received.error is None and 0x00 in received.kinds()
+
+
+# --- the agent's audio encoded in worker processes (--opus-workers) ----------------------------------------
+
+
+def test_opus_workers_serve_conversations_and_a_dead_worker_ends_only_its_own(demo_model):
+    """With the encoders in worker processes the stream is the same protocol; a worker that dies ends the
+    conversation it encoded with a 0x05 and close code 1011, while another conversation goes on and a new
+    one is served (in the surviving worker)."""
+    running = ServerThread(demo_model, max_conversations=3, max_queue=0, input_timeout_seconds=None, opus_workers=2)
+    try:
+        pool = running.server.encoders
+        assert pool is not None and pool.alive == 2
+        pages = opus_pages(6.0)
+
+        async def send(ws):
+            try:
+                for page in pages:
+                    await ws.send_bytes(b"\x01" + page)
+                    await asyncio.sleep(0.02)
+            except aiohttp.ClientConnectionResetError:  # the server ended this conversation
+                pass
+
+        async def main():
+            async def live(count: int) -> None:
+                while len(running.hub._live) < count:
+                    await asyncio.sleep(0.02)
+
+            # One after the other, so that the first one's encoder is the first worker's (round robin).
+            doomed = asyncio.create_task(converse(chat_url(running.url, seed=1), send))
+            await asyncio.wait_for(live(1), 30)
+            survivor = asyncio.create_task(converse(chat_url(running.url, seed=2), send, frames=40))
+            await asyncio.wait_for(live(2), 30)
+            await asyncio.sleep(0.5)  # both conversations are streaming agent audio
+            pool._workers[0].process.kill()
+            return await doomed, await survivor
+
+        doomed, survivor = run(main())
+        assert doomed.close_code == 1011 and "audio encoder stopped" in (doomed.error or "")
+        assert survivor.error is None and len(survivor.of(0x01)) >= 40
+        ogg = agent_pages(survivor)
+        assert ogg[0].bos and [p.sequence for p in ogg] == list(range(len(ogg)))
+        assert pool.alive == 1
+        after = run(converse(chat_url(running.url, seed=3), frames=10))
+        assert after.error is None and len(after.of(0x01)) >= 10
+    finally:
+        running.stop()
+    assert pool.alive == 0

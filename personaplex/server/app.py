@@ -68,10 +68,11 @@ class AiohttpTransport:
 
 
 def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str | None = None,
-              send_buffer_bytes: int | None = 64 << 10, phone_personas=None) -> web.Application:
+              send_buffer_bytes: int | None = 64 << 10, phone_personas=None, encoders=None) -> web.Application:
     """The application around a started-or-not ``ConversationHub``. ``send_buffer_bytes`` bounds what
     the kernel and aiohttp buffer for a client that does not read (so the hub notices it soon).
-    ``phone_personas``: the persona file (or ``PhonePersonas``) of the phone bridge."""
+    ``phone_personas``: the persona file (or ``PhonePersonas``) of the phone bridge. ``encoders``: a started
+    ``OpusEncoderPool`` for the agent's audio of /api/chat (None: encoded in this process)."""
     app = web.Application(
         middlewares=[_auth_middleware(auth_token)], client_max_size=hub.options.max_voice_upload_bytes,
         # Long text prompts travel in the query string: allow long request lines.
@@ -88,7 +89,8 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
         _bound_send_buffer(request, send_buffer_bytes)
         app[SESSIONS_KEY].add(ws)
         try:
-            await run_chat(hub, request.query, AiohttpTransport(ws, request.transport, send_buffer_bytes))
+            await run_chat(hub, request.query, AiohttpTransport(ws, request.transport, send_buffer_bytes),
+                           encoders=encoders)
         finally:
             app[SESSIONS_KEY].discard(ws)
         return ws

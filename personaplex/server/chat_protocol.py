@@ -45,6 +45,7 @@ from ..engine.engine import MAX_AUDIO_TOP_K, MAX_TEXT_TOP_K
 from ..errors import PersonaplexError
 from ..serving.hub import Conversation, HubBusy, HubClosed, NotSupported, PersonaError, PersonaRequest
 from .ogg import OpusPageWriter
+from .opus_pool import OpusEncoderPool, OpusWorkerError
 
 log = logging.getLogger("personaplex.server")
 
@@ -121,9 +122,10 @@ def request_from_query(query: Mapping[str, str]) -> PersonaRequest:
 
 
 async def run_chat(hub, query: Mapping[str, str], transport: MessageTransport, *, front_end: str = "chat",
-                   voice_audio: bytes | None = None) -> None:
-    """Serve one ``/api/chat`` connection from upgrade to close. Never raises for client behaviour."""
-    session = ChatSession(hub, transport, front_end)
+                   voice_audio: bytes | None = None, encoders: OpusEncoderPool | None = None) -> None:
+    """Serve one ``/api/chat`` connection from upgrade to close. Never raises for client behaviour.
+    ``encoders``: worker processes that encode the agent's audio (None: this process does)."""
+    session = ChatSession(hub, transport, front_end, encoders)
     try:
         await session.run(query, voice_audio)
     except asyncio.CancelledError:
@@ -136,12 +138,12 @@ async def run_chat(hub, query: Mapping[str, str], transport: MessageTransport, *
 
 
 class ChatSession:
-    def __init__(self, hub, transport: MessageTransport, front_end: str):
+    def __init__(self, hub, transport: MessageTransport, front_end: str, encoders: OpusEncoderPool | None = None):
         self.hub = hub
         self.transport = transport
         self.front_end = front_end
         self.conversation: Conversation | None = None
-        self.writer = OpusPageWriter()
+        self.writer = encoders.open() if encoders is not None else OpusPageWriter()
         self._reader = None
         self._closed = False
         self._pending_sends: set[asyncio.Task] = set()
@@ -197,6 +199,14 @@ class ChatSession:
             ended.cancel()
             await self._finish_receiver(receiver, sender)
             return
+        if sender.done() and conversation.end_reason is None and isinstance(sender.exception(), OpusWorkerError):
+            log.error("conversation ended: %s", sender.exception())
+            self.hub.metrics.record_error("internal")
+            await conversation.close("the audio encoder stopped")
+            receiver.cancel()
+            ended.cancel()
+            await asyncio.gather(receiver, ended, return_exceptions=True)
+            return await self.fail("internal server error (the audio encoder stopped); please reconnect", 1011)
         if sender.done() and conversation.end_reason is None:  # sending failed: the connection is gone
             log.debug("sending to the client failed: %r", sender.exception())
             await conversation.close("the connection to the client was lost")
@@ -286,7 +296,7 @@ class ChatSession:
         async for frame in conversation.frames():
             if conversation.output_overflow:  # the client is not reading: do not queue more
                 return
-            for page in self.writer.append(frame.pcm):
+            for page in await self.writer.encode(frame.pcm):
                 await self.transport.send_bytes(bytes([KIND_AUDIO]) + page)
             if frame.text:
                 await self.transport.send_bytes(bytes([KIND_TEXT]) + frame.text.encode("utf-8"))
@@ -360,6 +370,7 @@ class ChatSession:
         if self.conversation is not None:
             await self.conversation.close("client closed")
         eos = self.writer.finish()
+        self.writer.close()
         if eos is not None:
             try:
                 await asyncio.wait_for(self.transport.send_bytes(bytes([KIND_AUDIO]) + eos), SEND_TIMEOUT)

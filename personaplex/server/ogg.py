@@ -138,18 +138,32 @@ def opus_packet_samples(packet: bytes) -> int:
     return frame * count
 
 
-class OpusPageWriter:
+class PageStream:
+    """Where an Ogg/Opus stream of pages stands (serial, last page, granule) and its end-of-stream page."""
+
+    def __init__(self) -> None:
+        self._granule = 0
+        self._serial: int | None = None
+        self._sequence = -1
+        self.finished = False
+
+    def finish(self) -> bytes | None:
+        """The end-of-stream page (no packets; the final granule position), once; None before any page."""
+        if self.finished or self._serial is None:
+            return None
+        self.finished = True
+        return OggPage(FLAG_EOS, self._granule, self._serial, self._sequence + 1, []).to_bytes()
+
+
+class OpusPageWriter(PageStream):
     """24 kHz mono PCM -> Ogg/Opus pages, one byte string per page, with 48 kHz granule positions
     and an end-of-stream page (``finish``)."""
 
     def __init__(self, sample_rate: int = 24_000):
         import sphn
 
+        super().__init__()
         self._encoder = sphn.OpusStreamWriter(sample_rate)
-        self._granule = 0
-        self._serial: int | None = None
-        self._sequence = -1
-        self.finished = False
 
     def append(self, pcm: np.ndarray) -> list[bytes]:
         """Encode float32 samples (a multiple of 20 ms; the server gives 80 ms frames) into pages."""
@@ -169,9 +183,13 @@ class OpusPageWriter:
             pages.append(raw)
         return pages
 
-    def finish(self) -> bytes | None:
-        """The end-of-stream page (no packets; the final granule position), once; None before any page."""
-        if self.finished or self._serial is None:
-            return None
-        self.finished = True
-        return OggPage(FLAG_EOS, self._granule, self._serial, self._sequence + 1, []).to_bytes()
+    def position(self) -> tuple[int | None, int, int]:
+        """(serial, last page's sequence number, granule position): what ``finish`` needs."""
+        return self._serial, self._sequence, self._granule
+
+    async def encode(self, pcm: np.ndarray) -> list[bytes]:
+        """``append`` for callers that may also be given a writer in another process (``OpusEncoderPool``)."""
+        return self.append(pcm)
+
+    def close(self) -> None:
+        """Nothing to release in this process."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import PersonaplexError
 from .app import DEFAULT_STATIC, SESSIONS_KEY, build_app
+from .opus_pool import OpusEncoderPool
 
 log = logging.getLogger("personaplex.server")
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -64,6 +65,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     limits.add_argument("--kv-dtype", choices=["model", "fp8"], default="model",
                         help="KV cache precision: 'fp8' holds about twice the conversations per GPU (default: "
                              "the model's dtype)")
+    limits.add_argument("--opus-workers", type=int, default=default_opus_workers(),
+                        help="processes that Opus-encode the agent's audio, so that the event loop keeps up with "
+                             f"many callers (default {default_opus_workers()}: a quarter of this machine's CPUs, "
+                             "1 to 8; 0: encode in the server process)")
     limits.add_argument("--allow-voice-upload", action="store_true",
                         help="let clients upload a voice sample (POST /api/voices) to use as the agent's voice")
     phone = parser.add_argument_group("phone calls (Twilio Media Streams at /twilio/media-stream)")
@@ -93,8 +98,15 @@ def run(args: argparse.Namespace) -> None:
     hub = ConversationHub.from_args(args)
     if hub.model.untrained:
         log.info("note: the demo model has random, untrained weights: it babbles")
+    if args.opus_workers < 0:
+        raise ServerError("--opus-workers must be 0 or more")
     asyncio.run(serve(hub, host=args.host, port=args.port, static_dir=static_dir, ssl_context=ssl_context,
-                      auth_token=args.auth_token, phone_personas=phone_personas))
+                      auth_token=args.auth_token, phone_personas=phone_personas, opus_workers=args.opus_workers))
+
+
+def default_opus_workers() -> int:
+    """A quarter of the CPUs, 1 to 8: one worker encodes ~60 callers on a core; the rest is for the loop."""
+    return max(1, min(8, (os.cpu_count() or 4) // 4))
 
 
 def static_folder(value: str | None) -> Path | None:
@@ -114,18 +126,24 @@ class RunningServer:
     site: object
     port: int
     url: str
+    encoders: OpusEncoderPool | None = None
 
 
 async def start_server(hub, *, host: str = "localhost", port: int = 0, static_dir: Path | None = DEFAULT_STATIC,
                        ssl_context=None, auth_token: str | None = None,
-                       send_buffer_bytes: int | None = 64 << 10, phone_personas=None) -> RunningServer:
+                       send_buffer_bytes: int | None = 64 << 10, phone_personas=None,
+                       opus_workers: int = 0) -> RunningServer:
     """Start the hub and listen; returns where. ``host`` is really bound (every interface only for
-    0.0.0.0 / ::)."""
+    0.0.0.0 / ::). ``opus_workers``: processes that encode the agent's audio (0: this process does)."""
     from aiohttp import web
 
     await hub.start()
+    encoders = None
+    if opus_workers:
+        encoders = OpusEncoderPool(opus_workers)
+        await encoders.start()
     app = build_app(hub, static_dir=static_dir, auth_token=auth_token, send_buffer_bytes=send_buffer_bytes,
-                    phone_personas=phone_personas)
+                    phone_personas=phone_personas, encoders=encoders)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, host=host, port=port, ssl_context=ssl_context)
@@ -134,10 +152,12 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
     except OSError as exc:
         await runner.cleanup()
         await hub.close()
+        if encoders is not None:
+            await encoders.close()
         raise ServerError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host")
     bound = site._server.sockets[0].getsockname()[1]
     scheme = "https" if ssl_context is not None else "http"
-    return RunningServer(runner, site, bound, f"{scheme}://{access_host(host)}:{bound}")
+    return RunningServer(runner, site, bound, f"{scheme}://{access_host(host)}:{bound}", encoders)
 
 
 async def stop_server(server: RunningServer, hub, reason: str = "the server is shutting down") -> None:
@@ -150,6 +170,8 @@ async def stop_server(server: RunningServer, hub, reason: str = "the server is s
             break
         await asyncio.sleep(0.05)
     await server.runner.cleanup()
+    if server.encoders is not None:
+        await server.encoders.close()
 
 
 async def serve(hub, **options) -> None:
