@@ -101,6 +101,25 @@ def test_idle_slots_do_not_stretch_the_ring_read(models):
     assert engine._bucket() == (1, 16)
 
 
+def test_fp8_rings_through_the_triton_kernel_need_no_length_buckets(models):
+    """The GPU's FP8 decode attention reads each slot only up to its own length: one ring length (the
+    whole context) serves every step, so a server captures one graph per batch bucket, not per length."""
+    from personaplex.lm.fused import eager_step_kernels, gpu_write_and_attend
+
+    lm, mimi = models
+    for kv_dtype, own_lengths in (("fp8", True), ("model", False)):
+        engine = Engine(lm, mimi, max_slots=4, kv_dtype=kv_dtype)
+        engine.join(2, 3, persona(lm, 1), SamplingConfig(greedy=True))
+        assert not engine.reads_own_lengths() and engine._bucket() == (4, 32)  # the CPU path reads its bucket
+        # As on a GPU with Triton (nothing runs here: only the bucket choice is checked).
+        lm.step_kernels = dataclasses.replace(eager_step_kernels(lm), write_and_attend=gpu_write_and_attend)
+        try:
+            assert engine.reads_own_lengths() is own_lengths
+            assert engine._bucket() == ((4, CONTEXT) if own_lengths else (4, 32))
+        finally:
+            lm.use_fused_step(None)
+
+
 def test_fp8_rings_track_model_dtype_rings(models):
     """FP8 KV changes logits only a little (a proxy for quality: these weights are random)."""
     lm, mimi = models

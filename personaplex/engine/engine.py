@@ -298,11 +298,24 @@ class Engine:
         # Joining slots need not step; when they fall inside the bucket their state is put back.
         busy = [slot for slot, live in enumerate(self.active) if live]
         batch = next(b for b in self.buckets if b > max(busy, default=0))
+        context = self.config.context
+        if self.reads_own_lengths():
+            return batch, context
         # Live slots write position offset - 1 and read up to it; joining slots' reads are dropped.
         offset = max((self._offsets[slot] for slot in range(batch) if self.active[slot]), default=1)
-        context = self.config.context
         length = min(context, -(-offset // LENGTH_BUCKET) * LENGTH_BUCKET) if offset <= context else context
         return batch, length
+
+    def reads_own_lengths(self) -> bool:
+        """Whether steps skip ring-length buckets: FP8 rings on a GPU, read by the
+        Triton decode attention only up to each slot's own length. One CUDA graph per batch bucket then
+        serves every length, instead of one per bucket and length (132 for 64 slots: a server start of
+        many minutes). bf16 rings keep their buckets: their attention reads the whole bucket, and the
+        kernel's split of the ring across the GPU is fixed at capture, tuned to the bucket's length."""
+        from ..lm.fused import gpu_write_and_attend
+
+        kernels = self.lm.step_kernels
+        return self.kv_dtype == "fp8" and kernels is not None and kernels.write_and_attend is gpu_write_and_attend
 
     def _frame_fn(self, batch: int, length: int):
         gen_state: GeneratorState = self.gen_state.slots(0, batch)
@@ -371,12 +384,12 @@ class Engine:
         of a live conversation waits for a capture (~0.5 s each). Returns how many were captured."""
         if not self._use_cuda_graph:
             return 0
-        lengths = self.length_buckets(up_to_frames or self.config.context)
+        bucketed = self.length_buckets(up_to_frames or self.config.context)
         captured = 0
         for batch in self.buckets:
             pcm = torch.zeros(batch, self.mimi.frame_size, device=self.device)
             active = torch.tensor(self.active[:batch], device=self.device)
-            for length in lengths:
+            for length in [self.config.context] if self.reads_own_lengths() else bucketed:
                 if (batch, length) not in self._graphs:
                     with torch.inference_mode():
                         self._graphs[(batch, length)] = self._capture(batch, length, pcm, active)
