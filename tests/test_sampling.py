@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from personaplex.lm import sampling
 from personaplex.lm.sampling import SamplingParams, choose_tokens, rank_in_row
 
 
@@ -76,16 +75,17 @@ def test_rank_in_row_is_the_position_in_a_stable_descending_sort():
     assert torch.equal(rank_in_row(probs), expected)
 
 
-def test_ranking_and_topk_sample_the_same_tokens(monkeypatch):
-    """Rows up to RANK_MAX_VOCAB find their top-k by ranking, longer ones by topk: same draws."""
+def test_ranking_and_topk_sample_the_same_tokens():
+    """The GPU finds short rows' top-k by ranking, the CPU by topk: the same draws."""
     torch.manual_seed(1)
     logits = torch.randn(6, 3000)
     params = SamplingParams(torch.tensor([0.9, 0.9, 1.3, 0.7, 1.0, 0.0]), torch.tensor([1, 5, 25, 250, 2000, 3000]))
     seeds, counters = torch.arange(6), torch.arange(6) + 3
     draws = []
-    for rank_max_vocab in (4096, 0):
-        monkeypatch.setattr(sampling, "RANK_MAX_VOCAB", rank_max_vocab)
-        draws.append(torch.stack([choose_tokens(logits, params, seeds, counters + n, stream=2, max_top_k=3000) for n in range(50)]))
+    for rank in (True, False):
+        draws.append(torch.stack([
+            choose_tokens(logits, params, seeds, counters + n, stream=2, max_top_k=3000, rank_top_k=rank) for n in range(50)
+        ]))
     assert torch.equal(draws[0], draws[1])
     assert len(draws[0][:, 4].unique()) > 10  # a wide top-k really samples
     assert (draws[0][:, 0] == logits[0].argmax()).all()  # top-1 is greedy

@@ -51,7 +51,7 @@ def exponential_noise(seed: torch.Tensor, counter: torch.Tensor, stream: int, to
     return -torch.log(uniform)
 
 
-RANK_MAX_VOCAB = 4096  # rows up to this size find their top-k by pairwise ranking, larger ones by topk
+RANK_MAX_VOCAB = 4096  # on a GPU, rows up to this size find their top-k by pairwise ranking, larger by topk
 _RANK_ROWS = 256  # eagerly, entries ranked at a time (bounds the [B, rows, V] comparison)
 
 
@@ -77,12 +77,15 @@ def choose_tokens(
     counter: torch.Tensor | None = None,
     stream: int = 0,
     max_top_k: int = 250,
+    rank_top_k: bool | None = None,
 ) -> torch.Tensor:
     """Pick one token per row of ``logits`` [B, V]; returns int64 [B].
 
     Greedy (argmax, first index on ties) where ``params`` is None or a slot's temperature is <= 0.
     Otherwise sample from softmax(logits / T) restricted to that slot's top-k. ``max_top_k`` bounds the
-    per-slot top-k (a static shape, so the step can be graph-captured).
+    per-slot top-k (a static shape, so the step can be graph-captured). ``rank_top_k``: find each row's
+    top-k by pairwise ranking rather than ``topk`` (same draws); by default on a GPU for rows of up to
+    ``RANK_MAX_VOCAB`` entries, where it saves a sort per row; on a CPU the sort is the cheaper one.
     """
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
@@ -93,7 +96,9 @@ def choose_tokens(
     top_k = params.top_k.clamp(max=k)[:, None]
     temperature = params.temperature.clamp(min=1e-6)[:, None]
     probs = torch.softmax(logits / temperature, dim=-1)
-    if vocab <= RANK_MAX_VOCAB:  # keep every entry, zero those outside the top-k: no sort
+    if rank_top_k is None:
+        rank_top_k = logits.is_cuda and vocab <= RANK_MAX_VOCAB
+    if rank_top_k:  # keep every entry, zero those outside the top-k: no sort
         ids = torch.arange(vocab, device=logits.device).expand(batch, vocab)
         kept = torch.where(rank_in_row(probs) < top_k, probs, torch.zeros_like(probs))
     else:
