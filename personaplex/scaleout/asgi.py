@@ -70,9 +70,10 @@ class StarletteTransport:
 
 
 def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = None, phone_personas=None,
-                   replica: str = "") -> Starlette:
+                   replica: str = "", encoders=None) -> Starlette:
     """Routes of the single server over ``hub`` (started by the caller). ``replica`` names this replica
-    in ``/api/health``."""
+    in ``/api/health``. ``encoders``: an ``OpusEncoderPool`` for /api/chat, started at the first conversation
+    (on the loop that serves it); None: this process encodes."""
     from ..integrations.realtime import run_realtime
     from ..integrations.twilio import PhonePersonas, run_twilio
     from ..server.chat_protocol import run_chat
@@ -94,7 +95,9 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
             await ws.close(code=CLOSE_POLICY)  # before accepting: the upgrade is refused (HTTP 403)
             return
         await ws.accept()
-        await run_chat(hub, ws.query_params, StarletteTransport(ws))
+        if encoders is not None and not encoders.started:
+            await encoders.start()
+        await run_chat(hub, ws.query_params, StarletteTransport(ws), encoders=encoders)
 
     async def realtime(ws: WebSocket) -> None:
         if not authorized(ws):

@@ -22,7 +22,7 @@ log = logging.getLogger("personaplex.scaleout")
 # The flags of ``personaplex serve`` that the replicas' hubs read (see ConversationHub.from_args).
 MODEL_FLAGS = ("model", "hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "voice_prompt_dir", "device",
                "quantize", "cpu_offload", "offload_layers", "max_conversation_seconds", "input_timeout_seconds",
-               "kv_dtype")
+               "kv_dtype", "opus_workers")
 
 
 class ScaleOutError(PersonaplexError):
@@ -64,6 +64,9 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         if action.dest == "max_conversations":
             action.help = "conversations per replica (its engine slots; required: what one GPU fits, as a single " \
                           "'personaplex serve' there reports)"
+        elif action.dest == "opus_workers":
+            action.help = f"processes that Opus-encode the agent's audio, per replica (default {action.default}; 0: " \
+                          "in the replica's process)"
         elif action.dest == "max_queue":
             action.help = "callers that may wait in each proxy while every slot is busy (default 16); more get HTTP 503"
     group = parser.add_argument_group("replicas (Ray Serve)")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ray import serve
 
+from ..server.opus_pool import OpusEncoderPool
 from .replica_hub import ReplicaHub
 
 log = logging.getLogger("personaplex.scaleout")
@@ -62,6 +63,8 @@ class ConversationReplica:
         self.hub = await asyncio.to_thread(ReplicaHub.from_args, args)
         self.hub.replica = self.replica
         await self.hub.start()
+        # Started by the app on its first conversation: on the event loop that serves the WebSockets.
+        self.encoders = OpusEncoderPool(args.opus_workers) if getattr(args, "opus_workers", 0) else None
         info = self.hub.describe()
         log.info("replica %s ready: model %s, %d conversation slots, pid %d", self.replica, info["model"],
                  info["slots"], os.getpid())
@@ -70,7 +73,7 @@ class ConversationReplica:
         from .asgi import build_asgi_app
 
         return build_asgi_app(self.hub, static_dir=self.settings.static_dir, auth_token=self.settings.auth_token,
-                              phone_personas=self.settings.phone_personas, replica=self.replica)
+                              phone_personas=self.settings.phone_personas, replica=self.replica, encoders=self.encoders)
 
     async def check_health(self) -> None:
         """Serve's periodic probe: a replica whose engine thread died is replaced."""
@@ -86,6 +89,8 @@ class ConversationReplica:
 
     async def __del__(self):
         await self.hub.close("the replica is shutting down")
+        if self.encoders is not None:
+            await self.encoders.close()
 
 
 def replica_args(model_args: dict) -> argparse.Namespace:

@@ -156,12 +156,15 @@ class OpusEncoderPool:
         self._streams = itertools.count()
         self._requests = itertools.count()
         self._next = itertools.count()
+        self.started = False
 
     async def start(self) -> None:
-        """Start the worker processes (spawned: the server process may hold CUDA state and threads)."""
+        """Start the worker processes (spawned: the server process may hold CUDA state and threads), tied
+        to the running event loop: the one that serves the conversations."""
         loop = asyncio.get_running_loop()
         context = multiprocessing.get_context("spawn")
         self._workers = [_Worker(context, loop, index) for index in range(self.size)]
+        self.started = True
 
     def open(self) -> PooledPageWriter | OpusPageWriter:
         """A page writer for one new stream: in a live worker, or in-process when none is left."""
