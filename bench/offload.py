@@ -33,7 +33,7 @@ from personaplex.deploy.realtime import measure_host_to_device_bandwidth, offloa
 from personaplex.engine import Engine, SamplingConfig  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
 from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402
-from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
+from personaplex.random_weights import random_mimi, ensure_random_lm_checkpoint  # noqa: E402
 from engine_timing import p99, time_one_conversation  # noqa: E402
 
 GIB = 2**30
@@ -58,9 +58,7 @@ def main() -> None:
     started = time.perf_counter()
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, preset {preset.name}, "
           f"{args.offload} of {preset.lm.num_layers} temporal layers offloaded", flush=True)
-    if not args.checkpoint.exists():
-        write_random_lm_checkpoint(preset.lm, args.checkpoint, dtype=torch.bfloat16, device=device.type)
-        print(f"wrote random checkpoint {args.checkpoint} in {time.perf_counter() - started:.0f} s", flush=True)
+    ensure_random_lm_checkpoint(preset.lm, args.checkpoint, device=device.type)
     bandwidth = measure_host_to_device_bandwidth(device) if cuda else 10e9
     print(f"host -> device bandwidth (pinned, 256 MiB copy): {bandwidth / 1e9:.1f} GB/s"
           + ("" if cuda else " (assumed: no GPU)"), flush=True)

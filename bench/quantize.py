@@ -43,7 +43,7 @@ from personaplex.deploy.quantize import describe_mode, summarize, torchao_versio
 from personaplex.engine import Engine, SamplingConfig, slot_bytes  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
 from personaplex.persona import VoicePrompt, apply_system_prompt, build_system_prompt  # noqa: E402
-from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
+from personaplex.random_weights import random_mimi, ensure_random_lm_checkpoint  # noqa: E402
 from engine_timing import p99, time_one_conversation  # noqa: E402
 
 GIB = 2**30
@@ -74,9 +74,7 @@ def main() -> None:
     started = time.perf_counter()
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, torchao "
           f"{torchao_version()}, preset {preset.name}, fused step: {args.fused}, KV rings: {args.kv_dtype}", flush=True)
-    if not args.checkpoint.exists():
-        write_random_lm_checkpoint(preset.lm, args.checkpoint, dtype=torch.bfloat16, device=device.type)
-        print(f"wrote random checkpoint {args.checkpoint} in {time.perf_counter() - started:.0f} s", flush=True)
+    ensure_random_lm_checkpoint(preset.lm, args.checkpoint, device=device.type)
     mimi = random_mimi(preset.mimi, device)
     draw = torch.Generator().manual_seed(0)
     # 10 s of voice and 60 text tokens; a toy preset's short context gets a toy prompt.

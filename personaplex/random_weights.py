@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +57,16 @@ def write_random_lm_checkpoint(
     tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
     save_file(tensors, str(path))
     return Path(path)
+
+
+def ensure_random_lm_checkpoint(config: LMConfig, path: str | Path, *, device: str = "cpu") -> None:
+    """``write_random_lm_checkpoint`` (bf16) unless ``path`` exists, saying how long it took (benchmarks)."""
+    path = Path(path)
+    if path.exists():
+        return
+    started = time.perf_counter()
+    write_random_lm_checkpoint(config, path, dtype=torch.bfloat16, device=device)
+    print(f"wrote random checkpoint {path} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 def random_mimi_state_dict(config: MimiConfig, seed: int = 0) -> dict[str, torch.Tensor]:
