@@ -82,3 +82,24 @@ def test_a_dead_worker_ends_only_its_streams_and_new_streams_avoid_it():
 def test_a_pool_needs_a_worker():
     with pytest.raises(ValueError, match="at least one worker"):
         OpusEncoderPool(0)
+
+
+def test_workers_outlive_a_terminals_ctrl_c():
+    """Ctrl-C reaches the whole process group; the server stops its workers itself, after telling its callers."""
+    import os
+    import signal
+
+    async def main():
+        pool = OpusEncoderPool(1)
+        await pool.start()
+        try:
+            writer = pool.open()
+            frames = voice_like(0, 2)
+            await writer.encode(frames[0])
+            os.kill(writer._worker.process.pid, signal.SIGINT)
+            await asyncio.sleep(0.3)
+            assert await writer.encode(frames[1]) and pool.alive == 1
+        finally:
+            await pool.close()
+
+    run(main())

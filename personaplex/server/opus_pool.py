@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import signal
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -32,11 +33,14 @@ class OpusWorkerError(RuntimeError):
 
 def _serve(conn: Connection) -> None:
     """A worker's loop: one ``OpusPageWriter`` per open stream; requests are answered in order."""
+    # Ctrl-C in a terminal reaches the whole process group: the server decides when its workers stop (after
+    # its conversations were told it is shutting down), not the signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     writers: dict[int, OpusPageWriter] = {}
     while True:
         try:
             request = conn.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
+        except (EOFError, OSError):
             return
         kind, stream = request[0], request[1]
         if kind == "append":
