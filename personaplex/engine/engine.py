@@ -16,9 +16,10 @@ whole frame (Mimi encode, LM step, Mimi decode) and replayed.
 from __future__ import annotations
 
 import contextlib
-
 import importlib.util
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,6 +32,9 @@ from ..lm.sampling import SamplingParams
 from ..persona import SystemPrompt, system_prompt_work
 from .prefill_graphs import SCRATCH_FRAMES, PrefillGraphs
 from .prefix_cache import PrefixCache, restore_snapshot, take_snapshot
+
+
+log = logging.getLogger("personaplex.engine")
 
 
 @dataclass(frozen=True)
@@ -389,11 +393,16 @@ class Engine:
         for batch in self.buckets:
             pcm = torch.zeros(batch, self.mimi.frame_size, device=self.device)
             active = torch.tensor(self.active[:batch], device=self.device)
+            times = []
             for length in [self.config.context] if self.reads_own_lengths() else bucketed:
                 if (batch, length) not in self._graphs:
+                    started = time.perf_counter()
                     with torch.inference_mode():
                         self._graphs[(batch, length)] = self._capture(batch, length, pcm, active)
-                    captured += 1
+                    times.append(time.perf_counter() - started)
+            if times:  # the first of a batch size may compile; where start-up time goes
+                log.info("batch %d: %d CUDA graphs in %.1f s (first %.1f s)", batch, len(times), sum(times), times[0])
+            captured += len(times)
         return captured
 
     def _capture(self, batch: int, length: int, pcm: torch.Tensor, active: torch.Tensor) -> CapturedStep:
