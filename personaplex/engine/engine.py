@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 
 from ..cuda_graph import CapturedStep
+from ..lm.fused import gpu_write_and_attend
 from ..lm.generator import Generator, GeneratorState, SamplingSettings
 from ..lm.model import LMState
 from ..lm.sampling import SamplingParams
@@ -316,8 +317,6 @@ class Engine:
         serves every length, instead of one per bucket and length (132 for 64 slots: a server start of
         many minutes). bf16 rings keep their buckets: their attention reads the whole bucket, and the
         kernel's split of the ring across the GPU is fixed at capture, tuned to the bucket's length."""
-        from ..lm.fused import gpu_write_and_attend
-
         kernels = self.lm.step_kernels
         return self.kv_dtype == "fp8" and kernels is not None and kernels.write_and_attend is gpu_write_and_attend
 

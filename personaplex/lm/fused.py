@@ -4,7 +4,8 @@ Inside a CUDA graph a frame is still launch-bound at small batches: eager PyTorc
 operation (~3,900 per frame, most of them tiny element-wise ops around the matmuls). The functions
 here are the same arithmetic as the eager modules, written as functions of tensors (not modules) so
 that one compiled version serves every layer; Inductor fuses their element-wise work (norms, RoPE,
-residual adds, the gated activation, FP8 quantisation, the sampling hash, the delayed token buffer's updates) into a few kernels.
+residual adds, the gated activation, FP8 quantisation, the sampling hash, the delayed token buffer's
+updates) into a few kernels.
 
 The step's ring update and attention (``StepKernels.write_and_attend``) is, on a GPU with Triton, the
 split-K kernel of ``personaplex.layers.decode_attention``, which also stores this frame's key and

@@ -228,7 +228,8 @@ class Generator:
         step's target column is entirely forced. That holds when every channel of the step before
         was forced too, or the slots were just reset, which callers (the system prompt) guarantee.
         The token bookkeeping of the whole block is computed at once (``token_buffer.prefill_block``);
-        the temporal transformer runs once over the whole block, in chunks that fit its KV ring. Outputs are discarded, as when stepping.
+        the temporal transformer runs once over the whole block, in chunks that fit its KV ring.
+        Outputs are discarded, as when stepping.
         Returns the input embeddings [B, T, dim] that were fed (a voice file stores them).
         host_state: a host copy of ``state`` that the caller keeps in step with it; given, nothing is
         read back from the device (no synchronisation with work in flight, e.g. other slots' steps).

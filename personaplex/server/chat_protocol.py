@@ -199,20 +199,21 @@ class ChatSession:
             ended.cancel()
             await self._finish_receiver(receiver, sender)
             return
-        if sender.done() and conversation.end_reason is None and isinstance(sender.exception(), OpusWorkerError):
-            log.error("conversation ended: %s", sender.exception())
-            self.hub.metrics.record_error("internal")
-            await conversation.close("the audio encoder stopped")
+        if sender.done() and conversation.end_reason is None:  # sending failed: our encoder, or the connection
+            error = sender.exception()
+            encoder_stopped = isinstance(error, OpusWorkerError)
+            if encoder_stopped:
+                log.error("conversation ended: %s", error)
+                self.hub.metrics.record_error("internal")
+            else:
+                log.debug("sending to the client failed: %r", error)
+            reason = "the audio encoder stopped" if encoder_stopped else "the connection to the client was lost"
+            await conversation.close(reason)
             receiver.cancel()
             ended.cancel()
             await asyncio.gather(receiver, ended, return_exceptions=True)
-            return await self.fail("internal server error (the audio encoder stopped); please reconnect", 1011)
-        if sender.done() and conversation.end_reason is None:  # sending failed: the connection is gone
-            log.debug("sending to the client failed: %r", sender.exception())
-            await conversation.close("the connection to the client was lost")
-            receiver.cancel()
-            ended.cancel()
-            await asyncio.gather(receiver, ended, return_exceptions=True)
+            if encoder_stopped:
+                return await self.fail("internal server error (the audio encoder stopped); please reconnect", 1011)
             return await self._close(CLOSE_NORMAL, "")
         # The hub ended the conversation (or sending failed): let the last frames out, then say why.
         if not sender.done():
