@@ -131,7 +131,8 @@ def test_python_m_server_with_tls_and_token(tmp_path):
 def test_cpu_offload_and_bad_static_are_refused_clearly():
     # On a CPU --cpu-offload means nothing: refused as the offline tool refuses it (same loading code).
     for extra, words in ((["--cpu-offload", "--device", "cpu"], "--cpu-offload"),
-                         (["--static", "/no/such/folder"], "--static folder not found")):
+                         (["--static", "/no/such/folder"], "--static folder not found"),
+                         (["--opus-workers", "-1"], "--opus-workers must be 0 or more")):
         result = subprocess.run([sys.executable, "-m", "personaplex", "serve", "--model", "demo", *extra],
                                 capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
         assert result.returncode == 2

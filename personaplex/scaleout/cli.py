@@ -107,6 +107,8 @@ def check_flags(args: argparse.Namespace) -> None:
     if getattr(args, "cpu_offload", False):
         raise ScaleOutError("--cpu-offload is not supported with replicas; give each replica a GPU that holds the "
                             "model (or use --quantize int8)")
+    if args.opus_workers < 0:
+        raise ScaleOutError("--opus-workers must be 0 or more (0: encode in each replica's process)")
     if args.max_queue < 1:  # Serve bounds its queue at 1 or more
         raise ScaleOutError("--max-queue must be at least 1 with replicas (callers waiting in each proxy)")
 

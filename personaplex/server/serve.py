@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     static_dir = static_folder(args.static)
+    if args.opus_workers < 0:  # like every setting, checked before gigabytes of weights load
+        raise ServerError("--opus-workers must be 0 or more (0: encode in the server process)")
     ssl_context = None
     if args.ssl is not None:  # before loading gigabytes of weights: bad settings fail fast
         from .tls import tls_context
@@ -98,8 +100,6 @@ def run(args: argparse.Namespace) -> None:
     hub = ConversationHub.from_args(args)
     if hub.model.untrained:
         log.info("note: the demo model has random, untrained weights: it babbles")
-    if args.opus_workers < 0:
-        raise ServerError("--opus-workers must be 0 or more")
     asyncio.run(serve(hub, host=args.host, port=args.port, static_dir=static_dir, ssl_context=ssl_context,
                       auth_token=args.auth_token, phone_personas=phone_personas, opus_workers=args.opus_workers))
 
