@@ -104,14 +104,19 @@ def main() -> None:
             print(f"N={slots}: out of GPU memory")
             break
         print(f"N={slots}: p50 {rows[-1][1]:.2f} ms, p99 {rows[-1][2]:.2f} ms", flush=True)
+        print("  row: " + table_row(*rows[-1]), flush=True)  # kept if a later size is cut short
 
     print("\n| conversations | step p50 ms | step p99 ms | real-time factor (N x 80 ms / p50) | first join ms "
           "(incl. compile/capture) | join new persona ms | join from cache ms | state GiB/slot | peak GiB | "
           "real-time join: tick latency p50 / max ms | missed ticks | ms until live |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for slots, p50, p99_ms, first, new, cached, per_slot, peak, tick, missed, latency in rows:
-        print(f"| {slots} | {p50:.2f} | {p99_ms:.2f} | {slots * 80 / p50:.1f}x | {first:.1f} | {new:.1f} | {cached:.1f} | "
-              f"{per_slot:.2f} | {peak:.1f} | {tick} | {missed} | {latency} |")
+    for row in rows:
+        print(table_row(*row))
+
+
+def table_row(slots, p50, p99_ms, first, new, cached, per_slot, peak, tick, missed, latency) -> str:
+    return (f"| {slots} | {p50:.2f} | {p99_ms:.2f} | {slots * 80 / p50:.1f}x | {first:.1f} | {new:.1f} | {cached:.1f} | "
+            f"{per_slot:.2f} | {peak:.1f} | {tick} | {missed} | {latency} |")
 
 
 def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:

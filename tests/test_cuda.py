@@ -166,3 +166,38 @@ def test_golden_session_through_the_gpu_engine(golden, golden_config, configs, r
         mimi.use_compiled_transformers(False)
     assert torch.equal(tokens, session["replay_step_out_tokens"][-len(tokens):])
     torch.testing.assert_close(pcm, session["replay_agent_pcm"], atol=1e-5, rtol=0)
+
+
+def test_new_persona_prefilled_by_captured_blocks_equals_prefill_in_place():
+    """A new persona's prompt run as CUDA graphs of padded blocks in the scratch slot (every block size
+    and ring length captured ahead of time, as a server does at start) leaves the same KV state in its
+    slot as the eager prefill in place."""
+    import dataclasses
+
+    from personaplex.config import DEMO_LM, SMALL_MIMI
+    from personaplex.engine import Engine, SamplingConfig
+    from personaplex.lm.model import LMModel
+    from personaplex.persona import VoicePrompt, build_system_prompt
+    from personaplex.random_weights import random_mimi, randomize_
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = dataclasses.replace(DEMO_LM, num_layers=2)
+    lm = randomize_(LMModel(config), seed=3).eval().requires_grad_(False).cuda()
+    mimi = random_mimi(SMALL_MIMI, torch.device("cuda"))
+    g = torch.Generator().manual_seed(5)
+    voice = VoicePrompt("random", codes=torch.randint(0, 2048, (125, 8), generator=g))
+    prompt = build_system_prompt(config, voice, torch.randint(4, config.text_card, (60,), generator=g).tolist())
+    states = []
+    for scratch in (True, False):
+        engine = Engine(lm, mimi, max_slots=2, fused_step=None)
+        engine.scratch_prefill = scratch
+        if scratch:
+            assert engine.capture_graphs(up_to_frames=256) >= 12  # 3 block sizes x 4 ring lengths, and the steps'
+            graphs = dict(engine._prefill_graphs._graphs)
+        engine.join(1, 2, prompt, SamplingConfig(greedy=True))
+        if scratch:
+            assert engine._prefill_graphs._graphs == graphs  # the join replayed graphs captured at start
+        torch.cuda.synchronize()
+        states.append([t[:, 1, :, : prompt.num_steps].float().cpu() for t in engine.lm_state.tensors()])
+    for graphed, in_place in zip(*states):
+        torch.testing.assert_close(graphed, in_place, rtol=1e-4, atol=1e-4)

@@ -13,6 +13,8 @@ from personaplex.codec import Mimi
 from personaplex.config import DEMO_LM, SMALL_MIMI
 from personaplex.engine import Engine, SamplingConfig
 from personaplex.engine import engine as engine_module
+from personaplex.engine import prefill_graphs
+from personaplex.engine.prefill_graphs import padded_size
 from personaplex.lm.model import LMModel
 from personaplex.persona import VoicePrompt, build_system_prompt
 from personaplex.random_weights import random_mimi_state_dict, randomize_
@@ -177,6 +179,33 @@ def test_joins_spread_over_ticks_while_others_talk(models, kv_dtype, scratch):
         frames = len(recorded[slot])
         tokens, _ = run_alone(lm, mimi, prompt, sampling, audio[:frames], kv_dtype)
         assert torch.equal(torch.stack(recorded[slot]), tokens), slot
+
+
+def test_padded_size_doubles_from_the_smallest_block_up_to_the_largest():
+    assert [padded_size(n, 256) for n in (1, 64, 65, 125, 128, 129, 197, 256)] == [64, 64, 128, 128, 128, 256, 256, 256]
+    assert padded_size(3, 4) == 4 and padded_size(150, 192) == 192
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_scratch_blocks_padded_to_different_sizes_equal_joining_in_place(models, kv_dtype, monkeypatch):
+    """The scratch prefill pads each block to the smallest captured size that holds it (here 12 and 8
+    frames for an 18-frame prompt body in blocks of 12): the conversation then runs exactly as one joined in place."""
+    monkeypatch.setattr(prefill_graphs, "SMALLEST_BLOCK", 2)
+    lm, mimi = models
+    prompt, sampling, audio = persona(lm, 4), SamplingConfig(seed=4), user_audio(4, 12)
+    engine = Engine(lm, mimi, max_slots=2, kv_dtype=kv_dtype)
+    engine.scratch_prefill = True
+    engine.join_chunk_frames = 12
+    padded = []
+    original = prefill_graphs.padded_size
+    monkeypatch.setattr(prefill_graphs, "padded_size", lambda frames, largest: padded.append(original(frames, largest)) or padded[-1])
+    assert engine.begin_join(1, 2, prompt, sampling) is False
+    while not engine.active[1]:
+        engine.advance_joins(frame_budget=1)
+    assert padded == [12, 8]
+    tokens = torch.stack([engine.step(torch.stack([torch.zeros(1920), frame])).tokens[1] for frame in audio])
+    alone, _ = run_alone(lm, mimi, prompt, sampling, audio, kv_dtype)
+    assert torch.equal(tokens, alone)
 
 
 def test_garbage_audio_in_one_slot_harms_nobody(models):

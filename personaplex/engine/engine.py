@@ -64,7 +64,9 @@ class FrameOutput:
 MAX_TEXT_TOP_K = 250
 MAX_AUDIO_TOP_K = 2048
 LENGTH_BUCKET = 256  # frames (20 s): attention reads the rings in multiples of this
-JOIN_CHUNK_FRAMES = 64  # prompt frames per prefill block when a join is spread over ticks
+# Prompt frames per prefill block when a join is spread over ticks. A block reads every weight once,
+# so larger blocks cost less per frame; 256 holds a 10 s voice or a long text prompt in one block.
+JOIN_CHUNK_FRAMES = 256
 
 
 @dataclass
@@ -225,10 +227,14 @@ class Engine:
         slot and no other join holds it (joins mostly queue behind each other; a second runs in place)."""
         if not self.scratch_prefill or slots != 1 or any(p.in_scratch for p in self._joining.values()):
             return None
+        graphs = self._scratch_graphs()
+        return graphs if graphs.fits(prompt_frames) else None
+
+    def _scratch_graphs(self) -> PrefillGraphs:
         block = self.join_chunk_frames or JOIN_CHUNK_FRAMES
         if self._prefill_graphs is None or self._prefill_graphs.block_frames != block:
             self._prefill_graphs = PrefillGraphs(self.lm, self.kv_dtype, block, graphs=self._use_cuda_graph)
-        return self._prefill_graphs if self._prefill_graphs.fits(prompt_frames) else None
+        return self._prefill_graphs
 
     def advance_joins(self, frame_budget: int | None) -> list[int]:
         """Run queued prefill work, at most ``frame_budget`` prompt frames (None: all of it).
@@ -383,8 +389,9 @@ class Engine:
         return sorted({min(length, context) for length in lengths})
 
     def capture_graphs(self, up_to_frames: int | None = None) -> int:
-        """Capture the CUDA graphs of every batch bucket and ring length ahead of time, so that no step
-        of a live conversation waits for a capture (~0.5 s each). Returns how many were captured."""
+        """Capture the CUDA graphs of every batch bucket and ring length ahead of time, and those of the
+        prefill blocks, so that no step of a live conversation or join waits for a capture (~0.5 s each).
+        Returns how many were captured."""
         if not self._use_cuda_graph:
             return 0
         bucketed = self.length_buckets(up_to_frames or self.config.context)
@@ -402,6 +409,13 @@ class Engine:
             if times:  # the first of a batch size may compile; where start-up time goes
                 log.info("batch %d: %d CUDA graphs in %.1f s (first %.1f s)", batch, len(times), sum(times), times[0])
             captured += len(times)
+        if self.scratch_prefill:  # and the prefill blocks of new personas
+            started = time.perf_counter()
+            with torch.inference_mode():
+                blocks = self._scratch_graphs().capture_all()
+            if blocks:
+                log.info("prefill blocks: %d CUDA graphs in %.1f s", blocks, time.perf_counter() - started)
+            captured += blocks
         return captured
 
     def _capture(self, batch: int, length: int, pcm: torch.Tensor, active: torch.Tensor) -> CapturedStep:

@@ -21,6 +21,8 @@ from .model import LMModel, LMState
 from .sampling import SamplingParams, choose_tokens
 from .token_buffer import CACHE_FRAMES, column_index, commit, prefill_block, write_given
 
+PREFILL_READ_ROUNDING = 256  # a prefill block reads the ring up to its last position rounded up to this
+
 
 @dataclass
 class GeneratorState:
@@ -251,11 +253,11 @@ class Generator:
             embeddings = input_embeddings.to(self.model.dtype)
         chunk = max(1, self.config.context - 1)
         # Ring entries beyond the last position written cannot be visible: read only those before it,
-        # rounded up to a multiple of 256 so that the attention shapes (and their kernels) recur.
+        # rounded up to a multiple of PREFILL_READ_ROUNDING so that the attention shapes (and kernels) recur.
         last_position = int(host.offset.max()) - 1
         used = None
         if last_position < self.config.context:
-            used = min(self.config.context, -(-(last_position + 1) // 256) * 256)
+            used = min(self.config.context, -(-(last_position + 1) // PREFILL_READ_ROUNDING) * PREFILL_READ_ROUNDING)
         for first in range(0, steps, chunk):
             block = embeddings[:, first : first + chunk]
             if block.shape[1] <= 2:
