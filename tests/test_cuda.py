@@ -168,7 +168,7 @@ def test_golden_session_through_the_gpu_engine(golden, golden_config, configs, r
     torch.testing.assert_close(pcm, session["replay_agent_pcm"], atol=1e-5, rtol=0)
 
 
-def test_new_persona_prefilled_by_captured_blocks_equals_prefill_in_place():
+def test_new_persona_prefilled_by_captured_blocks_equals_prefill_in_place(monkeypatch):
     """A new persona's prompt run as CUDA graphs of padded blocks in the scratch slot (every block size
     and ring length captured ahead of time, as a server does at start) leaves the same KV state in its
     slot as the eager prefill in place."""
@@ -187,16 +187,23 @@ def test_new_persona_prefilled_by_captured_blocks_equals_prefill_in_place():
     g = torch.Generator().manual_seed(5)
     voice = VoicePrompt("random", codes=torch.randint(0, 2048, (125, 8), generator=g))
     prompt = build_system_prompt(config, voice, torch.randint(4, config.text_card, (60,), generator=g).tolist())
+    from personaplex.cuda_graph import CapturedStep
+
+    replayed = []
+    replay = CapturedStep.__call__
+    monkeypatch.setattr(CapturedStep, "__call__", lambda self, **inputs: replayed.append(self) or replay(self, **inputs))
     states = []
     for scratch in (True, False):
         engine = Engine(lm, mimi, max_slots=2, fused_step=None)
         engine.scratch_prefill = scratch
         if scratch:
-            assert engine.capture_graphs(up_to_frames=256) >= 12  # 3 block sizes x 4 ring lengths, and the steps'
+            engine.capture_graphs(up_to_frames=256)
             graphs = dict(engine._prefill_graphs._graphs)
+            assert len(graphs) == 12  # 3 block sizes x 4 ring lengths, captured at start
         engine.join(1, 2, prompt, SamplingConfig(greedy=True))
         if scratch:
-            assert engine._prefill_graphs._graphs == graphs  # the join replayed graphs captured at start
+            assert engine._prefill_graphs._graphs == graphs  # nothing captured during the join
+            assert [g for g in replayed if g in graphs.values()] == [graphs[(256, 256)]]  # one block, replayed
         torch.cuda.synchronize()
         states.append([t[:, 1, :, : prompt.num_steps].float().cpu() for t in engine.lm_state.tensors()])
     for graphed, in_place in zip(*states):
