@@ -7,8 +7,9 @@ graph is tied to the addresses it was captured with, and the joining slot differ
 So the prefill runs in one scratch slot owned here, in blocks padded to a few fixed sizes (64 frames
 doubled up to the largest block), and the finished prompt state is copied into the conversation's slot
 in one go, exactly as a prefix cache hit is. Large blocks matter: every block reads all the weights
-once (~5 ms for the 7B model on an H100), so a prompt in two blocks costs far less than in eight. The scratch ring holds ``SCRATCH_FRAMES`` positions, not the model's whole context: a
-prompt never wraps it (longer prompts prefill in place), so it indexes and masks as the full ring.
+once (~5 ms for the 7B model on an H100), so a prompt in one block costs far less than in four. The
+scratch ring holds ``SCRATCH_FRAMES`` positions, not the model's whole context: a prompt never wraps
+it (longer prompts prefill in place), so it indexes and masks as the full ring.
 
 Padding is harmless: the padded frames sit after the block's real ones, so no real query attends to
 them, and their ring entries lie past the prompt, where the conversation's own frames overwrite them
