@@ -31,6 +31,11 @@ Full-duplex semantics
 - Anything else gets an ``error`` event (``unknown_event``, ``unsupported_event``, ``invalid_json``,
   ``invalid_audio``...) and the session carries on. The server ends a session with an ``error`` event
   (``conversation_ended``, ``server_busy``...) then closes the WebSocket.
+- Limits, checked before an event is parsed or its audio decoded: a client sending more events than
+  ``--max-messages-per-second`` or audio more than ``--input-burst`` seconds ahead of real time gets
+  ``input_rate_exceeded`` and is closed (1008); a session that sends no event for ``--idle-timeout``
+  before its conversation starts gets ``idle_timeout`` and is closed (1008); an event beyond the
+  WebSocket's size limit gets ``event_too_large`` just before the close (1009).
 
 Audio formats: ``pcm16`` / ``audio/pcm`` (24 kHz, little-endian, base64) and ``g711_ulaw`` / ``audio/pcmu``
 (8 kHz), separately for input and output.
@@ -51,6 +56,7 @@ import numpy as np
 from ..config import SAMPLE_RATE
 from ..errors import PersonaplexError
 from ..serving.hub import Conversation, HubBusy, HubClosed, NotSupported, PersonaError, PersonaRequest
+from ..serving.input_budget import InputBudget, InputRateExceeded
 from .codecs import (
     MULAW_RATE,
     AudioFormatError,
@@ -109,9 +115,12 @@ def _new_id(prefix: str) -> str:
 class RealtimeSession:
     """One ``/v1/realtime`` connection over a ``MessageTransport`` (text messages carry JSON events)."""
 
-    def __init__(self, hub, transport, *, beta: bool = False, model: str | None = None):
+    def __init__(self, hub, transport, *, beta: bool = False, model: str | None = None,
+                 idle_timeout: float | None = None):
         self.hub = hub
         self.transport = transport
+        self.idle_timeout = idle_timeout  # seconds without an event before the conversation starts
+        self.budget = InputBudget(hub.options.input_burst_seconds, hub.options.max_messages_per_second)
         self.beta = beta
         self.id = _new_id("sess")
         self.model = model or hub.describe()["model"]
@@ -150,7 +159,7 @@ class RealtimeSession:
 
     async def _shutdown(self) -> None:
         if self.conversation is not None:
-            await self.conversation.close("client closed")
+            await self.conversation.close(getattr(self.transport, "end_reason", None) or "client closed")
         if self._conversation_task is not None:
             self._conversation_task.cancel()
             await asyncio.gather(self._conversation_task, return_exceptions=True)
@@ -171,14 +180,33 @@ class RealtimeSession:
 
     async def _receive_loop(self) -> None:
         while True:
-            message = await self.transport.receive()
+            try:
+                message = await self._receive()
+            except asyncio.TimeoutError:
+                return await self._refuse("idle_timeout", f"no event for {self.idle_timeout:g} s (--idle-timeout): "
+                                          "start the conversation by streaming audio")
             if message is None:
                 return
             try:
+                self.budget.take_message()
                 await self._handle(message)
             except RealtimeError as error:
                 self.hub.metrics.record_error("realtime_" + error.code)
                 await self._error_event(error, self._current_event_id)
+            except InputRateExceeded as error:
+                return await self._refuse("input_rate_exceeded", str(error))
+
+    async def _receive(self) -> bytes | str | None:
+        if self.idle_timeout and self._conversation_task is None:  # afterwards the hub's input timeout applies
+            return await asyncio.wait_for(self.transport.receive(), self.idle_timeout)
+        return await self.transport.receive()
+
+    async def _refuse(self, code: str, message: str) -> None:
+        """Tell the client why, then end the session (the receive loop returns)."""
+        self.hub.metrics.record_error("realtime_" + code)
+        self.hub.metrics.input_refused.labels(reason=code).inc()
+        await self._error_event(RealtimeError(code, message), self._current_event_id)
+        self._end_session(CLOSE_POLICY, code)
 
     # --- client events ----------------------------------------------------------------------------------
 
@@ -297,11 +325,15 @@ class RealtimeSession:
         await self._send("session.updated", session=self.session_view())
 
     async def _append_audio(self, event: dict) -> None:
+        self.budget.check_audio()  # raises InputRateExceeded before any decoding
         try:
             data = decode_base64(event.get("audio"), "input_audio_buffer.append audio")
+            seconds = len(data) / (2 * SAMPLE_RATE if self.input_format == PCM16 else MULAW_RATE)
+            self.budget.spend_audio(seconds)
             pcm = self._decode_input(data)
         except AudioFormatError as error:
             raise RealtimeError("invalid_audio", str(error), "audio") from None
+        self.hub.metrics.input_decoded.labels(front_end=FRONT_END).inc(seconds)
         if self.conversation is not None:
             self.conversation.send_audio(pcm)
             return
@@ -507,9 +539,19 @@ def _sampling(session: Mapping, current):
         raise RealtimeError("invalid_value", str(error), "session.sampling") from None
 
 
-async def run_realtime(hub, transport, *, beta: bool = False, model: str | None = None) -> None:
-    """Serve one ``/v1/realtime`` connection from upgrade to close. Never raises for client behaviour."""
-    session = RealtimeSession(hub, transport, beta=beta, model=model)
+def event_too_large_notice(limit: int) -> str:
+    """The ``error`` event sent before closing for an event over the WebSocket's size limit (bytes)."""
+    return json.dumps({"type": "error", "event_id": _new_id("event"), "error": {
+        "type": "invalid_request_error", "code": "event_too_large", "param": None, "event_id": None,
+        "message": f"an event of more than {limit} bytes; at most {MAX_EVENT_BYTES} are accepted (send audio in "
+                   "chunks of a few hundred milliseconds)"}})
+
+
+async def run_realtime(hub, transport, *, beta: bool = False, model: str | None = None,
+                       idle_timeout: float | None = None) -> None:
+    """Serve one ``/v1/realtime`` connection from upgrade to close. Never raises for client behaviour.
+    ``idle_timeout``: seconds without an event before the conversation starts that end the session."""
+    session = RealtimeSession(hub, transport, beta=beta, model=model, idle_timeout=idle_timeout)
     started = time.monotonic()
     try:
         await session.run()

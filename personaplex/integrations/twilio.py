@@ -17,7 +17,11 @@ The bridge answers with ``media`` (the agent's audio, 80 ms per message), ``mark
   (a name in the phone persona file), or ``to`` (the called number, looked up in that file's
   ``numbers``), else the file's ``default``, else the server's default persona. See ``PhonePersonas``.
 - With an auth token on the server the stream must carry ``<Parameter name="token" value="..."/>``.
-- The conversation starts at ``start``; media before its persona is applied is dropped. When the
+  Until its authenticated ``start`` a stream gets no work: at most ``MAX_MESSAGES_BEFORE_START``
+  messages, nothing decoded, and it is closed if ``start`` has not come within the idle timeout.
+- Every message counts against the stream's ``InputBudget`` (messages per second; audio at real time
+  plus a burst), checked before it is parsed or decoded: a stream over it is closed.
+- The conversation starts at ``start``; media before its persona is applied is dropped undecoded. When the
   conversation ends (length limit, shutdown) the bridge lets the last audio play, then closes the
   WebSocket, and Twilio goes on with the TwiML after ``</Connect>``. Malformed messages are logged,
   counted (``personaplex_errors{kind="twilio_..."}``) and ignored: they never end the call.
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 from collections.abc import Mapping
@@ -36,6 +39,7 @@ from pathlib import Path
 
 from ..config import FRAME_RATE, SAMPLE_RATE
 from ..errors import PersonaplexError
+from ..server.security import token_matches
 from ..serving.hub import Conversation, HubBusy, HubClosed, PersonaError, PersonaRequest
 from .codecs import (
     MULAW_RATE,
@@ -48,6 +52,7 @@ from .codecs import (
     pcm16_to_float,
     pcm16_to_mulaw,
 )
+from ..serving.input_budget import InputBudget, InputRateExceeded
 from .session_loop import receive_until_over
 
 log = logging.getLogger("personaplex.integrations.twilio")
@@ -58,6 +63,9 @@ MAX_PLAYBACK_BACKLOG_SECONDS = 1.0
 END_MARK = "personaplex-end"
 MAX_MESSAGE_BYTES = 64 << 10  # a 20 ms media message is about 300 bytes
 SEND_TIMEOUT = 2.0
+MAX_MESSAGES_BEFORE_START = 8  # Twilio sends 'connected' then 'start'
+MAX_LOGGED_MALFORMED = 5  # per call; more are only counted
+MAX_MARK_DIGITS = 12
 
 
 class PhonePersonaError(PersonaplexError):
@@ -163,8 +171,14 @@ def _request(persona: Mapping) -> PersonaRequest:
 class TwilioSession:
     """One Media Streams WebSocket over a ``MessageTransport``."""
 
-    def __init__(self, hub, transport, *, personas: PhonePersonas | None = None, auth_token: str | None = None):
+    def __init__(self, hub, transport, *, personas: PhonePersonas | None = None, auth_token: str | None = None,
+                 idle_timeout: float | None = None, on_authenticated=None):
         self.hub = hub
+        self.idle_timeout = idle_timeout  # seconds from the upgrade to an authenticated start
+        self._on_authenticated = on_authenticated
+        self.authenticated = False
+        self.budget = InputBudget(hub.options.input_burst_seconds, hub.options.max_messages_per_second)
+        self._malformed = 0
         self.transport = transport
         self.personas = personas or PhonePersonas()
         self.auth_token = auth_token
@@ -182,12 +196,15 @@ class TwilioSession:
         self._over = asyncio.Event()
 
     async def run(self) -> None:
+        expiry = asyncio.create_task(self._expire_unauthenticated()) if self.idle_timeout else None
         try:
             if await receive_until_over(self._receive_loop, self._over, log, "twilio") is not None:
                 self.hub.metrics.record_error("internal")
         finally:
+            if expiry is not None:
+                expiry.cancel()
             if self.conversation is not None:
-                await self.conversation.close("client closed")
+                await self.conversation.close(getattr(self.transport, "end_reason", None) or "client closed")
             if self._conversation_task is not None:
                 self._conversation_task.cancel()
                 await asyncio.gather(self._conversation_task, return_exceptions=True)
@@ -196,17 +213,34 @@ class TwilioSession:
 
     # --- from Twilio ------------------------------------------------------------------------------------
 
+    async def _expire_unauthenticated(self) -> None:
+        await asyncio.sleep(self.idle_timeout)
+        if not self.authenticated:
+            log.info("closing a media stream that sent no authenticated start in %g s", self.idle_timeout)
+            self.hub.metrics.record_error("twilio_no_start")
+            self._over.set()
+
     async def _receive_loop(self) -> None:
         while True:
             message = await self.transport.receive()
             if message is None:
                 return
+            try:
+                self.budget.take_message()
+            except InputRateExceeded as error:
+                return self._refuse("input_rate", str(error))
+            if not self.authenticated and self.budget.messages > MAX_MESSAGES_BEFORE_START:
+                return self._refuse("twilio_no_start", f"{MAX_MESSAGES_BEFORE_START} messages without an "
+                                    "authenticated start")
             event = self._parse(message)
             if event is None:
                 continue
             kind = event.get("event")
             if kind == "media":
-                self._media(event)
+                try:
+                    self._media(event)
+                except InputRateExceeded as error:
+                    return self._refuse("input_rate", str(error))
             elif kind == "start":
                 self._start(event)
             elif kind == "mark":
@@ -233,21 +267,42 @@ class TwilioSession:
         return event
 
     def _bad(self, kind: str, what: str) -> None:
-        log.warning("call %s: ignoring a malformed Media Streams message (%s)", self.call_sid, what)
+        self._malformed += 1
+        if self._malformed <= MAX_LOGGED_MALFORMED:
+            more = " (further ones are only counted)" if self._malformed == MAX_LOGGED_MALFORMED else ""
+            log.warning("call %s: ignoring a malformed Media Streams message (%s)%s", self.call_sid, what, more)
         self.hub.metrics.record_error("twilio_" + kind)
+
+    def _refuse(self, kind: str, what: str) -> None:
+        """End the stream before doing any work for this message (the receive loop returns)."""
+        log.warning("call %s: closing the media stream: %s", self.call_sid, what)
+        self.hub.metrics.record_error(kind)
+        self.hub.metrics.input_refused.labels(reason=kind).inc()
 
     def _start(self, event: dict) -> None:
         start = event.get("start")
         if self._conversation_task is not None or not isinstance(start, dict):
             return self._bad("invalid_start", "a second start message" if self._conversation_task else "no start")
-        self.stream_sid = str(start.get("streamSid") or event.get("streamSid") or "")
-        self.call_sid = str(start.get("callSid") or "")
+        self.stream_sid = str(start.get("streamSid") or event.get("streamSid") or "")[:64]
+        self.call_sid = str(start.get("callSid") or "")[:64]
         media_format = start.get("mediaFormat") or {}
         parameters = start.get("customParameters") or {}
         if not isinstance(parameters, dict):
             parameters = {}
-        parameters = {str(k): str(v) for k, v in parameters.items()}
+        parameters = {str(k)[:64]: str(v) for k, v in list(parameters.items())[:64]}
+        if not self.authenticated:
+            if self.auth_token and not token_matches(parameters.get("token"), self.auth_token):
+                log.warning("call %s: refused: missing or wrong token parameter", self.call_sid)
+                self.hub.metrics.record_error("twilio_unauthorized")
+                self._over.set()
+                return None
+            self._authenticate()
         self._conversation_task = asyncio.create_task(self._converse(media_format, parameters))
+
+    def _authenticate(self) -> None:
+        self.authenticated = True
+        if self._on_authenticated is not None:
+            self._on_authenticated()
 
     def _media(self, event: dict) -> None:
         media = event.get("media")
@@ -255,22 +310,32 @@ class TwilioSession:
             return self._bad("invalid_media", "no media object")
         if media.get("track", "inbound") != "inbound":  # only the caller's audio is for the model
             return None
+        if self.conversation is None:  # not started (or not authenticated): dropped without decoding
+            self.dropped_media += 1
+            self.hub.metrics.input_refused.labels(reason="before_start").inc()
+            return None
+        payload = media.get("payload")
+        self.budget.check_audio()  # raises InputRateExceeded
         try:
-            data = decode_base64(media.get("payload"), "media payload")
+            data = decode_base64(payload, "media payload")
         except AudioFormatError as error:
             return self._bad("invalid_media", str(error))
-        pcm = self._inbound(pcm16_to_float(mulaw_to_pcm16(data)))
-        if self.conversation is not None:
-            self.conversation.send_audio(pcm)
-        else:
-            self.dropped_media += 1
+        seconds = len(data) / MULAW_RATE
+        self.budget.spend_audio(seconds)
+        self.hub.metrics.input_decoded.labels(front_end=FRONT_END).inc(seconds)
+        self.conversation.send_audio(self._inbound(pcm16_to_float(mulaw_to_pcm16(data))))
 
     def _mark(self, event: dict) -> None:
         name = (event.get("mark") or {}).get("name") if isinstance(event.get("mark"), dict) else None
         if name == END_MARK:
             self._end_mark_played.set()
-        elif isinstance(name, str) and name.startswith("frame-") and name[6:].isdigit():
-            self.frames_played = max(self.frames_played, int(name[6:]))
+            return None
+        number = name[6:] if isinstance(name, str) and name.startswith("frame-") else ""
+        # Only ASCII digits, and few: str.isdigit also accepts '²', and int() of thousands of digits raises.
+        if number.isascii() and number.isdigit() and len(number) <= MAX_MARK_DIGITS:
+            self.frames_played = max(self.frames_played, int(number))
+        else:
+            self._bad("invalid_mark", f"mark name {str(name)[:40]!r}")
 
     # --- the conversation -------------------------------------------------------------------------------
 
@@ -287,12 +352,8 @@ class TwilioSession:
         if not isinstance(media_format, dict) or media_format.get("encoding", "audio/x-mulaw") != "audio/x-mulaw" \
                 or str(media_format.get("sampleRate", MULAW_RATE)) != str(MULAW_RATE):
             log.error("call %s: unsupported media format %s (expected audio/x-mulaw at 8000 Hz)",
-                      self.call_sid, media_format)
+                      self.call_sid, str(media_format)[:100])
             self.hub.metrics.record_error("twilio_media_format")
-            return
-        if self.auth_token and not hmac.compare_digest(parameters.get("token", "").encode(), self.auth_token.encode()):
-            log.warning("call %s: refused: missing or wrong token parameter", self.call_sid)
-            self.hub.metrics.record_error("twilio_unauthorized")
             return
         try:
             request = self.personas.resolve(parameters)
@@ -337,10 +398,14 @@ class TwilioSession:
         await self.transport.send_text(json.dumps(message))
 
 
-async def run_twilio(hub, transport, *, personas: PhonePersonas | None = None,
-                     auth_token: str | None = None) -> None:
-    """Serve one Media Streams WebSocket from upgrade to close. Never raises for client behaviour."""
-    session = TwilioSession(hub, transport, personas=personas, auth_token=auth_token)
+async def run_twilio(hub, transport, *, personas: PhonePersonas | None = None, auth_token: str | None = None,
+                     idle_timeout: float | None = None, on_authenticated=None) -> None:
+    """Serve one Media Streams WebSocket from upgrade to close. Never raises for client behaviour.
+    ``auth_token``: the token the ``start`` message must carry (None: already authenticated, or no token).
+    ``idle_timeout``: seconds it may take to send an authenticated ``start``. ``on_authenticated``: called
+    once it did."""
+    session = TwilioSession(hub, transport, personas=personas, auth_token=auth_token, idle_timeout=idle_timeout,
+                            on_authenticated=on_authenticated)
     try:
         await session.run()
     except asyncio.CancelledError:

@@ -26,7 +26,10 @@ shutdown) gets a ``0x05`` with the reason before the close.
 Bad input ends the conversation with ``0x05`` and a close code: a text (non-binary) message, an empty
 message, an unknown kind (1003); a message over the size limit (1009); an audio payload that is not a
 valid Ogg/Opus stream (1007); a bad persona or query parameter (1008). Nothing of it reaches the engine
-or any other conversation.
+or any other conversation. A message over the WebSocket's own limit (4 x the protocol's) gets its ``0x05``
+just before the close (1009). Every message counts against the connection's ``InputBudget`` before it
+is decoded: more than ``--max-messages-per-second`` messages, or audio more than ``--input-burst``
+seconds ahead of real time, end the conversation with ``0x05`` (1008).
 """
 
 from __future__ import annotations
@@ -43,7 +46,16 @@ import numpy as np
 from ..engine import SamplingConfig
 from ..engine.engine import MAX_AUDIO_TOP_K, MAX_TEXT_TOP_K
 from ..errors import PersonaplexError
-from ..serving.hub import Conversation, HubBusy, HubClosed, NotSupported, PersonaError, PersonaRequest
+from ..serving.hub import (
+    MAX_VOICE_NAME_BYTES,
+    Conversation,
+    HubBusy,
+    HubClosed,
+    NotSupported,
+    PersonaError,
+    PersonaRequest,
+)
+from ..serving.input_budget import InputBudget, InputRateExceeded
 from .ogg import OpusPageWriter
 from .opus_pool import OpusEncoderPool, OpusWorkerError
 
@@ -115,6 +127,9 @@ def request_from_query(query: Mapping[str, str]) -> PersonaRequest:
         seed=None if seed < 0 else seed,
     )
     voice = query.get("voice_prompt") or None
+    if voice is not None and len(voice.encode("utf-8", "surrogateescape")) > MAX_VOICE_NAME_BYTES:
+        raise ProtocolError(f"invalid voice_prompt ({len(voice.encode('utf-8', 'surrogateescape'))} bytes): preset "
+                            f"names are at most {MAX_VOICE_NAME_BYTES} bytes (see GET /api/voices)", CLOSE_POLICY)
     return PersonaRequest(text_prompt=query.get("text_prompt", ""), voice=voice, sampling=sampling)
 
 
@@ -148,6 +163,7 @@ class ChatSession:
         self._closed = False
         self._pending_sends: set[asyncio.Task] = set()
         self._metadata: dict = {}
+        self.budget = InputBudget(hub.options.input_burst_seconds, hub.options.max_messages_per_second)
 
     async def run(self, query: Mapping[str, str], voice_audio: bytes | None) -> None:
         try:
@@ -230,7 +246,8 @@ class ChatSession:
         """The receive side ended: the client closed, or broke the protocol."""
         error = receiver.exception() if not receiver.cancelled() else None
         if self.conversation is not None:
-            await self.conversation.close("client closed" if error is None else f"protocol error: {error}")
+            dropped = getattr(self.transport, "end_reason", None)  # the server dropped the connection: why
+            await self.conversation.close(f"protocol error: {error}" if error is not None else dropped or "client closed")
         if sender is not None:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
@@ -257,6 +274,11 @@ class ChatSession:
             message = await self.transport.receive()
             if message is None:
                 return
+            try:
+                self.budget.take_message()
+            except InputRateExceeded as error:
+                self.hub.metrics.input_refused.labels(reason="input_rate").inc()
+                raise ProtocolError(str(error), CLOSE_POLICY) from None
             if isinstance(message, str):
                 raise ProtocolError("text messages are not part of this protocol: send binary messages "
                                     "(first byte: the kind, 0x01 for an Ogg page)", CLOSE_UNSUPPORTED)
@@ -282,10 +304,18 @@ class ChatSession:
 
     def _take_audio(self, page: bytes) -> None:
         try:
+            self.budget.check_audio()
+        except InputRateExceeded as error:
+            self.hub.metrics.input_refused.labels(reason="input_rate").inc()
+            raise ProtocolError(str(error), CLOSE_POLICY) from None
+        try:
             pcm = self._reader.append_bytes(page)
         except Exception as exc:  # noqa: BLE001 - sphn reports malformed Ogg or Opus as plain exceptions
             raise ProtocolError(f"invalid audio: expected one page of an Ogg/Opus stream per 0x01 message ({exc})",
                                 CLOSE_INVALID_DATA) from None
+        seconds = 0.0 if pcm is None else len(pcm) / 24000
+        self.budget.spend_audio(seconds)
+        self.hub.metrics.input_decoded.labels(front_end=self.front_end).inc(seconds)
         if self.conversation is not None and pcm is not None and len(pcm):
             self.conversation.send_audio(np.asarray(pcm, dtype=np.float32).reshape(-1))
         # Audio that arrives before the handshake is decoded (validated) and dropped: the conversation

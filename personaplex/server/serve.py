@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ..errors import PersonaplexError
 from .app import DEFAULT_STATIC, SESSIONS_KEY, build_app
+from .connections import ConnectionGuard, GuardedSite, quiet_accept_errors
+from .limits import ServerLimits, add_limit_arguments, default_max_connections, limits_from_args
 from .opus_pool import OpusEncoderPool
 
 log = logging.getLogger("personaplex.server")
@@ -71,6 +73,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                              "1 to 8; 0: encode in the server process)")
     limits.add_argument("--allow-voice-upload", action="store_true",
                         help="let clients upload a voice sample (POST /api/voices) to use as the agent's voice")
+    add_limit_arguments(parser)
     phone = parser.add_argument_group("phone calls (Twilio Media Streams at /twilio/media-stream)")
     phone.add_argument("--phone-personas", type=Path, default=None, metavar="FILE",
                        help="JSON file mapping called numbers and persona names to personas (see the README)")
@@ -85,6 +88,10 @@ def run(args: argparse.Namespace) -> None:
     static_dir = static_folder(args.static)
     if args.opus_workers < 0:  # like every setting, checked before gigabytes of weights load
         raise ServerError("--opus-workers must be 0 or more (0: encode in the server process)")
+    try:
+        limits = limits_from_args(args)
+    except ValueError as exc:
+        raise ServerError(str(exc)) from None
     ssl_context = None
     if args.ssl is not None:  # before loading gigabytes of weights: bad settings fail fast
         from .tls import tls_context
@@ -101,7 +108,8 @@ def run(args: argparse.Namespace) -> None:
     if hub.model.untrained:
         log.info("note: the demo model has random, untrained weights: it babbles")
     asyncio.run(serve(hub, host=args.host, port=args.port, static_dir=static_dir, ssl_context=ssl_context,
-                      auth_token=args.auth_token, phone_personas=phone_personas, opus_workers=args.opus_workers))
+                      auth_token=args.auth_token, phone_personas=phone_personas, opus_workers=args.opus_workers,
+                      limits=limits))
 
 
 def default_opus_workers() -> int:
@@ -127,26 +135,31 @@ class RunningServer:
     port: int
     url: str
     encoders: OpusEncoderPool | None = None
+    guard: ConnectionGuard | None = None
 
 
 async def start_server(hub, *, host: str = "localhost", port: int = 0, static_dir: Path | None = DEFAULT_STATIC,
                        ssl_context=None, auth_token: str | None = None,
                        send_buffer_bytes: int | None = 64 << 10, phone_personas=None,
-                       opus_workers: int = 0) -> RunningServer:
+                       opus_workers: int = 0, limits: ServerLimits | None = None) -> RunningServer:
     """Start the hub and listen; returns where. ``host`` is really bound (every interface only for
-    0.0.0.0 / ::). ``opus_workers``: processes that encode the agent's audio (0: this process does)."""
+    0.0.0.0 / ::). ``opus_workers``: processes that encode the agent's audio (0: this process does).
+    ``limits``: timeouts, connection cap, Origin allow-list (``limits.py``; default: the flags' defaults)."""
     from aiohttp import web
 
+    limits = limits or ServerLimits()
+    guard = ConnectionGuard(limits.max_connections or default_max_connections(), hub.metrics)
+    quiet_accept_errors(asyncio.get_running_loop())
     await hub.start()
     encoders = None
     if opus_workers:
         encoders = OpusEncoderPool(opus_workers)
         await encoders.start()
     app = build_app(hub, static_dir=static_dir, auth_token=auth_token, send_buffer_bytes=send_buffer_bytes,
-                    phone_personas=phone_personas, encoders=encoders)
+                    phone_personas=phone_personas, encoders=encoders, limits=limits, guard=guard)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
-    site = web.TCPSite(runner, host=host, port=port, ssl_context=ssl_context)
+    site = GuardedSite(runner, guard, host=host, port=port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as exc:
@@ -157,7 +170,7 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
         raise ServerError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port or --host")
     bound = site._server.sockets[0].getsockname()[1]
     scheme = "https" if ssl_context is not None else "http"
-    return RunningServer(runner, site, bound, f"{scheme}://{access_host(host)}:{bound}", encoders)
+    return RunningServer(runner, site, bound, f"{scheme}://{access_host(host)}:{bound}", encoders, guard)
 
 
 async def stop_server(server: RunningServer, hub, reason: str = "the server is shutting down") -> None:

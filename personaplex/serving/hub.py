@@ -60,6 +60,7 @@ UPLOAD_PREFIX = "upload-"
 TICK_MARGIN_SECONDS = 0.005  # kept free at the end of a tick for the event loop's share of the GIL
 JOIN_PATIENCE_TICKS = 5
 ENGINE_SWITCH_INTERVAL_SECONDS = 0.001  # see ConversationHub.start
+MAX_VOICE_NAME_BYTES = 255  # a file name's limit: longer names are refused before touching the file system
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class HubOptions:
     default_voice: str | None = DEFAULT_VOICE
     join_block_frames: int | None = None  # prompt frames per prefill block (None: the engine's default)
     kv_dtype: str = "model"  # "fp8": KV rings in FP8, about twice the conversations per GPU
+    input_burst_seconds: float = 3.0  # audio a client may send ahead of real time before it is ended
+    max_messages_per_second: float = 200.0  # messages a client may send per second (see input_budget.py)
 
 
 class Conversation:
@@ -265,7 +268,8 @@ class ConversationHub:
 
         options = HubOptions()
         for name in ("max_conversations", "max_queue", "max_conversation_seconds", "allow_voice_upload",
-                     "input_timeout_seconds", "tick_seconds", "kv_dtype"):
+                     "input_timeout_seconds", "tick_seconds", "kv_dtype", "input_burst_seconds",
+                     "max_messages_per_second"):
             value = getattr(args, name, None)
             if value is not None:
                 setattr(options, name, value)
@@ -277,6 +281,8 @@ class ConversationHub:
             raise UsageError("--max-queue must be 0 or more")
         if options.max_conversation_seconds is not None and options.max_conversation_seconds <= 0:
             raise UsageError("--max-conversation-seconds must be positive")
+        if options.input_burst_seconds <= 0 or options.max_messages_per_second <= 0:
+            raise UsageError("--input-burst and --max-messages-per-second must be positive")
         # The same loading as the offline tool: device, --quantize, --cpu-offload, with its advice printed.
         model = load_model_for_args(args, resolve_model_assets(args), slots=getattr(args, "max_conversations", None) or 1)
         if getattr(args, "max_conversations", None) is None:
@@ -502,6 +508,9 @@ class ConversationHub:
         name = request.voice if request.voice else self.options.default_voice
         if not name:
             return None
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_VOICE_NAME_BYTES:
+            raise PersonaError(f"invalid voice name ({len(name.encode('utf-8', 'surrogateescape'))} bytes): preset "
+                               f"names are at most {MAX_VOICE_NAME_BYTES} bytes (see GET /api/voices)")
         if name.startswith(UPLOAD_PREFIX):
             digest = name[len(UPLOAD_PREFIX):]
             matches = [p for p in Path(self._upload_dir.name).iterdir() if p.stem == digest and p.suffix != ".part"]

@@ -46,6 +46,14 @@ class HubMetrics:
                                      "User audio dropped because a client sent faster than real time", registry=r)
         self.input_underruns = Counter(f"{PREFIX}_input_underrun_frames",
                                        "Frames of silence used because a client's audio had not arrived", registry=r)
+        self.input_decoded = Counter(f"{PREFIX}_input_decoded_seconds", "User audio decoded, per front end",
+                                     ["front_end"], registry=r)
+        self.input_refused = Counter(f"{PREFIX}_input_refused_messages",
+                                     "Client messages refused without being decoded, per reason", ["reason"],
+                                     registry=r)
+        self.connections_refused = Counter(f"{PREFIX}_connections_refused",
+                                           "Connections closed at once or evicted at the connection limit",
+                                           registry=r)
         self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Joins served from the persona prefix cache",
                                          registry=r)
 

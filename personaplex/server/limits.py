@@ -1,0 +1,80 @@
+"""The server's connection limits: what each flag bounds, its safe default, and how it is parsed.
+
+| flag | default | bounds |
+| --- | --- | --- |
+| ``--request-timeout`` | 15 s | a connection with no complete request (fresh, half-sent headers, idle keep-alive) and the body of an upload |
+| ``--idle-timeout`` | 30 s | a WebSocket before its conversation starts: a Realtime session with no event, a Twilio stream without an authenticated ``start`` (counted from the upgrade) |
+| ``--max-connections`` | the file limit less a reserve, at most 4096 | open connections; at the limit the oldest idle or unauthenticated one is dropped, else the new one |
+| ``--input-burst`` | 3 s | user audio a client may send ahead of real time (then it is ended) |
+| ``--max-messages-per-second`` | 200 | messages a client may send per second, with the same burst |
+| ``--allowed-origins`` | same origin and localhost | browser origins that may open WebSockets and POST |
+
+A client that does not read the agent's audio is ended after ``max_output_frames`` (2 s) whatever its
+kernel buffers hold: the server pings every WebSocket and resets the connection of one that does not
+answer within that time (a pong travels behind the audio still unread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+from dataclasses import dataclass
+
+from .security import OriginPolicy
+
+FD_RESERVE = 128  # descriptors kept for the model files, workers' pipes, logs and uploads
+MAX_DEFAULT_CONNECTIONS = 4096
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    request_timeout: float = 15.0
+    idle_timeout: float = 30.0
+    max_connections: int | None = None  # None: from the file descriptor limit (default_max_connections)
+    allowed_origins: OriginPolicy = OriginPolicy()
+    ping_interval: float = 0.5  # seconds between the pings that measure how far behind a client reads
+
+
+def default_max_connections() -> int:
+    """Connections that fit this process's file descriptor limit (raised to the hard limit first)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+            soft = max(soft, wanted)
+        except (ValueError, OSError):
+            pass
+    return max(16, min(MAX_DEFAULT_CONNECTIONS, soft - FD_RESERVE))
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection limits (see the README's Security section)")
+    group.add_argument("--request-timeout", type=float, default=15.0,
+                       help="seconds a connection may take to send a complete request (and an upload's body), "
+                            "and may stay idle between requests (default 15)")
+    group.add_argument("--idle-timeout", type=float, default=30.0,
+                       help="seconds a WebSocket may stay silent before its conversation starts: a Realtime session "
+                            "sending no event, a Twilio stream without an authenticated 'start' (default 30)")
+    group.add_argument("--max-connections", type=int, default=None,
+                       help="open connections at most; at the limit the oldest idle or unauthenticated one is "
+                            "dropped (default: the file descriptor limit less a reserve, at most 4096)")
+    group.add_argument("--input-burst", type=float, default=3.0, dest="input_burst_seconds",
+                       help="seconds of audio a client may send ahead of real time; a client further ahead is "
+                            "ended (default 3)")
+    group.add_argument("--max-messages-per-second", type=float, default=200.0,
+                       help="messages a client may send per second (with the same burst); more end it (default 200)")
+    group.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                       help="comma-separated browser origins (https://app.example.com) allowed to open WebSockets "
+                            "and POST, besides the server's own origin and localhost; '*': any (default: none)")
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    """``ServerLimits`` from the flags; raises ``ValueError`` with the flag's name when one is out of range."""
+    if args.request_timeout <= 0 or args.idle_timeout <= 0:
+        raise ValueError("--request-timeout and --idle-timeout must be positive")
+    if args.max_connections is not None and args.max_connections < 2:
+        raise ValueError("--max-connections must be at least 2")
+    return ServerLimits(request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
+                        max_connections=args.max_connections,
+                        allowed_origins=OriginPolicy.parse(args.allowed_origins))
