@@ -17,7 +17,6 @@ protocol handlers (``run_chat``, ``run_realtime``, ``run_twilio``); only the fra
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from pathlib import Path
@@ -28,6 +27,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketState
+
+from ..server.limits import ServerLimits
+from ..server.security import token_from, token_matches
 
 log = logging.getLogger("personaplex.scaleout")
 
@@ -70,13 +72,16 @@ class StarletteTransport:
 
 
 def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = None, phone_personas=None,
-                   replica: str = "", encoders=None) -> Starlette:
+                   replica: str = "", encoders=None, limits: ServerLimits | None = None) -> Starlette:
     """Routes of the single server over ``hub`` (started by the caller). ``replica`` names this replica
     in ``/api/health``. ``encoders``: an ``OpusEncoderPool`` for /api/chat, started at the first conversation
-    (on the loop that serves it); None: this process encodes."""
+    (on the loop that serves it); None: this process encodes. ``limits``: the idle timeout and the Origin
+    allow-list of WebSocket upgrades (default: the server's defaults)."""
     from ..integrations.realtime import run_realtime
     from ..integrations.twilio import PhonePersonas, run_twilio
     from ..server.chat_protocol import run_chat
+
+    limits = limits or ServerLimits()
 
     personas = phone_personas if isinstance(phone_personas, PhonePersonas) else \
         PhonePersonas.load(phone_personas) if phone_personas is not None else PhonePersonas()
@@ -84,14 +89,14 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
     def authorized(connection: Request | WebSocket) -> bool:
         if not auth_token:
             return True
-        given = connection.query_params.get("token", "")
-        header = connection.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            given = header[7:].strip()
-        return hmac.compare_digest(given.encode("utf-8"), auth_token.encode("utf-8"))
+        given = token_from(connection.query_params.get("token"), connection.headers.get("authorization"))
+        return token_matches(given, auth_token)
+
+    def origin_allowed(ws: WebSocket) -> bool:
+        return limits.allowed_origins.allows(ws.headers.get("origin"), ws.headers.get("host"))
 
     async def chat(ws: WebSocket) -> None:
-        if not authorized(ws):
+        if not origin_allowed(ws) or not authorized(ws):
             await ws.close(code=CLOSE_POLICY)  # before accepting: the upgrade is refused (HTTP 403)
             return
         await ws.accept()
@@ -100,16 +105,22 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
         await run_chat(hub, ws.query_params, StarletteTransport(ws), encoders=encoders)
 
     async def realtime(ws: WebSocket) -> None:
-        if not authorized(ws):
+        if not origin_allowed(ws) or not authorized(ws):
             await ws.close(code=CLOSE_POLICY)
             return
         beta = "realtime=v1" in ws.headers.get("openai-beta", "").replace(" ", "")
         await ws.accept()
-        await run_realtime(hub, StarletteTransport(ws), beta=beta)
+        await run_realtime(hub, StarletteTransport(ws), beta=beta, idle_timeout=limits.idle_timeout)
 
     async def twilio(ws: WebSocket) -> None:  # Twilio sends no headers: the token is a stream parameter
+        query_token = ws.query_params.get("token")
+        if not origin_allowed(ws) or (auth_token and query_token is not None and not token_matches(query_token,
+                                                                                                  auth_token)):
+            await ws.close(code=CLOSE_POLICY)
+            return
         await ws.accept()
-        await run_twilio(hub, StarletteTransport(ws), personas=personas, auth_token=auth_token)
+        await run_twilio(hub, StarletteTransport(ws), personas=personas,
+                         auth_token=auth_token if query_token is None else None, idle_timeout=limits.idle_timeout)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": not hub._closed, "model": hub.describe()["model"], "replica": replica,

@@ -1,0 +1,608 @@
+"""Attacks on a real running server (demo model, loopback, bounded loops) and the behaviour that answers
+them: authentication before any work (Twilio included), budgets on what one client may send, timeouts on
+idle and half-open connections, a connection cap that never locks out real callers, slow readers ended
+and their connection reset, the Origin allow-list, and short, clear refusals for malformed input.
+
+Where an attack runs next to an ordinary caller, the test asserts that the caller completes without an
+error and that the server's counters show no work done for the attacker; how much real time the caller
+keeps under each attack is measured by ``bench/attacks.py`` (a shared CI machine cannot time it)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import re
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+from test_realtime import ServerThread, metric_value
+from test_server_protocol import Received, opus_pages, read_all
+
+from personaplex.server.limits import ServerLimits
+from personaplex.server.security import OriginPolicy, token_matches
+from personaplex.serving.input_budget import InputBudget, InputRateExceeded
+
+TOKEN = "s3cret"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from personaplex.demo import demo_assets
+    from personaplex.loading import load_model
+
+    return load_model(demo_assets(), "cpu")
+
+
+@pytest.fixture(scope="module")
+def server(demo_model):
+    limits = ServerLimits(request_timeout=1.5, idle_timeout=1.5, max_connections=24,
+                          allowed_origins=OriginPolicy(["https://app.example.com"]))
+    running = ServerThread(demo_model, {"auth_token": TOKEN, "limits": limits}, max_conversations=3, max_queue=1,
+                           input_timeout_seconds=None)
+    yield running
+    running.stop()
+
+
+def chat_url(server, **params) -> str:
+    params = {"text_prompt": "You enjoy having a good conversation.", "voice_prompt": "NATF2", "token": TOKEN,
+              **params}
+    return f"{server.ws}/api/chat?{urlencode(params)}"
+
+
+def metric(server, name: str, **labels) -> float:
+    return metric_value(server.metrics(), name, **labels)
+
+
+async def ordinary_caller(server, seconds: float = 3.0) -> Received:
+    """A well-behaved /api/chat caller: real Opus pages at real time, reading everything."""
+    pages = opus_pages(seconds, seed=3)
+    received = Received()
+    async with aiohttp.ClientSession() as http, http.ws_connect(chat_url(server, seed=11), max_msg_size=0) as ws:
+        reader = asyncio.create_task(read_all(ws, received))
+        while 0x00 not in received.kinds() and not reader.done():
+            await asyncio.sleep(0.01)
+        start = time.monotonic()
+        for index, page in enumerate(pages):
+            await ws.send_bytes(b"\x01" + page)
+            await asyncio.sleep(max(0.0, start + index * 0.08 - time.monotonic()))
+        await ws.close()
+        await asyncio.wait_for(reader, 30)
+    return received
+
+
+async def raw_request(server, data: bytes, read_timeout: float = 20.0) -> tuple[bytes, float]:
+    """Send raw bytes; return what comes back until the server closes, and how long that took."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.server.port)
+    start = time.monotonic()
+    writer.write(data)
+    await writer.drain()
+    answer = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), read_timeout):
+            answer += chunk
+    except (ConnectionResetError, asyncio.TimeoutError):
+        pass
+    writer.close()
+    return answer, time.monotonic() - start
+
+
+async def wait_for(condition, deadline: float = 30.0, step: float = 0.05) -> bool:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if condition():
+            return True
+        await asyncio.sleep(step)
+    return condition()
+
+
+# --- 1. authentication before any work, Twilio included ----------------------------------------------------
+
+
+def twilio_media(payload: bytes = b"\xff" * 160) -> str:
+    return json.dumps({"event": "media", "streamSid": "MZ1", "media": {"track": "inbound",
+                                                                       "payload": base64.b64encode(payload).decode()}})
+
+
+def twilio_start(parameters: dict) -> str:
+    return json.dumps({"event": "start", "streamSid": "MZ1", "start": {
+        "streamSid": "MZ1", "callSid": "CA1", "customParameters": parameters,
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}})
+
+
+def test_unauthenticated_twilio_streams_get_no_work_while_a_caller_talks(server):
+    decoded_before = metric(server, "personaplex_input_decoded_seconds_total", front_end="twilio")
+    sessions_before = metric(server, "personaplex_sessions_total", front_end="twilio")
+
+    async def flood_without_token() -> tuple[int, float]:
+        """The attack of the report: 299-byte media messages as fast as possible, no start."""
+        sent = 0
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/twilio/media-stream") as ws:
+            started = time.monotonic()
+            closed = asyncio.create_task(ws.receive())  # the server's close frame
+            try:
+                for _ in range(5000):
+                    await ws.send_str(twilio_media())
+                    sent += 1
+                    await asyncio.sleep(0)
+                    if closed.done():
+                        break
+            except ConnectionResetError:
+                pass
+            await asyncio.wait_for(closed, 10)
+            return sent, time.monotonic() - started
+
+    async def start_with_wrong_token() -> int | None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/twilio/media-stream") as ws:
+            await ws.send_str(twilio_start({"token": "wrong"}))
+            for _ in range(50):
+                await ws.send_str(twilio_media())
+            await asyncio.wait_for(ws.receive(), 10)
+            return ws.close_code
+
+    async def wrong_query_token() -> int:
+        async with aiohttp.ClientSession() as http:
+            try:
+                async with http.ws_connect(f"{server.ws}/twilio/media-stream?token=wrong"):
+                    return 101
+            except aiohttp.WSServerHandshakeError as error:
+                return error.status
+
+    async def scenario():
+        caller = asyncio.create_task(ordinary_caller(server, 3.0))
+        attacks = await asyncio.gather(*(flood_without_token() for _ in range(3)), start_with_wrong_token(),
+                                       wrong_query_token())
+        return await caller, attacks
+
+    received, attacks = asyncio.run(scenario())
+    floods, wrong_start, wrong_query = attacks[:3], attacks[3], attacks[4]
+    assert received.error is None and len(received.of(0x01)) >= 20
+    for sent, _ in floods:  # closed after a handful of messages, not after thousands
+        assert sent < 5000
+    assert wrong_start == 1000 and wrong_query == 401
+    # Nothing was decoded and no conversation was opened for any of them.
+    assert metric(server, "personaplex_input_decoded_seconds_total", front_end="twilio") == decoded_before
+    assert metric(server, "personaplex_sessions_total", front_end="twilio") == sessions_before
+    assert metric(server, "personaplex_errors_total", kind="twilio_no_start") >= 3
+    assert metric(server, "personaplex_errors_total", kind="twilio_unauthorized") >= 1
+
+
+def test_idle_unauthenticated_twilio_stream_is_closed(server):
+    async def idle() -> float:
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/twilio/media-stream") as ws:
+            started = time.monotonic()
+            message = await asyncio.wait_for(ws.receive(), 30)
+            assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            return time.monotonic() - started
+
+    assert 1.0 <= asyncio.run(idle()) < 20  # --idle-timeout 1.5 s here
+
+
+def test_twilio_query_token_authenticates_at_the_upgrade(server):
+    async def call() -> int:
+        url = f"{server.ws}/twilio/media-stream?token={TOKEN}"
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+            await ws.send_str(twilio_start({}))
+            media = 0
+            start = time.monotonic()
+            for chunk in range(60):
+                await ws.send_str(twilio_media())
+                try:
+                    message = await asyncio.wait_for(ws.receive(), max(0.001, start + chunk * 0.02 - time.monotonic()))
+                    media += message.type == aiohttp.WSMsgType.TEXT and json.loads(message.data)["event"] == "media"
+                except asyncio.TimeoutError:
+                    pass
+            deadline = time.monotonic() + 30
+            while media == 0 and time.monotonic() < deadline:
+                await ws.send_str(twilio_media())
+                message = await ws.receive(timeout=30)
+                media += message.type == aiohttp.WSMsgType.TEXT and json.loads(message.data)["event"] == "media"
+            return media
+
+    assert asyncio.run(call()) >= 1
+
+
+# --- 5. per-client input budget ----------------------------------------------------------------------------
+
+
+def test_input_budget_refuses_audio_beyond_real_time_plus_burst():
+    now = [0.0]
+    budget = InputBudget(burst_seconds=2.0, max_messages_per_second=100, clock=lambda: now[0])
+    for _ in range(25):  # 2 s of 80 ms frames at once: the burst
+        budget.take_message()
+        budget.check_audio()
+        budget.spend_audio(0.08)
+    with pytest.raises(InputRateExceeded, match="faster than real time"):
+        budget.check_audio()
+    now[0] += 1.0  # real time refills it
+    budget.check_audio()
+    with pytest.raises(InputRateExceeded, match="messages a second"):
+        for _ in range(1000):
+            budget.take_message()
+
+
+def test_a_client_sending_opus_far_faster_than_real_time_is_ended(server):
+    pages = opus_pages(30.0, seed=5)  # 30 s of audio, sent at once (~100x real time)
+    decoded_before = metric(server, "personaplex_input_decoded_seconds_total", front_end="chat")
+
+    async def flood() -> Received:
+        received = Received()
+        async with aiohttp.ClientSession() as http, http.ws_connect(chat_url(server, seed=2), max_msg_size=0) as ws:
+            reader = asyncio.create_task(read_all(ws, received))
+            while 0x00 not in received.kinds() and not reader.done():
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            try:
+                for page in pages:
+                    await ws.send_bytes(b"\x01" + page)
+            except ConnectionResetError:
+                pass
+            await asyncio.wait_for(reader, 30)
+            received.elapsed = time.monotonic() - started
+        return received
+
+    async def scenario():
+        return await asyncio.gather(ordinary_caller(server, 4.0), flood())
+
+    caller, attacker = asyncio.run(scenario())
+    assert caller.error is None and len(caller.of(0x01)) >= 30
+    assert attacker.error is not None and "faster than real time" in attacker.error
+    assert attacker.close_code == 1008
+    # Decoded for everyone meanwhile: the caller's 4 s, the attacker's burst (3 s) and what real time
+    # allowed while it sent, plus one page: not its 30 s.
+    decoded = metric(server, "personaplex_input_decoded_seconds_total", front_end="chat") - decoded_before
+    assert decoded <= 4.0 + 3.0 + attacker.elapsed + 1.0, decoded
+
+
+def test_a_realtime_client_flooding_events_is_ended(server):
+    async def flood():
+        events = []
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/v1/realtime", headers=headers) as ws:
+            await ws.receive_json()
+            chunk = base64.b64encode(b"\x00" * 2 * 24000).decode()  # 1 s of audio per event
+            try:
+                for _ in range(200):
+                    await ws.send_json({"type": "input_audio_buffer.append", "audio": chunk})
+            except ConnectionResetError:
+                pass
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    events.append(json.loads(message.data))
+            return events, ws.close_code
+
+    events, code = asyncio.run(flood())
+    errors = [e["error"]["code"] for e in events if e["type"] == "error"]
+    assert "input_rate_exceeded" in errors and code == 1008
+
+
+# --- 4. timeouts, the connection cap, descriptors running out ---------------------------------------------
+
+
+@pytest.mark.parametrize("data", [b"", b"GET /api/health HTTP/1.1\r\nHost: x\r\n",
+                                  b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n"],
+                         ids=["silent", "half_sent_headers", "idle_keep_alive"])
+def test_connections_without_a_complete_request_are_closed(server, data):
+    answer, elapsed = asyncio.run(raw_request(server, data))
+    assert elapsed < 15  # --request-timeout 1.5 s here; aiohttp's default would keep it an hour
+    if data.endswith(b"\r\n\r\n"):
+        assert answer.startswith(b"HTTP/1.1 200")  # served, then closed when idle
+    else:
+        assert answer == b""
+
+
+def test_an_idle_realtime_session_is_closed(server):
+    async def idle():
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/v1/realtime", headers=headers) as ws:
+            events = []
+            async for message in ws:
+                events.append(json.loads(message.data))
+            return events, ws.close_code
+
+    events, code = asyncio.run(asyncio.wait_for(idle(), 30))
+    assert events[0]["type"] == "session.created"
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "idle_timeout" and code == 1008
+
+
+def test_idle_sockets_at_the_connection_cap_never_lock_out_callers(server):
+    guard = server.server.guard
+    refused_before = metric(server, "personaplex_connections_refused_total")
+
+    async def scenario():
+        idle = []
+        for _ in range(3 * guard.max_connections):  # three times the cap of silent sockets and idle /twilio
+            idle.append(await asyncio.open_connection("127.0.0.1", server.server.port))
+        http = aiohttp.ClientSession()
+        streams = [await http.ws_connect(f"{server.ws}/twilio/media-stream") for _ in range(guard.max_connections)]
+        async with aiohttp.ClientSession() as fresh, fresh.get(f"{server.http}/api/health") as response:
+            health = response.status
+        caller = await ordinary_caller(server, 2.0)
+        open_now = guard.open_connections
+        for stream in streams:
+            await stream.close()
+        await http.close()
+        for _, writer in idle:
+            writer.close()
+        return health, caller, open_now
+
+    health, caller, open_now = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert health == 200
+    assert caller.error is None and len(caller.of(0x01)) >= 15
+    assert open_now <= guard.max_connections
+    assert metric(server, "personaplex_connections_refused_total") > refused_before
+
+
+def _serve_subprocess(tmp_path, nofile: int, *flags: str):
+    """``personaplex serve --model demo`` in a child process with a file descriptor limit of ``nofile``."""
+    log = open(tmp_path / "server.log", "w+b")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "personaplex.cli", "serve", "--model", "demo", "--device", "cpu",
+                                "--port", "0", "--host", "127.0.0.1", "--static", "none", "--opus-workers", "0",
+                                "--max-conversations", "1", *flags],
+                               stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit, env=env, cwd=REPO)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        found = re.search(rb"at http://127\.0\.0\.1:(\d+)", (tmp_path / "server.log").read_bytes())
+        if found:
+            return process, int(found.group(1)), tmp_path / "server.log"
+        time.sleep(0.2)
+    process.kill()
+    raise AssertionError((tmp_path / "server.log").read_text(errors="replace")[-2000:])
+
+
+def _flood_sockets(port: int, count: int) -> list[socket.socket]:
+    sockets = []
+    for _ in range(count):
+        try:
+            sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        except OSError:
+            break
+    return sockets
+
+
+def _health(port: int) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=20) as response:
+        return response.status
+
+
+@pytest.mark.slow
+def test_descriptor_exhaustion_is_avoided_by_default_and_never_floods_the_log(tmp_path):
+    # Default cap: below the descriptor limit, so accept() never fails and /api/health answers.
+    process, port, log = _serve_subprocess(tmp_path, 256)
+    try:
+        held = _flood_sockets(port, 400)
+        time.sleep(1.0)
+        assert _health(port) == 200
+    finally:
+        for sock in held:
+            sock.close()
+        process.terminate()
+        process.wait(30)
+    assert b"out of system resource" not in log.read_bytes() and b"cannot accept" not in log.read_bytes()
+
+    # A cap set above the limit: accept() fails, and that is logged once per 10 s, with a count.
+    (tmp_path / "second").mkdir()
+    process, port, log = _serve_subprocess(tmp_path / "second", 256, "--max-connections", "5000")
+    try:
+        held = _flood_sockets(port, 400)
+        time.sleep(5.0)
+    finally:
+        for sock in held:
+            sock.close()
+        process.terminate()
+        process.wait(30)
+    text = log.read_bytes()
+    assert 1 <= text.count(b"cannot accept connections") <= 2, text[-3000:]
+    assert len(text) < 20_000 and b"Traceback" not in text
+
+
+# --- 7. a client that stops reading -------------------------------------------------------------------------
+
+
+def test_a_client_that_stops_reading_is_ended_and_its_connection_reset(server):
+    hub, guard = server.hub, server.server.guard
+
+    async def scenario():
+        pages = opus_pages(60.0, seed=9)
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(chat_url(server, seed=4))
+            while (await ws.receive()).data[0] != 0x00:
+                pass
+            ws._response.connection.transport.pause_reading()  # reads nothing from now on, keeps sending
+            stopped = time.monotonic()
+            reset = None
+            start = time.monotonic()
+            for index, page in enumerate(pages):
+                try:
+                    await ws.send_bytes(b"\x01" + page)
+                except (ConnectionResetError, ConnectionError):
+                    reset = time.monotonic() - stopped
+                    break
+                await asyncio.sleep(max(0.0, start + index * 0.08 - time.monotonic()))
+                if ws._response.connection is None or ws._response.connection.transport is None \
+                        or ws._response.connection.transport.is_closing():
+                    reset = time.monotonic() - stopped
+                    break
+            freed = await wait_for(lambda: hub.load()["slots_busy"] == 0, 10)
+            return reset, freed
+
+    reset, freed = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert freed
+    assert reset is not None and reset < 20, reset  # the report measured ~70 s, and the TCP connection kept open
+    assert 'reason="slow_reader"' in server.metrics()
+
+
+# --- 8. Origin allow-list -----------------------------------------------------------------------------------
+
+
+def test_origin_policy():
+    default = OriginPolicy.parse(None)
+    assert default.allows(None, "voice.example.com")  # not a browser
+    assert default.allows("http://localhost:5173", "voice.example.com")
+    assert default.allows("http://127.0.0.1:1", "voice.example.com")
+    assert default.allows("http://[::1]:8998", "voice.example.com")
+    assert default.allows("https://voice.example.com:8998", "voice.example.com:8998")  # same origin
+    assert not default.allows("https://evil.example", "voice.example.com:8998")
+    assert not default.allows("null", "voice.example.com")
+    assert not default.allows("https://voice.example.com.evil.example", "voice.example.com")
+    listed = OriginPolicy.parse("https://app.example.com, https://other.example/")
+    assert listed.allows("https://other.example", "x") and not listed.allows("http://app.example.com", "x")
+    assert OriginPolicy.parse("*").allows("https://anything.example", "x")
+
+
+def test_foreign_origins_cannot_open_websockets_or_post(server):
+    async def probe():
+        results = {}
+        async with aiohttp.ClientSession() as http:
+            for name, origin in (("evil", "https://evil.example"), ("listed", "https://app.example.com"),
+                                 ("localhost", "http://localhost:3000"), ("none", None)):
+                headers = {"Origin": origin} if origin else {}
+                try:
+                    async with http.ws_connect(chat_url(server), headers=headers):
+                        results[name] = 101
+                except aiohttp.WSServerHandshakeError as error:
+                    results[name] = error.status
+            for path in ("/v1/realtime", "/twilio/media-stream"):
+                try:
+                    async with http.ws_connect(f"{server.ws}{path}", headers={"Origin": "https://evil.example",
+                                                                              "Authorization": f"Bearer {TOKEN}"}):
+                        results[path] = 101
+                except aiohttp.WSServerHandshakeError as error:
+                    results[path] = error.status
+            async with http.post(f"{server.http}/api/voices?token={TOKEN}", data=b"RIFF....",
+                                 headers={"Origin": "https://evil.example"}) as response:
+                results["post"] = response.status, await response.text()
+        return results
+
+    results = asyncio.run(probe())
+    assert results["evil"] == 403 and results["/v1/realtime"] == 403 and results["/twilio/media-stream"] == 403
+    assert results["listed"] == 101 and results["localhost"] == 101 and results["none"] == 101
+    assert results["post"][0] == 403 and "--allowed-origins" in results["post"][1]
+
+
+# --- 9, 10, 11, 14: malformed input gets a short, clear refusal ----------------------------------------------
+
+
+def test_a_huge_voice_name_is_refused_with_1008_and_never_logged_whole(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    name = "N" * 60_000
+
+    async def chat():
+        received = Received()
+        async with aiohttp.ClientSession() as http, http.ws_connect(chat_url(server, voice_prompt=name)) as ws:
+            await read_all(ws, received)
+        return received
+
+    async def realtime():
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/v1/realtime", headers=headers) as ws:
+            await ws.receive_json()
+            await ws.send_json({"type": "session.update", "session": {"voice": "V" * 300}})
+            first = await ws.receive_json(timeout=30)
+            return first
+
+    received = asyncio.run(chat())
+    assert received.close_code == 1008 and "at most 255 bytes" in received.error and len(received.error) < 200
+    error = asyncio.run(realtime())
+    assert error["type"] == "error" and error["error"]["code"] == "invalid_persona"
+    assert "at most 255 bytes" in error["error"]["message"]
+    assert all(len(record.getMessage()) < 2000 for record in caplog.records)
+
+
+def test_a_non_utf8_authorization_header_is_a_401(server):
+    async def probe(path: str) -> bytes:
+        request = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n").encode() + \
+            b"Authorization: Bearer \xff\xfe\xfd\r\n\r\n"
+        answer, _ = await raw_request(server, request)
+        return answer
+
+    for path in ("/api/voices", "/v1/realtime"):
+        assert asyncio.run(probe(path)).startswith(b"HTTP/1.1 401"), path
+    assert token_matches("\udcff", TOKEN) is False
+
+
+def test_malformed_twilio_marks_never_end_a_call(server):
+    async def call():
+        url = f"{server.ws}/twilio/media-stream?token={TOKEN}"
+        media_after = 0
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+            await ws.send_str(twilio_start({}))
+            for name in ("frame-²", "frame-" + "9" * 5000, "frame-", 42):
+                await ws.send_str(json.dumps({"event": "mark", "streamSid": "MZ1", "mark": {"name": name}}))
+            start = time.monotonic()
+            deadline = start + 60
+            index = 0
+            while media_after < 5 and time.monotonic() < deadline:
+                await ws.send_str(twilio_media())
+                index += 1
+                try:
+                    message = await ws.receive(timeout=max(0.001, start + index * 0.02 - time.monotonic()))
+                except asyncio.TimeoutError:
+                    continue
+                assert message.type == aiohttp.WSMsgType.TEXT, message
+                media_after += json.loads(message.data)["event"] == "media"
+            return media_after, ws.closed
+
+    before = metric(server, "personaplex_errors_total", kind="twilio_invalid_mark")
+    media_after, closed = asyncio.run(call())
+    assert media_after >= 5 and not closed
+    assert metric(server, "personaplex_errors_total", kind="twilio_invalid_mark") == before + 4
+
+
+def test_messages_beyond_the_websocket_limit_get_the_documented_error(server):
+    async def chat():
+        received = Received()
+        async with aiohttp.ClientSession() as http, http.ws_connect(chat_url(server), max_msg_size=0) as ws:
+            reader = asyncio.create_task(read_all(ws, received))
+            while 0x04 not in received.kinds():
+                await asyncio.sleep(0.01)
+            await ws.send_bytes(b"\x01" + bytes(600 << 10))
+            await asyncio.wait_for(reader, 30)
+        return received
+
+    async def realtime():
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        events = []
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/v1/realtime", headers=headers,
+                                                                     max_msg_size=0) as ws:
+            await ws.receive_json()
+            await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (5 << 20)}))
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    events.append(json.loads(message.data))
+            return events, ws.close_code
+
+    received = asyncio.run(chat())
+    assert received.close_code == 1009 and "at most 131072" in received.error
+    events, code = asyncio.run(realtime())
+    assert code == 1009 and events[-1]["type"] == "error" and events[-1]["error"]["code"] == "event_too_large"
+
+
+def test_limit_flags_are_documented():
+    from personaplex.server.serve import build_parser
+
+    text = build_parser().format_help()
+    for flag in ("--request-timeout", "--idle-timeout", "--max-connections", "--input-burst",
+                 "--max-messages-per-second", "--allowed-origins"):
+        assert flag in text
+    readme = (REPO / "README.md").read_text()
+    for flag in ("--request-timeout", "--idle-timeout", "--max-connections", "--input-burst",
+                 "--max-messages-per-second", "--allowed-origins"):
+        assert flag in readme, flag
