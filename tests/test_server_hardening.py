@@ -385,9 +385,9 @@ def _health(port: int) -> int:
 @pytest.mark.slow
 def test_descriptor_exhaustion_is_avoided_by_default_and_never_floods_the_log(tmp_path):
     # Default cap: below the descriptor limit, so accept() never fails and /api/health answers.
-    process, port, log = _serve_subprocess(tmp_path, 256)
+    process, port, log = _serve_subprocess(tmp_path, 512)
     try:
-        held = _flood_sockets(port, 400)
+        held = _flood_sockets(port, 800)
         time.sleep(1.0)
         assert _health(port) == 200
     finally:
@@ -399,9 +399,9 @@ def test_descriptor_exhaustion_is_avoided_by_default_and_never_floods_the_log(tm
 
     # A cap set above the limit: accept() fails, and that is logged once per 10 s, with a count.
     (tmp_path / "second").mkdir()
-    process, port, log = _serve_subprocess(tmp_path / "second", 256, "--max-connections", "5000")
+    process, port, log = _serve_subprocess(tmp_path / "second", 512, "--max-connections", "5000")
     try:
-        held = _flood_sockets(port, 400)
+        held = _flood_sockets(port, 800)
         time.sleep(5.0)
     finally:
         for sock in held:

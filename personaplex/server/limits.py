@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | ``--request-timeout`` | 15 s | a connection with no complete request (fresh, half-sent headers, idle keep-alive) and the body of an upload |
 | ``--idle-timeout`` | 30 s | a WebSocket before its conversation starts: a Realtime session with no event, a Twilio stream without an authenticated ``start`` (counted from the upgrade) |
-| ``--max-connections`` | the file limit less a reserve, at most 4096 | open connections; at the limit the oldest idle or unauthenticated one is dropped, else the new one |
+| ``--max-connections`` | the descriptors left free at start less a reserve, at most 4096 | open connections; at the limit the oldest idle or unauthenticated one is dropped, else the new one |
 | ``--input-burst`` | 3 s | user audio a client may send ahead of real time (then it is ended) |
 | ``--max-messages-per-second`` | 200 | messages a client may send per second, with the same burst |
 | ``--allowed-origins`` | same origin and localhost | browser origins that may open WebSockets and POST |
@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 from .security import OriginPolicy
 
-FD_RESERVE = 128  # descriptors kept for the model files, workers' pipes, logs and uploads
+# Descriptors kept free beyond those open at start: the event loop accepts up to a backlog (128) of
+# sockets in one go before the first of them reaches the cap's check, while up to as many dropped ones
+# wait to be closed; plus uploads, workers' pipes, logs.
+FD_RESERVE = 2 * 128 + 64
 MAX_DEFAULT_CONNECTIONS = 4096
 
 
@@ -45,7 +48,19 @@ def default_max_connections() -> int:
             soft = max(soft, wanted)
         except (ValueError, OSError):
             pass
-    return max(16, min(MAX_DEFAULT_CONNECTIONS, soft - FD_RESERVE))
+    return max(16, min(MAX_DEFAULT_CONNECTIONS, soft - _open_descriptors() - FD_RESERVE))
+
+
+def _open_descriptors() -> int:
+    """Descriptors this process holds now (libraries, model files, the event loop...)."""
+    import os
+
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder))
+        except OSError:
+            continue
+    return 128  # cannot tell: assume a typical count
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +73,7 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                             "sending no event, a Twilio stream without an authenticated 'start' (default 30)")
     group.add_argument("--max-connections", type=int, default=None,
                        help="open connections at most; at the limit the oldest idle or unauthenticated one is "
-                            "dropped (default: the file descriptor limit less a reserve, at most 4096)")
+                            "dropped (default: the file descriptors left free at start less 320, at most 4096)")
     group.add_argument("--input-burst", type=float, default=3.0, dest="input_burst_seconds",
                        help="seconds of audio a client may send ahead of real time; a client further ahead is "
                             "ended (default 3)")

@@ -148,13 +148,15 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
     from aiohttp import web
 
     limits = limits or ServerLimits()
-    guard = ConnectionGuard(limits.max_connections or default_max_connections(), hub.metrics)
     quiet_accept_errors(asyncio.get_running_loop())
     await hub.start()
     encoders = None
     if opus_workers:
         encoders = OpusEncoderPool(opus_workers)
         await encoders.start()
+    # Counted once everything else is open: the cap leaves descriptors free for what comes later.
+    guard = ConnectionGuard(limits.max_connections or default_max_connections(), hub.metrics)
+    log.info("accepting at most %d connections at once (--max-connections)", guard.max_connections)
     app = build_app(hub, static_dir=static_dir, auth_token=auth_token, send_buffer_bytes=send_buffer_bytes,
                     phone_personas=phone_personas, encoders=encoders, limits=limits, guard=guard)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
