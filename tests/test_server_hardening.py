@@ -573,7 +573,10 @@ def test_messages_beyond_the_websocket_limit_get_the_documented_error(server):
             reader = asyncio.create_task(read_all(ws, received))
             while 0x04 not in received.kinds():
                 await asyncio.sleep(0.01)
-            await ws.send_bytes(b"\x01" + bytes(600 << 10))
+            try:
+                await ws.send_bytes(b"\x01" + bytes(600 << 10))
+            except ConnectionError:  # refused while still sending: what was received before is kept
+                pass
             await asyncio.wait_for(reader, 30)
         return received
 
@@ -583,16 +586,22 @@ def test_messages_beyond_the_websocket_limit_get_the_documented_error(server):
         async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/v1/realtime", headers=headers,
                                                                      max_msg_size=0) as ws:
             await ws.receive_json()
-            await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (5 << 20)}))
+            try:
+                await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * (5 << 20)}))
+            except ConnectionError:  # refused while still sending: what was received before is kept
+                pass
             async for message in ws:
                 if message.type == aiohttp.WSMsgType.TEXT:
                     events.append(json.loads(message.data))
             return events, ws.close_code
 
+    # The notice comes before the close; a client still sending when the server closes may see the close
+    # as a reset (1006) rather than the close frame (1009).
     received = asyncio.run(chat())
-    assert received.close_code == 1009 and "at most 131072" in received.error
+    assert received.close_code in (1009, 1006) and "at most 131072" in received.error
     events, code = asyncio.run(realtime())
-    assert code == 1009 and events[-1]["type"] == "error" and events[-1]["error"]["code"] == "event_too_large"
+    assert code in (1009, 1006), code
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "event_too_large", events[-1]
 
 
 def test_limit_flags_are_documented():
