@@ -218,6 +218,7 @@ def test_twilio_query_token_authenticates_at_the_upgrade(server):
 def test_input_budget_refuses_audio_beyond_real_time_plus_burst():
     now = [0.0]
     budget = InputBudget(burst_seconds=2.0, max_messages_per_second=100, clock=lambda: now[0])
+    now[0] += 5.0  # a connection open for a while holds the whole burst (a new one holds 1 s)
     for _ in range(25):  # 2 s of 80 ms frames at once: the burst
         budget.take_message()
         budget.check_audio()

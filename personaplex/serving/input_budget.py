@@ -7,7 +7,9 @@ parses or decodes it, so a client that floods the server is refused with almost 
   messages. Real clients send 12-50 messages a second (one per 20-80 ms of audio).
 - **Audio**: a token bucket of audio seconds filled at real time (1 s per second), holding
   ``burst_seconds`` (what a client may send ahead, e.g. after a network stall). A message is decoded
-  only while the bucket is not empty; its decoded duration is then taken out.
+  only while the bucket is not empty; its decoded duration is then taken out. A new connection starts
+  with ``INITIAL_AUDIO_SECONDS`` (the bucket fills from there, also while the persona is applied), so
+  that reconnecting does not buy a whole burst each time.
 
 A client over either budget is ended by its front end with a reason (``InputRateExceeded``): sending
 faster than real time serves no conversation, and the work it causes would be taken from everyone else.
@@ -19,6 +21,9 @@ import time
 from collections.abc import Callable
 
 from ..errors import PersonaplexError
+
+
+INITIAL_AUDIO_SECONDS = 1.0
 
 
 class InputRateExceeded(PersonaplexError):
@@ -34,7 +39,7 @@ class InputBudget:
         self.max_messages_per_second = max_messages_per_second
         self._clock = clock
         self._updated = clock()
-        self._audio = burst_seconds  # seconds of audio the client may still send ahead of real time
+        self._audio = min(burst_seconds, INITIAL_AUDIO_SECONDS)  # seconds the client may still send ahead
         self._messages = burst_seconds * max_messages_per_second
         self.messages = 0  # accepted so far
         self.audio_seconds = 0.0  # decoded so far
