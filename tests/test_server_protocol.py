@@ -581,11 +581,11 @@ def test_eight_simultaneous_conversations(demo_model):
                 reader = asyncio.create_task(read_all(ws, received, until=enough))
                 while 0x00 not in received.kinds():
                     await asyncio.sleep(0.01)
-                for page in pages:  # talk until everyone has talked a while
+                for page in pages:  # talk (at real time) until everyone has talked a while
                     if reader.done():
                         break
                     await ws.send_bytes(b"\x01" + page)
-                    await asyncio.sleep(0.04)
+                    await asyncio.sleep(0.08)
                 await reader
             return received
 
@@ -664,9 +664,9 @@ def test_opus_workers_serve_conversations_and_a_dead_worker_ends_only_its_own(de
 
         async def send(ws):
             try:
-                for page in pages:
+                for page in pages:  # at real time: the server ends a client far ahead of it (--input-burst)
                     await ws.send_bytes(b"\x01" + page)
-                    await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.08)
             except aiohttp.ClientConnectionResetError:  # the server ended this conversation
                 pass
 
