@@ -445,8 +445,9 @@ def test_a_client_that_stops_reading_is_ended_and_its_connection_reset(server):
             return reset, freed
 
     reset, freed = asyncio.run(asyncio.wait_for(scenario(), 120))
+    print(f"connection reset {reset:.2f} s after the client stopped reading")
     assert freed
-    assert reset is not None and reset < 20, reset  # the report measured ~70 s, and the TCP connection kept open
+    assert reset is not None and reset < 10, reset  # the report measured ~70 s, and the TCP connection kept open
     assert 'reason="slow_reader"' in server.metrics()
 
 

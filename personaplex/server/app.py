@@ -10,7 +10,9 @@
 | ``GET /`` and files | the web page (``--static``) |
 
 With an auth token every ``/api/*`` route but ``/api/health`` needs ``Authorization: Bearer <token>`` or
-``?token=<token>`` (browsers cannot set headers on WebSockets); others get 401.
+``?token=<token>`` (browsers cannot set headers on WebSockets); others get 401. WebSocket upgrades and
+POSTs from a browser page of another origin get 403 (``security.py``, ``--allowed-origins``). Timeouts,
+the connection cap and the slow-reader check are in ``limits.py`` and ``connections.py``.
 """
 
 from __future__ import annotations
