@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..config import FRAME_RATE, SAMPLE_RATE
 from ..errors import PersonaplexError
+from ..server.connections import RateLimitedLog
 from ..server.security import token_matches
 from ..serving.hub import Conversation, HubBusy, HubClosed, PersonaError, PersonaRequest
 from .codecs import (
@@ -56,6 +57,8 @@ from ..serving.input_budget import InputBudget, InputRateExceeded
 from .session_loop import receive_until_over
 
 log = logging.getLogger("personaplex.integrations.twilio")
+# Streams refused before they authenticate: anyone can open them, so they are logged at most every 10 s.
+refusal_log = RateLimitedLog(log)
 
 FRONT_END = "twilio"
 MARK_EVERY_FRAMES = 5  # a playback mark every 400 ms
@@ -216,7 +219,8 @@ class TwilioSession:
     async def _expire_unauthenticated(self) -> None:
         await asyncio.sleep(self.idle_timeout)
         if not self.authenticated:
-            log.info("closing a media stream that sent no authenticated start in %g s", self.idle_timeout)
+            refusal_log(logging.INFO, "closing a media stream that sent no authenticated start in %g s",
+                        self.idle_timeout)
             self.hub.metrics.record_error("twilio_no_start")
             self._over.set()
 
@@ -275,7 +279,7 @@ class TwilioSession:
 
     def _refuse(self, kind: str, what: str) -> None:
         """End the stream before doing any work for this message (the receive loop returns)."""
-        log.warning("call %s: closing the media stream: %s", self.call_sid, what)
+        refusal_log(logging.WARNING, "call %s: closing the media stream: %s", self.call_sid or "(no start)", what)
         self.hub.metrics.record_error(kind)
         self.hub.metrics.input_refused.labels(reason=kind).inc()
 
@@ -292,7 +296,7 @@ class TwilioSession:
         parameters = {str(k)[:64]: str(v) for k, v in list(parameters.items())[:64]}
         if not self.authenticated:
             if self.auth_token and not token_matches(parameters.get("token"), self.auth_token):
-                log.warning("call %s: refused: missing or wrong token parameter", self.call_sid)
+                refusal_log(logging.WARNING, "call %s: refused: missing or wrong token parameter", self.call_sid)
                 self.hub.metrics.record_error("twilio_unauthorized")
                 self._over.set()
                 return None

@@ -25,9 +25,11 @@ LOG_INTERVAL_SECONDS = 10.0
 
 
 class RateLimitedLog:
-    """Log a recurring event at most once per interval, saying how many were not logged."""
+    """Log a recurring event at most once per interval, saying how many were not logged: what a client can
+    trigger at will must not be able to fill the disk."""
 
-    def __init__(self, interval: float = LOG_INTERVAL_SECONDS):
+    def __init__(self, logger: logging.Logger = log, interval: float = LOG_INTERVAL_SECONDS):
+        self.logger = logger
         self.interval = interval
         self._last = -float("inf")
         self._suppressed = 0
@@ -40,7 +42,7 @@ class RateLimitedLog:
         if self._suppressed:
             message += f" ({self._suppressed} more since the last message)"
         self._last, self._suppressed = now, 0
-        log.log(level, message, *args)
+        self.logger.log(level, message, *args)
 
 
 class _GuardedProtocol(asyncio.Protocol):
