@@ -14,7 +14,8 @@ Attacks (the outside report's items):
 - ``twilio_flood`` (1): 299-byte ``media`` messages as fast as possible on ``/twilio/media-stream``,
   no token, reconnecting whenever the server closes.
 - ``idle_sockets`` (4): silent sockets, half-sent HTTP requests and ``/twilio`` upgrades without a token,
-  1500 in all, reopened as the server drops them; the caller also times ``/api/health``.
+  1500 in all (the server's cap here: 1000), reopened as the server drops them; the caller also times
+  ``/api/health``.
 - ``opus_flood`` (5): an authorised ``/api/chat`` client that sends 30 s of valid Opus at once (about 100x
   real time), reconnecting whenever it is ended.
 - ``realtime_flood`` (5): an authorised ``/v1/realtime`` client appending 1 s of audio per event as fast
@@ -297,10 +298,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=12.0, help="seconds per phase (default 12)")
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--max-connections", type=int, default=1000, help="the server's cap (default 1000)")
     parser.add_argument("--log", type=Path, default=Path("/tmp/personaplex-attacks-server.log"))
     args = parser.parse_args()
 
-    process, port = start_server(args.log, [])
+    # A connection cap of 1000: the report's server had a 1024 descriptor limit.
+    process, port = start_server(args.log, ["--max-connections", str(args.max_connections)])
     rows = []
     try:
         context = multiprocessing.get_context("spawn")
