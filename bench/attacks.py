@@ -7,7 +7,8 @@ attack: a *quiet* phase (the ordinary caller alone), then an *attack* phase (the
 attack runs in another process). The caller streams real Ogg/Opus at real time on ``/api/chat`` and reads
 everything; it reports its **real-time factor** (agent audio received / wall time, over the phase) and
 its **worst gap** between two agent audio pages. The server's own counters (``/metrics``) say how much
-work the attacker got: audio decoded for it, messages refused undecoded, connections dropped.
+work the attacker got: audio decoded for it, messages refused undecoded, connections dropped; and the
+server process's CPU use (cores, from /proc) compares the phases.
 
 Attacks (the outside report's items):
 
@@ -65,6 +66,12 @@ def start_server(log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, in
             return process, int(found.group(1))
         time.sleep(0.2)
     raise SystemExit(f"the server did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the server process has used so far: its event loop and engine thread."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metrics(port: int) -> dict[str, float]:
@@ -308,13 +315,17 @@ def main() -> None:
     try:
         context = multiprocessing.get_context("spawn")
         for name in args.attacks:
+            cpu, wall = cpu_seconds(process.pid), time.monotonic()
             quiet = asyncio.run(ordinary_caller(port, args.duration))
+            quiet["server_cpu"] = (cpu_seconds(process.pid) - cpu) / (time.monotonic() - wall)
             before = metrics(port)
             report = context.Queue()
             attacker = context.Process(target=run_attack, args=(name, port, args.duration + 4, report))
             attacker.start()
             time.sleep(2.0)  # the attack is under way before the caller starts
+            cpu, wall = cpu_seconds(process.pid), time.monotonic()
             loud = asyncio.run(ordinary_caller(port, args.duration))
+            loud["server_cpu"] = (cpu_seconds(process.pid) - cpu) / (time.monotonic() - wall)
             attacker.join(120)
             stats = report.get(timeout=30) if not report.empty() else {}
             after = metrics(port)
@@ -328,14 +339,16 @@ def main() -> None:
         process.wait(30)
 
     print()
-    print("| attack | caller RTF quiet | caller RTF under attack | worst gap quiet (s) | worst gap under attack (s) "
-          "| /api/health worst (s) | attacker | server counters during the attack |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| attack | caller RTF quiet / attack | worst gap quiet / attack (s) | server CPU quiet / attack (cores) "
+          "| /api/health worst under attack (s) | attacker | server counters during the attack |")
+    print("|---|---|---|---|---|---|---|")
     for name, quiet, loud, stats, counters in rows:
         attacker = ", ".join(f"{k} {v}" for k, v in stats.items())
         server = ", ".join(f"{k} {v:g}" for k, v in counters.items())
-        print(f"| {name} | {quiet['rtf']:.2f} | {loud['rtf']:.2f} | {quiet['worst_gap']:.2f} | "
-              f"{loud['worst_gap']:.2f} | {loud['health_worst']:.2f} | {attacker} | {server} |")
+        print(f"| {name} | {quiet['rtf']:.2f} / {loud['rtf']:.2f} | {quiet['worst_gap']:.2f} / {loud['worst_gap']:.2f} "
+              f"| {quiet['server_cpu']:.2f} / {loud['server_cpu']:.2f} | {loud['health_worst']:.2f} | {attacker} "
+              f"| {server} |")
+    print(f"\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     print(f"\nserver log: {args.log} ({args.log.stat().st_size} bytes)")
 
 

@@ -407,7 +407,8 @@ def test_autoscaling_adds_a_replica_under_load_and_new_sessions_use_it(cluster):
 
 @pytest.mark.slow
 def test_replica_routes_check_the_token_and_name_the_replica():
-    """``build_asgi_app`` over a real hub: the token guards /api/* but /api/health, WebSockets included."""
+    """``build_asgi_app`` over a real hub: the token guards /api/* but /api/health, WebSockets included, and
+    the Origin allow-list guards WebSocket upgrades."""
     import aiohttp
     import uvicorn
 
@@ -439,6 +440,12 @@ def test_replica_routes_check_the_token_and_name_the_replica():
                     assert voices.status == 200
                 with pytest.raises(aiohttp.WSServerHandshakeError):
                     await http.ws_connect(f"ws://127.0.0.1:{port}/api/chat")
+                # Another site's page, a wrong token on the phone stream's URL: refused at the upgrade.
+                with pytest.raises(aiohttp.WSServerHandshakeError):
+                    await http.ws_connect(f"ws://127.0.0.1:{port}/api/chat?token=secret",
+                                          headers={"Origin": "https://evil.example"})
+                with pytest.raises(aiohttp.WSServerHandshakeError):
+                    await http.ws_connect(f"ws://127.0.0.1:{port}/twilio/media-stream?token=wrong")
                 async with http.ws_connect(f"ws://127.0.0.1:{port}/api/chat?token=secret") as ws:
                     first = await ws.receive_bytes(timeout=30)
                     assert first[0] == 0x04 and json.loads(first[1:])["replica"] == "replica-a"
