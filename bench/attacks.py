@@ -1,6 +1,6 @@
 """How an ordinary caller fares while a hostile client attacks the server (demo model, CPU, loopback).
 
-    python bench/attacks.py [--duration 12] [--attacks twilio_flood idle_sockets opus_flood realtime_flood]
+    python bench/attacks.py [--duration 12] [--nice 19] [--attacks twilio_flood idle_sockets opus_flood realtime_flood]
 
 Starts the real ``personaplex serve --model demo`` (with an access token) in a child process. For each
 attack: a *quiet* phase (the ordinary caller alone), then an *attack* phase (the same caller while the
@@ -164,7 +164,8 @@ async def _time_health(http, port: int, results: list[float]) -> None:
 # --- the attacks (each in its own process) -------------------------------------------------------------------
 
 
-def run_attack(name: str, port: int, seconds: float, report) -> None:
+def run_attack(name: str, port: int, seconds: float, report, nice: int) -> None:
+    os.nice(nice)  # a remote attacker's CPU is not the server's: on one small machine it would compete for it
     stats = asyncio.run(ATTACKS[name](port, time.monotonic() + seconds))
     report.put(stats)
 
@@ -305,6 +306,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=12.0, help="seconds per phase (default 12)")
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--nice", type=int, default=19,
+                        help="CPU niceness of the attacking process (default 19: it stands in for a client on another "
+                             "machine; 0: it competes with the server for this machine's CPU)")
     parser.add_argument("--max-connections", type=int, default=1000, help="the server's cap (default 1000)")
     parser.add_argument("--log", type=Path, default=Path("/tmp/personaplex-attacks-server.log"))
     args = parser.parse_args()
@@ -320,7 +324,7 @@ def main() -> None:
             quiet["server_cpu"] = (cpu_seconds(process.pid) - cpu) / (time.monotonic() - wall)
             before = metrics(port)
             report = context.Queue()
-            attacker = context.Process(target=run_attack, args=(name, port, args.duration + 4, report))
+            attacker = context.Process(target=run_attack, args=(name, port, args.duration + 4, report, args.nice))
             attacker.start()
             time.sleep(2.0)  # the attack is under way before the caller starts
             cpu, wall = cpu_seconds(process.pid), time.monotonic()
@@ -348,7 +352,8 @@ def main() -> None:
         print(f"| {name} | {quiet['rtf']:.2f} / {loud['rtf']:.2f} | {quiet['worst_gap']:.2f} / {loud['worst_gap']:.2f} "
               f"| {quiet['server_cpu']:.2f} / {loud['server_cpu']:.2f} | {loud['health_worst']:.2f} | {attacker} "
               f"| {server} |")
-    print(f"\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; attacker niceness "
+          f"{args.nice}")
     print(f"\nserver log: {args.log} ({args.log.stat().st_size} bytes)")
 
 
