@@ -82,8 +82,9 @@ class AiohttpTransport:
         self.end_reason: str | None = None  # why the server dropped the connection, if it did
         self._pings: deque[tuple[int, float]] = deque()  # (payload counter, time sent), oldest first
         self._watchdog = None
-        if reader_timeout and transport is not None:
-            self._watchdog = asyncio.ensure_future(self._watch_reader(reader_timeout, ping_interval))
+        # Started at the first message sent: a connection the server says nothing to (an unauthenticated
+        # phone stream) costs no pings.
+        self._watch = (reader_timeout, ping_interval) if reader_timeout and transport is not None else None
 
     async def receive(self) -> bytes | str | None:
         while True:
@@ -102,12 +103,19 @@ class AiohttpTransport:
             return None  # close, closing, closed or a transport error
 
     async def send_bytes(self, data: bytes) -> None:
+        self._start_watchdog()
         await self.ws.send_bytes(data)
         await self._wait_for_room()
 
     async def send_text(self, data: str) -> None:
+        self._start_watchdog()
         await self.ws.send_str(data)
         await self._wait_for_room()
+
+    def _start_watchdog(self) -> None:
+        if self._watch is not None:
+            self._watchdog = asyncio.ensure_future(self._watch_reader(*self._watch))
+            self._watch = None
 
     async def _wait_for_room(self) -> None:
         # aiohttp waits for the socket only now and then; wait here whenever more than the bound is
@@ -162,6 +170,7 @@ class AiohttpTransport:
                     return
 
     def _stop_watchdog(self) -> None:
+        self._watch = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
