@@ -617,3 +617,16 @@ def test_limit_flags_are_documented():
     for flag in ("--request-timeout", "--idle-timeout", "--max-connections", "--input-burst",
                  "--max-messages-per-second", "--allowed-origins"):
         assert flag in readme, flag
+
+
+def test_limit_flags_are_checked_before_loading_anything():
+    from personaplex.server.limits import limits_from_args
+    from personaplex.server.serve import build_parser
+
+    parser = build_parser()
+    limits = limits_from_args(parser.parse_args(["--allowed-origins", "https://app.example.com",
+                                                 "--max-connections", "100"]))
+    assert limits.max_connections == 100 and limits.allowed_origins.allows("https://app.example.com", "x")
+    for flags in (["--request-timeout", "0"], ["--idle-timeout", "-1"], ["--max-connections", "1"]):
+        with pytest.raises(ValueError, match=flags[0]):
+            limits_from_args(parser.parse_args(flags))
