@@ -272,10 +272,13 @@ class TwilioSession:
 
     def _bad(self, kind: str, what: str) -> None:
         self._malformed += 1
+        self.hub.metrics.record_error("twilio_" + kind)
+        if not self.authenticated:  # anyone can send these: logged with everyone else's refusals
+            return refusal_log(logging.WARNING, "ignoring a malformed Media Streams message before start (%s)", what)
         if self._malformed <= MAX_LOGGED_MALFORMED:
             more = " (further ones are only counted)" if self._malformed == MAX_LOGGED_MALFORMED else ""
             log.warning("call %s: ignoring a malformed Media Streams message (%s)%s", self.call_sid, what, more)
-        self.hub.metrics.record_error("twilio_" + kind)
+        return None
 
     def _refuse(self, kind: str, what: str) -> None:
         """End the stream before doing any work for this message (the receive loop returns)."""
