@@ -379,7 +379,7 @@ def _flood_sockets(port: int, count: int) -> list[socket.socket]:
 def _health(port: int) -> int:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=20) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=60) as response:
         return response.status
 
 
@@ -401,6 +401,7 @@ def test_descriptor_exhaustion_is_avoided_by_default_and_never_floods_the_log(tm
     # A cap set above the limit: accept() fails, and that is logged once per 10 s, with a count.
     (tmp_path / "second").mkdir()
     process, port, log = _serve_subprocess(tmp_path / "second", 512, "--max-connections", "5000")
+    flooded = time.monotonic()
     try:
         held = _flood_sockets(port, 800)
         time.sleep(5.0)
@@ -410,7 +411,8 @@ def test_descriptor_exhaustion_is_avoided_by_default_and_never_floods_the_log(tm
         process.terminate()
         process.wait(30)
     text = log.read_bytes()
-    assert 1 <= text.count(b"cannot accept connections") <= 2, text[-3000:]
+    allowed = 1 + int((time.monotonic() - flooded) / 10)  # one line per 10 s at most
+    assert 1 <= text.count(b"cannot accept connections") <= allowed, text[-3000:]
     assert len(text) < 20_000 and b"Traceback" not in text
 
 
