@@ -26,7 +26,10 @@ shutdown) gets a ``0x05`` with the reason before the close.
 Bad input ends the conversation with ``0x05`` and a close code: a text (non-binary) message, an empty
 message, an unknown kind (1003); a message over the size limit (1009); an audio payload that is not a
 valid Ogg/Opus stream (1007); a bad persona or query parameter (1008). Nothing of it reaches the engine
-or any other conversation.
+or any other conversation. An Ogg page with a bad checksum, or with the serial number of another stream,
+is not an error of the protocol but a damaged or foreign page: it is dropped before the decoder (its
+audio is lost, as a lost packet's would be), counted in ``personaplex_errors_total{kind="ogg_page_dropped"}``,
+and the conversation goes on.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from ..engine import SamplingConfig
 from ..engine.engine import MAX_AUDIO_TOP_K, MAX_TEXT_TOP_K
 from ..errors import PersonaplexError
 from ..serving.hub import Conversation, HubBusy, HubClosed, NotSupported, PersonaError, PersonaRequest
-from .ogg import OpusPageWriter
+from .ogg import LivePageCheck, OpusPageWriter
 from .opus_pool import OpusEncoderPool, OpusWorkerError
 
 log = logging.getLogger("personaplex.server")
@@ -253,6 +256,7 @@ class ChatSession:
         import sphn
 
         self._reader = sphn.OpusStreamReader(24_000)
+        self._pages = LivePageCheck()
         while True:
             message = await self.transport.receive()
             if message is None:
@@ -282,6 +286,9 @@ class ChatSession:
 
     def _take_audio(self, page: bytes) -> None:
         try:
+            if not self._pages.accept(page):  # a damaged or foreign page: dropped and counted, the call goes on
+                self.hub.metrics.record_error("ogg_page_dropped")
+                return
             pcm = self._reader.append_bytes(page)
         except Exception as exc:  # noqa: BLE001 - sphn reports malformed Ogg or Opus as plain exceptions
             raise ProtocolError(f"invalid audio: expected one page of an Ogg/Opus stream per 0x01 message ({exc})",
