@@ -78,8 +78,10 @@ def _read_with_symphonia(path: Path, label: str, limits: AudioLimits | None) -> 
     except AudioError:
         raise
     except Exception as exc:  # sphn raises plain exceptions with the decoder's message
-        reason = str(exc) if limits is None else type(exc).__name__
-        raise AudioError(f"cannot decode {label} as audio ({reason}); use wav, flac, ogg or mp3") from exc
+        if limits is None:
+            raise AudioError(f"cannot decode {label} as audio ({exc}); use wav, flac, ogg or mp3") from exc
+        # The decoder's own words may name the file's place: say only what went wrong.
+        raise AudioError(f"cannot decode {label}: it is not audio in a known format (use wav, flac, ogg or mp3)") from exc
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim == 1:
         samples = samples[None]
@@ -105,8 +107,8 @@ def _check_format(rate: int, channels: int, limits: AudioLimits, label: str) -> 
 
 
 def _too_long(claimed: float | None, limits: AudioLimits, label: str) -> AudioError:
-    length = f"{claimed:.0f} s long" if claimed is not None else "longer than that"
-    return AudioTooLongError(f"{label} is {length}; voice samples are limited to {limits.max_seconds:g} s "
+    length = f"lasts {claimed:.0f} s" if claimed is not None else f"lasts more than {limits.max_seconds:g} s"
+    return AudioTooLongError(f"{label} {length}: voice samples are limited to {limits.max_seconds:g} s "
                              "(a few seconds of clear speech is best)")
 
 
@@ -124,24 +126,49 @@ def _is_ogg_opus(path: Path) -> bool:
     return head[body : body + 8] == b"OpusHead"
 
 
+OPUS_PACKETS_PER_DECODE = 4  # sphn's stream decoder fails on pages of many packets: it gets small ones
+
+
 def _read_ogg_opus(path: Path, label: str, limits: AudioLimits | None) -> np.ndarray:
     """Mono float32 [T] at 24 kHz from an Ogg/Opus file, page by page: every page's checksum and serial
-    number are checked, and decoding stops as soon as the length limit is passed."""
-    from .server.ogg import OggError, iter_pages
+    number are checked, and decoding stops as soon as the length limit is passed.
+
+    The packets are handed to sphn's stream decoder in small pages of their own (a file's page may hold
+    255 packets, which that decoder cannot take at once); packets continued across pages are joined first.
+    """
+    from .server.ogg import FLAG_BOS, FLAG_CONTINUED, OggError, OggPage, iter_pages
 
     data = path.read_bytes()
     decoder = sphn.OpusStreamReader(OPUS_DECODE_RATE)
     limit = None if limits is None else int(limits.max_seconds * OPUS_DECODE_RATE)
-    parts, decoded, serial = [], 0, None
+    parts, decoded, serial, sequence, pending, skip = [], 0, None, 0, b"", 0
     try:
         for page, raw in iter_pages(data):
             if serial is None:
                 serial = page.serial
             elif page.serial != serial:
                 raise OggError(f"a page of another stream (serial {page.serial}, expected {serial})")
-            pcm = decoder.append_bytes(raw)
-            if pcm is not None and len(pcm):
+            packets = list(page.packets)
+            if pending and packets and page.flags & FLAG_CONTINUED:
+                packets[0] = pending + packets[0]
+            elif pending:
+                raise OggError("a packet continued on a page that does not continue it")
+            pending = b""
+            if raw[HEADER_SIZE + raw[HEADER_SIZE - 1] - 1] == 255 and packets:  # last packet goes on next page
+                pending = packets.pop()
+            if packets and packets[0][:8] == b"OpusHead" and len(packets[0]) >= 12:
+                # Pre-skip: encoder delay at the start, in 48 kHz samples (RFC 7845), not part of the audio.
+                skip = int.from_bytes(packets[0][10:12], "little") * OPUS_DECODE_RATE // 48_000
+            for first in range(0, len(packets), OPUS_PACKETS_PER_DECODE):
+                chunk = OggPage(page.flags & FLAG_BOS if first == 0 else 0, page.granule, serial, sequence,
+                                packets[first : first + OPUS_PACKETS_PER_DECODE])
+                sequence += 1
+                pcm = decoder.append_bytes(chunk.to_bytes())
+                if pcm is None or not len(pcm):
+                    continue
                 pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+                dropped, skip = min(skip, pcm.size), skip - min(skip, pcm.size)
+                pcm = pcm[dropped:]
                 parts.append(pcm)
                 decoded += pcm.size
                 if limit is not None and decoded > limit:
@@ -151,6 +178,9 @@ def _read_ogg_opus(path: Path, label: str, limits: AudioLimits | None) -> np.nda
     except Exception as exc:  # OggError, or sphn's plain exceptions for a broken Opus stream
         raise AudioError(f"cannot decode {label} as Ogg/Opus audio ({exc})") from exc
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+HEADER_SIZE = 27  # bytes of an Ogg page header before its lacing values
 
 
 def audio_file_format(path: str | Path) -> tuple[int, int]:

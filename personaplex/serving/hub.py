@@ -257,6 +257,7 @@ class ConversationHub:
         self._uploads: OrderedDict[str, Path] = OrderedDict()  # accepted uploads, least recently used first
         self._upload_dir = tempfile.TemporaryDirectory(prefix="personaplex-voices-")
         self._builds = PersonaBuilds(self.options.persona_build_workers, self.options.max_persona_builds_waiting)
+        self.metrics.persona_builds.set_function(lambda: self._builds.in_progress)
         # Engine-thread state.
         self._live: dict[int, Conversation] = {}
         self._joining: dict[int, tuple[Conversation, float]] = {}

@@ -46,6 +46,8 @@ class HubMetrics:
                                      "User audio dropped because a client sent faster than real time", registry=r)
         self.input_underruns = Counter(f"{PREFIX}_input_underrun_frames",
                                        "Frames of silence used because a client's audio had not arrived", registry=r)
+        self.persona_builds = Gauge(f"{PREFIX}_persona_builds_in_progress",
+                                    "Persona builds (voice decoding and encoding) queued or running", registry=r)
         self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Joins served from the persona prefix cache",
                                          registry=r)
 

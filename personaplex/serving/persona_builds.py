@@ -58,11 +58,15 @@ class PersonaBuilds:
         self._nice = nice
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._in_flight: dict[Hashable, _Job] = {}  # queued or running, by key (event loop only)
-        self._running: set[_Job] = set()
+        self._counts = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closed = False
-        self.started = 0  # builds run so far (for tests and metrics)
-        self.refused = 0
+        self.started = 0  # builds started so far
+        self.finished = 0  # builds that ran to the end (a result or an error of their own)
+        self.abandoned = 0  # builds that stopped early because they were cancelled
+        self.refused = 0  # callers refused because too many builds were in progress
+        self.running = 0  # builds running right now (at most ``workers``)
+        self.peak_running = 0
 
     @property
     def in_progress(self) -> int:
@@ -123,11 +127,20 @@ class PersonaBuilds:
                 return
             if job.cancel.is_set() or job.future.done():
                 continue
-            self.started += 1
+            with self._counts:
+                self.started += 1
+                self.running += 1
+                self.peak_running = max(self.peak_running, self.running)
             try:
                 result, error = job.work(job.cancel.is_set), None
             except BaseException as exc:  # handed to the awaiting callers
                 result, error = None, exc
+            with self._counts:
+                self.running -= 1
+                if job.cancel.is_set():
+                    self.abandoned += 1
+                else:
+                    self.finished += 1
             loop = job.future.get_loop()
             try:
                 loop.call_soon_threadsafe(_settle, job.future, result, error)
