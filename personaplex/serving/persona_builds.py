@@ -83,8 +83,8 @@ class PersonaBuilds:
         if job is None:
             if len(self._in_flight) >= self.workers + self.max_waiting:
                 self.refused += 1
-                raise BuildsBusy(f"{len(self._in_flight)} personas are being prepared already; try again in a "
-                                 "few seconds")
+                raise BuildsBusy(f"the server is busy: {len(self._in_flight)} persona builds are in progress already; "
+                                 "try again in a few seconds")
             self._start_threads()
             job = _Job(key, work, asyncio.get_running_loop().create_future())
             self._in_flight[key] = job
