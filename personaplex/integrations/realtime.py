@@ -16,7 +16,10 @@ Full-duplex semantics
   ``temperature`` both sampling temperatures, and the extension object ``sampling`` any of
   ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, ``seed``. The persona is
   checked at once (an unknown voice or an over-long prompt gets an ``error`` event, the rest of the update
-  still applies). After the start, persona fields cannot change (``session_already_started``).
+  still applies). After the start, persona fields cannot change (``session_already_started``). A
+  connection may change its persona ``max_persona_changes`` times (each change may cost a persona build);
+  further changes get ``too_many_persona_changes``, and a change while the persona builds are full gets
+  ``server_busy``; the session keeps its persona either way.
 - Audio appended while the persona is being applied is dropped (as on ``/api/chat``): stream audio
   continuously from the start, silence included; a client silent for the server's input timeout is ended.
 - Then the agent's audio flows continuously, one ``response.output_audio.delta`` per 80 ms, in step with
