@@ -7,8 +7,9 @@ and caller A, a real-time /api/chat client streaming Ogg/Opus from this process.
 another, while A talks:
 
 - ``quiet``: nothing else;
-- ``chat flood``: attackers open /api/chat with a new, unique text prompt each time, wait for the
-  handshake or the refusal, and leave;
+- ``chat flood, one prompt``: attackers open /api/chat with the same persona each time (prefix cache
+  hits: no persona build, no prefill), wait for the handshake or the refusal, and leave;
+- ``chat flood``: the same with a new, unique text prompt each time (a persona build and a prefill each);
 - ``realtime flood``: attackers send /v1/realtime ``session.update`` events with new instructions, over
   and over (reconnecting when the server stops taking persona changes on a connection);
 - ``upload flood``: attackers upload unique 29 s voice samples (each a full voice decode and Mimi
@@ -56,7 +57,9 @@ def start_server(pythonpath: Path, extra: list[str]) -> tuple[subprocess.Popen, 
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
     command = [sys.executable, "-m", "personaplex.server", "--model", "demo", "--host", "127.0.0.1", "--port", "0",
                "--allow-voice-upload", "--static", "none", *extra]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    # cwd: "python -m" puts the working directory first on the import path.
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                              cwd=pythonpath)
     for line in server.stdout:
         found = re.search(r"(http://\S+)", line)
         if found and "Access" in line:
@@ -155,12 +158,12 @@ async def chat_once(base: str, query: dict, tally: Tally) -> None:
         tally.failed += 1
 
 
-async def chat_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int) -> None:
+async def chat_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int, unique: bool = True) -> None:
     count = 0
     while not stop.is_set():
         count += 1
-        await chat_once(base, {"text_prompt": f"attacker {worker} prompt {count} {time.time_ns()}",
-                               "voice_prompt": "NATF2"}, tally)
+        prompt = f"attacker {worker} prompt {count} {time.time_ns()}" if unique else "the same prompt each time"
+        await chat_once(base, {"text_prompt": prompt, "voice_prompt": "NATF2"}, tally)
 
 
 async def realtime_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int) -> None:
@@ -227,19 +230,19 @@ _VOICE = None
 
 
 def unique_voice(worker: int, count: int) -> bytes:
-    """A 29 s voice sample, made unique by its last sample (a new voice build for the server)."""
+    """A 29 s voice sample, made unique by its last two bytes (a new voice build for the server). The
+    sample is synthesised once, before caller A starts: this process's event loop must stay free."""
     global _VOICE
     if _VOICE is None:
-        _VOICE = np.clip(np.round(synthesize_voice("attacker", seconds=29.0) * 32767), -32768, 32767).astype("<i2")
-    samples = _VOICE.copy()
-    samples[-1] = (worker * 7919 + count) % 30000
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(24000)
-        wav.writeframes(samples.tobytes())
-    return buffer.getvalue()
+        pcm = np.clip(np.round(synthesize_voice("attacker", seconds=29.0) * 32767), -32768, 32767).astype("<i2")
+        buffer = io.BytesIO()
+        with wave.open(buffer, "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(24000)
+            wav.writeframes(pcm.tobytes())
+        _VOICE = buffer.getvalue()
+    return _VOICE[:-2] + struct.pack("<h", (worker * 7919 + count) % 30000)
 
 
 def flac_bomb() -> bytes:
@@ -254,6 +257,8 @@ def flac_bomb() -> bytes:
 
 
 async def run(args) -> list[tuple[str, dict, Tally]]:
+    unique_voice(0, 0)  # synthesised now, not while caller A talks
+    bomb = flac_bomb()
     server, base = start_server(Path(args.server_pythonpath or REPO), args.server_args)
     rows = []
     try:
@@ -262,9 +267,9 @@ async def run(args) -> list[tuple[str, dict, Tally]]:
         talking = asyncio.create_task(caller.run(stop_a))
         await asyncio.wait_for(caller.joined.wait(), 120)
         await asyncio.sleep(3)  # settle
-        bomb = flac_bomb()
         phases = [
             ("quiet", None),
+            ("chat flood, one prompt", lambda stop, tally, i: chat_flood(base, stop, tally, i, unique=False)),
             ("chat flood", lambda stop, tally, i: chat_flood(base, stop, tally, i)),
             ("realtime flood", lambda stop, tally, i: realtime_flood(base, stop, tally, i)),
             ("upload flood", lambda stop, tally, i: upload_flood(base, stop, tally, i)),
@@ -291,8 +296,15 @@ async def run(args) -> list[tuple[str, dict, Tally]]:
         if caller.error:
             print(f"caller A ended with: {caller.error}")
     finally:
-        server.terminate()
-        server.wait(60)
+        signalled = time.monotonic()
+        server.terminate()  # SIGTERM, as a service manager stops it
+        try:
+            server.wait(60)
+            print(f"server exited {time.monotonic() - signalled:.1f} s after SIGTERM (code {server.returncode})")
+        except subprocess.TimeoutExpired:
+            print("server still running 60 s after SIGTERM: killed")
+            server.kill()
+            server.wait()
     return rows
 
 
