@@ -44,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from personaplex.demo import synthesize_voice, wav_bytes  # noqa: E402
+from personaplex.demo import synthesize_voice  # noqa: E402
 from personaplex.server.ogg import parse_pages  # noqa: E402
 
 FRAME = 1920
@@ -175,8 +175,9 @@ async def realtime_flood(base: str, stop: asyncio.Event, tally: Tally, worker: i
                 while not stop.is_set():
                     count += 1
                     tally.attempts += 1
-                    await ws.send_str(json.dumps({"type": "session.update", "session": {
-                        "type": "realtime", "instructions": f"attacker {worker} instructions {count} {time.time_ns()}"}}))
+                    instructions = f"attacker {worker} instructions {count} {time.time_ns()}"
+                    await ws.send_str(json.dumps({"type": "session.update",
+                                                  "session": {"type": "realtime", "instructions": instructions}}))
                     outcome = "accepted"
                     while True:
                         message = await ws.receive()
@@ -186,7 +187,8 @@ async def realtime_flood(base: str, stop: asyncio.Event, tally: Tally, worker: i
                         event = json.loads(message.data)
                         if event["type"] == "error":
                             code = event["error"].get("code")
-                            outcome = {"server_busy": "busy", "too_many_persona_changes": "limited"}.get(code, "refused")
+                            outcome = {"server_busy": "busy",
+                                       "too_many_persona_changes": "limited"}.get(code, "refused")
                         if event["type"] == "session.updated":
                             break
                     if outcome == "closed":
@@ -319,7 +321,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = asyncio.run(run(args))
     print()
-    print("| phase | A real time | A longest gap s | A p99 gap s | attempts | busy | other refusals | accepted | failed |")
+    print("| phase | A real time | A longest gap s | A p99 gap s | attempts | busy | other refusals | accepted "
+          "| failed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, a, tally in rows:
         verdict = "" if a["rt"] >= 0.9 and a["max_gap"] <= 0.5 else " (below target)"

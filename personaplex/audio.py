@@ -71,7 +71,8 @@ def _read_with_symphonia(path: Path, label: str, limits: AudioLimits | None) -> 
             reader = sphn.FileReader(str(path))
             file_rate, channels = int(reader.sample_rate), int(reader.channels)
             _check_format(file_rate, channels, limits, label)
-            if reader.duration_sec > limits.max_seconds + DECODE_MARGIN_SECONDS:  # a claim of "too long" is safe to trust
+            # A header that claims "too long" is safe to trust; one that claims "short" is not.
+            if reader.duration_sec > limits.max_seconds + DECODE_MARGIN_SECONDS:
                 raise _too_long(reader.duration_sec, limits, label)
             # decode() stops once it has this many samples, whatever the header claims.
             samples = reader.decode(0.0, limits.max_seconds + DECODE_MARGIN_SECONDS)
@@ -81,7 +82,8 @@ def _read_with_symphonia(path: Path, label: str, limits: AudioLimits | None) -> 
         if limits is None:
             raise AudioError(f"cannot decode {label} as audio ({exc}); use wav, flac, ogg or mp3") from exc
         # The decoder's own words may name the file's place: say only what went wrong.
-        raise AudioError(f"cannot decode {label}: it is not audio in a known format (use wav, flac, ogg or mp3)") from exc
+        raise AudioError(f"cannot decode {label}: it is not audio in a known format "
+                         "(use wav, flac, ogg or mp3)") from exc
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim == 1:
         samples = samples[None]

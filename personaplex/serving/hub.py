@@ -511,7 +511,8 @@ class ConversationHub:
                 self._prompts.move_to_end(key)
                 return prompt
         text = request.text_prompt
-        return await self._run_build(("prompt", *key), lambda cancelled: self._build_prompt(voice_path, text, cancelled))
+        return await self._run_build(("prompt", *key),
+                                     lambda cancelled: self._build_prompt(voice_path, text, cancelled))
 
     async def _run_build(self, key: tuple, work):
         try:
@@ -676,9 +677,10 @@ class ConversationHub:
     def _evict_uploads(self) -> list[Path]:
         """Forget the least recently used uploads beyond the count and byte limits (lock held)."""
         sizes = {name: path.stat().st_size for name, path in self._uploads.items() if path.exists()}
+        limit_count, limit_bytes = self.options.max_voice_uploads, self.options.max_voice_upload_total_bytes
         evicted = []
-        while self._uploads and (len(self._uploads) > self.options.max_voice_uploads
-                                 or sum(sizes.get(n, 0) for n in self._uploads) > self.options.max_voice_upload_total_bytes):
+        while self._uploads and (len(self._uploads) > limit_count
+                                 or sum(sizes.get(n, 0) for n in self._uploads) > limit_bytes):
             name, path = self._uploads.popitem(last=False)
             evicted.append(path)
             for key in [k for k in self._voice_cache if k[0] == str(path)]:
