@@ -211,36 +211,40 @@ def test_flood_of_unique_prompts_is_bounded_and_leaves_an_ordinary_caller_intact
     assert running.builds.peak_running <= 1  # one build thread, whatever the flood
 
 
-def test_builds_are_capped_and_the_loop_keeps_serving_during_a_long_build(demo_model):
+def test_builds_are_capped_and_the_loop_keeps_serving_while_a_build_runs(demo_model):
+    """One build thread, no waiting place: while it is busy (held here by a build that waits for a signal,
+    so that the check does not depend on how fast this machine encodes), every new build is refused at
+    once, over every route, and the event loop keeps answering."""
     running = ServerThread(demo_model, max_conversations=2, max_queue=0, input_timeout_seconds=None,
                            allow_voice_upload=True, persona_build_workers=1, max_persona_builds_waiting=0)
+    release = threading.Event()
 
     async def scenario():
-        caller = asyncio.create_task(ordinary_caller(chat_url(running.url, text_prompt="caller A"), 10_000))
-        await wait_for(lambda: running.hub.load()["slots_busy"] == 1)
-        upload = asyncio.create_task(post(running.http + "/api/voices", long_voice("first")))
+        held = asyncio.run_coroutine_threadsafe(
+            running.builds.run(("held build",), lambda cancelled: release.wait(120)), running.loop)
         await wait_for(lambda: running.builds.running == 1)
         async with aiohttp.ClientSession() as session, session.get(running.http + "/api/health") as health:
             health_status = health.status
-        still_building = running.builds.running == 1  # the loop answered while the build ran
         second = await post(running.http + "/api/voices", long_voice("second"))
         busy_chat = await flood_caller(chat_url(running.url, text_prompt="a new persona while building"))
-        first = await upload
-        caller.cancel()
-        await asyncio.gather(caller, return_exceptions=True)
+        still_building = running.builds.running == 1
+        release.set()
+        await asyncio.wrap_future(held)
+        first = await post(running.http + "/api/voices", long_voice("first", seconds=3.0))
         return first, second, busy_chat, health_status, still_building
 
     try:
         first, second, busy_chat, health_status, still_building = asyncio.run(asyncio.wait_for(scenario(), 300))
         metrics = running.hub.metrics.render()
     finally:
+        release.set()
         running.stop()
     assert still_building
+    assert health_status == 200
     assert second[0] == 503 and "persona builds are in progress" in second[1]["error"]
     assert busy_chat[0] == "refused" and busy_chat[2] == 1013 and "persona builds are in progress" in busy_chat[1]
-    assert health_status == 200
-    assert first[0] == 200 and first[1]["voice"].startswith("upload-")
     assert 'personaplex_errors_total{kind="persona_builds_busy"} 2.0' in metrics
+    assert first[0] == 200 and first[1]["voice"].startswith("upload-")  # served once the thread was free
 
 
 def test_ordinary_caller_keeps_talking_during_a_long_build(demo_model):
