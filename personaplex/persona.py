@@ -219,7 +219,8 @@ def resolve_voice(voice: str | Path, voices_dir: Path | None, *, allow_paths: bo
         if path.parent == root and path.is_file():
             return path
     known = ", ".join(available_voices(root)) or "none"
-    raise VoicePromptError(f"unknown voice {text!r}; available in {root}: {known}")
+    where = f" in {root}" if allow_paths else ""  # network clients never learn the server's folders
+    raise VoicePromptError(f"unknown voice {text[:60]!r}; available{where}: {known}")
 
 
 @dataclass
@@ -235,23 +236,39 @@ class VoicePrompt:
         return self.saved.num_frames if self.saved is not None else self.codes.shape[0]
 
 
-def voice_frames_from_audio(path: str | Path):
-    """The reference's audio pipeline: decode, mono 24 kHz, -24 LUFS, 1920-sample frames [N, 1920] float32."""
+def voice_frames_from_audio(path: str | Path, limits=None):
+    """The reference's audio pipeline: decode, mono 24 kHz, -24 LUFS, 1920-sample frames [N, 1920] float32.
+    ``limits``: an ``audio.AudioLimits`` for audio from an untrusted source (bounded while decoding)."""
     from .audio import normalize_loudness, read_audio, split_frames
 
-    return split_frames(normalize_loudness(read_audio(path)))
+    return split_frames(normalize_loudness(read_audio(path, limits=limits)))
 
 
-def load_voice(path: str | Path, lm_config: LMConfig, mimi) -> VoicePrompt:
-    """Load a voice file: saved embeddings (``.pt``/``.safetensors``) or any audio file (Mimi-encoded)."""
+ENCODE_CHUNK_FRAMES = 25  # 2 s of voice per Mimi call: a build can be abandoned between two chunks
+
+
+class BuildCancelled(PersonaplexError):
+    """A voice build was abandoned (its caller left, or the server is shutting down)."""
+
+
+def load_voice(path: str | Path, lm_config: LMConfig, mimi, *, limits=None, cancelled=None) -> VoicePrompt:
+    """Load a voice file: saved embeddings (``.pt``/``.safetensors``) or any audio file (Mimi-encoded).
+
+    ``limits``: an ``audio.AudioLimits`` when the file comes from an untrusted source. ``cancelled``: a
+    callable checked between encoding chunks; when it returns True the build stops with ``BuildCancelled``.
+    """
     path = Path(path)
     if path.suffix.lower() in SAVED_VOICE_SUFFIXES:
         return VoicePrompt(source=str(path), saved=load_saved_voice(path, lm_config))
-    frames = torch.from_numpy(voice_frames_from_audio(path))
+    frames = torch.from_numpy(voice_frames_from_audio(path, limits))
     device = next(mimi.parameters()).device
     state = mimi.new_encoder_state(1, device)
-    codes = encode_audio_frames(mimi, frames.to(device), state)
-    return VoicePrompt(source=str(path), codes=codes.cpu())
+    parts = []
+    for first in range(0, frames.shape[0], ENCODE_CHUNK_FRAMES):  # streaming: chunked codes equal whole-clip codes
+        if cancelled is not None and cancelled():
+            raise BuildCancelled("the voice build was abandoned")
+        parts.append(encode_audio_frames(mimi, frames[first : first + ENCODE_CHUNK_FRAMES].to(device), state))
+    return VoicePrompt(source=str(path), codes=torch.cat(parts).cpu())
 
 
 def encode_audio_frames(mimi, frames: torch.Tensor, state) -> torch.Tensor:

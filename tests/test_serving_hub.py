@@ -194,7 +194,7 @@ def test_voices_reference_names_and_uploads(demo_model, tmp_path):
         await conversation.close()
         with pytest.raises(PersonaError, match="cannot use this voice|cannot decode"):
             await hub.add_voice_upload(b"RIFF not really a wav file at all")
-        with pytest.raises(PersonaError, match="use at most 30 s"):
+        with pytest.raises(PersonaError, match="limited to 30 s"):
             await hub.add_voice_upload(wav_bytes(np.zeros(24000 * 31, dtype=np.float32)))
         with pytest.raises(PersonaError, match="unknown uploaded voice"):
             await hub.build_persona(PersonaRequest("x", "upload-0123456789abcdef"))

@@ -16,7 +16,10 @@ Full-duplex semantics
   ``temperature`` both sampling temperatures, and the extension object ``sampling`` any of
   ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, ``seed``. The persona is
   checked at once (an unknown voice or an over-long prompt gets an ``error`` event, the rest of the update
-  still applies). After the start, persona fields cannot change (``session_already_started``).
+  still applies). After the start, persona fields cannot change (``session_already_started``). A
+  connection may change its persona ``max_persona_changes`` times (each change may cost a persona build);
+  further changes get ``too_many_persona_changes``, and a change while the persona builds are full gets
+  ``server_busy``; the session keeps its persona either way.
 - Audio appended while the persona is being applied is dropped (as on ``/api/chat``): stream audio
   continuously from the start, silence included; a client silent for the server's input timeout is ended.
 - Then the agent's audio flows continuously, one ``response.output_audio.delta`` per 80 ms, in step with
@@ -135,6 +138,7 @@ class RealtimeSession:
         self.item_id = _new_id("item")
         self.transcript: list[str] = []
         self.dropped_before_start = 0.0  # seconds of user audio received before the persona was applied
+        self.persona_changes = 0  # session.updates that changed instructions or voice (each may build a persona)
         self._conversation_task: asyncio.Task | None = None
         self._session_over = asyncio.Event()
         self._close_code = CLOSE_NORMAL
@@ -309,13 +313,22 @@ class RealtimeSession:
                 "session_already_started", "the persona (instructions, voice, sampling) is fixed once the "
                 "conversation has started (at the first audio); open a new session for another persona", "session"))
         elif (instructions, voice) != (self.instructions, self.voice):
-            try:  # build it now: a bad voice or prompt is reported here, and the start is faster
-                await self.hub.build_persona(PersonaRequest(text_prompt=instructions, voice=voice))
-                self.instructions, self.voice = instructions, voice
-            except PersonaError as error:
-                param = "session.voice" if voice != self.voice else "session.instructions"
-                hint = f" (voices: {', '.join(self.hub.voices()) or 'none'})" if voice != self.voice else ""
-                errors.append(RealtimeError("invalid_persona", f"{error}{hint}", param))
+            limit = self.hub.options.max_persona_changes
+            if self.persona_changes >= limit:  # each change may cost a persona build: bounded per connection
+                errors.append(RealtimeError(
+                    "too_many_persona_changes", f"this connection changed its persona {limit} times already; "
+                    "open a new session for another persona", "session"))
+            else:
+                self.persona_changes += 1
+                try:  # build it now: a bad voice or prompt is reported here, and the start is faster
+                    await self.hub.build_persona(PersonaRequest(text_prompt=instructions, voice=voice))
+                    self.instructions, self.voice = instructions, voice
+                except PersonaError as error:
+                    param = "session.voice" if voice != self.voice else "session.instructions"
+                    hint = f" (voices: {', '.join(self.hub.voices()) or 'none'})" if voice != self.voice else ""
+                    errors.append(RealtimeError("invalid_persona", f"{error}{hint}", param))
+                except (HubBusy, HubClosed) as error:  # the persona is not changed; the session carries on
+                    errors.append(RealtimeError("server_busy", str(error), "session", kind="server_error"))
             self.sampling = sampling
         elif changed:
             self.sampling = sampling

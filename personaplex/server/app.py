@@ -27,7 +27,7 @@ from pathlib import Path
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from ..serving.hub import PersonaError
+from ..serving.hub import HubBusy, HubClosed, PersonaError
 from .chat_protocol import KIND_ERROR, MAX_MESSAGE_BYTES, SEND_TIMEOUT, run_chat
 from .connections import ConnectionGuard
 from .limits import ServerLimits
@@ -239,6 +239,8 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
             name = await hub.add_voice_upload(data)
         except PersonaError as error:
             return _json_error(400, str(error))
+        except (HubBusy, HubClosed) as error:  # too many personas being built, or shutting down
+            return _json_error(503, str(error), headers={"Retry-After": "5"})
         return web.json_response({"voice": name})
 
     async def metrics(request: web.Request) -> web.Response:
@@ -299,8 +301,9 @@ def _access_middleware(token: str | None, origins: OriginPolicy, guard: Connecti
     return check
 
 
-def _json_error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=json.dumps({"error": message}), content_type="application/json")
+def _json_error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps({"error": message}), content_type="application/json",
+                        headers=headers)
 
 
 def _bound_send_buffer(request: web.Request, size: int | None) -> None:

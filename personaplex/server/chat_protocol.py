@@ -29,7 +29,10 @@ valid Ogg/Opus stream (1007); a bad persona or query parameter (1008). Nothing o
 or any other conversation. A message over the WebSocket's own limit (4 x the protocol's) gets its ``0x05``
 just before the close (1009). Every message counts against the connection's ``InputBudget`` before it
 is decoded: more than ``--max-messages-per-second`` messages, or audio more than ``--input-burst``
-seconds ahead of real time, end the conversation with ``0x05`` (1008).
+seconds ahead of real time, end the conversation with ``0x05`` (1008). An Ogg page with a bad checksum, or with the serial number of another stream,
+is not an error of the protocol but a damaged or foreign page: it is dropped before the decoder (its
+audio is lost, as a lost packet's would be), counted in ``personaplex_errors_total{kind="ogg_page_dropped"}``,
+and the conversation goes on.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from ..serving.hub import (
     PersonaRequest,
 )
 from ..serving.input_budget import InputBudget, InputRateExceeded
-from .ogg import OpusPageWriter
+from .ogg import LivePageCheck, OpusPageWriter
 from .opus_pool import OpusEncoderPool, OpusWorkerError
 
 log = logging.getLogger("personaplex.server")
@@ -270,6 +273,7 @@ class ChatSession:
         import sphn
 
         self._reader = sphn.OpusStreamReader(24_000)
+        self._pages = LivePageCheck()
         while True:
             message = await self.transport.receive()
             if message is None:
@@ -309,6 +313,9 @@ class ChatSession:
             self.hub.metrics.input_refused.labels(reason="input_rate").inc()
             raise ProtocolError(str(error), CLOSE_POLICY) from None
         try:
+            if not self._pages.accept(page):  # a damaged or foreign page: dropped and counted, the call goes on
+                self.hub.metrics.record_error("ogg_page_dropped")
+                return
             pcm = self._reader.append_bytes(page)
         except Exception as exc:  # noqa: BLE001 - sphn reports malformed Ogg or Opus as plain exceptions
             raise ProtocolError(f"invalid audio: expected one page of an Ogg/Opus stream per 0x01 message ({exc})",

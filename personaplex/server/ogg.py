@@ -8,6 +8,7 @@ requires (whatever the encoder library wrote), and ends the stream with an end-o
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,26 +27,16 @@ class OggError(PersonaplexError):
     """Bytes that are not a well-formed Ogg page."""
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        value = byte << 24
-        for _ in range(8):
-            value = ((value << 1) ^ 0x04C11DB7) if value & 0x80000000 else value << 1
-        table.append(value & 0xFFFFFFFF)
-    return table
-
-
-_CRC_TABLE = _crc_table()
+# The Ogg checksum is CRC-32 with polynomial 0x04C11DB7, MSB first, initial value 0 and no final xor: zlib's
+# CRC-32 (the same polynomial, LSB first, with inverted start and end) over bit-reversed bytes, reversed
+# back. It runs in C, about 25 times faster than a Python loop (live streams check every page).
+_REVERSED_BITS = bytes(int(f"{value:08b}"[::-1], 2) for value in range(256))
 
 
 def ogg_crc(data: bytes) -> int:
     """The Ogg checksum (CRC-32, polynomial 0x04C11DB7, no reflection, initial value 0)."""
-    crc = 0
-    table = _CRC_TABLE
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[((crc >> 24) & 0xFF) ^ byte]
-    return crc
+    reflected = zlib.crc32(data.translate(_REVERSED_BITS), 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int(f"{reflected:032b}"[::-1], 2)
 
 
 @dataclass
@@ -79,7 +70,12 @@ class OggPage:
 
 def parse_pages(data: bytes, *, check_crc: bool = True) -> list[OggPage]:
     """Every page in ``data`` (which must hold whole pages only); raises ``OggError``."""
-    pages = []
+    return [page for page, _ in iter_pages(data, check_crc=check_crc)]
+
+
+def iter_pages(data: bytes, *, check_crc: bool = True):
+    """(page, its bytes) for every page in ``data``, one at a time; raises ``OggError`` at the first
+    malformed page (so that a caller can stop decoding a long stream early)."""
     position = 0
     while position < len(data):
         if len(data) - position < HEADER.size:
@@ -92,10 +88,9 @@ def parse_pages(data: bytes, *, check_crc: bool = True) -> list[OggPage]:
         body_end = body_start + sum(lacing)
         if len(lacing) < count or body_end > len(data):
             raise OggError("truncated Ogg page")
-        if check_crc:
-            raw = data[position:body_end]
-            if ogg_crc(raw[:22] + b"\0\0\0\0" + raw[26:]) != crc:
-                raise OggError("Ogg page checksum mismatch")
+        raw = data[position:body_end]
+        if check_crc and ogg_crc(raw[:22] + b"\0\0\0\0" + raw[26:]) != crc:
+            raise OggError(f"Ogg page {sequence} has a bad checksum")
         packets, current, offset = [], bytearray(), body_start
         for size in lacing:
             current += data[offset : offset + size]
@@ -105,9 +100,37 @@ def parse_pages(data: bytes, *, check_crc: bool = True) -> list[OggPage]:
                 current = bytearray()
         if current:
             packets.append(bytes(current))
-        pages.append(OggPage(flags, granule, serial, sequence, packets, crc))
+        yield OggPage(flags, granule, serial, sequence, packets, crc), raw
         position = body_end
-    return pages
+
+
+class LivePageCheck:
+    """The checks a live Ogg stream (one page per message) gets before its decoder sees a page.
+
+    A page with a bad checksum or the serial number of another stream is damaged or foreign: it is
+    dropped (its audio is lost, like a lost packet, and Opus conceals it) and counted, and the call goes
+    on. Bytes that are not an Ogg page at all are an error (``OggError``)."""
+
+    def __init__(self) -> None:
+        self.serial: int | None = None
+        self.dropped_bad_checksum = 0
+        self.dropped_foreign_serial = 0
+
+    def accept(self, message: bytes) -> bool:
+        """True when ``message`` (whole Ogg pages) may go to the decoder, False when it is dropped."""
+        pages = list(iter_pages(message, check_crc=False))
+        if not pages:
+            raise OggError("an empty audio message: send one Ogg page per message")
+        for page, raw in pages:
+            if ogg_crc(raw[:22] + b"\0\0\0\0" + raw[26:]) != page.crc:
+                self.dropped_bad_checksum += 1
+                return False
+            if self.serial is None:
+                self.serial = page.serial
+            elif page.serial != self.serial:
+                self.dropped_foreign_serial += 1
+                return False
+        return True
 
 
 def split_pages(data: bytes) -> list[bytes]:

@@ -71,8 +71,28 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="processes that Opus-encode the agent's audio, so that the event loop keeps up with "
                              f"many callers (default {default_opus_workers()}: a quarter of this machine's CPUs, "
                              "1 to 8; 0: encode in the server process)")
-    limits.add_argument("--allow-voice-upload", action="store_true",
+    voices = parser.add_argument_group("voices and personas (limits on work that clients can cause)")
+    voices.add_argument("--allow-voice-upload", action="store_true",
                         help="let clients upload a voice sample (POST /api/voices) to use as the agent's voice")
+    voices.add_argument("--max-voice-upload-bytes", type=int, default=10 << 20,
+                        help="largest uploaded voice file in bytes (default 10 MiB); larger uploads get 413")
+    voices.add_argument("--max-voice-uploads", type=int, default=32,
+                        help="uploaded voices kept (default 32); past it the least recently used is forgotten")
+    voices.add_argument("--max-voice-upload-total-bytes", type=int, default=128 << 20,
+                        help="bytes of all uploaded voices kept together (default 128 MiB); past it the least "
+                             "recently used are forgotten")
+    voices.add_argument("--max-voice-seconds", type=float, default=30.0,
+                        help="longest voice audio decoded, uploads and preset audio files alike (default 30); "
+                             "decoding stops there, whatever the file's header claims, and the voice is refused")
+    voices.add_argument("--persona-build-workers", type=int, default=1,
+                        help="threads that build personas (voice decoding and encoding, at a low CPU priority; "
+                             "default 1)")
+    voices.add_argument("--max-persona-builds-waiting", type=int, default=8,
+                        help="persona builds that may wait for a worker (default 8); callers past that are "
+                             "refused at once as busy")
+    voices.add_argument("--max-persona-changes", type=int, default=8,
+                        help="persona changes (session.update with new instructions or voice) per /v1/realtime "
+                             "connection (default 8); more get an error event")
     add_limit_arguments(parser)
     phone = parser.add_argument_group("phone calls (Twilio Media Streams at /twilio/media-stream)")
     phone.add_argument("--phone-personas", type=Path, default=None, metavar="FILE",

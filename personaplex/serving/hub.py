@@ -51,6 +51,7 @@ from ..engine import SamplingConfig
 from ..errors import PersonaplexError
 from .jitter import InputJitterBuffer
 from .metrics import HubMetrics
+from .persona_builds import BuildsBusy, BuildsClosed, PersonaBuilds
 
 log = logging.getLogger("personaplex.serving")
 
@@ -61,6 +62,7 @@ TICK_MARGIN_SECONDS = 0.005  # kept free at the end of a tick for the event loop
 JOIN_PATIENCE_TICKS = 5
 ENGINE_SWITCH_INTERVAL_SECONDS = 0.001  # see ConversationHub.start
 MAX_VOICE_NAME_BYTES = 255  # a file name's limit: longer names are refused before touching the file system
+VOICE_CACHE_SIZE = 16  # decoded and encoded voices kept (a new text prompt with a known voice is cheap)
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,13 @@ class HubOptions:
     jitter_buffer_seconds: float = 1.0  # user audio buffered at most; older audio is dropped past it
     max_output_frames: int = 25  # agent frames (2 s) a slow reader may fall behind before it is ended
     allow_voice_upload: bool = False
-    max_voice_upload_bytes: int = 10 << 20
-    max_voice_upload_seconds: float = 30.0
+    max_voice_upload_bytes: int = 10 << 20  # one uploaded file
+    max_voice_uploads: int = 32  # uploaded voices kept; past it the least recently used is forgotten
+    max_voice_upload_total_bytes: int = 128 << 20  # all uploaded voices kept, together
+    max_voice_seconds: float = 30.0  # longest voice audio decoded (uploads and preset audio files)
+    persona_build_workers: int = 1  # threads that build personas (voice decoding, Mimi encoding)
+    max_persona_builds_waiting: int = 8  # builds waiting for a worker; more callers are refused at once
+    max_persona_changes: int = 8  # persona changes (session.update) per Realtime connection
     default_voice: str | None = DEFAULT_VOICE
     join_block_frames: int | None = None  # prompt frames per prefill block (None: the engine's default)
     kv_dtype: str = "model"  # "fp8": KV rings in FP8, about twice the conversations per GPU
@@ -249,7 +256,11 @@ class ConversationHub:
         self._waiting: deque[tuple[asyncio.Future, Callable[[int], None] | None, Conversation]] = deque()
         self._prompts: OrderedDict[tuple, object] = OrderedDict()
         self._prompts_lock = threading.Lock()  # personas are built in worker threads
+        self._voice_cache: OrderedDict[tuple, object] = OrderedDict()  # voice file -> persona.VoicePrompt
+        self._uploads: OrderedDict[str, Path] = OrderedDict()  # accepted uploads, least recently used first
         self._upload_dir = tempfile.TemporaryDirectory(prefix="personaplex-voices-")
+        self._builds = PersonaBuilds(self.options.persona_build_workers, self.options.max_persona_builds_waiting)
+        self.metrics.persona_builds.set_function(lambda: self._builds.in_progress)
         # Engine-thread state.
         self._live: dict[int, Conversation] = {}
         self._joining: dict[int, tuple[Conversation, float]] = {}
@@ -269,7 +280,9 @@ class ConversationHub:
         options = HubOptions()
         for name in ("max_conversations", "max_queue", "max_conversation_seconds", "allow_voice_upload",
                      "input_timeout_seconds", "tick_seconds", "kv_dtype", "input_burst_seconds",
-                     "max_messages_per_second"):
+                     "max_messages_per_second", "max_voice_upload_bytes",
+                     "max_voice_uploads", "max_voice_upload_total_bytes", "max_voice_seconds",
+                     "persona_build_workers", "max_persona_builds_waiting", "max_persona_changes"):
             value = getattr(args, name, None)
             if value is not None:
                 setattr(options, name, value)
@@ -283,6 +296,15 @@ class ConversationHub:
             raise UsageError("--max-conversation-seconds must be positive")
         if options.input_burst_seconds <= 0 or options.max_messages_per_second <= 0:
             raise UsageError("--input-burst and --max-messages-per-second must be positive")
+        for flag, value, low in (("--max-voice-upload-bytes", options.max_voice_upload_bytes, 1),
+                                 ("--max-voice-uploads", options.max_voice_uploads, 1),
+                                 ("--max-voice-upload-total-bytes", options.max_voice_upload_total_bytes, 1),
+                                 ("--max-voice-seconds", options.max_voice_seconds, 1),
+                                 ("--persona-build-workers", options.persona_build_workers, 1),
+                                 ("--max-persona-builds-waiting", options.max_persona_builds_waiting, 0),
+                                 ("--max-persona-changes", options.max_persona_changes, 0)):
+            if value < low:
+                raise UsageError(f"{flag} must be at least {low}")
         # The same loading as the offline tool: device, --quantize, --cpu-offload, with its advice printed.
         model = load_model_for_args(args, resolve_model_assets(args), slots=getattr(args, "max_conversations", None) or 1)
         if getattr(args, "max_conversations", None) is None:
@@ -327,6 +349,7 @@ class ConversationHub:
         """Graceful shutdown: refuse new conversations, end waiting and live ones with ``reason``, stop
         the engine thread."""
         self._closed = True
+        self._builds.close(reason)  # nobody waits for a persona build in progress
         while self._waiting:
             future, _, _ = self._waiting.popleft()
             if not future.done():
@@ -391,6 +414,7 @@ class ConversationHub:
         if self._closed:
             raise HubClosed("the server is shutting down")
         timeout = self.options.input_timeout_seconds if input_timeout_seconds is ... else input_timeout_seconds
+        self._refuse_when_full()  # before any persona work: a caller that would be refused costs nothing
         prompt = await self.build_persona(request)
         if self._closed:
             raise HubClosed("the server is shutting down")
@@ -412,6 +436,14 @@ class ConversationHub:
             conversation._end("the client left while its persona was being applied")
             raise
         return conversation
+
+    def _refuse_when_full(self) -> None:
+        if len(self._admitted) >= self.engine.max_slots and len(self._waiting) >= self.options.max_queue:
+            self.metrics.refused.inc()
+            raise HubBusy(
+                f"all {self.engine.max_slots} conversation slots are busy and {len(self._waiting)} callers are "
+                "already waiting; try again in a minute"
+            )
 
     async def _admit(self, conversation: Conversation, on_queue_position: Callable[[int], None] | None) -> None:
         """Return when ``conversation`` holds a slot; wait in the FIFO queue while all are taken."""
@@ -471,12 +503,12 @@ class ConversationHub:
     # --- personas ----------------------------------------------------------------------------------------
 
     async def build_persona(self, request: PersonaRequest):
-        """The system prompt of a persona (cached per voice and text); raises ``PersonaError``."""
-        return await asyncio.to_thread(self._build_persona, request)
-
-    def _build_persona(self, request: PersonaRequest):
-        from ..persona import PromptTooLongError, VoicePromptError, build_system_prompt, load_voice
-
+        """The system prompt of a persona (cached per voice and text); raises ``PersonaError``, or
+        ``HubBusy`` when too many personas are being built, ``HubClosed`` when shutting down. The work
+        runs on the persona build threads (``persona_builds.py``), never on the event loop."""
+        if request.voice_audio is not None:
+            name = await self.add_voice_upload(request.voice_audio)
+            request = PersonaRequest(request.text_prompt, name, None, request.sampling)
         voice_path = self._voice_path(request)
         key = (str(voice_path), request.text_prompt)
         with self._prompts_lock:
@@ -484,27 +516,92 @@ class ConversationHub:
             if prompt is not None:
                 self._prompts.move_to_end(key)
                 return prompt
-        lm_config = self.model.lm.config
-        if voice_path is not None and voice_path.parent == Path(self._upload_dir.name):
-            self._check_upload_duration(voice_path)
+        text = request.text_prompt
+        return await self._run_build(("prompt", *key),
+                                     lambda cancelled: self._build_prompt(voice_path, text, cancelled))
+
+    async def _run_build(self, key: tuple, work):
         try:
-            voice = load_voice(voice_path, lm_config, self.model.mimi) if voice_path is not None else None
-            prompt = build_system_prompt(lm_config, voice, self.model.tokenizer.encode_prompt(request.text_prompt))
-        except (VoicePromptError, PromptTooLongError) as exc:
-            raise PersonaError(str(exc)) from exc
-        except PersonaplexError as exc:  # e.g. an uploaded file that is not audio
-            raise PersonaError(f"cannot use this voice: {exc}") from exc
+            return await self._builds.run(key, work)
+        except BuildsBusy as exc:
+            self.metrics.record_error("persona_builds_busy")
+            raise HubBusy(str(exc)) from None
+        except BuildsClosed as exc:
+            raise HubClosed(str(exc)) from None
+
+    def _build_persona(self, request: PersonaRequest):
+        """``build_persona`` in the calling thread (the warm-up join); no uploads."""
+        return self._build_prompt(self._voice_path(request), request.text_prompt, None)
+
+    def _build_prompt(self, voice_path: Path | None, text_prompt: str, cancelled):
+        from ..persona import PromptTooLongError, build_system_prompt
+
+        key = (str(voice_path), text_prompt)
+        with self._prompts_lock:
+            prompt = self._prompts.get(key)
+            if prompt is not None:
+                self._prompts.move_to_end(key)
+                return prompt
+        lm_config = self.model.lm.config
+        voice = self._voice(voice_path, cancelled) if voice_path is not None else None
+        try:
+            prompt = build_system_prompt(lm_config, voice, self.model.tokenizer.encode_prompt(text_prompt))
+        except PromptTooLongError as exc:
+            raise self._persona_error(exc) from None
         with self._prompts_lock:
             self._prompts[key] = prompt
             while len(self._prompts) > 32:
                 self._prompts.popitem(last=False)
         return prompt
 
+    def _voice(self, path: Path, cancelled, label: str | None = None):
+        """The ``VoicePrompt`` of a voice file, decoded and encoded once per file version (a new text
+        prompt with a known voice costs no audio work)."""
+        from ..audio import AudioLimits
+        from ..persona import BuildCancelled, load_voice
+
+        try:
+            stat = path.stat()
+        except OSError:
+            raise PersonaError(f"voice {path.stem[:60]!r} is no longer available") from None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._prompts_lock:
+            voice = self._voice_cache.get(key)
+            if voice is not None:
+                self._voice_cache.move_to_end(key)
+                return voice
+        try:
+            voice = load_voice(path, self.model.lm.config, self.model.mimi,
+                               limits=AudioLimits(max_seconds=self.options.max_voice_seconds), cancelled=cancelled)
+        except BuildCancelled:
+            raise BuildsClosed("the persona build was abandoned") from None
+        except PersonaplexError as exc:  # an unreadable, too long or silent voice, a malformed voice file
+            error = self._persona_error(exc, prefix="cannot use this voice: ")
+            if label:
+                error = PersonaError(str(error).replace(path.name, label))
+            raise error from None
+        with self._prompts_lock:
+            self._voice_cache[key] = voice
+            while len(self._voice_cache) > VOICE_CACHE_SIZE:
+                self._voice_cache.popitem(last=False)
+        return voice
+
+    def _persona_error(self, exc: Exception, prefix: str = "") -> PersonaError:
+        """A ``PersonaError`` whose message names no server folder (voices, uploads, temporary files)."""
+        message = str(exc)
+        folders = {str(Path(self._upload_dir.name)), str(Path(self._upload_dir.name).resolve()),
+                   tempfile.gettempdir()}
+        if self.model.voices_dir is not None:
+            folders |= {str(self.model.voices_dir), str(Path(self.model.voices_dir).resolve())}
+        for folder in sorted(folders, key=len, reverse=True):
+            message = message.replace(folder + "/", "").replace(folder, "<server folder>")
+        if prefix and not message.startswith(prefix):
+            message = prefix + message
+        return PersonaError(message)
+
     def _voice_path(self, request: PersonaRequest) -> Path | None:
         from ..persona import AUDIO_SUFFIXES, SAVED_VOICE_SUFFIXES, VoicePromptError, resolve_voice
 
-        if request.voice_audio is not None:
-            return self._store_upload(request.voice_audio)
         name = request.voice if request.voice else self.options.default_voice
         if not name:
             return None
@@ -512,11 +609,13 @@ class ConversationHub:
             raise PersonaError(f"invalid voice name ({len(name.encode('utf-8', 'surrogateescape'))} bytes): preset "
                                f"names are at most {MAX_VOICE_NAME_BYTES} bytes (see GET /api/voices)")
         if name.startswith(UPLOAD_PREFIX):
-            digest = name[len(UPLOAD_PREFIX):]
-            matches = [p for p in Path(self._upload_dir.name).iterdir() if p.stem == digest and p.suffix != ".part"]
-            if not digest.isalnum() or not matches:
+            with self._prompts_lock:
+                path = self._uploads.get(name)
+                if path is not None:
+                    self._uploads.move_to_end(name)
+            if path is None:
                 raise PersonaError(f"unknown uploaded voice {name[:60]!r}: upload the sample again")
-            return matches[0]
+            return path
         if request.voice is None and name not in self.voices():
             return None  # the default voice is absent from this server: no voice prompt
         try:
@@ -530,32 +629,25 @@ class ConversationHub:
                     return resolve_voice(stem, self.model.voices_dir, allow_paths=False)
                 except VoicePromptError:
                     pass
-            raise PersonaError(str(exc)) from exc
+            raise self._persona_error(exc) from None
 
     async def add_voice_upload(self, data: bytes) -> str:
-        """Keep an uploaded voice sample for this server's lifetime; returns the preset-like name
-        (``upload-<digest>``) that ``PersonaRequest.voice`` then accepts. Raises ``PersonaError`` when
-        uploads are off or the sample is unusable (checked by building the voice once)."""
-        path = self._store_upload(data)
-        await self.build_persona(PersonaRequest(voice=UPLOAD_PREFIX + path.stem))
-        return UPLOAD_PREFIX + path.stem
-
-    def _check_upload_duration(self, path: Path) -> None:
-        """Refuse an uploaded sample that is too long before decoding it (a few kilobytes of a compressed
-        format can hold hours of audio)."""
-        import sphn
-
-        duration = sphn.durations([str(path)])[0]
-        if duration is None:
-            raise PersonaError("cannot use this voice: the uploaded file is not audio (use wav, flac, ogg or mp3)")
-        limit = self.options.max_voice_upload_seconds
-        if duration > limit:
-            raise PersonaError(f"the uploaded voice sample is {duration:.0f} s long; use at most {limit:.0f} s "
-                               "(a few seconds of clear speech is best)")
-
-    def _store_upload(self, data: bytes) -> Path:
+        """Check an uploaded voice sample and keep it; returns the preset-like name (``upload-<digest>``)
+        that ``PersonaRequest.voice`` then accepts. Raises ``PersonaError`` when uploads are off or the
+        sample is unusable (nothing of a refused sample stays on disk), ``HubBusy`` when too many personas
+        are being built. At most ``max_voice_uploads`` samples of ``max_voice_upload_total_bytes``
+        together are kept: past that the least recently used ones are forgotten."""
         import hashlib
 
+        self._check_upload_size(data)
+        name = UPLOAD_PREFIX + hashlib.sha256(data).hexdigest()[:32]
+        with self._prompts_lock:
+            if name in self._uploads:
+                self._uploads.move_to_end(name)
+                return name
+        return await self._run_build(("upload", name), lambda cancelled: self._accept_upload(name, data, cancelled))
+
+    def _check_upload_size(self, data: bytes) -> None:
         if not self.options.allow_voice_upload:
             raise PersonaError("this server does not accept uploaded voices (start it with --allow-voice-upload)")
         if not data:
@@ -565,14 +657,46 @@ class ConversationHub:
                 f"the uploaded voice sample has {len(data)} bytes; at most {self.options.max_voice_upload_bytes} "
                 "are accepted (a few seconds of speech is enough)"
             )
+
+    def _accept_upload(self, name: str, data: bytes, cancelled) -> str:
+        """On a build thread: decode and encode the sample under the voice limits; keep it only if usable."""
         suffix = ".ogg" if data[:4] == b"OggS" else ".flac" if data[:4] == b"fLaC" else \
             ".mp3" if data[:3] == b"ID3" or data[:2] == b"\xff\xfb" else ".wav"
-        path = Path(self._upload_dir.name) / (hashlib.sha256(data).hexdigest()[:32] + suffix)
-        if not path.exists():
-            partial = path.with_suffix(".part")
-            partial.write_bytes(data)
-            partial.replace(path)
-        return path
+        folder = Path(self._upload_dir.name)
+        digest = name[len(UPLOAD_PREFIX):]
+        checking = folder / f"{digest}.checking{suffix}"
+        checking.write_bytes(data)
+        try:
+            voice = self._voice(checking, cancelled, label="the uploaded sample")
+            path = folder / f"{digest}{suffix}"
+            checking.replace(path)
+        finally:
+            checking.unlink(missing_ok=True)  # a refused (or abandoned) sample leaves nothing behind
+        stat = path.stat()
+        with self._prompts_lock:
+            for key in [k for k in self._voice_cache if k[0] == str(checking)]:  # cached under its final path now
+                self._voice_cache.pop(key)
+            self._voice_cache[(str(path), stat.st_size, stat.st_mtime_ns)] = voice
+            self._uploads[name] = path
+            evicted = self._evict_uploads()
+        for old in evicted:
+            old.unlink(missing_ok=True)
+        return name
+
+    def _evict_uploads(self) -> list[Path]:
+        """Forget the least recently used uploads beyond the count and byte limits (lock held)."""
+        sizes = {name: path.stat().st_size for name, path in self._uploads.items() if path.exists()}
+        limit_count, limit_bytes = self.options.max_voice_uploads, self.options.max_voice_upload_total_bytes
+        evicted = []
+        while self._uploads and (len(self._uploads) > limit_count
+                                 or sum(sizes.get(n, 0) for n in self._uploads) > limit_bytes):
+            name, path = self._uploads.popitem(last=False)
+            evicted.append(path)
+            for key in [k for k in self._voice_cache if k[0] == str(path)]:
+                self._voice_cache.pop(key)
+            for key in [k for k in self._prompts if k[0] == str(path)]:
+                self._prompts.pop(key)
+        return evicted
 
     # --- the engine thread -----------------------------------------------------------------------------
 

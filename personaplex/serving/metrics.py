@@ -54,6 +54,8 @@ class HubMetrics:
         self.connections_refused = Counter(f"{PREFIX}_connections_refused",
                                            "Connections closed at once or evicted at the connection limit",
                                            registry=r)
+        self.persona_builds = Gauge(f"{PREFIX}_persona_builds_in_progress",
+                                    "Persona builds (voice decoding and encoding) queued or running", registry=r)
         self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Joins served from the persona prefix cache",
                                          registry=r)
 

@@ -1,0 +1,404 @@
+"""Persona builds against a real running server (demo model, loopback): callers that would be refused cost
+no build (capacity is checked first), builds are bounded in number and queue (more callers are refused
+at once as busy), a flood of unique prompts leaves an ordinary caller's conversation intact, Realtime
+``session.update`` persona changes are limited per connection, and shutdown never waits for a build in
+progress (in process and through SIGTERM of ``personaplex serve``).
+
+Real-time figures under a flood (>= 0.9x real time, no gap over 0.5 s) are measured by
+``bench/persona_flood.py``, not here: this machine is small and shared."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import aiohttp
+import numpy as np
+import pytest
+import sphn
+
+from personaplex.server.ogg import parse_pages
+
+FRAME = 1920
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServerThread:
+    """A hub and the aiohttp server on their own event loop in a thread, as in production."""
+
+    def __init__(self, model, **options):
+        from personaplex.serving import ConversationHub, HubOptions
+
+        self.hub = ConversationHub(model, HubOptions(**options))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.call(self._start())
+        self.http = f"http://127.0.0.1:{self.server.port}"
+        self.url = f"ws://127.0.0.1:{self.server.port}/api/chat"
+        self.stopped = False
+
+    async def _start(self):
+        from personaplex.server.serve import start_server
+
+        return await start_server(self.hub, host="127.0.0.1", port=0, static_dir=None)
+
+    def call(self, coroutine, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def builds(self):
+        return self.hub._builds
+
+    def stop(self) -> None:
+        from personaplex.server.serve import stop_server
+
+        if not self.stopped:
+            self.stopped = True
+            self.call(stop_server(self.server, self.hub))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from personaplex.demo import demo_assets
+    from personaplex.loading import load_model
+
+    return load_model(demo_assets(), "cpu")
+
+
+def opus_pages(seconds: float, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    writer = sphn.OpusStreamWriter(24000)
+    data = b"".join(writer.append_pcm((0.1 * rng.standard_normal(FRAME)).astype(np.float32))
+                    for _ in range(int(seconds * 12.5)))
+    return [page.to_bytes() for page in parse_pages(data)]
+
+
+def long_voice(name: str, seconds: float = 29.0) -> bytes:
+    from personaplex.demo import synthesize_voice, wav_bytes
+
+    return wav_bytes(synthesize_voice(name, seconds=seconds))
+
+
+def chat_url(base: str, **params) -> str:
+    return f"{base}?{urlencode({'text_prompt': 'hello', 'voice_prompt': 'NATF2', **params})}"
+
+
+async def ordinary_caller(url: str, frames: int) -> dict:
+    """Caller A: streams real-time Opus and counts the agent's audio pages until ``frames`` arrived."""
+    pages = opus_pages(frames / 12.5 + 2)
+    result = {"audio": 0, "error": None, "close": None}
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        async def send():
+            started = time.monotonic()
+            for index, page in enumerate(pages):
+                await asyncio.sleep(max(0.0, started + index * 0.08 - time.monotonic()))
+                await ws.send_bytes(b"\x01" + page)
+
+        sender = None
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.BINARY:
+                break
+            kind = message.data[0]
+            if kind == 0x00:
+                sender = asyncio.create_task(send())
+            elif kind == 0x01:
+                result["audio"] += 1
+                if result["audio"] >= frames + 2:
+                    break
+            elif kind == 0x05:
+                result["error"] = message.data[1:].decode()
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        await ws.close()
+        result["close"] = ws.close_code
+    return result
+
+
+async def flood_caller(url: str, hold: asyncio.Event | None = None) -> tuple[str, str | None, int | None]:
+    """Connect with a persona; ('joined' | 'refused' | 'closed', error text, close code). With ``hold``, a
+    caller that joined stays until it is set."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.BINARY:
+                break
+            if message.data[0] == 0x00:
+                if hold is not None:
+                    await hold.wait()
+                await ws.close()
+                return "joined", None, ws.close_code
+            if message.data[0] == 0x05:
+                error = message.data[1:].decode()
+                await ws.receive()
+                return "refused", error, ws.close_code
+        return "closed", None, ws.close_code
+
+
+async def post(url: str, data: bytes) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session, session.post(url, data=data) as response:
+        return response.status, json.loads(await response.text())
+
+
+async def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+# --- admission before work ---------------------------------------------------------------------------------
+
+
+def test_callers_refused_for_capacity_cost_no_persona_build(demo_model):
+    running = ServerThread(demo_model, max_conversations=1, max_queue=0, input_timeout_seconds=None)
+
+    async def scenario():
+        hold = asyncio.Event()
+        holder = asyncio.create_task(flood_caller(chat_url(running.url, text_prompt="holder"), hold))
+        await wait_for(lambda: running.hub.load()["slots_busy"] == 1)
+        started = running.builds.started
+        outcomes = await asyncio.gather(*(flood_caller(chat_url(running.url, text_prompt=f"unique prompt {i}"))
+                                          for i in range(12)))
+        builds = running.builds.started - started
+        hold.set()
+        return await holder, outcomes, builds
+
+    try:
+        holder, outcomes, builds = asyncio.run(asyncio.wait_for(scenario(), 180))
+    finally:
+        running.stop()
+    assert holder[0] == "joined"
+    assert all(kind == "refused" and code == 1013 and "busy" in error for kind, error, code in outcomes), outcomes
+    assert builds == 0  # refused before any persona work
+
+
+def test_flood_of_unique_prompts_is_bounded_and_leaves_an_ordinary_caller_intact(demo_model):
+    running = ServerThread(demo_model, max_conversations=3, max_queue=1, input_timeout_seconds=None,
+                           persona_build_workers=1, max_persona_builds_waiting=2)
+    frames = 60
+
+    async def scenario():
+        caller = asyncio.create_task(ordinary_caller(chat_url(running.url, text_prompt="caller A", seed=5), frames))
+        await wait_for(lambda: running.hub.load()["slots_busy"] >= 1)
+        outcomes = []
+        round_ = 0
+        while not caller.done():  # waves of unique prompts for as long as A talks
+            outcomes += await asyncio.gather(*(flood_caller(chat_url(running.url, text_prompt=f"flood {round_} {i}"))
+                                               for i in range(10)))
+            round_ += 1
+        return await caller, outcomes
+
+    try:
+        caller, outcomes = asyncio.run(asyncio.wait_for(scenario(), 300))
+    finally:
+        running.stop()
+    assert caller["error"] is None and caller["audio"] >= frames + 2, caller
+    assert outcomes and all(kind == "joined" or (code == 1013 and "busy" in error) for kind, error, code in outcomes)
+    assert any(kind == "refused" for kind, _, _ in outcomes)  # the flood was bigger than the server
+    assert running.builds.peak_running <= 1  # one build thread, whatever the flood
+
+
+def test_builds_are_capped_and_the_loop_keeps_serving_while_a_build_runs(demo_model):
+    """One build thread, no waiting place: while it is busy (held here by a build that waits for a signal,
+    so that the check does not depend on how fast this machine encodes), every new build is refused at
+    once, over every route, and the event loop keeps answering."""
+    running = ServerThread(demo_model, max_conversations=2, max_queue=0, input_timeout_seconds=None,
+                           allow_voice_upload=True, persona_build_workers=1, max_persona_builds_waiting=0)
+    release = threading.Event()
+
+    async def scenario():
+        held = asyncio.run_coroutine_threadsafe(
+            running.builds.run(("held build",), lambda cancelled: release.wait(120)), running.loop)
+        await wait_for(lambda: running.builds.running == 1)
+        async with aiohttp.ClientSession() as session, session.get(running.http + "/api/health") as health:
+            health_status = health.status
+        second = await post(running.http + "/api/voices", long_voice("second"))
+        busy_chat = await flood_caller(chat_url(running.url, text_prompt="a new persona while building"))
+        still_building = running.builds.running == 1
+        release.set()
+        await asyncio.wrap_future(held)
+        first = await post(running.http + "/api/voices", long_voice("first", seconds=3.0))
+        return first, second, busy_chat, health_status, still_building
+
+    try:
+        first, second, busy_chat, health_status, still_building = asyncio.run(asyncio.wait_for(scenario(), 300))
+        metrics = running.hub.metrics.render()
+    finally:
+        release.set()
+        running.stop()
+    assert still_building
+    assert health_status == 200
+    assert second[0] == 503 and "persona builds are in progress" in second[1]["error"]
+    assert busy_chat[0] == "refused" and busy_chat[2] == 1013 and "persona builds are in progress" in busy_chat[1]
+    assert 'personaplex_errors_total{kind="persona_builds_busy"} 2.0' in metrics
+    assert first[0] == 200 and first[1]["voice"].startswith("upload-")  # served once the thread was free
+
+
+def test_ordinary_caller_keeps_talking_during_a_long_build(demo_model):
+    """Agent audio keeps arriving for caller A while a 29 s voice sample is decoded and encoded."""
+    running = ServerThread(demo_model, max_conversations=2, max_queue=0, input_timeout_seconds=None,
+                           allow_voice_upload=True)
+    received_during_build = []
+
+    async def scenario():
+        state = {"audio": 0}
+
+        async def count_audio():
+            pages = opus_pages(120)
+            async with aiohttp.ClientSession() as session, session.ws_connect(chat_url(running.url)) as ws:
+                started = None
+                index = 0
+                async for message in ws:
+                    if message.data[0] == 0x00:
+                        started = time.monotonic()
+                    if started is not None:
+                        while index < len(pages) and time.monotonic() >= started + index * 0.08:
+                            await ws.send_bytes(b"\x01" + pages[index])
+                            index += 1
+                    if message.data[0] == 0x01:
+                        state["audio"] += 1
+
+        caller = asyncio.create_task(count_audio())
+        await wait_for(lambda: state["audio"] > 5)
+        upload = asyncio.create_task(post(running.http + "/api/voices", long_voice("during")))
+        await wait_for(lambda: running.builds.running == 1)
+        before = state["audio"]
+        while running.builds.running == 1:
+            received_during_build.append(state["audio"] - before)
+            await asyncio.sleep(0.2)
+        result = await upload
+        caller.cancel()
+        await asyncio.gather(caller, return_exceptions=True)
+        return result
+
+    try:
+        result = asyncio.run(asyncio.wait_for(scenario(), 300))
+    finally:
+        running.stop()
+    assert result[0] == 200
+    assert received_during_build and received_during_build[-1] > 0  # frames kept coming while it built
+
+
+# --- Realtime session.update ------------------------------------------------------------------------------
+
+
+def test_realtime_persona_changes_are_limited_per_connection(demo_model):
+    running = ServerThread(demo_model, max_conversations=1, max_queue=0, input_timeout_seconds=None,
+                           max_persona_changes=3)
+
+    async def scenario():
+        started = running.builds.started
+        events = []
+        url = running.url.replace("/api/chat", "/v1/realtime")
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            for index in range(6):
+                await ws.send_str(json.dumps({"type": "session.update", "session": {
+                    "type": "realtime", "instructions": f"new instructions number {index}"}}))
+                while True:
+                    event = json.loads((await ws.receive()).data)
+                    if event["type"] in ("session.updated", "error"):
+                        events.append(event)
+                    if event["type"] == "session.updated":
+                        break
+            last = events[-1]["session"]["instructions"]
+        return events, running.builds.started - started, last
+
+    try:
+        events, builds, last = asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        running.stop()
+    errors = [e["error"]["code"] for e in events if e["type"] == "error"]
+    assert errors == ["too_many_persona_changes"] * 3
+    assert builds <= 3
+    assert last == "new instructions number 2"  # the refused changes did not apply
+
+
+# --- shutdown ----------------------------------------------------------------------------------------------
+
+
+def test_shutdown_does_not_wait_for_a_persona_build(demo_model):
+    running = ServerThread(demo_model, max_conversations=1, max_queue=0, input_timeout_seconds=None,
+                           allow_voice_upload=True)
+
+    async def start_build():
+        upload = asyncio.ensure_future(post(running.http + "/api/voices", long_voice("shutdown")))
+        await wait_for(lambda: running.builds.running == 1)
+        return upload
+
+    client_loop = asyncio.new_event_loop()
+    try:
+        upload = client_loop.run_until_complete(start_build())
+        running.stop()  # what SIGTERM runs
+        building_when_stopped = running.builds.running == 1
+        try:
+            status = client_loop.run_until_complete(asyncio.wait_for(upload, 30))[0]
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            status = None
+    finally:
+        client_loop.close()
+    assert building_when_stopped  # the server stopped while the build was still running
+    assert status in (None, 503)  # the uploader was told (or disconnected), never given a half-built voice
+    deadline = time.monotonic() + 60
+    while running.builds.running and time.monotonic() < deadline:  # it stops at its next chunk
+        time.sleep(0.05)
+    assert running.builds.running == 0 and running.builds.abandoned == 1 and running.builds.finished == 0
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_persona_build_exits_cleanly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "personaplex.server", "--model", "demo", "--host", "127.0.0.1", "--port", "0",
+         "--allow-voice-upload", "--max-conversations", "1", "--opus-workers", "0", "--static", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        url = None
+        for line in server.stdout:
+            found = re.search(r"(http://\S+)", line)
+            if found and "Access" in line:
+                url = found.group(1)
+                break
+        assert url, "the server did not start"
+
+        async def build_then_signal():
+            upload = asyncio.ensure_future(post(url + "/api/voices", long_voice("sigterm")))
+            async with aiohttp.ClientSession() as session:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    async with session.get(url + "/metrics") as response:
+                        if "personaplex_persona_builds_in_progress 1.0" in await response.text():
+                            break
+                    await asyncio.sleep(0.02)
+                else:
+                    raise AssertionError("no persona build seen")
+            server.send_signal(signal.SIGTERM)
+            try:
+                return (await asyncio.wait_for(upload, 60))[0]
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return None
+
+        status = asyncio.run(build_then_signal())
+        code = server.wait(timeout=120)
+        rest = server.stdout.read()
+        errors = server.stderr.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert code == 0, errors[-2000:]
+    assert "stopped" in rest
+    assert "Traceback" not in errors, errors[-2000:]
+    assert status in (None, 503)
