@@ -28,6 +28,9 @@ serve = pytest.importorskip("ray.serve")
 SLOTS = 2  # per replica
 AUTOSCALING_PUSH = ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
+# Serve kills an HTTP proxy that is not ready within 5 s or misses health checks of 10 s; on a saturated 2-core
+# machine starting its worker process alone can take longer.
+PROXY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 FRAME = 1920
 # Generous: on a saturated 2-core machine Ray starts its workers and the replicas step their conversations
 # far slower than real time; a test waits for what it checks and fails only when it never comes.
@@ -87,8 +90,8 @@ def cluster():
 
     port = _free_port()
     # Replicas and proxies report their load every second instead of every ten (the autoscaling test).
-    saved = {name: os.environ.get(name) for name in AUTOSCALING_PUSH}
-    os.environ.update(dict.fromkeys(AUTOSCALING_PUSH, "1"))
+    saved = {name: os.environ.get(name) for name in (*AUTOSCALING_PUSH, *PROXY_PATIENCE)}
+    os.environ.update({**dict.fromkeys(AUTOSCALING_PUSH, "1"), **PROXY_PATIENCE})
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         # Serve waits a fixed 60 s for its HTTP proxy (no setting); starting that actor's worker process on a
