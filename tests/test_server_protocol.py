@@ -395,7 +395,7 @@ def test_queue_position_then_refusal_then_slot(demo_model):
             return second_got, third
 
     try:
-        second, third = run(asyncio.wait_for(scenario(), 60))
+        second, third = run(asyncio.wait_for(scenario(), 180))
     finally:
         small.stop()
     assert next(m["queue_position"] for m in second.metadata if "queue_position" in m) == 1
@@ -417,7 +417,9 @@ def test_disconnect_while_queued_or_during_prefill_frees_at_once(demo_model):
             while not hub.engine._joining:
                 await asyncio.sleep(0.001)
             await ws.close()  # vanish mid-prefill
-            deadline = time.monotonic() + 2
+            # "At once": well before the prefill's end (hundreds of one-frame blocks, one per tick), with room
+            # for a loaded machine.
+            deadline = time.monotonic() + 10
             while (hub.engine._joining or hub.load()["slots_busy"]) and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             prefill_freed = not hub.engine._joining and hub.load()["slots_busy"] == 0
@@ -430,7 +432,7 @@ def test_disconnect_while_queued_or_during_prefill_frees_at_once(demo_model):
             while hub.load()["queued"] != 1:
                 await asyncio.sleep(0.005)
             await waiter.close()  # vanish while queued
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + 10
             while hub.load()["queued"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             queue_freed = hub.load()["queued"] == 0
@@ -555,7 +557,11 @@ def test_neighbour_unaffected_by_bad_clients(demo_model):
     assert [p.decode() for p in together.of(0x02)] == [p.decode() for p in alone.of(0x02)]
     times = [t for t, kind, _ in together.messages if kind == 0x01][2:]
     gaps = np.diff(times)
-    assert len(times) >= frames - 2 and gaps.max() < 1.0, f"longest gap between agent pages {gaps.max():.2f} s"
+    # No stall: no gap of more than 1 s, or of 5 frames where a loaded machine steps slower than real time
+    # (the median gap is this run's own pace: 80 ms on a machine that keeps up).
+    allowed = max(1.0, 5 * float(np.median(gaps)))
+    assert len(times) >= frames - 2 and gaps.max() < allowed, \
+        f"longest gap between agent pages {gaps.max():.2f} s (median {np.median(gaps):.3f} s)"
 
 
 @pytest.mark.slow
@@ -596,7 +602,7 @@ def test_eight_simultaneous_conversations(demo_model):
         return await callers
 
     try:
-        results = run(asyncio.wait_for(scenario(), 180))
+        results = run(asyncio.wait_for(scenario(), 600))  # generous: a loaded machine steps slower
     finally:
         eight.stop()
     assert max(busiest) == 8  # all eight live at once
@@ -677,9 +683,9 @@ def test_opus_workers_serve_conversations_and_a_dead_worker_ends_only_its_own(de
 
             # One after the other, so that the first one's encoder is the first worker's (round robin).
             doomed = asyncio.create_task(converse(chat_url(running.url, seed=1), send))
-            await asyncio.wait_for(live(1), 30)
+            await asyncio.wait_for(live(1), 90)
             survivor = asyncio.create_task(converse(chat_url(running.url, seed=2), send, frames=40))
-            await asyncio.wait_for(live(2), 30)
+            await asyncio.wait_for(live(2), 90)
             await asyncio.sleep(0.5)  # both conversations are streaming agent audio
             pool._workers[0].process.kill()
             return await doomed, await survivor
