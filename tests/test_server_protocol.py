@@ -417,9 +417,7 @@ def test_disconnect_while_queued_or_during_prefill_frees_at_once(demo_model):
             while not hub.engine._joining:
                 await asyncio.sleep(0.001)
             await ws.close()  # vanish mid-prefill
-            # "At once": well before the prefill's end (hundreds of one-frame blocks, one per tick), with room
-            # for a loaded machine.
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 2  # "at once": the prefill (986 one-frame blocks) takes far longer
             while (hub.engine._joining or hub.load()["slots_busy"]) and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             prefill_freed = not hub.engine._joining and hub.load()["slots_busy"] == 0
@@ -432,7 +430,7 @@ def test_disconnect_while_queued_or_during_prefill_frees_at_once(demo_model):
             while hub.load()["queued"] != 1:
                 await asyncio.sleep(0.005)
             await waiter.close()  # vanish while queued
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 10  # "at once": the slot's holder talks on for as long as the test runs
             while hub.load()["queued"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             queue_freed = hub.load()["queued"] == 0
