@@ -28,9 +28,11 @@ serve = pytest.importorskip("ray.serve")
 SLOTS = 2  # per replica
 AUTOSCALING_PUSH = ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
-# Serve kills an HTTP proxy that is not ready within 5 s or misses health checks of 10 s; on a saturated 2-core
-# machine starting its worker process alone can take longer.
-PROXY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+# On a saturated 2-core machine Ray's own start-up is slow: a raylet was seen giving up after 16 s waiting for
+# its node's agent (its agent registration wait), and Serve kills an HTTP proxy that is not ready within 5 s
+# or misses 10 s health checks.
+RAY_PATIENCE = {"RAY_agent_register_timeout_ms": "120000", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+                "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 FRAME = 1920
 # Generous: on a saturated 2-core machine Ray starts its workers and the replicas step their conversations
 # far slower than real time; a test waits for what it checks and fails only when it never comes.
@@ -90,8 +92,8 @@ def cluster():
 
     port = _free_port()
     # Replicas and proxies report their load every second instead of every ten (the autoscaling test).
-    saved = {name: os.environ.get(name) for name in (*AUTOSCALING_PUSH, *PROXY_PATIENCE)}
-    os.environ.update({**dict.fromkeys(AUTOSCALING_PUSH, "1"), **PROXY_PATIENCE})
+    saved = {name: os.environ.get(name) for name in (*AUTOSCALING_PUSH, *RAY_PATIENCE)}
+    os.environ.update({**dict.fromkeys(AUTOSCALING_PUSH, "1"), **RAY_PATIENCE})
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         # Serve waits a fixed 60 s for its HTTP proxy (no setting); starting that actor's worker process on a

@@ -12,7 +12,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="scale-out needs Ray Serve: pip install -e '.[scaleout]'")
 serve = pytest.importorskip("ray.serve")
 
-from test_scaleout import DEADLINE, PROXY_PATIENCE, Caller, _pages_grow, _started  # after the skip checks
+from test_scaleout import DEADLINE, RAY_PATIENCE, Caller, _pages_grow, _started  # after the skip checks
 
 SLOTS = 1  # the router prefers the proxy's own node while it has room: one slot each spreads two callers
 
@@ -24,7 +24,7 @@ def test_replicas_on_two_nodes_and_a_lost_node_ends_only_its_sessions(monkeypatc
     from personaplex.scaleout.deployment import APP_NAME, ReplicaSettings, ScaleOptions, build_application
     from personaplex.scaleout.stats import replica_stats
 
-    for name, value in PROXY_PATIENCE.items():  # read by the nodes' processes: set before they start
+    for name, value in RAY_PATIENCE.items():  # read by the nodes' processes: set before they start
         monkeypatch.setenv(name, value)
     monkeypatch.setattr("ray.serve._private.api.HTTP_PROXY_TIMEOUT", 300)  # see test_scaleout.cluster
     # A custom resource that each node has once: one replica per node, as one GPU per machine would do.
