@@ -84,6 +84,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_ray(**options) -> None:
+    """``ray.init``, tried up to three times: on a saturated machine a local Ray sometimes fails its own
+    start-up (its node not registered within Ray's fixed 30 s), which is not what these tests check."""
+    for attempt in range(3):
+        try:
+            ray.init(**options)
+            return
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for this
+            ray.shutdown()
+            if attempt == 2:
+                raise
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster serving two replicas of the demo model with SLOTS slots each; yields the base URL."""
@@ -94,7 +107,7 @@ def cluster():
     # Replicas and proxies report their load every second instead of every ten (the autoscaling test).
     saved = {name: os.environ.get(name) for name in (*AUTOSCALING_PUSH, *RAY_PATIENCE)}
     os.environ.update({**dict.fromkeys(AUTOSCALING_PUSH, "1"), **RAY_PATIENCE})
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    start_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         # Serve waits a fixed 60 s for its HTTP proxy (no setting); starting that actor's worker process on a
         # saturated 2-core machine can take longer.
