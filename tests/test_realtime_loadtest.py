@@ -35,7 +35,11 @@ def test_loadtest_drives_the_realtime_endpoint(tmp_path, capsys):
     for client in clients:
         assert client["error"] is None
         assert client["sent_frames"] == 20
-        assert client["frames"] > 0 and client["text_pieces"] > 0 and client["latency_p50"] is not None
+        assert client["frames"] > 0 and client["latency_p50"] is not None
+        # The transcript deltas were counted: at most one per frame, and words within a second of audio (the
+        # demo model's text; a saturated machine may step fewer frames than that while the caller listens).
+        assert client["text_pieces"] <= client["frames"]
+        assert client["text_pieces"] > 0 or client["frames"] < 12, client
     # Answered frame for frame: the callers counted the frames the server stepped for them (a slow machine
     # steps fewer than the 20 sent, skipping ticks), but those stepped while a hang-up was on its way.
     received = sum(client["frames"] for client in clients)
