@@ -406,7 +406,13 @@ def test_autoscaling_adds_a_replica_under_load_and_new_sessions_use_it(cluster):
     model_args = {"model": "demo", "device": "cpu", "input_timeout_seconds": 30.0}
     scale = ScaleOptions(slots=SLOTS, replicas=None, min_replicas=1, max_replicas=2, cpus_per_replica=1,
                          max_queued=8, upscale_delay_s=1.0, load_window_s=11.0, drain_seconds=5.0)
-    serve.delete(APP_NAME)  # a fresh application starts at --min-replicas
+    # A fresh application starts at --min-replicas. Serve's own wait for a deletion is a fixed 60 s; stopping
+    # the replicas takes longer on a saturated machine.
+    serve.delete(APP_NAME, _blocking=False)
+    deadline = time.monotonic() + 3 * DEADLINE
+    while (app := serve.status().applications.get(APP_NAME)) is not None and app.status != "NOT_STARTED":
+        assert time.monotonic() < deadline, f"the application was not deleted: {app.status}"
+        time.sleep(0.5)
     serve.run(build_application(ReplicaSettings(model_args=model_args), scale), name=APP_NAME, route_prefix="/")
 
     def ready() -> list[str]:
