@@ -521,7 +521,8 @@ def test_client_that_never_reads_is_ended(demo_model):
     finally:
         stuck_server.stop()
     assert freed
-    assert 'reason="slow_reader"' in hub.metrics.render()
+    ended = [line for line in hub.metrics.render().splitlines() if line.startswith("personaplex_conversations_ended")]
+    assert any('reason="slow_reader"' in line for line in ended), ended
 
 
 @pytest.mark.slow
@@ -555,11 +556,12 @@ def test_neighbour_unaffected_by_bad_clients(demo_model):
     assert [p.decode() for p in together.of(0x02)] == [p.decode() for p in alone.of(0x02)]
     times = [t for t, kind, _ in together.messages if kind == 0x01][2:]
     gaps = np.diff(times)
-    # No stall: no gap of more than 1 s, or of 5 frames where a loaded machine steps slower than real time
-    # (the median gap is this run's own pace: 80 ms on a machine that keeps up).
-    allowed = max(1.0, 5 * float(np.median(gaps)))
+    # No stall: no gap of more than 1 s (12.5 frames) on a machine that keeps real time; where a loaded
+    # machine steps slower (this run's own pace), the same 12.5 frames of it.
+    frame_seconds = (times[-1] - times[0]) / (len(times) - 1)
+    allowed = max(1.0, 12.5 * frame_seconds)
     assert len(times) >= frames - 2 and gaps.max() < allowed, \
-        f"longest gap between agent pages {gaps.max():.2f} s (median {np.median(gaps):.3f} s)"
+        f"longest gap between agent pages {gaps.max():.2f} s ({frame_seconds:.3f} s per frame on average)"
 
 
 @pytest.mark.slow
