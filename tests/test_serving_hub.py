@@ -120,6 +120,10 @@ def test_fast_and_late_tick_schedules(demo_model):
     skipped = float(next(line.split()[1] for line in metrics.splitlines()
                          if line.startswith("personaplex_skipped_ticks_total")))
     assert skipped > 0
+    # /metrics counts the frames stepped per front end: the 15 taken (and any stepped before the close).
+    stepped = float(next(line.split()[1] for line in metrics.splitlines()
+                         if line.startswith('personaplex_agent_frames_total{front_end="test"}')))
+    assert stepped >= 15
 
 
 def test_input_timeout_and_maximum_length(demo_model):

@@ -22,6 +22,7 @@ import time
 import pytest
 from test_web_ui import (  # noqa: F401  (fixtures used by name)
     LAN_HOST,
+    MIN_WAIT_SECONDS,
     TOKEN,
     check_sent_stream,
     demo_server,
@@ -240,7 +241,8 @@ class Tab:
         return json.loads(value["value"]) if value.get("type") == "string" else None
 
     def wait(self, expression: str, timeout: float = 20.0, what: str | None = None) -> None:
-        deadline = time.monotonic() + timeout
+        """Wait until ``expression`` is true in the page: ``timeout`` seconds, at least ``MIN_WAIT_SECONDS``."""
+        deadline = time.monotonic() + max(timeout, MIN_WAIT_SECONDS)
         while not self.js(f"Boolean({expression})"):
             if time.monotonic() > deadline:
                 state = self.js("({state: personaplex.state, notices: personaplex.notices, stats: personaplex.stats})")

@@ -137,6 +137,7 @@ class Conversation:
         self.prompt_frames = 0
         self.cached_persona = False
         self._engine_frames = 0  # frames stepped (engine thread)
+        self._frames_counter = hub.metrics.agent_frames.labels(front_end=front_end)
         self._dropped_counted = 0  # input samples dropped and already counted in the metrics (engine thread)
         self._hub = hub
         self._input = InputJitterBuffer(FRAME_SIZE, max(1, round(hub.options.jitter_buffer_seconds * FRAME_RATE)))
@@ -850,6 +851,7 @@ class ConversationHub:
             token = text_tokens[slot]
             deliveries.append((conversation, AgentFrame(agent_pcm[slot].copy(), tokenizer.spoken_text(token) or None)))
             conversation._engine_frames += 1
+            conversation._frames_counter.inc()
         # One wake-up of the event loop per tick, whatever the number of conversations; the frames go out
         # before the end notices queued after them.
         self._loop.call_soon_threadsafe(_deliver_all, deliveries)

@@ -29,6 +29,10 @@ class HubMetrics:
         self.queued = Gauge(f"{PREFIX}_conversations_queued", "Conversations waiting for a free slot", registry=r)
         self.sessions = Counter(f"{PREFIX}_sessions", "Conversations opened, per front end", ["front_end"],
                                 registry=r)
+        # Every frame the engine stepped for a conversation (one per tick while it is live): what a client
+        # should have received, whatever the machine's speed (a slow machine skips ticks, see skipped_ticks).
+        self.agent_frames = Counter(f"{PREFIX}_agent_frames", "Agent frames (80 ms) stepped for conversations, "
+                                    "per front end", ["front_end"], registry=r)
         self.ended = Counter(f"{PREFIX}_conversations_ended", "Conversations ended, per reason", ["reason"],
                              registry=r)
         self.refused = Counter(f"{PREFIX}_conversations_refused", "Conversations refused because the queue was full",
