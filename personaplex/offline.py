@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import FRAME_SIZE, SAMPLE_RATE
 from .errors import PersonaplexError
@@ -165,6 +164,8 @@ def resolve_model_assets(args: argparse.Namespace, need_voices: bool = True):
 def load_model_for_args(args: argparse.Namespace, assets, *, slots: int = 1, input_frames: list[int] | None = None):
     """Load the model as the model flags ask (device, --quantize, --cpu-offload), after saying what to expect
     on this hardware (real time or not, how long a CPU run takes). ``slots``: conversations run at once."""
+    import torch
+
     from .deploy.plan import plan_load
     from .loading import default_device, load_model, preset_of
 
@@ -199,6 +200,7 @@ def run(args: argparse.Namespace) -> None:
     import time
     from collections import deque
 
+    import torch
     from tqdm import tqdm
 
     from .audio import read_audio

@@ -17,7 +17,8 @@ def test_loadtest_drives_the_realtime_endpoint(tmp_path, capsys):
     try:
         results = tmp_path / "results.json"
         code = main(["--url", f"{server.ws}/v1/realtime", "-n", "2", "--duration", "1.6", "--token", "s3cret",
-                     "--voice-prompt", "NATM0", "--json", str(results)])
+                     "--voice-prompt", "NATM0", "--json", str(results),
+                     "--max-missing", "100", "--max-late", "100"])  # frame counts are checked below
         metrics = server.metrics()
     finally:
         server.stop()

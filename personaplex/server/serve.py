@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PersonaplexError
-from .app import DEFAULT_STATIC, SESSIONS_KEY, build_app
-from .opus_pool import OpusEncoderPool
+
+# The built-in web page (the same folder as app.DEFAULT_STATIC). The server's modules (aiohttp, the engine,
+# torch) are imported only when it starts, so that --help and argument errors answer at once.
+DEFAULT_STATIC = Path(__file__).parent / "static"
 
 log = logging.getLogger("personaplex.server")
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -126,7 +128,7 @@ class RunningServer:
     site: object
     port: int
     url: str
-    encoders: OpusEncoderPool | None = None
+    encoders: object | None = None  # an opus_pool.OpusEncoderPool
 
 
 async def start_server(hub, *, host: str = "localhost", port: int = 0, static_dir: Path | None = DEFAULT_STATIC,
@@ -136,6 +138,9 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
     """Start the hub and listen; returns where. ``host`` is really bound (every interface only for
     0.0.0.0 / ::). ``opus_workers``: processes that encode the agent's audio (0: this process does)."""
     from aiohttp import web
+
+    from .app import build_app
+    from .opus_pool import OpusEncoderPool
 
     await hub.start()
     encoders = None
@@ -162,6 +167,8 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
 
 async def stop_server(server: RunningServer, hub, reason: str = "the server is shutting down") -> None:
     """Graceful stop: no new connections, every conversation ended with ``reason``, handlers finished."""
+    from .app import SESSIONS_KEY
+
     await server.site.stop()
     await hub.close(reason)
     sessions = server.runner.app[SESSIONS_KEY]
