@@ -299,7 +299,8 @@ def measured_rate(done_frames: int, total_frames: int, elapsed: float) -> str:
 
     per_second = done_frames / max(elapsed, 1e-9)
     speed = per_second * FRAME_SIZE / SAMPLE_RATE  # seconds of audio per second of wall time
-    return (f"measured: {per_second:.1f} frames/s ({speed:.2f}x real time) over the first {elapsed:.0f} s; "
+    rate = f"{per_second:.1f}" if per_second >= 1 else f"{per_second:.2g}"
+    return (f"measured: {rate} frames/s ({speed:.2g}x real time) over the first {elapsed:.0f} s; "
             f"about {format_duration((total_frames - done_frames) / per_second)} left at this rate")
 
 

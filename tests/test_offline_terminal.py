@@ -86,7 +86,7 @@ def test_the_rate_measured_on_the_run_follows_the_estimate(tmp_path, monkeypatch
 def test_rate_line_counts_what_is_left():
     from personaplex.offline import measured_rate
 
-    assert measured_rate(25, 125, 10.0) == ("measured: 2.5 frames/s (0.20x real time) over the first 10 s; "
+    assert measured_rate(25, 125, 10.0) == ("measured: 2.5 frames/s (0.2x real time) over the first 10 s; "
                                             "about 40 s left at this rate")
 
 
