@@ -30,6 +30,11 @@ class SlowDemoServer:
         return web.json_response({"ok": True, "model": "demo", "untrained": self.untrained, "slots_busy": 0,
                                   "slots_free": 1, "queued": 0})
 
+    async def voices(self, request):
+        from aiohttp import web
+
+        return web.json_response({"voices": ["NATF2.pt", "NATM1.pt"], "default": "NATF2.pt"})
+
     async def chat(self, request):
         import sphn
         from aiohttp import web
@@ -68,6 +73,7 @@ class SlowDemoServer:
 
         app = web.Application()
         app.router.add_get("/api/health", self.health)
+        app.router.add_get("/api/voices", self.voices)
         app.router.add_get("/api/chat", self.chat)
         app.router.add_get("/", index)
         app.router.add_static("/", STATIC)
