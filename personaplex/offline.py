@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> None:
                 rate_reported = True
     elapsed = time.perf_counter() - started
     seconds = sum(len(job.audio) for job in jobs) / SAMPLE_RATE
-    log(f"processed {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / elapsed:.1f}x real time)")
+    log(f"processed {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / elapsed:.2g}x real time)")
 
 
 # The up-front estimate comes from a quick measurement and can be far off on a busy machine: once the run
