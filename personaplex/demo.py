@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
+import time
 import wave
 import zlib
 from collections.abc import Callable
@@ -53,24 +55,45 @@ def default_cache_dir() -> Path:
     return Path(cache_home) / "personaplex" / f"demo-v{DEMO_VERSION}"
 
 
-def demo_assets(cache_dir: str | Path | None = None) -> ModelAssets:
-    """Paths of the demo model's files, building the missing ones first (a few seconds on a CPU)."""
+def demo_assets(cache_dir: str | Path | None = None, *, say: Callable[[str], None] | None = None) -> ModelAssets:
+    """Paths of the demo model's files, building the missing ones first (seconds on a CPU). While building,
+    ``say`` (default: a line on stderr) is told what is being built and, at the end, how long it took."""
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     voices = folder / VOICES_FOLDER
     preset = get_preset(DEMO_PRESET)
+    say = say or _say_on_stderr
+    parts = [
+        ("the text tokenizer (SentencePiece)", folder / TOKENIZER_FILE, lambda: train_tokenizer(preset.lm.text_card)),
+        ("the Mimi codec's random weights", folder / MIMI_FILE, lambda: _mimi_bytes(preset.mimi)),
+        ("the LM's random weights", folder / LM_FILE, lambda: _lm_bytes(preset.lm)),
+        *((f"{len(VOICE_NAMES)} voices", voices / f"{name}.wav", lambda name=name: wav_bytes(synthesize_voice(name)))
+          for name in VOICE_NAMES),
+    ]
+    missing = [part for part in parts if not part[1].is_file()]
+    started = time.perf_counter()
+    if missing:
+        say(f"building the demo model (untrained, no download) into {folder}; this happens once")
     try:
         voices.mkdir(parents=True, exist_ok=True)
-        tokenizer = _build_once(folder / TOKENIZER_FILE, lambda: train_tokenizer(preset.lm.text_card))
-        mimi = _build_once(folder / MIMI_FILE, lambda: _mimi_bytes(preset.mimi))
-        lm = _build_once(folder / LM_FILE, lambda: _lm_bytes(preset.lm))
-        for name in VOICE_NAMES:
-            _build_once(voices / f"{name}.wav", lambda name=name: wav_bytes(synthesize_voice(name)))
+        announced = set()
+        for what, path, make in missing:
+            if what not in announced:
+                say(f"  {what}...")
+                announced.add(what)
+            _build_once(path, make)
     except OSError as exc:
         raise AssetError(
             f"cannot write the demo model to {folder} ({exc}); free some space (about 70 MB) or set XDG_CACHE_HOME "
             "to a writable folder"
         ) from exc
-    return ModelAssets(lm, mimi, tokenizer, voices, preset=DEMO_PRESET, untrained=True)
+    if missing:
+        say(f"demo model ready in {time.perf_counter() - started:.1f} s")
+    return ModelAssets(folder / LM_FILE, folder / MIMI_FILE, folder / TOKENIZER_FILE, voices, preset=DEMO_PRESET,
+                       untrained=True)
+
+
+def _say_on_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _build_once(path: Path, make: Callable[[], bytes]) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +45,20 @@ def test_assets_describe_an_untrained_demo(assets):
 
 def test_two_builds_are_byte_identical_and_a_rebuild_writes_nothing(assets, tmp_path):
     first = digests(assets.lm_weights.parent)
-    assert digests(demo_assets(tmp_path).lm_weights.parent) == first
+    said = []
+    assert digests(demo_assets(tmp_path, say=said.append).lm_weights.parent) == first
+    # A first build says what it builds (it takes seconds) and how long it took.
+    assert said[0].startswith(f"building the demo model (untrained, no download) into {tmp_path}")
+    assert [line.strip() for line in said[1:-1]] == [
+        "the text tokenizer (SentencePiece)...", "the Mimi codec's random weights...", "the LM's random weights...",
+        "18 voices...",
+    ]
+    assert re.fullmatch(r"demo model ready in \d+\.\d s", said[-1])
     stamps = {p: p.stat().st_mtime_ns for p in assets.lm_weights.parent.rglob("*") if p.is_file()}
-    demo_assets(assets.lm_weights.parent)
+    said.clear()
+    demo_assets(assets.lm_weights.parent, say=said.append)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert said == []  # nothing built, nothing said
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary files left behind
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,21 @@ def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
     backchannel = scores["samples"]["icc_backchannel/1"]
     assert (backchannel["jsd"] == 1.0) == (backchannel["backchannels"] == [])  # the human file was found
     assert "| PersonaPlex (published) |" in (root / "scores.md").read_text()  # published rows by default
+    assert "--human-distribution" not in (root / "scores.md").read_text()
+
+    # Without the human distribution there is no JSD ("–"), and the command says what it needs.
+    (root / "icc_gt_distribution.json").rename(tmp_path / "icc_gt_distribution.json")
+    capsys.readouterr()
+    with FakeChatServer(reply_for=lambda body: reply) as judge, warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        assert main(["eval", "fdb", "score", "--data", str(root), "--judge-url", judge.url,
+                     "--output", str(tmp_path / "no_jsd" / "scores.json")]) == 0
+    err = capsys.readouterr().err
+    assert "note: JSD (backchannel) needs the benchmark's human distribution: pass --human-distribution" in err
+    # Nothing from the libraries underneath reaches the user (a torch FutureWarning once did).
+    assert not [w for w in raised if issubclass(w.category, FutureWarning)], [str(w.message) for w in raised]
+    assert "JSD is shown as \"–\"" in (tmp_path / "no_jsd" / "scores.md").read_text()
+    (tmp_path / "icc_gt_distribution.json").rename(root / "icc_gt_distribution.json")
 
     compare = tmp_path / "compare.json"
     compare.write_text(json.dumps({"other checkpoint": {"pause_handling": {"tor": 0.5}}}))

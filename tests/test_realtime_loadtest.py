@@ -23,7 +23,8 @@ def test_loadtest_drives_the_realtime_endpoint(tmp_path, capsys):
         before = frames_stepped(server)
         results = tmp_path / "results.json"
         code = main(["--url", f"{server.ws}/v1/realtime", "-n", "2", "--duration", "1.6", "--token", "s3cret",
-                     "--voice-prompt", "NATM0", "--json", str(results)])
+                     "--voice-prompt", "NATM0", "--json", str(results),
+                     "--max-missing", "100", "--max-late", "100"])  # frame counts are checked below
         metrics = server.metrics()
         stepped = frames_stepped(server) - before
     finally:

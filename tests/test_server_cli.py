@@ -50,7 +50,7 @@ def test_serve_loadtest_and_graceful_shutdown(tmp_path):
         report = tmp_path / "load.json"
         load = subprocess.run(
             [sys.executable, "-m", "personaplex", "loadtest", "--url", ws_url, "-n", "2", "--duration", "2", "--processes", "2",
-             "--json", str(report)],
+             "--json", str(report), "--max-missing", "100", "--max-late", "100"],  # counts checked below
             capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
         )
         assert load.returncode == 0, load.stderr

@@ -325,6 +325,7 @@ def test_health_voices_and_metrics(server):
 
     health, voices, metrics, content_type = run(fetch())
     assert health["ok"] is True and health["slots_free"] + health["slots_busy"] == 3 and health["queued"] == 0
+    assert health["model"] == "demo" and health["untrained"] is True  # the web page says so before any call
     assert "NATF2" in voices["voices"] and voices["upload"] is False
     assert content_type.startswith("text/plain")
     for name in ("personaplex_conversations_active", "personaplex_conversations_queued", "personaplex_tick_seconds_bucket",

@@ -20,6 +20,7 @@ from personaplex.serving import (
     PersonaRequest,
 )
 from personaplex.serving.jitter import InputJitterBuffer
+from personaplex.text import SpokenText
 
 FRAME = 1920
 
@@ -98,10 +99,11 @@ def test_hub_conversation_equals_the_engine_alone(demo_model):
     engine = Engine(demo_model.lm, demo_model.mimi, max_slots=1)
     engine.join(0, 1, prompt, request.sampling)
     silence = torch.zeros(1, FRAME)
+    spoken = SpokenText(demo_model.tokenizer)  # the text channel as shown: byte pieces joined into characters
     for frame in frames:
         out = engine.step(silence)
         assert np.array_equal(frame.pcm, out.pcm[0].numpy())
-        assert frame.text == (demo_model.tokenizer.spoken_text(int(out.tokens[0, 0])) or None)
+        assert frame.text == (spoken.push(int(out.tokens[0, 0])) or None)
 
 
 def test_fast_and_late_tick_schedules(demo_model):

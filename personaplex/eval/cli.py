@@ -170,6 +170,12 @@ def _cmd_score(args: argparse.Namespace) -> None:
     human_path = getattr(args, "human_distribution", None)
     if human_path is None and (Path(args.data) / "icc_gt_distribution.json").is_file():
         human_path = Path(args.data) / "icc_gt_distribution.json"
+    jsd_note = None
+    if human_path is None and any(s.task == layout.BACKCHANNEL for s in samples):
+        # The JSD compares the run's backchannel timing with people's; without their distribution it is "–".
+        jsd_note = ("JSD (backchannel) needs the benchmark's human distribution: pass --human-distribution "
+                    "PATH/icc_gt_distribution.json (or put that file in the data folder)")
+        offline.log(f"note: {jsd_note}")
     scores = score(samples, official=args.official, judge=judge, human=load_human_distribution(human_path))
     output = args.output or Path(args.data) / "scores.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +183,8 @@ def _cmd_score(args: argparse.Namespace) -> None:
     published = getattr(args, "published", False)
     others, notes = comparison_rows(published=published)
     notes += quirks_note(scores, published)
+    if jsd_note is not None:
+        notes += [f"- note: JSD is shown as \"–\": {jsd_note}"]
     table = markdown(scores["summary"], "Full-Duplex-Bench" if args.suite == "fdb" else "Persona adherence",
                      others, notes=notes)
     output.with_suffix(".md").write_text(table, encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +23,12 @@ def _model():
         from silero_vad import load_silero_vad
     except ImportError as error:
         raise MissingDependency("voice activity needs silero-vad: pip install 'personaplex[eval]'") from error
-    return load_silero_vad()
+    with warnings.catch_warnings():
+        # silero-vad ships a TorchScript model and loads it with torch.jit.load (and a deprecated importlib
+        # call): torch warns that jit is deprecated, a FutureWarning in some releases, which users cannot act on.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=Warning)
+        warnings.filterwarnings("ignore", message=r"path is deprecated", category=DeprecationWarning)
+        return load_silero_vad()
 
 
 def speech_segments(samples: np.ndarray, sample_rate: int) -> list[tuple[float, float]]:

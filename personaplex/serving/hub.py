@@ -49,6 +49,7 @@ import numpy as np
 from ..config import FRAME_RATE, FRAME_SIZE
 from ..engine import SamplingConfig
 from ..errors import PersonaplexError
+from ..text import SpokenText
 from .jitter import InputJitterBuffer
 from .metrics import HubMetrics
 from .persona_builds import BuildsBusy, BuildsClosed, PersonaBuilds
@@ -139,6 +140,7 @@ class Conversation:
         self._engine_frames = 0  # frames stepped (engine thread)
         self._frames_counter = hub.metrics.agent_frames.labels(front_end=front_end)
         self._dropped_counted = 0  # input samples dropped and already counted in the metrics (engine thread)
+        self._spoken = SpokenText(hub.model.tokenizer)  # byte-fallback pieces -> characters (engine thread)
         self._hub = hub
         self._input = InputJitterBuffer(FRAME_SIZE, max(1, round(hub.options.jitter_buffer_seconds * FRAME_RATE)))
         self._output: deque[AgentFrame] = deque()
@@ -822,7 +824,6 @@ class ConversationHub:
         self._loop.call_soon_threadsafe(_resolve, conversation._joined)
 
     def _tick(self, pcm) -> None:
-        tokenizer = self.model.tokenizer
         # Per-conversation work below touches numpy only: every torch call releases the GIL, and winning
         # it back from a busy event loop costs up to a switch interval (5 ms) each (bench/hub_tick.py).
         pcm_host = pcm.numpy()
@@ -849,7 +850,7 @@ class ConversationHub:
         deliveries = []
         for slot, conversation in list(self._live.items()):
             token = text_tokens[slot]
-            deliveries.append((conversation, AgentFrame(agent_pcm[slot].copy(), tokenizer.spoken_text(token) or None)))
+            deliveries.append((conversation, AgentFrame(agent_pcm[slot].copy(), conversation._spoken.push(token) or None)))
             conversation._engine_frames += 1
             conversation._frames_counter.inc()
         # One wake-up of the event loop per tick, whatever the number of conversations; the frames go out
