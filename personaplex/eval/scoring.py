@@ -52,8 +52,11 @@ def score_sample(sample: Sample, *, official: bool = True, judge: Judge | None =
         segments, duration = read(sample.output_wav)
         curve = None if human is None else human.get(sample.sample_id)
         result = metrics.backchannel_result(segments, chunks, duration, curve, official)
+        from ..audio import audio_file_format
+
         return {"tor": int(result.takes_turn), "frequency": result.frequency, "jsd": result.js_distance,
-                "backchannels": [list(b) for b in result.backchannels]}
+                "backchannels": [list(b) for b in result.backchannels],
+                "output_rate": audio_file_format(sample.output_wav)[0]}
     raise DatasetError(f"cannot score task {task}")
 
 
