@@ -69,10 +69,11 @@ def decode_run(tiny_mimi: Mimi, recorded) -> dict[str, torch.Tensor]:
     }
 
 
-def test_codec_config_from_fixture_matches_tiny_preset(mimi_config):
+def test_tiny_mimi_preset_is_the_reference_fixture_layout(reference_fixture_config):
+    """The built-in "tiny" Mimi is the reference fixtures' (not necessarily the fixture set under test)."""
     from personaplex.config import TINY_MIMI
 
-    assert mimi_config == TINY_MIMI
+    assert MimiConfig.from_reference_kwargs(reference_fixture_config["mimi"]) == TINY_MIMI
 
 
 def test_codec_checkpoint_loads_strictly(golden, mimi_config):
