@@ -42,7 +42,7 @@ def time_major(frames: list[torch.Tensor]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def encode_run(tiny_mimi: Mimi, recorded) -> dict[str, torch.Tensor]:
-    """Streaming encode of the recorded waveform, one 1920-sample frame per call."""
+    """Streaming encode of the recorded waveform, one frame (1920 samples at 24 kHz) per call."""
     torch.set_num_threads(2)
     state = tiny_mimi.new_encoder_state(1, "cpu")
     frames = recorded["waveform"].view(-1, tiny_mimi.frame_size)

@@ -28,16 +28,16 @@ def tiny_mimi(golden: Path, golden_config: dict) -> Mimi:
 
 
 def stream(mimi: Mimi, pcm: torch.Tensor, state: EncoderState) -> torch.Tensor:
-    """Frame-by-frame encode: pcm [B, N*1920] -> codes [B, N, 8]."""
+    """Frame-by-frame encode: pcm [B, N * frame_size] -> codes [B, N, num_codebooks]."""
     frames = pcm.view(pcm.shape[0], -1, mimi.frame_size)
     return torch.stack([mimi.encode_frame(frames[:, i], state) for i in range(frames.shape[1])], dim=1)
 
 
 def signals(batch: int, frames: int, mimi: Mimi, seed: int) -> torch.Tensor:
-    """Different noisy chirp-like signals per slot, amplitude ~0.3: [B, frames * 1920]."""
+    """Different noisy chirp-like signals per slot, amplitude ~0.3: [B, frames * frame_size]."""
     generator = torch.Generator().manual_seed(seed)
     length = frames * mimi.frame_size
-    t = torch.arange(length) / 24000.0
+    t = torch.arange(length) / mimi.config.sample_rate
     base = torch.stack([0.3 * torch.sin(2 * torch.pi * (200 + 150 * b) * t * (1 + t)) for b in range(batch)])
     return base + 0.05 * torch.randn(batch, length, generator=generator)
 
@@ -91,7 +91,7 @@ def test_codec_clip_equals_streaming_and_leaves_same_state(tiny_mimi: Mimi, case
 
     codes = tiny_mimi.encode_clip(clip, by_clip)
     expected = stream(tiny_mimi, clip, by_stream)
-    assert codes.shape == (2, frames, 8) and codes.dtype == torch.int64
+    assert codes.shape == (2, frames, tiny_mimi.config.num_codebooks) and codes.dtype == torch.int64
     assert torch.equal(codes, expected)
     assert not torch.equal(codes[0], codes[1])  # the slots really carry different signals
     assert_states_equal(by_clip, by_stream)
