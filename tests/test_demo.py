@@ -71,6 +71,36 @@ def test_concurrent_builds_do_not_corrupt(assets, tmp_path):
     assert digests(tmp_path) == digests(assets.lm_weights.parent)
 
 
+def test_a_folder_holding_an_older_build_gets_this_one(assets, tmp_path):
+    """Weights of another demo version (other shapes) are rebuilt, never loaded with the wrong shape."""
+    from safetensors.torch import save_file
+
+    built = assets.lm_weights.parent
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for path in built.rglob("*"):
+        if path.is_file():
+            (folder / path.relative_to(built)).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path.relative_to(built)).write_bytes(path.read_bytes())
+    old_gating = "depformer.layers.0.gating.0.linear_in.weight"
+    save_file({old_gating: torch.zeros(2 * 341, 128, dtype=torch.bfloat16)}, str(folder / "lm.safetensors"),
+              metadata={"description": "personaplex demo model v1: untrained random weights"})
+    (folder / "mimi.safetensors").write_bytes(b"truncated")
+    demo_assets(folder)
+    assert digests(folder) == digests(built)
+    assert load_lm(folder / "lm.safetensors", PRESET.lm, dtype=torch.float32) is not None
+
+
+def test_the_depformer_gating_width_is_the_references(assets):
+    """The demo's depformer (dim 128, feed-forward 4 * 128) takes the reference's 21 * dim // 8 = 336."""
+    from safetensors import safe_open
+
+    assert PRESET.lm.depformer_ffn_hidden == 336
+    with safe_open(str(assets.lm_weights), framework="pt") as f:
+        assert f.get_slice("depformer.layers.0.gating.0.linear_in.weight").get_shape() == [672, 128]
+        assert f.get_slice("depformer.layers.0.gating.0.linear_out.weight").get_shape() == [128, 336]
+
+
 def test_default_cache_dir_honours_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "personaplex" / f"demo-v{DEMO_VERSION}"

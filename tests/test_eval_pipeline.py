@@ -54,10 +54,9 @@ def dataset(tmp_path) -> tuple[Path, dict]:
 def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
     root, lengths = dataset
     assert main(["eval", "fdb", "run", "--data", str(root), "--model", "demo", "--seed", "3", "--batch-size", "2"]) == 0
-    for key in lengths:
+    for key, seconds in lengths.items():  # the model's 24 kHz by default, with the input's duration
         audio, rate = sphn.read(str(root / key / "output.wav"))
-        reference, input_rate = sphn.read(str(root / key / "input.wav"))
-        assert (rate, audio.shape[-1]) == (input_rate, reference.shape[-1])  # time-aligned, sample for sample
+        assert rate == 24_000 and abs(audio.shape[-1] / rate - seconds) < 1 / 16_000
     mtime = (root / "icc_backchannel/1/output.wav").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["eval", "fdb", "run", "--data", str(root), "--model", "demo"]) == 0  # resumed: nothing to redo
@@ -67,6 +66,7 @@ def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
     assert manifest["model"] == "demo" and manifest["seed"] == 3 and manifest["samples"] == 4
     assert manifest["personas"]["user_interruption"].startswith("You are a wise and friendly teacher")
     assert manifest["personas"]["pause_handling"] == "You enjoy having a good conversation."
+    assert manifest["output_rate"] == "model" and manifest["output_sample_rates"] == [24_000]
 
     assert main(["eval", "fdb", "transcribe", "--data", str(root)]) == 0
     for key in lengths:
@@ -114,7 +114,19 @@ def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
     table = (out / "report.md").read_text()
     assert "| demo |" in table and "| other checkpoint | 0.500 |" in table
     assert "| PersonaPlex (published) | 0.662 |" in table and "| Moshi (published) | 0.980 |" in table
+    assert "backchannel outputs at 24 kHz, as the published rows'" in table
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The input's rate on request: the finished outputs are resampled to it, nothing runs again.
+    capsys.readouterr()
+    assert main(["eval", "fdb", "run", "--data", str(root), "--model", "demo", "--output-rate", "input"]) == 0
+    assert "4 already done, 0 to run" in capsys.readouterr().err
+    for key in lengths:
+        audio, rate = sphn.read(str(root / key / "output.wav"))
+        reference, input_rate = sphn.read(str(root / key / "input.wav"))
+        assert (rate, audio.shape[-1]) == (input_rate, reference.shape[-1])  # time-aligned, sample for sample
+    manifest = json.loads((root / "run_manifest.json").read_text())["runs"][-1]
+    assert manifest["output_rate"] == "input" and manifest["output_sample_rates"] == [16_000, 24_000]
 
 
 @pytest.mark.slow
@@ -142,6 +154,24 @@ def test_persona_pipeline_with_the_demo_model(tmp_path):
     assert "| this run | 3.500 | 0.500 |" in (root / "scores.md").read_text()
     assert main(["eval", "persona", "report", "--scores", str(root / "scores.json")]) == 0
     assert (root / "report.png").is_file()
+
+
+def test_outputs_at_another_rate_than_asked_are_run_again(tmp_path):
+    from personaplex.eval import layout
+    from personaplex.eval.runner import is_done
+
+    folder = tmp_path / "candor_pause_handling" / "1"
+    folder.mkdir(parents=True)
+    sphn.write_wav(str(folder / "input.wav"), np.zeros(16_000, np.float32), 16_000)
+    (folder / "pause.json").write_text(json.dumps([{"text": "[PAUSE]", "timestamp": [0.2, 0.4]}]))
+    [sample] = layout.discover(tmp_path)
+    assert not is_done(sample) and not is_done(sample, "input")  # nothing written yet
+    sphn.write_wav(str(sample.output_wav), np.zeros(24_000, np.float32), 24_000)
+    assert not is_done(sample)  # the token list comes last: without it the run was cut short
+    (folder / layout.TEXT_TOKENS_JSON).write_text("[]")
+    assert is_done(sample) and is_done(sample, "input")  # the model's rate: converted when the input's is asked
+    sphn.write_wav(str(sample.output_wav), np.zeros(16_000, np.float32), 16_000)
+    assert is_done(sample, "input") and not is_done(sample)  # at the input's rate: the model's rate runs again
 
 
 def test_errors_are_one_line(tmp_path, capsys):

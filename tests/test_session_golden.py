@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from personaplex.audio import normalize_loudness, read_audio, split_frames
 from personaplex.checkpoint import load_lm, load_mimi
 from personaplex.config import LMConfig, MimiConfig
-from personaplex.lm.generator import CACHE_FRAMES, Generator
+from personaplex.lm.generator import Generator
 from personaplex.persona import (
     SILENCE_FRAMES,
     SILENCE_TOKENS,
@@ -108,8 +108,9 @@ def run_conversation(lm, mimi, frames, saved_voice, user_audio: np.ndarray, step
 def determined(cache: torch.Tensor, provided: torch.Tensor, offset: int) -> torch.Tensor:
     """Buffer entries with a defined value: provided ones and the last two columns written."""
     keep = provided.clone()
-    keep[:, (offset - 1) % CACHE_FRAMES] = True
-    keep[:, (offset - 2) % CACHE_FRAMES] = True
+    columns = cache.shape[-1]
+    keep[:, (offset - 1) % columns] = True
+    keep[:, (offset - 2) % columns] = True
     return torch.where(keep, cache, -100)
 
 
@@ -175,7 +176,8 @@ def test_whole_session(golden, models, session, session_info, voice_source, prom
 
 
 def test_saved_voice_rejects_wrong_model_size(golden, golden_config):
-    config = LMConfig.from_reference_kwargs({**golden_config["lm"]["config"], "dim": 64})
+    kwargs = golden_config["lm"]["config"]
+    config = LMConfig.from_reference_kwargs({**kwargs, "dim": 2 * kwargs["dim"]})
     from personaplex.persona import VoicePromptError
 
     with pytest.raises(VoicePromptError, match="another model size"):

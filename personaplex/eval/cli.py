@@ -31,6 +31,11 @@ def _add_run(parser: argparse.ArgumentParser, tasks: bool) -> None:
     parser.add_argument("--voice-prompt", default="NATF2", help="voice preset or file (default NATF2)")
     parser.add_argument("--batch-size", type=int, help="samples run at once (default: as many as fit, 4 on a CPU)")
     parser.add_argument("--overwrite", action="store_true", help="run samples that already have an output.wav again")
+    parser.add_argument("--output-rate", choices=("model", "input"), default="model",
+                        help="output.wav's sample rate: model (default) writes the model's 24 kHz, as the reference "
+                             "pipeline wrote the outputs behind the published rows (the official backchannel scorer "
+                             "reads its VAD times x1.5, as it did for them); input writes input.wav's rate and number "
+                             "of samples. Both keep the input's duration")
     offline.add_sampling_arguments(parser)
     offline.add_model_arguments(parser)
     parser.set_defaults(run=_cmd_run)
@@ -59,7 +64,8 @@ def _add_score(parser: argparse.ArgumentParser, tasks: bool) -> None:
     parser.add_argument("--output", type=Path, help="scores file to write (default DATA/scores.json)")
     parser.add_argument("--no-official-quirks", dest="official", action="store_false",
                         help="score without the benchmark's quirks (see the README: backchannel take-over decided "
-                             "by any segment, negative latencies kept); numbers then differ from published tables")
+                             "by any segment, backchannel VAD times exact and at the file's true rate, negative "
+                             "latencies kept); numbers then differ from published tables")
     if tasks:
         parser.add_argument("--human-distribution", type=Path,
                             help="the benchmark's icc_gt_distribution.json for the backchannel JSD "
