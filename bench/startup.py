@@ -2,7 +2,7 @@
 
     python bench/startup.py --kv-dtype fp8 --max-conversations 64                 # 7B layout, random weights
     python bench/startup.py --kv-dtype fp8 --max-conversations 128 --runs cold
-    python bench/startup.py --kernels compile --runs cold,warm                       # a kernel set (PERSONAPLEX_KERNELS)
+    python bench/startup.py --kernels compile --runs cold,warm                      # PERSONAPLEX_KERNELS
     python bench/startup.py --model demo --device cpu --max-conversations 2 --offline   # quick CPU check
 
 Each run launches the real ``personaplex serve`` in a fresh process whose cache directory
@@ -220,12 +220,14 @@ def main() -> None:
             result["after_weights"] = round(result["ready_seconds"] - weights["logged_at"], 2)
         results.append(result)
     if args.offline:
-        results.append(offline_once("offline (warm)", model_flags, child_env(cache_home, args.kernels), work, args.limit))
+        env = child_env(cache_home, args.kernels)
+        results.append(offline_once("offline (warm)", model_flags, env, work, args.limit))
     print(f"\nstart-up, {args.preset if args.model == 'random' else args.model}, {args.max_conversations} slots, "
           f"KV {args.kv_dtype}, kernels {args.kernels or 'server default'}, device {args.device} (logs in {work})\n")
     print(table(results), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+        settings = {k: str(v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"args": settings, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def test_captured_frame_equals_eager(golden, golden_config, configs, kernels):
         )
 
         def frame(pcm):
-            forced = torch.cat([torch.full((2, 9), -1, device="cuda"), mimi.encode_frame(pcm, enc, chosen.codec)], dim=1)
+            codes = mimi.encode_frame(pcm, enc, chosen.codec)
+            forced = torch.cat([torch.full((2, 9), -1, device="cuda"), codes], dim=1)
             result = generator.step(gen_state, lm_state, forced, sampling=sampling)
             return result.tokens, mimi.decode_frame(result.tokens[:, 1:9], dec, chosen.codec)
 
@@ -230,7 +231,8 @@ def test_compiled_kernels_really_compile_and_run_in_the_engine():
     compiled, eager = step_kernels(lm, "compile"), step_kernels(lm, "eager")
     for field in ("embed", "attention_input", "attention_output_and_ffn", "forward_depth", "choose_tokens",
                   "write_given", "commit"):
-        assert getattr(compiled, field) != getattr(eager, field) and hasattr(getattr(compiled, field), "_torchdynamo_orig_callable"), field
+        function = getattr(compiled, field)
+        assert function != getattr(eager, field) and hasattr(function, "_torchdynamo_orig_callable"), field
     before = counters["stats"]["unique_graphs"]
     engine = Engine(lm, mimi, max_slots=2, kernels="compile", use_cuda_graph=False)
     engine.step(torch.zeros(2, 1920))

@@ -36,7 +36,9 @@ def checkpoint(tmp_path_factory):
     return write_random_lm_checkpoint(CONFIG, tmp_path_factory.mktemp("lm") / "lm.safetensors", seed=3)
 
 
-def teacher_forced(model, frames: int = 10, slots: int = 2, kernels: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced(
+    model, frames: int = 10, slots: int = 2, kernels: str = "eager",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(text logits [frames, slots, text_card], audio logits [frames, slots, 8, card]) with every token
     forced to the same random values, so that differences cannot cascade from one frame to the next."""
     from personaplex.lm.fused import step_kernels

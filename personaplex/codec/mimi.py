@@ -215,7 +215,9 @@ class Mimi(nn.Module):
         codes = self.quantizer.encode(latent)[:, :, 0]
         return EncoderTrace(seanet_out, transformer_out, latent, codes)
 
-    def encode_frame(self, pcm: torch.Tensor, state: EncoderState, kernels: "StreamKernels | None" = None) -> torch.Tensor:
+    def encode_frame(
+        self, pcm: torch.Tensor, state: EncoderState, kernels: "StreamKernels | None" = None,
+    ) -> torch.Tensor:
         """Encode the next 80 ms of every slot.
 
         pcm: [B, 1920] float samples at 24 kHz -> codes [B, 8] int64 (one 12.5 Hz frame); ``state`` advances.
@@ -273,7 +275,9 @@ class Mimi(nn.Module):
         pcm = self.decoder(transformer_out, state.seanet)[:, 0, :]
         return DecoderTrace(latent, upsampled, transformer_out, pcm)
 
-    def decode_frame(self, codes: torch.Tensor, state: DecoderState, kernels: "StreamKernels | None" = None) -> torch.Tensor:
+    def decode_frame(
+        self, codes: torch.Tensor, state: DecoderState, kernels: "StreamKernels | None" = None,
+    ) -> torch.Tensor:
         """Decode the next code frame of every slot.
 
         codes: [B, 8] int64 (one 12.5 Hz frame) -> pcm [B, 1920] float samples at 24 kHz; ``state`` advances.

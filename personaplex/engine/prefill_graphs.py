@@ -85,12 +85,16 @@ class PrefillGraphs:
         """``Generator.prefill``'s temporal transformer call for one block [1, T, dim] at ``positions`` [1]."""
         frames = block.shape[1]
         if lm_state is not self.scratch or frames > self.block_frames:  # not a block of ours: run it as is
-            self.model.forward_temporal(block, positions, lm_state, heads=False, used_length=used_length, kernels=self.kernels)
+            self.model.forward_temporal(
+                block, positions, lm_state, heads=False, used_length=used_length, kernels=self.kernels
+            )
             return
         used_length = min(used_length or self.capacity, self.capacity)
         padded = torch.nn.functional.pad(block, (0, 0, 0, padded_size(frames, self.block_frames) - frames))
         if not self.graphs:
-            self.model.forward_temporal(padded, positions, self.scratch, heads=False, used_length=used_length, kernels=self.kernels)
+            self.model.forward_temporal(
+                padded, positions, self.scratch, heads=False, used_length=used_length, kernels=self.kernels
+            )
             return
         key = (padded.shape[1], used_length)
         graph = self._graphs.get(key)
@@ -100,7 +104,9 @@ class PrefillGraphs:
 
     def _capture(self, x: torch.Tensor, positions: torch.Tensor, used_length: int) -> CapturedStep:
         def block(x: torch.Tensor, positions: torch.Tensor) -> None:
-            self.model.forward_temporal(x, positions, self.scratch, heads=False, used_length=used_length, kernels=self.kernels)
+            self.model.forward_temporal(
+                x, positions, self.scratch, heads=False, used_length=used_length, kernels=self.kernels
+            )
 
         # Nothing to preserve: the warm-up runs write the ring entries the replay rewrites.
         return CapturedStep(block, {"x": x, "positions": positions}, preserve=[], pool=self.pool)

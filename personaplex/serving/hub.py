@@ -280,7 +280,8 @@ class ConversationHub:
             raise UsageError("--max-conversation-seconds must be positive")
         # The same loading as the offline tool: device, --quantize, --cpu-offload, with its advice printed.
         with startup.phase("load model (read weights, build)", announce=True):
-            model = load_model_for_args(args, resolve_model_assets(args), slots=getattr(args, "max_conversations", None) or 1)
+            slots = getattr(args, "max_conversations", None) or 1
+            model = load_model_for_args(args, resolve_model_assets(args), slots=slots)
         if getattr(args, "max_conversations", None) is None:
             from ..engine import slots_that_fit
 
