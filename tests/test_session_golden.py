@@ -6,7 +6,6 @@ as the same tensors in safetensors. Each must reproduce the recorded session exa
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
