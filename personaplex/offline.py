@@ -211,6 +211,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
+    from . import startup
     from .audio import read_audio
     from .engine import Engine, slots_that_fit
     from .persona import build_system_prompt, load_voice, resolve_voice
@@ -224,7 +225,9 @@ def run(args: argparse.Namespace) -> None:
 
     assets = resolve_model_assets(args)
     frames = [-(-len(job.audio) // FRAME_SIZE) for job in jobs]
+    loading = time.perf_counter()
     model = load_model_for_args(args, assets, slots=min(len(jobs), args.batch_size or 4), input_frames=frames)
+    log(f"start-up: load model (read weights, build) in {time.perf_counter() - loading:.2f} s")
     if model.untrained:
         log("note: the demo model has random, untrained weights: its speech and text are noise, not answers")
     slots = min(len(jobs), args.batch_size or min(64, slots_that_fit(model.lm, model.mimi)))
@@ -246,7 +249,9 @@ def run(args: argparse.Namespace) -> None:
     # guarantees each conversation the same frames as if it ran alone.
     engine = Engine(model.lm, model.mimi, max_slots=slots)
     longest = max(prompt.num_steps for prompt in prompts.values()) + max(-(-len(j.audio) // FRAME_SIZE) for j in jobs)
-    engine.capture_graphs(up_to_frames=longest)  # no capture pauses once conversations run
+    capturing = time.perf_counter()
+    if engine.capture_graphs(up_to_frames=longest):  # no capture pauses once conversations run
+        log(f"start-up: CUDA graphs ({engine.kernels.name} kernels) in {time.perf_counter() - capturing:.2f} s")
     sampling = sampling_from_args(args)
     waiting = deque(jobs)
     running: dict[int, Conversation] = {}
@@ -255,6 +260,7 @@ def run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     done_frames = 0  # counted here: a progress bar that is off (no terminal) counts nothing
     rate_reported = False
+    first_frame = True
     with tqdm(total=total_frames, unit="frame", desc="conversations", file=sys.stderr, disable=None) as progress:
         def say(message: str) -> None:  # above the progress bar on a terminal, not inside it
             progress.write(message, file=sys.stderr)
@@ -271,6 +277,9 @@ def run(args: argparse.Namespace) -> None:
                 chunk = conversation.next_input()
                 pcm[slot, : len(chunk)] = torch.from_numpy(chunk)
             out = engine.step(pcm)
+            if first_frame:
+                first_frame = False
+                say(f"start-up: first frame {startup.seconds_since_process_start():.2f} s after launch")
             progress.update(len(running))
             done_frames += len(running)
             for slot, conversation in list(running.items()):

@@ -16,7 +16,6 @@ whole frame (Mimi encode, LM step, Mimi decode) and replayed.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import time
@@ -25,12 +24,13 @@ from typing import Iterator
 
 import torch
 
+from .. import startup
 from ..cuda_graph import CapturedStep
-from ..lm.fused import gpu_write_and_attend
 from ..lm.generator import Generator, GeneratorState, SamplingSettings
 from ..lm.model import LMState
 from ..lm.sampling import SamplingParams
 from ..persona import SystemPrompt, system_prompt_work
+from .kernels import EngineKernels, engine_kernels
 from .prefill_graphs import SCRATCH_FRAMES, PrefillGraphs
 from .prefix_cache import PrefixCache, restore_snapshot, take_snapshot
 
@@ -103,13 +103,6 @@ def slots_that_fit(
     return max(1, (free - reserve_bytes - prefix_cache_bytes - scratch) // per_slot)
 
 
-def compile_available(device: torch.device) -> bool:
-    """Whether the step's kernels can be fused by torch.compile here (CUDA with Triton, not turned off)."""
-    if device.type != "cuda" or os.environ.get("PERSONAPLEX_NO_COMPILE", "") not in ("", "0"):
-        return False
-    return importlib.util.find_spec("triton") is not None
-
-
 def batch_buckets(max_slots: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to max_slots (and max_slots itself)."""
     buckets = [b for b in (1, 2, 4) if b < max_slots] + list(range(8, max_slots, 8))
@@ -119,21 +112,17 @@ def batch_buckets(max_slots: int) -> list[int]:
 class Engine:
     def __init__(
         self, lm, mimi, max_slots: int, *, use_cuda_graph: bool | None = None, prefix_cache_bytes: int = 2 << 30,
-        kv_dtype: str = "model", fused_step: str | None = "auto",
+        kv_dtype: str = "model", kernels: EngineKernels | str = "auto",
     ):
-        """fused_step: how single-frame LM steps run: "compile" (torch.compile'd fused kernels, the default on
-        CUDA when Triton is present; ``PERSONAPLEX_NO_COMPILE=1`` turns it off), "eager" or None (module code)."""
+        """kernels: what the steps run (``personaplex.engine.kernels``): a set's name, "auto" (the
+        device's default, ``PERSONAPLEX_KERNELS`` first) or an ``EngineKernels``. The models are shared
+        and never changed: engines with different kernels may run over the same weights."""
         self.lm, self.mimi = lm, mimi
-        if fused_step == "auto":
-            fused_step = "compile" if compile_available(lm.device) else None
-        lm.use_fused_step(fused_step)
-        # Mimi's streaming transformers are compiled alongside (not its convolutions and quantizer,
-        # whose compilation costs minutes and recompiles for little gain).
-        mimi.use_compiled_transformers(fused_step == "compile")
+        self.kernels = kernels if isinstance(kernels, EngineKernels) else engine_kernels(lm, mimi, kernels)
         self.config = lm.config
         self.device = lm.device
         self.max_slots = max_slots
-        self.generator = Generator(lm)
+        self.generator = Generator(lm, self.kernels.lm)
         self.gen_state = self.generator.new_state(max_slots)
         self.lm_state = lm.new_state(max_slots, kv_dtype=kv_dtype)
         self.encoder = mimi.new_encoder_state(max_slots, self.device)
@@ -233,7 +222,9 @@ class Engine:
     def _scratch_graphs(self) -> PrefillGraphs:
         block = self.join_chunk_frames or JOIN_CHUNK_FRAMES
         if self._prefill_graphs is None or self._prefill_graphs.block_frames != block:
-            self._prefill_graphs = PrefillGraphs(self.lm, self.kv_dtype, block, graphs=self._use_cuda_graph)
+            self._prefill_graphs = PrefillGraphs(
+                self.lm, self.kernels.lm, self.kv_dtype, block, graphs=self._use_cuda_graph
+            )
         return self._prefill_graphs
 
     def advance_joins(self, frame_budget: int | None) -> list[int]:
@@ -323,8 +314,7 @@ class Engine:
         serves every length, instead of one per bucket and length (132 for 64 slots: a server start of
         many minutes). bf16 rings keep their buckets: their attention reads the whole bucket, and the
         kernel's split of the ring across the GPU is fixed at capture, tuned to the bucket's length."""
-        kernels = self.lm.step_kernels
-        return self.kv_dtype == "fp8" and kernels is not None and kernels.write_and_attend is gpu_write_and_attend
+        return self.kv_dtype == "fp8" and self.kernels.lm.reads_own_lengths
 
     def _frame_fn(self, batch: int, length: int):
         gen_state: GeneratorState = self.gen_state.slots(0, batch)
@@ -342,7 +332,9 @@ class Engine:
             # stored by the second half of the step.
             with self._beside_main_stream() as join:
                 # A broken client's NaN or infinite samples become silence instead of poisoning its slot.
-                codes = self.mimi.encode_frame(torch.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), encoder)
+                codes = self.mimi.encode_frame(
+                    torch.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), encoder, self.kernels.codec
+                )
                 forced = torch.full((batch, self.config.num_channels), -1, dtype=torch.long, device=pcm.device)
                 forced[:, user] = codes
             temporal = self.generator.step_temporal(gen_state, lm_state, used_length=length)
@@ -354,7 +346,7 @@ class Engine:
             for tensor, old in zip(gen_state.tensors(), before):
                 keep = active.view(-1, *([1] * (tensor.dim() - 1)))
                 tensor.copy_(torch.where(keep, tensor, old))
-            return result.tokens, self.mimi.decode_frame(result.tokens[:, agent], decoder)
+            return result.tokens, self.mimi.decode_frame(result.tokens[:, agent], decoder, self.kernels.codec)
 
         preserve = gen_state.tensors() + encoder.tensors() + decoder.tensors()
         return frame, preserve
@@ -396,7 +388,8 @@ class Engine:
             return 0
         bucketed = self.length_buckets(up_to_frames or self.config.context)
         captured = 0
-        for batch in self.buckets:
+        startup.begin(f"capturing the frame step of {len(self.buckets)} batch sizes ({self.kernels.name} kernels)")
+        for number, batch in enumerate(self.buckets, 1):
             pcm = torch.zeros(batch, self.mimi.frame_size, device=self.device)
             active = torch.tensor(self.active[:batch], device=self.device)
             times = []
@@ -407,14 +400,17 @@ class Engine:
                         self._graphs[(batch, length)] = self._capture(batch, length, pcm, active)
                     times.append(time.perf_counter() - started)
             if times:  # the first of a batch size may compile; where start-up time goes
-                log.info("batch %d: %d CUDA graphs in %.1f s (first %.1f s)", batch, len(times), sum(times), times[0])
+                startup.report(
+                    f"step graph, batch {batch} ({number}/{len(self.buckets)})", sum(times),
+                    f"{len(times)} graphs" if len(times) > 1 else "",
+                )
             captured += len(times)
         if self.scratch_prefill:  # and the prefill blocks of new personas
             started = time.perf_counter()
             with torch.inference_mode():
                 blocks = self._scratch_graphs().capture_all()
             if blocks:
-                log.info("prefill blocks: %d CUDA graphs in %.1f s", blocks, time.perf_counter() - started)
+                startup.report("prefill graphs", time.perf_counter() - started, f"{blocks} graphs")
             captured += blocks
         return captured
 

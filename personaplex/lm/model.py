@@ -14,7 +14,7 @@ from torch import nn
 from ..config import LMConfig
 from ..layers.norm import RMSNorm
 from .depformer import DepthTransformer
-from .fused import StepKernels, compile_step_kernels, eager_step_kernels
+from .fused import StepKernels, step_kernels
 from .layers import TemporalTransformer
 from .sampling import SamplingParams, choose_tokens
 
@@ -71,22 +71,6 @@ class LMModel(nn.Module):
         )
         self.depformer = DepthTransformer(cfg)
         self.linears = nn.ModuleList(nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q))
-        # Compiled kernels for single-frame steps, when enabled (``use_fused_step``).
-        self.step_kernels: StepKernels | None = None
-        self._compiled_kernels: StepKernels | None = None
-
-    def use_fused_step(self, mode: str | None) -> None:
-        """Single-frame steps through fused kernels: "compile" (torch.compile, for CUDA), "eager" (the same
-        functions uncompiled: tests) or None (the module code, the default)."""
-        if mode not in (None, "eager", "compile"):
-            raise ValueError(f"fused step mode must be None, 'eager' or 'compile', got {mode!r}")
-        if mode == "compile":
-            # Compiled once per model: every engine over it reuses the compiled code (minutes to build).
-            if self._compiled_kernels is None:
-                self._compiled_kernels = compile_step_kernels(self)
-            self.step_kernels = self._compiled_kernels
-        else:
-            self.step_kernels = None if mode is None else eager_step_kernels(self)
 
     @property
     def device(self) -> torch.device:
@@ -137,17 +121,18 @@ class LMModel(nn.Module):
 
     def forward_temporal(
         self, embeddings: torch.Tensor, positions: torch.Tensor, state: LMState, *, heads: bool = True,
-        used_length: int | None = None,
+        used_length: int | None = None, kernels: StepKernels | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Run the temporal transformer on embeddings [B, T, dim] at positions [B] (+t).
 
         Returns (transformer_out after out_norm [B, T, dim], text logits [B, T, text_card]); with
         ``heads=False`` only the KV rings are updated (prefill, whose outputs are discarded).
-        ``used_length``: see ``TemporalTransformer.forward``.
+        ``used_length``: see ``TemporalTransformer.forward``. ``kernels``: the functions the layers run
+        (``personaplex.lm.fused.step_kernels``), the eager ones if None.
         """
         x = self.transformer(
             embeddings, positions, state.keys, state.values, used_length, state.key_scales, state.value_scales,
-            kernels=self.step_kernels,
+            kernels=kernels or step_kernels(self),
         )
         if not heads:
             return None

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import startup
 from ..errors import PersonaplexError
 from .limits import ServerLimits, add_limit_arguments, default_max_connections, limits_from_args
 
@@ -223,6 +224,7 @@ async def serve(hub, **options) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     info = hub.describe()
+    startup.report("ready to serve, since the process started", startup.seconds_since_process_start())
     print(f"personaplex server ready: model {info['model']}, {info['slots']} conversation slots, "
           f"queue {info['max_queue']}", flush=True)
     print(f"Access the Web UI directly at {server.url}", flush=True)

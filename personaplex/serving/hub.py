@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import startup
 from ..config import FRAME_RATE, FRAME_SIZE
 from ..engine import SamplingConfig
 from ..errors import PersonaplexError
@@ -309,12 +310,15 @@ class ConversationHub:
             if value < low:
                 raise UsageError(f"{flag} must be at least {low}")
         # The same loading as the offline tool: device, --quantize, --cpu-offload, with its advice printed.
-        model = load_model_for_args(args, resolve_model_assets(args), slots=getattr(args, "max_conversations", None) or 1)
+        with startup.phase("load model (read weights, build)", announce=True):
+            slots = getattr(args, "max_conversations", None) or 1
+            model = load_model_for_args(args, resolve_model_assets(args), slots=slots)
         if getattr(args, "max_conversations", None) is None:
             from ..engine import slots_that_fit
 
             options.max_conversations = min(64, slots_that_fit(model.lm, model.mimi, options.kv_dtype))
-        return cls(model, options)
+        with startup.phase(f"engine state for {options.max_conversations} slots"):
+            return cls(model, options)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -330,7 +334,7 @@ class ConversationHub:
         started = time.perf_counter()
         captured = await asyncio.to_thread(self.engine.capture_graphs)  # no capture pauses once callers talk
         if captured:
-            log.info("captured %d CUDA graphs in %.1f s", captured, time.perf_counter() - started)
+            startup.report("all CUDA graphs", time.perf_counter() - started, f"{captured} graphs")
         await asyncio.to_thread(self._warm_up_join)
         self._closed = False
         self._stopping.clear()
@@ -346,7 +350,7 @@ class ConversationHub:
         except PersonaError as exc:
             log.warning("no warm-up join (%s): the first join pays its one-time costs", exc)
             return
-        log.info("warm-up join of the default persona in %.1f s", time.perf_counter() - started)
+        startup.report("warm-up join of the default persona", time.perf_counter() - started)
 
     async def close(self, reason: str = "the server is shutting down") -> None:
         """Graceful shutdown: refuse new conversations, end waiting and live ones with ``reason``, stop
