@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -32,12 +34,31 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _project(h: torch.Tensor, in_proj_weight: torch.Tensor, num_heads: int, rotation: Rotation):
+def pinned_math_attention(
+    q: torch.Tensor, q_pinned: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+    pinned_keys: torch.Tensor,
+) -> torch.Tensor:
+    """Attention where the keys flagged ``pinned_keys`` [B, 1, 1, K] are scored with ``q_pinned`` (the query
+    rotated to another position, see ``kv_ring.pinned_query_positions``) and the others with ``q``."""
+    scale = q.shape[-1] ** -0.5
+    scores = torch.where(pinned_keys, q_pinned @ k.transpose(-1, -2), q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+
+
+def _attend_pinned(q, k, v, attn_mask, *, q_pinned, pinned_keys):
+    return pinned_math_attention(q, q_pinned, k, v, attn_mask, pinned_keys)
+
+
+def _project(h: torch.Tensor, in_proj_weight: torch.Tensor, num_heads: int, rotation: Rotation,
+             pinned_rotation: Rotation | None = None):
     # The fused projection gives q, k, v as rows [0, D), [D, 2D), [2D, 3D); q and k get RoPE.
     q, k, v = F.linear(h, in_proj_weight).chunk(3, dim=-1)
-    q = apply_rope(split_heads(q, num_heads), rotation)
+    q = split_heads(q, num_heads)
+    q_pinned = None if pinned_rotation is None else apply_rope(q, pinned_rotation)
+    q = apply_rope(q, rotation)
     k = apply_rope(split_heads(k, num_heads), rotation)
-    return q, k, split_heads(v, num_heads)
+    return q, k, split_heads(v, num_heads), q_pinned
 
 
 def ring_self_attention(
@@ -55,6 +76,8 @@ def ring_self_attention(
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
     attend=F.scaled_dot_product_attention,
+    pinned: tuple[Rotation, torch.Tensor] | None = None,
+    write_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the T new frames h [B, T, dim] (at positions ``start[b] + t``) over the ring.
 
@@ -67,12 +90,16 @@ def ring_self_attention(
     position beyond it (short conversations need not read a 3000-frame ring); the mask covers those.
     ``key_scales``/``value_scales`` [B, H, C, 1]: the rings hold FP8 values with per-vector scales.
     ``attend``: the attention function (``scaled_dot_product_attention`` or ``math_attention``).
+    ``pinned``: (rotation of the queries for pinned keys, pinned-key flags [B, 1, 1, K]) under the
+    pin-persona context policy; ``write_index``: the ring index of the new frames (``kv_ring.ring_index``).
     Returns merged heads [B, T, dim] (before the output projection).
     """
-    q, k, v = _project(h, in_proj_weight, num_heads, rotation)
+    q, k, v, q_pinned = _project(h, in_proj_weight, num_heads, rotation, None if pinned is None else pinned[0])
+    if pinned is not None:
+        attend = functools.partial(_attend_pinned, q_pinned=q_pinned, pinned_keys=pinned[1])
     return merge_heads(ring_attention(
         q, k, v, start, keys, values, mask, prefill=prefill, used_length=used_length, key_scales=key_scales,
-        value_scales=value_scales, attend=attend,
+        value_scales=value_scales, attend=attend, write_index=write_index,
     ))
 
 
@@ -90,6 +117,7 @@ def ring_attention(
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
     attend=F.scaled_dot_product_attention,
+    write_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention of ``ring_self_attention`` from projected q, k, v [B, H, T, head_dim]; returns
     [B, H, T, head_dim] (heads not merged)."""
@@ -105,8 +133,8 @@ def ring_attention(
         attended = attend(
             q, torch.cat([old_keys, k_seen], dim=2), torch.cat([old_values, v_seen], dim=2), attn_mask=mask
         )
-    write_ring(keys, k, start, key_scales)
-    write_ring(values, v, start, value_scales)
+    write_ring(keys, k, start, key_scales, index=write_index)
+    write_ring(values, v, start, value_scales, index=write_index)
     if not prefill:
         attended = attend(
             q, read_ring(keys, used_length, q.dtype, key_scales), read_ring(values, used_length, q.dtype, value_scales),

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import LMConfig
 from ..layers.attention import ring_attention, ring_self_attention
-from ..layers.kv_ring import ring_index, ring_positions, ring_visibility
+from ..layers.kv_ring import lowest_visible, pinned_query_positions, ring_index, ring_positions, ring_visibility
 from ..layers.norm import RMSNorm
 from ..layers.rope import rotation_for
 from .fused import StepKernels
@@ -65,7 +65,7 @@ class TemporalTransformer(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         used_length: int | None = None, key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
-        kernels: StepKernels | None = None,
+        kernels: StepKernels | None = None, pinned: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [B, T, dim] frames at absolute positions ``positions[b] + t`` (positions: [B]).
 
@@ -76,6 +76,8 @@ class TemporalTransformer(nn.Module):
         entries read when every position written so far, this block's included, is below it.
         ``key_scales``/``value_scales`` ([layers, B, H, C, 1]): the rings are FP8 with per-vector scales.
         ``kernels``: compiled functions for single-frame steps and prefill blocks (``personaplex.lm.fused``).
+        ``pinned`` [B]: positions kept for the whole conversation per slot (pin-persona; 0: sliding), or None
+        when every slot slides; the rule is in ``personaplex.layers.kv_ring``.
         """
         cfg = self.config
         steps = x.shape[1]
@@ -83,15 +85,18 @@ class TemporalTransformer(nn.Module):
         if steps > capacity:
             raise ValueError(f"a block of {steps} frames exceeds the KV ring ({capacity}); split it")
         query_positions = positions[:, None] + torch.arange(steps, device=x.device)
-        lowest = query_positions - capacity + 2
+        lowest = lowest_visible(query_positions, capacity, pinned)
         prefill = steps > 2
         used = capacity if used_length is None else min(used_length, capacity)
         if prefill:
-            key_positions = torch.cat([ring_positions(positions - 1, capacity)[:, :used], query_positions], dim=1)
+            key_positions = torch.cat([ring_positions(positions - 1, capacity, pinned)[:, :used], query_positions], dim=1)
         else:
-            key_positions = ring_positions(query_positions[:, -1], capacity)[:, :used]
-        mask = ring_visibility(key_positions, query_positions, lowest)
+            key_positions = ring_positions(query_positions[:, -1], capacity, pinned)[:, :used]
+        mask = ring_visibility(key_positions, query_positions, lowest, pinned)
         rotation = rotation_for(query_positions, cfg.head_dim, cfg.max_period)
+        if pinned is not None:  # pin-persona: pinned keys are scored with the query at min(q, C-2)
+            return self._pinned_layers(x, positions, keys, values, used, key_scales, value_scales, mask, rotation,
+                                       key_positions, query_positions, pinned, prefill)
         if kernels is not None and steps == 1:
             return self._fused_step(kernels, x, positions, keys, values, used, key_scales, value_scales, mask, rotation)
         if kernels is not None and prefill:
@@ -102,6 +107,29 @@ class TemporalTransformer(nn.Module):
                 keys[index], values[index], mask, prefill=prefill, used_length=used,
                 key_scales=None if key_scales is None else key_scales[index],
                 value_scales=None if value_scales is None else value_scales[index],
+            )
+            x = x + layer.self_attn.out_proj(attended)
+            x = x + layer.gating(layer.norm2(x))
+        return x
+
+    def _pinned_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, used: int,
+        key_scales: torch.Tensor | None, value_scales: torch.Tensor | None, mask: torch.Tensor, rotation,
+        key_positions: torch.Tensor, query_positions: torch.Tensor, pinned: torch.Tensor, prefill: bool,
+    ) -> torch.Tensor:
+        """Every layer with some slots' prompt positions pinned in their rings (module code)."""
+        cfg = self.config
+        capacity = keys.shape[3]
+        pinned_rotation = rotation_for(pinned_query_positions(query_positions, capacity), cfg.head_dim, cfg.max_period)
+        pinned_keys = ((key_positions >= 0) & (key_positions < pinned[:, None]))[:, None, None, :]  # [B, 1, 1, K]
+        index = ring_index(positions, x.shape[1], capacity, pinned)
+        for layer_index, layer in enumerate(self.layers):
+            attended = ring_self_attention(
+                layer.norm1(x), layer.self_attn.in_proj_weight, cfg.num_heads, rotation, positions,
+                keys[layer_index], values[layer_index], mask, prefill=prefill, used_length=used,
+                key_scales=None if key_scales is None else key_scales[layer_index],
+                value_scales=None if value_scales is None else value_scales[layer_index],
+                pinned=(pinned_rotation, pinned_keys), write_index=index,
             )
             x = x + layer.self_attn.out_proj(attended)
             x = x + layer.gating(layer.norm2(x))
