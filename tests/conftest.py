@@ -113,3 +113,27 @@ def require_triton_kernels() -> None:
         version = tuple(int(part) for part in triton.__version__.split(".")[:2])
         if version < (3, 8):
             pytest.skip(f"Triton {triton.__version__}'s CPU interpreter fails with numpy 2: pip install 'triton>=3.8'")
+
+
+SHORT_CONTEXT_FRAMES = 200  # 16 s: room for a short persona's prompt and 10 s of talk, then the rings wrap
+
+
+@pytest.fixture(scope="session")
+def short_context_demo():
+    """The demo model with a 200-frame context instead of 3000, so that calls run past it in seconds.
+
+    Only the KV ring capacity changes (the weights do not depend on it): what happens at the context's
+    end is the same code as at 4 minutes with the real model."""
+    import dataclasses
+
+    from personaplex.checkpoint import load_lm, load_mimi
+    from personaplex.config import get_preset
+    from personaplex.demo import DEMO_PRESET, demo_assets
+    from personaplex.loading import LoadedModel
+    from personaplex.text import TextTokenizer
+
+    assets = demo_assets()
+    preset = get_preset(DEMO_PRESET)
+    lm = load_lm(assets.lm_weights, dataclasses.replace(preset.lm, context=SHORT_CONTEXT_FRAMES), dtype=torch.float32)
+    mimi = load_mimi(assets.mimi_weights, preset.mimi)
+    return LoadedModel(DEMO_PRESET, lm, mimi, TextTokenizer(assets.tokenizer), assets.voices_dir, assets.untrained)

@@ -49,9 +49,9 @@ def user_audio(seed: int, frames: int) -> torch.Tensor:
     return 0.1 * torch.randn(frames, 1920, generator=torch.Generator().manual_seed(seed))
 
 
-def run_alone(lm, mimi, prompt, sampling, audio, kv_dtype):
+def run_alone(lm, mimi, prompt, sampling, audio, kv_dtype, context_policy="sliding"):
     engine = Engine(lm, mimi, max_slots=1, kv_dtype=kv_dtype)
-    engine.join(0, 1, prompt, sampling)
+    engine.join(0, 1, prompt, sampling, context_policy=context_policy)
     outputs = [engine.step(frame[None]) for frame in audio]
     return torch.stack([o.tokens[0] for o in outputs]), torch.stack([o.pcm[0] for o in outputs])
 
@@ -348,3 +348,37 @@ def test_slot_sizing_leaves_room_for_the_prefix_cache_and_the_prefill_scratch(mo
     assert engine_module.slots_that_fit(fake, mimi) == 10
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free - 1, free))
     assert engine_module.slots_that_fit(fake, mimi) == 9
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_slots_with_different_context_policies_step_together_past_the_context(models, kv_dtype):
+    """Sliding and pin-persona slots in one batch, each 2.5 contexts long, one from the prefix cache: every
+    slot equals its conversation run alone under its policy; the policies agree until the context is full."""
+    lm, mimi = models
+    p1, p2 = persona(lm, 1), persona(lm, 2)
+    frames = int(2.5 * CONTEXT)
+    plan = [(p1, SamplingConfig(seed=11), "sliding", 1), (p2, SamplingConfig(seed=12), "pin-persona", 2),
+            (p1, SamplingConfig(greedy=True), "pin-persona", 3)]
+    engine = Engine(lm, mimi, max_slots=3, kv_dtype=kv_dtype)
+    cached = [engine.join(slot, slot + 1, prompt, sampling, context_policy=policy)
+              for slot, (prompt, sampling, policy, _) in enumerate(plan)]
+    assert cached == [False, False, True]
+    audio = [user_audio(seed, frames) for *_, seed in plan]
+    outputs = [engine.step(torch.stack([a[t] for a in audio])) for t in range(frames)]
+    for slot, (prompt, sampling, policy, _) in enumerate(plan):
+        alone, _ = run_alone(lm, mimi, prompt, sampling, audio[slot], kv_dtype, policy)
+        assert torch.equal(torch.stack([o.tokens[slot] for o in outputs]), alone), (slot, policy)
+
+    sliding, _ = run_alone(lm, mimi, p2, SamplingConfig(seed=12), audio[1], kv_dtype, "sliding")
+    pinned = torch.stack([o.tokens[1] for o in outputs])
+    full = CONTEXT - 1 - p2.num_steps  # steps before the first query at position C-1
+    assert torch.equal(sliding[:full], pinned[:full])
+    assert not torch.equal(sliding[full:], pinned[full:])
+
+
+def test_an_unknown_context_policy_is_refused(models):
+    lm, mimi = models
+    engine = Engine(lm, mimi, max_slots=1)
+    with pytest.raises(ValueError, match="context policy"):
+        engine.join(0, 1, persona(lm, 1), SamplingConfig(seed=1), context_policy="forever")
+    assert engine.free_slots() == [0]

@@ -244,6 +244,8 @@ class Generator:
         ``forward_temporal`` (same arguments: block, positions, lm_state, used_length), e.g. a CUDA graph.
         """
         steps = frames.shape[1]
+        # A prompt's positions lie inside the context, where both context policies are the same arithmetic.
+        lm_state = lm_state.without_pinning()
         # The bookkeeping runs on a host copy of the (small) token state, written back once: on a GPU its
         # tiny ops would cost more in launches than in work.
         host = host_state or GeneratorState(state.cache.cpu(), state.provided.cpu(), state.offset.cpu())

@@ -24,13 +24,16 @@ class LMState:
     """KV rings of the temporal transformer for a batch of slots: [layers, B, heads, context, head_dim].
 
     With FP8 rings, ``key_scales``/``value_scales`` [layers, B, heads, context, 1] hold the scale of
-    each stored vector.
+    each stored vector. ``pinned`` [B] int64: positions each slot keeps for the whole conversation (its
+    system prompt, under the pin-persona context policy; 0 slides as the reference), or None when no
+    slot pins (see ``personaplex.layers.kv_ring``).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     key_scales: torch.Tensor | None = None
     value_scales: torch.Tensor | None = None
+    pinned: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -41,7 +44,12 @@ class LMState:
         def part(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[:, first:stop]
 
-        return LMState(part(self.keys), part(self.values), part(self.key_scales), part(self.value_scales))
+        pinned = None if self.pinned is None else self.pinned[first:stop]
+        return LMState(part(self.keys), part(self.values), part(self.key_scales), part(self.value_scales), pinned)
+
+    def without_pinning(self) -> "LMState":
+        """The same rings read as sliding for every slot (faster, when no slot pins)."""
+        return LMState(self.keys, self.values, self.key_scales, self.value_scales)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.key_scales, self.value_scales) if t is not None]
@@ -132,7 +140,7 @@ class LMModel(nn.Module):
         """
         x = self.transformer(
             embeddings, positions, state.keys, state.values, used_length, state.key_scales, state.value_scales,
-            kernels=kernels or step_kernels(self),
+            kernels=kernels or step_kernels(self), pinned=state.pinned,
         )
         if not heads:
             return None

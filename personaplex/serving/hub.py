@@ -105,7 +105,9 @@ class HubOptions:
 
     max_conversations: int = 4  # engine slots
     max_queue: int = 16  # conversations allowed to wait for a slot
-    max_conversation_seconds: float | None = None  # None: as long as the context leaves after the prompt
+    # None: no limit. Past the model's context the KV rings slide (each new frame evicts the oldest), as
+    # in the reference, so a conversation lasts as long as its caller stays.
+    max_conversation_seconds: float | None = None
     tick_seconds: float = TICK_SECONDS  # 0: step as fast as possible (tests, offline-like use)
     input_timeout_seconds: float | None = 10.0  # end a conversation whose client sent no audio for this long
     jitter_buffer_seconds: float = 1.0  # user audio buffered at most; older audio is dropped past it
@@ -134,7 +136,7 @@ class Conversation:
         self.front_end = front_end
         self.end_reason: str | None = None
         self.input_timeout = input_timeout
-        self.max_frames = 0  # set when the slot is granted
+        self.max_frames: int | None = None  # agent frames at most (None: no limit); set when the slot is granted
         self.frames_sent = 0  # agent frames queued for the front end so far
         self.prompt_frames = 0
         self.cached_persona = False
@@ -381,7 +383,8 @@ class ConversationHub:
             "untrained": bool(getattr(self.model, "untrained", False)),
             "slots": self.engine.max_slots,
             "max_queue": o.max_queue,
-            "max_conversation_seconds": o.max_conversation_seconds or self._context_seconds(),
+            "max_conversation_seconds": o.max_conversation_seconds or None,  # None: no limit
+            "context_seconds": self._context_seconds(),
             "input_timeout_seconds": o.input_timeout_seconds,
             "voice_upload": o.allow_voice_upload,
             "frame_ms": 80,
@@ -499,6 +502,8 @@ class ConversationHub:
 
     def _conversation_ended(self, conversation: Conversation, reason: str) -> None:
         self.metrics.ended.labels(reason=_reason_label(reason)).inc()
+        if conversation._engine_frames:
+            self.metrics.conversation_seconds.observe(conversation._engine_frames / FRAME_RATE)
         if conversation in self._admitted:
             self._admitted.discard(conversation)
             self._commands.put(_Leave(conversation))
@@ -776,9 +781,8 @@ class ConversationHub:
             slot = free[0]
             conversation.slot = slot
             prompt = command.prompt
-            room = self.model.lm.config.context - 1 - prompt.num_steps
             limit = self.options.max_conversation_seconds
-            conversation.max_frames = min(room, int(limit * FRAME_RATE)) if limit else room
+            conversation.max_frames = max(1, int(limit * FRAME_RATE)) if limit else None
             conversation.prompt_frames = prompt.num_steps
             try:
                 cached = engine.begin_join(slot, slot + 1, prompt, command.sampling)
@@ -861,7 +865,7 @@ class ConversationHub:
         # before the end notices queued after them.
         self._loop.call_soon_threadsafe(_deliver_all, deliveries)
         for conversation, _ in deliveries:
-            if conversation._engine_frames >= conversation.max_frames:
+            if conversation.max_frames is not None and conversation._engine_frames >= conversation.max_frames:
                 seconds = conversation.max_frames / FRAME_RATE
                 self._end_from_engine(conversation, f"the conversation reached its maximum length ({seconds:.0f} s)")
 
