@@ -33,8 +33,8 @@ class ServerThread:
     def __init__(self, model, **options):
         from personaplex.serving import ConversationHub, HubOptions
 
-        server_kwargs = {k: options.pop(k) for k in ("auth_token", "send_buffer_bytes", "static_dir", "opus_workers")
-                         if k in options}
+        server_kwargs = {k: options.pop(k) for k in ("auth_token", "send_buffer_bytes", "static_dir", "opus_workers",
+                                                     "ssl_context") if k in options}
         self.hub = ConversationHub(model, HubOptions(**options))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -365,6 +365,92 @@ def test_auth_token(demo_model):
     assert results["voices"] == 401 and results["voices_wrong"] == 401 and results["chat"] == 401
     assert results["voices_bearer"] == 200 and results["voices_query"] == 200
     assert results["chat_token"] is True
+
+
+def test_page_cookie_carries_the_token(demo_model, tmp_path):
+    """``/?token=T`` sets the page's cookie and redirects without the token; the WebSocket and the API then
+    work with the cookie alone, from the server's own origin only."""
+    from http.cookies import SimpleCookie
+
+    from personaplex.server.security import TOKEN_COOKIE, cookie_value
+    from personaplex.server.tls import tls_context
+
+    secured = ServerThread(demo_model, max_conversations=1, auth_token="s3cret", input_timeout_seconds=None)
+    context, _ = tls_context(tmp_path / "tls")
+    tls = ServerThread(demo_model, max_conversations=1, auth_token="s3cret", ssl_context=context)
+    tls_http = tls.http.replace("http://", "https://")
+
+    async def talk(session, url, headers=None):
+        """Open a conversation and speak until 4 agent audio pages came back; returns the agent's audio
+        pages (at least 6 with the two header pages) and the server's error, or minus the HTTP status."""
+        try:
+            async with session.ws_connect(url, headers=headers or {}, max_msg_size=0) as ws:
+                received = Received()
+                reader = asyncio.create_task(read_all(ws, received, until=lambda r: r.kinds().count(0x01) >= 6))
+                while 0x00 not in received.kinds() and not reader.done():
+                    await asyncio.sleep(0.01)
+                for page in opus_pages(30.0):
+                    if reader.done():
+                        break
+                    await ws.send_bytes(b"\x01" + page)
+                    await asyncio.sleep(0.08)
+                await asyncio.wait_for(reader, 60)
+                return received.kinds().count(0x01), received.error
+        except aiohttp.WSServerHandshakeError as error:
+            return -error.status
+
+    async def probe():
+        results = {}
+        # 127.0.0.1 is an IP address: aiohttp's jar keeps cookies of IP hosts only when "unsafe".
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
+            async with session.get(secured.http + "/?token=nope", allow_redirects=False) as r:
+                results["wrong"] = r.status, r.headers.getall("Set-Cookie", [])
+            results["jar_after_wrong"] = len(session.cookie_jar)
+            async with session.get(secured.http + "/?token=s3cret&worker_addr=same", allow_redirects=False) as r:
+                results["right"] = (r.status, r.headers.get("Location"), r.headers.getall("Set-Cookie", []),
+                                    r.headers.get("Cache-Control"))
+            async with session.get(secured.http + "/?token=s3cret") as r:  # followed: the page, token-free URL
+                results["page"] = r.status, str(r.url), "<html" in (await r.text()).lower()
+            async with session.get(secured.http + "/api/voices") as r:
+                results["voices_cookie"] = r.status
+            results["chat_cookie"] = await talk(session, chat_url(secured.url))
+            own = {"Origin": secured.http}
+            results["chat_cookie_own_origin"] = await talk(session, chat_url(secured.url), own)
+            for name, origin in (("evil", "https://evil.example"), ("other_port", "http://localhost:3000")):
+                results[f"chat_cookie_{name}"] = await talk(session, chat_url(secured.url), {"Origin": origin})
+            # The same foreign-but-allowed origin with the token itself is still fine (the cookie rule only).
+            results["chat_token_other_port"] = await talk(session, chat_url(secured.url, token="s3cret"),
+                                                          {"Origin": "http://localhost:3000"})
+        async with aiohttp.ClientSession() as session:  # no cookie at all
+            async with session.get(secured.http + "/api/voices") as r:
+                results["voices_none"] = r.status
+            forged = {"Cookie": f"{TOKEN_COOKIE}=s3cret"}  # the token itself is not the cookie's value
+            async with session.get(secured.http + "/api/voices", headers=forged) as r:
+                results["voices_forged"] = r.status
+            async with session.get(tls_http + "/?token=s3cret", allow_redirects=False, ssl=False) as r:
+                results["tls"] = r.status, r.headers.getall("Set-Cookie", [])
+        return results
+
+    try:
+        results = run(probe())
+    finally:
+        secured.stop()
+        tls.stop()
+    assert results["wrong"] == (401, []) and results["jar_after_wrong"] == 0
+    status, location, cookies, cache = results["right"]
+    assert status == 303 and location == "./?worker_addr=same" and cache == "no-store"
+    assert len(cookies) == 1
+    cookie = SimpleCookie(cookies[0])[TOKEN_COOKIE]
+    assert cookie.value == cookie_value("s3cret") and "s3cret" not in cookies[0]
+    assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+    assert not cookie["secure"]  # plain http: a Secure cookie would never come back
+    assert results["page"] == (200, secured.http + "/", True)
+    assert results["voices_cookie"] == 200 and results["voices_none"] == 401 and results["voices_forged"] == 401
+    assert results["chat_cookie"] == (6, None) and results["chat_cookie_own_origin"] == (6, None)
+    assert results["chat_cookie_evil"] == -403 and results["chat_cookie_other_port"] == -403
+    assert results["chat_token_other_port"] == (6, None)
+    tls_status, tls_cookies = results["tls"]
+    assert tls_status == 303 and SimpleCookie(tls_cookies[0])[TOKEN_COOKIE]["secure"]
 
 
 # --- queueing and disconnects -------------------------------------------------------------------------------

@@ -9,9 +9,13 @@
 | ``GET /metrics`` | Prometheus text format |
 | ``GET /`` and files | the web page (``--static``) |
 
-With an auth token every ``/api/*`` route but ``/api/health`` needs ``Authorization: Bearer <token>`` or
-``?token=<token>`` (browsers cannot set headers on WebSockets); others get 401. WebSocket upgrades and
-POSTs from a browser page of another origin get 403 (``security.py``, ``--allowed-origins``). Timeouts,
+With an auth token every ``/api/*`` route but ``/api/health`` needs ``Authorization: Bearer <token>``,
+``?token=<token>`` (browsers cannot set headers on WebSockets) or the page's cookie; others get 401.
+Opening ``/?token=<token>`` sets that cookie and redirects to the page without the token (a wrong token
+gets 401 and no cookie), so that a page that never adds ``?token=`` itself (the reference web client)
+works. WebSocket upgrades and POSTs from a browser page of another origin get 403 (``security.py``,
+``--allowed-origins``); a request that only the cookie authenticates must come from the server's own
+origin or a listed one. Timeouts,
 the connection cap and the slow-reader check are in ``limits.py`` and ``connections.py``.
 """
 
@@ -24,6 +28,7 @@ import socket
 import time
 from collections import deque
 from pathlib import Path
+from urllib.parse import urlencode
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -31,7 +36,7 @@ from ..serving.hub import HubBusy, HubClosed, PersonaError
 from .chat_protocol import KIND_ERROR, MAX_MESSAGE_BYTES, SEND_TIMEOUT, run_chat
 from .connections import ConnectionGuard
 from .limits import ServerLimits
-from .security import OriginPolicy, token_from, token_matches
+from .security import TOKEN_COOKIE, OriginPolicy, cookie_matches, cookie_value, token_from, token_matches
 
 log = logging.getLogger("personaplex.server")
 
@@ -263,6 +268,8 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
         index = static_dir / "index.html"
 
         async def home(request: web.Request) -> web.StreamResponse:
+            if auth_token and "token" in request.query:
+                return _sign_in(request, auth_token)
             if index.is_file():
                 return web.FileResponse(index)
             return web.Response(text="personaplex server: the web page is not installed; /api/chat is ready\n")
@@ -289,7 +296,12 @@ def _access_middleware(token: str | None, origins: OriginPolicy, guard: Connecti
         if token and path.startswith("/api/") and path != "/api/health":
             given = token_from(request.query.get("token"), request.headers.get("Authorization"))
             if not token_matches(given, token):
-                return _json_error(401, "missing or wrong token: send 'Authorization: Bearer <token>' or ?token=<token>")
+                if not cookie_matches(request.cookies.get(TOKEN_COOKIE), token):
+                    return _json_error(401, "missing or wrong token: send 'Authorization: Bearer <token>' or "
+                                            "?token=<token>, or open the page once as /?token=<token>")
+                if not origins.allows_cookie(request.headers.get("Origin"), request.host):
+                    return _json_error(403, "the access cookie is accepted only from this server's own pages "
+                                            "(or origins given by name to --allowed-origins): send the token")
         busy = guard is not None and path != TWILIO_PATH
         if busy:
             guard.mark_busy(request.transport)
@@ -300,6 +312,22 @@ def _access_middleware(token: str | None, origins: OriginPolicy, guard: Connecti
                 guard.mark_busy(request.transport, False)
 
     return check
+
+
+def _sign_in(request: web.Request, token: str) -> web.Response:
+    """``GET /?token=T``: the right token gets the page's cookie and a redirect to the same page without
+    the token in its URL (other query parameters kept), so that it stays out of the history and of
+    referrers; a wrong one gets 401 and no cookie."""
+    if not token_matches(request.query.get("token"), token):
+        return _json_error(401, "wrong token in ?token=", headers={"Cache-Control": "no-store"})
+    rest = [(name, value) for name, value in request.query.items() if name != "token"]
+    # Relative: the page may be mounted under a path prefix by a reverse proxy.
+    location = "./" + ("?" + urlencode(rest) if rest else "")
+    response = web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store",
+                                                 "Referrer-Policy": "no-referrer"})
+    response.set_cookie(TOKEN_COOKIE, cookie_value(token), path="/", httponly=True, samesite="Strict",
+                        secure=request.secure)
+    return response
 
 
 def _json_error(status: int, message: str, headers: dict | None = None) -> web.Response:
