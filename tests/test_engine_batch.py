@@ -185,6 +185,53 @@ def test_joins_spread_over_ticks_while_others_talk(models, kv_dtype, scratch):
         assert torch.equal(torch.stack(recorded[slot]), tokens), slot
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["prefilled", "prefix-cache"])
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_a_held_join_starts_as_if_it_had_joined_at_its_start(models, kv_dtype, cached):
+    """``hold=True``: the persona is applied, then the slot waits (not stepping, not free) while the others
+    talk, whatever audio its row of the batch holds; once started it runs exactly like a conversation that
+    joined at that moment, and its neighbour is undisturbed."""
+    lm, mimi = models
+    p1, p2 = persona(lm, 1), persona(lm, 2)
+    engine = Engine(lm, mimi, max_slots=4, kv_dtype=kv_dtype)
+    engine.join_chunk_frames = 4
+    if cached:  # p2's state lands in the prefix cache
+        engine.join(1, 2, p2, SamplingConfig(seed=9))
+        engine.leave(1)
+    engine.join(0, 1, p1, SamplingConfig(seed=1))
+    talker, newcomer = user_audio(1, 30), user_audio(2, 30)
+    assert engine.begin_join(1, 2, p2, SamplingConfig(seed=2), hold=True) is cached
+    recorded, held_ticks, started = {0: [], 1: []}, 0, None
+    for tick in range(30):
+        engine.advance_joins(frame_budget=4)
+        if not engine._joining and started is None:
+            assert not engine.active[1] and 1 not in engine.free_slots()
+            held_ticks += 1
+            if held_ticks == 6:
+                engine.start(1)
+                started = tick
+        pcm = torch.zeros(4, 1920)
+        pcm[0] = talker[tick]
+        pcm[1] = newcomer[tick - started] if started is not None else 0.5 * torch.randn(1920)  # noise while held
+        out = engine.step(pcm)
+        recorded[0].append(out.tokens[0])
+        if started is not None:
+            recorded[1].append(out.tokens[1])
+    assert started is not None and len(recorded[1]) >= 10
+    alone0, _ = run_alone(lm, mimi, p1, SamplingConfig(seed=1), talker, kv_dtype)
+    alone1, _ = run_alone(lm, mimi, p2, SamplingConfig(seed=2), newcomer[:len(recorded[1])], kv_dtype)
+    assert torch.equal(torch.stack(recorded[0]), alone0)
+    assert torch.equal(torch.stack(recorded[1]), alone1)
+    # A held slot that is left is free again; starting a slot that holds nothing is refused.
+    engine.leave(1)
+    assert engine.begin_join(1, 2, p2, SamplingConfig(seed=2), hold=True) is True  # p2 is cached by now
+    assert 1 not in engine.free_slots()
+    engine.leave(1)
+    assert 1 in engine.free_slots()
+    with pytest.raises(ValueError, match="holds no conversation"):
+        engine.start(1)
+
+
 def test_padded_size_doubles_from_the_smallest_block_up_to_the_largest():
     assert [padded_size(n, 256) for n in (1, 64, 65, 125, 128, 129, 197, 256)] == [64, 64, 128, 128, 128, 256, 256, 256]
     assert padded_size(3, 4) == 4 and padded_size(150, 192) == 192

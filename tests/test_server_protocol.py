@@ -262,6 +262,50 @@ def test_opus_recorder_shaped_stream_is_understood(server):
     assert decoded and 0.95 * len(t) <= max(decoded) <= len(t)
 
 
+def agent_frames_stepped(hub) -> float:
+    return hub.metrics.registry.get_sample_value("personaplex_agent_frames_total", {"front_end": "chat"}) or 0.0
+
+
+def test_a_client_that_starts_sending_late_loses_no_agent_audio(demo_model):
+    """The conversation's clock starts with the caller's first audio: a client that reads from the upgrade
+    on but sends its first page 1.5 s after the handshake (as the reference web client may) gets nothing
+    before that page, then the agent's whole stream: OpusHead and OpusTags first, no page missing, and as
+    many 80 ms packets as frames the server stepped for it (up to the length limit, which ends the call)."""
+    short = ServerThread(demo_model, max_conversations=1, max_conversation_seconds=2.0, input_timeout_seconds=None)
+    t = np.arange(24000 * 8) / 24000
+    pages = recorder_stream((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
+    sent_at = []
+
+    async def send(ws):
+        await asyncio.sleep(1.5)
+        for page in pages:
+            if ws.closed:
+                return
+            sent_at.append(time.monotonic())
+            await ws.send_bytes(b"\x01" + page)
+            await asyncio.sleep(0.04)
+
+    try:
+        before = agent_frames_stepped(short.hub)
+        received = run(converse(chat_url(short.url), send, timeout=120))
+        stepped = agent_frames_stepped(short.hub) - before
+    finally:
+        short.stop()
+    assert received.error is not None and "maximum length" in received.error
+    handshake_at = next(at for at, kind, _ in received.messages if kind == 0x00)
+    audio = [(at, parse_pages(payload)[0]) for at, kind, payload in received.messages if kind == 0x01]
+    assert sent_at and sent_at[0] >= handshake_at + 1.5
+    assert audio[0][0] > sent_at[0], "agent audio arrived before the client's first page"
+    agent = [page for _, page in audio]
+    assert agent[0].bos and agent[0].packets[0].startswith(b"OpusHead")
+    assert agent[1].packets[0].startswith(b"OpusTags")
+    assert [page.sequence for page in agent] == list(range(len(agent))), "an agent page is missing"
+    assert agent[-1].eos
+    samples = sum(opus_packet_samples(packet) for page in agent[2:] for packet in page.packets)
+    assert stepped == 25 and samples == 25 * 3840  # 80 ms at 48 kHz per frame stepped, all received
+    assert agent[-1].granule == samples
+
+
 def libopus_encoder(sample_rate: int = 24000, application: int = 2049):
     """An Opus encoder straight from libopus (as opus-recorder compiles it): 20 ms frames -> packets."""
     import ctypes

@@ -149,6 +149,51 @@ def test_input_timeout_and_maximum_length(demo_model):
     assert "maximum length" in reason and count == 10 and load["slots_busy"] == 0
 
 
+def test_a_conversation_started_on_audio_answers_the_first_frame_first(demo_model):
+    """``start_on_audio``: nothing is stepped after the prompt until a full frame of the caller's audio has
+    arrived; then agent frame k answers caller frame k from the first one (the engine driven directly with
+    the same audio gives the same frames), with no frame of silence before it."""
+    request = PersonaRequest("You like trains.", "NATM1", sampling=SamplingConfig(seed=77))
+    audio = (0.1 * np.random.default_rng(5).standard_normal(10 * FRAME)).astype(np.float32)
+
+    async def scenario(hub):
+        conversation = await hub.open(request, front_end="test", start_on_audio=True)
+        ticks = hub.ticks
+        while hub.ticks < ticks + 20:  # the engine ticks (other work could run) but steps nothing for it
+            await asyncio.sleep(0.01)
+        waited = conversation._engine_frames, conversation.frames_sent
+        conversation.send_audio(audio[:FRAME - 1])  # less than a frame: still waiting
+        ticks = hub.ticks
+        while hub.ticks < ticks + 10:
+            await asyncio.sleep(0.01)
+        partial = conversation._engine_frames
+        conversation.send_audio(audio[FRAME - 1:])
+        frames = await take(conversation, 10)
+        await conversation.close()
+        return waited, partial, frames, await hub.build_persona(request)
+
+    waited, partial, frames, prompt = run_hub(demo_model, scenario, tick_seconds=0.01,
+                                                        input_timeout_seconds=None)
+    assert waited == (0, 0) and partial == 0
+    engine = Engine(demo_model.lm, demo_model.mimi, max_slots=1)
+    engine.join(0, 1, prompt, request.sampling)
+    for k, frame in enumerate(frames):
+        out = engine.step(torch.from_numpy(audio[k * FRAME:(k + 1) * FRAME])[None])
+        assert np.array_equal(frame.pcm, out.pcm[0].numpy()), k
+
+
+def test_a_conversation_waiting_for_audio_ends_at_the_input_timeout(demo_model):
+    async def never_speaks(hub):
+        conversation = await hub.open(PersonaRequest("x"), front_end="test", start_on_audio=True)
+        frames = [f async for f in conversation.frames()]
+        await asyncio.sleep(0.1)
+        return conversation.end_reason, len(frames), conversation._engine_frames, hub.load()
+
+    reason, frames, stepped, load = run_hub(demo_model, never_speaks, tick_seconds=0.02, input_timeout_seconds=0.3)
+    assert "no audio from the client for 0.3 s" in reason
+    assert frames == 0 and stepped == 0 and load["slots_busy"] == 0
+
+
 def test_queue_positions_refusal_cancellation_and_shutdown(demo_model):
     async def scenario(hub):
         first = await hub.open(PersonaRequest("a"), front_end="test")

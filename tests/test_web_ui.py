@@ -379,6 +379,173 @@ def test_https_with_a_generated_certificate_on_a_lan_name(browser, tmp_path):
         stop_server(server)
 
 
+# --- the reference web client's timing ------------------------------------------------------------------------
+
+# A client that times its player as the reference web client does (its useServerAudio hook): the socket opens at
+# once, the handshake marks it "connected", but its Opus decoder is given a fixed second from the Connect click to
+# load, and the audio listener is attached (and the microphone started) only once it is both connected and ready:
+# every audio message before that is lost. Here "ready" is the later of that second and 300 ms after the handshake,
+# so that a handshake slowed down by a loaded machine still comes before it. The microphone is encoded by this
+# project's capture module (the reference uses opus-recorder: pages of 40 ms instead of 20 ms). It records what it
+# lost and each Ogg page it heard, and decodes the audio with WebCodecs from the stream's own OpusHead.
+REFERENCE_LIKE_PAGE = """<!doctype html>
+<meta charset="utf-8"><title>reference-like client</title>
+<button id="connect">Connect</button>
+<script type="module">
+import { OpusCapture, chooseEncoderConfig } from "/js/capture.js";
+import { isOpusHead, opusPacketSamples } from "/js/opus.js";
+
+const DECODER_WARM_UP_MS = 1000;
+const client = (window.client = { state: "idle", lost: [], heard: [], decodedFrames: 0, errors: [], texts: 0 });
+const params = new URLSearchParams({
+  text_temperature: "0.7", text_topk: "25", audio_temperature: "0.8", audio_topk: "250", pad_mult: "0",
+  text_seed: "1234", audio_seed: "5678", repetition_penalty_context: "64", repetition_penalty: "1",
+  text_prompt: "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way.",
+  voice_prompt: "NATF0.pt",
+});
+
+function parsePage(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const segments = bytes[26];
+  const packets = [];
+  let offset = 27 + segments, size = 0;
+  for (let i = 0; i < segments; i++) {
+    size += bytes[27 + i];
+    if (bytes[27 + i] < 255) { packets.push(bytes.subarray(offset, offset + size)); offset += size; size = 0; }
+  }
+  return { flags: bytes[5], sequence: view.getUint32(18, true), granule: Number(view.getBigInt64(6, true)), packets };
+}
+
+document.querySelector("#connect").onclick = () => {
+  const clickedAt = performance.now();
+  let connected = false, settled = false, decoderReady = false, listening = false;
+  let capture = null, decoder = null, timestamp = 0;
+  const socket = new WebSocket(`ws://${location.host}/api/chat?${params}`);
+  socket.binaryType = "arraybuffer";
+  client.state = "connecting";
+  const elapsed = () => performance.now() - clickedAt;
+  const audio = (async () => {
+    const context = new AudioContext();
+    await context.audioWorklet.addModule("/js/worklets/capture-worklet.js");
+    const config = await chooseEncoderConfig();
+    const microphone = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
+    return { context, config, microphone };
+  })();
+  setTimeout(() => { decoderReady = true; maybeListen(); }, DECODER_WARM_UP_MS);
+
+  function decode(packet) {
+    if (!decoder) {
+      decoder = new AudioDecoder({ output: (data) => { client.decodedFrames += data.numberOfFrames; data.close(); },
+                                   error: (error) => client.errors.push(String(error)) });
+      decoder.configure({ codec: "opus", sampleRate: 48000, numberOfChannels: 1 });
+    }
+    const duration = Math.round((opusPacketSamples(packet) * 1e6) / 48000);
+    decoder.decode(new EncodedAudioChunk({ type: "key", timestamp, duration, data: packet }));
+    timestamp += duration;
+  }
+
+  function onAudio(event) {
+    const bytes = new Uint8Array(event.data);
+    if (bytes[0] !== 1) return;
+    const page = parsePage(bytes.subarray(1));
+    client.heard.push({ at: elapsed(), flags: page.flags, sequence: page.sequence, granule: page.granule,
+                        head: page.packets.length > 0 && isOpusHead(page.packets[0]),
+                        samples: page.packets.reduce((sum, p) => sum + (p.length && !isOpusHead(p) &&
+                          String.fromCharCode(...p.subarray(0, 8)) !== "OpusTags" ? opusPacketSamples(p) : 0), 0) });
+    for (const packet of page.packets) {
+      if (packet.length === 0 || isOpusHead(packet) || String.fromCharCode(...packet.subarray(0, 8)) === "OpusTags") continue;
+      decode(packet);
+    }
+  }
+
+  async function maybeListen() {
+    if (!connected || !settled || !decoderReady || listening) return;
+    listening = true;
+    client.readyAt = elapsed();
+    socket.addEventListener("message", onAudio);
+    const { context, config, microphone } = await audio;
+    capture = new OpusCapture(context, microphone, config, {
+      onPage: (page) => {
+        if (socket.readyState !== WebSocket.OPEN) return;
+        if (client.firstSentAt === undefined) client.firstSentAt = elapsed();
+        const message = new Uint8Array(page.length + 1);
+        message[0] = 1;
+        message.set(page, 1);
+        socket.send(message);
+      },
+      onLevel: () => {},
+      onError: (error) => client.errors.push(String(error)),
+    });
+    capture.start();
+  }
+
+  socket.addEventListener("message", (event) => {
+    const bytes = new Uint8Array(event.data);
+    if (bytes[0] === 0 && !connected) {
+      connected = true;
+      client.state = "connected";
+      client.connectedAt = elapsed();
+      setTimeout(() => { settled = true; maybeListen(); }, 300);
+    } else if (bytes[0] === 1 && !listening) {
+      client.lost.push({ at: elapsed(), bytes: bytes.length });
+    } else if (bytes[0] === 2) {
+      client.texts++;
+    } else if (bytes[0] === 5) {
+      client.serverError = new TextDecoder().decode(bytes.subarray(1));
+    }
+  });
+  socket.onclose = async (event) => {
+    capture?.abort();
+    if (decoder && decoder.state === "configured") await decoder.flush().catch(() => {});
+    client.closeCode = event.code;
+    client.state = "closed";
+  };
+};
+</script>
+"""
+
+
+def test_a_client_timed_like_the_reference_hears_the_agent_from_the_first_frame(browser, tmp_path):
+    """The reference web client starts listening (and sending) only a second after Connect, once its decoder
+    has loaded; our handshake comes long before. The conversation's clock starts with the client's first audio,
+    so it loses no agent audio: it hears the OpusHead first, every page in sequence, and as many 80 ms packets as
+    frames the server stepped for it (the call ends at its length limit, so that all of them are sent)."""
+    static = tmp_path / "static"  # our page's modules, and the client page beside them (served by the server:
+    shutil.copytree(STATIC, static)  # Chromium lets only a page from this address open sockets to 127.0.0.1)
+    (static / "reference-like.html").write_text(REFERENCE_LIKE_PAGE)
+    server = start_server("--static", str(static), "--max-conversations", "1", "--max-conversation-seconds", "3")
+    try:
+        before = metric(server.metrics(), "personaplex_agent_frames_total", 'front_end="chat"')
+        context = browser.new_context(permissions=["microphone"])
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{server.url}/reference-like.html")
+        page.click("#connect")
+        page.wait_for_function("window.client.state === 'closed'", timeout=4 * MIN_WAIT_SECONDS * 1000)
+        client = page.evaluate("window.client")
+        context.close()
+        after = metric(server.metrics(), "personaplex_agent_frames_total", 'front_end="chat"')
+    finally:
+        stop_server(server)
+    assert not errors and not client["errors"], (errors, client["errors"])
+    assert "connectedAt" in client and "readyAt" in client, str({k: v for k, v in client.items() if k != "heard"})
+    assert client["connectedAt"] < client["readyAt"], "the handshake came after the decoder was ready: no test"
+    assert "maximum length" in client.get("serverError", ""), client.get("serverError")
+    assert client["lost"] == [], f"{len(client['lost'])} agent audio messages arrived before the player was ready"
+    heard = client["heard"]
+    assert heard[0]["head"] and heard[0]["flags"] & 0x02, "the OpusHead page did not reach the player"
+    assert [h["sequence"] for h in heard] == list(range(len(heard))), "an agent page is missing"
+    stepped = after - before
+    assert stepped == 37  # 3 s at 12.5 frames per second
+    assert sum(h["samples"] for h in heard) == stepped * 3840  # 80 ms at 48 kHz per frame, all heard
+    assert client["decodedFrames"] >= 0.9 * stepped * 3840  # and decoded (less any pre-skip the decoder trims)
+    assert client["firstSentAt"] >= client["readyAt"] and heard[0]["at"] > client["firstSentAt"]
+    print(f"handshake at {client['connectedAt']:.0f} ms, player ready at {client['readyAt']:.0f} ms, first page "
+          f"sent at {client['firstSentAt']:.0f} ms, first agent page at {heard[0]['at']:.0f} ms; {len(heard)} pages "
+          f"heard, {stepped:.0f} frames stepped, {client['decodedFrames'] / 48000:.2f} s decoded")
+
+
 # --- a server that speaks only kinds 0-2, as the reference does -------------------------------------------------
 
 

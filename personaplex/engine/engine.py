@@ -79,9 +79,10 @@ class PendingJoin:
     stop: int
     prompt: SystemPrompt
     key: tuple
-    work: Iterator[int]
+    work: Iterator[int] | None  # None: the prompt's state came from the prefix cache
     in_scratch: bool = False  # prefilled in the CUDA-graph scratch slot, copied in when done
     context_policy: str = "sliding"
+    hold: bool = False  # wait for ``Engine.start`` once the prompt is applied
 
 
 def slot_bytes(lm, mimi, kv_dtype: str = "model") -> int:
@@ -147,6 +148,7 @@ class Engine:
         self.active = [False] * max_slots
         self._offsets = [1] * max_slots  # the generator's step counter of each slot
         self._joining: dict[int, PendingJoin] = {}
+        self._held: dict[int, PendingJoin] = {}  # persona applied, clock not started (see begin_join's hold)
         self.join_chunk_frames = JOIN_CHUNK_FRAMES
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda" and os.environ.get("PERSONAPLEX_NO_CUDA_GRAPH", "") in ("", "0")
@@ -162,7 +164,11 @@ class Engine:
     # --- conversations ---------------------------------------------------------------------------
 
     def free_slots(self) -> list[int]:
-        return [slot for slot, busy in enumerate(self.active) if not busy and slot not in self._joining]
+        return [slot for slot, busy in enumerate(self.active)
+                if not busy and slot not in self._joining and not self._holding(slot)]
+
+    def _holding(self, slot: int) -> bool:
+        return any(held.first <= slot < held.stop for held in self._held.values())
 
     def join(
         self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig, *, context_policy: str = "sliding",
@@ -178,7 +184,7 @@ class Engine:
 
     def begin_join(
         self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig, *, chunk_frames: int | None = -1,
-        context_policy: str = "sliding",
+        context_policy: str = "sliding", hold: bool = False,
     ) -> bool:
         """Reserve slots ``first..stop-1`` for a conversation with ``prompt``.
 
@@ -186,12 +192,15 @@ class Engine:
         is queued and runs in blocks through ``advance_joins``, between the real-time steps of the other
         slots; the slots go live when it is done. ``context_policy``: one of ``CONTEXT_POLICIES``, what
         the conversation keeps once it is longer than the context (the prompt's state is the same).
+        ``hold``: once the prompt is applied the slots wait, not stepping and not free, until ``start``
+        (a conversation whose clock starts with its caller's first audio); meanwhile they are like a
+        join whose last block has run.
         """
         if context_policy not in CONTEXT_POLICIES:
             raise ValueError(f"context policy must be one of {', '.join(CONTEXT_POLICIES)}, got {context_policy!r}")
         if not 0 <= first < stop <= self.max_slots:
             raise ValueError(f"slots {first}..{stop - 1} outside 0..{self.max_slots - 1}")
-        if any(self.active[first:stop]) or any(slot in self._joining for slot in range(first, stop)):
+        if any(self.active[first:stop]) or any(slot in self._joining or self._holding(slot) for slot in range(first, stop)):
             raise ValueError(f"slots {first}..{stop - 1} are not free")
         cfg = sampling
         if not (1 <= cfg.text_top_k <= MAX_TEXT_TOP_K and 1 <= cfg.audio_top_k <= MAX_AUDIO_TOP_K):
@@ -207,7 +216,7 @@ class Engine:
         if snapshot is not None:
             with torch.inference_mode():
                 restore_snapshot(snapshot, self.gen_state, self.lm_state, first, stop)
-            self._go_live(first, stop, prompt, context_policy)
+            self._prompt_applied(PendingJoin(first, stop, prompt, key, None, context_policy=context_policy, hold=hold))
             return True
         chunk = self.join_chunk_frames if chunk_frames == -1 else chunk_frames
         graphs = self._scratch_prefill(stop - first, prompt.num_steps)
@@ -222,7 +231,7 @@ class Engine:
                 prompt.frames, prompt.saved_voice, chunk_frames=chunk,
             )
         self._joining[first] = PendingJoin(first, stop, prompt, key, work, in_scratch=graphs is not None,
-                                           context_policy=context_policy)
+                                           context_policy=context_policy, hold=hold)
         return False
 
     def _scratch_prefill(self, slots: int, prompt_frames: int) -> PrefillGraphs | None:
@@ -263,7 +272,7 @@ class Engine:
                             snapshot = take_snapshot(self.gen_state, self.lm_state, first, positions)
                         self.prefix_cache.put(pending.key, snapshot)
                         del self._joining[first]
-                        self._go_live(first, pending.stop, pending.prompt, pending.context_policy)
+                        self._prompt_applied(pending)
                         done.append(first)
                         break
                     spent += frames
@@ -287,6 +296,20 @@ class Engine:
             self.advance_joins(frame_budget=None)
         self.leave(slot)
 
+    def _prompt_applied(self, join: PendingJoin) -> None:
+        if join.hold:
+            self._held[join.first] = join
+        else:
+            self._go_live(join.first, join.stop, join.prompt, join.context_policy)
+
+    def start(self, first: int) -> None:
+        """Start the clock of a held conversation (``begin_join(..., hold=True)``): its slots step from the
+        next ``step`` on, exactly as if they had gone live when the prompt was applied."""
+        held = self._held.pop(first, None)
+        if held is None:
+            raise ValueError(f"slot {first} holds no conversation waiting to start")
+        self._go_live(held.first, held.stop, held.prompt, held.context_policy)
+
     def _go_live(self, first: int, stop: int, prompt: SystemPrompt, context_policy: str) -> None:
         pinned = prompt.num_steps if context_policy == "pin-persona" else 0
         self.lm_state.pinned[first:stop] = pinned
@@ -309,6 +332,9 @@ class Engine:
         for first, pending in list(self._joining.items()):
             if pending.first <= slot < pending.stop:
                 del self._joining[first]
+        for first, held in list(self._held.items()):
+            if held.first <= slot < held.stop:
+                del self._held[first]
         # An idle slot keeps stepping with the others (results dropped) and writes only position 0.
         self.gen_state.offset[slot] = 1
 

@@ -19,7 +19,14 @@ parameters (``pad_mult``, ``text_seed``, ``repetition_penalty`` ...) are accepte
 Order of the server's messages: metadata (model, limits; then ``queue_position`` updates while all
 slots are busy), handshake, then per 80 ms frame its audio page(s) followed by its text piece (text
 never runs ahead of its audio). The agent's stream starts with the ``OpusHead`` and ``OpusTags`` pages,
-counts granule positions in 48 kHz units and ends with an end-of-stream page. A conversation that
+counts granule positions in 48 kHz units and ends with an end-of-stream page.
+
+The conversation's clock starts with the caller's audio, as in the reference server: after the
+handshake nothing is generated until the first 80 ms of the caller's audio has arrived, and from then on
+agent frame k answers caller frame k (``ConversationHub.open(start_on_audio=True)``). A client that
+attaches its player only when it starts sending (the reference web client does both a second after its
+socket opens, once its decoder has loaded) therefore receives the agent's stream whole, header pages
+included; a client that sends from the handshake on waits at most one frame. A conversation that
 the server ends (length limit, no audio from the client for the input timeout, client not reading,
 shutdown) gets a ``0x05`` with the reason before the close.
 
@@ -182,7 +189,7 @@ class ChatSession:
             return await self._close(CLOSE_NORMAL, "")
 
         receiver = asyncio.create_task(self._receive())
-        opener = asyncio.create_task(self.hub.open(request, front_end=self.front_end,
+        opener = asyncio.create_task(self.hub.open(request, front_end=self.front_end, start_on_audio=True,
                                                    on_queue_position=self._queue_position))
         await asyncio.wait({receiver, opener}, return_when=asyncio.FIRST_COMPLETED)
         if not opener.done():  # the client left (or broke the protocol) before its conversation started
@@ -327,7 +334,7 @@ class ChatSession:
         if self.conversation is not None and pcm is not None and len(pcm):
             self.conversation.send_audio(np.asarray(pcm, dtype=np.float32).reshape(-1))
         # Audio that arrives before the handshake is decoded (validated) and dropped: the conversation
-        # starts at the handshake, as in the reference.
+        # starts with the first audio after it, as in the reference.
 
     # --- sending ---------------------------------------------------------------------------------------
 

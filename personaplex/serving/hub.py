@@ -14,6 +14,14 @@ Per tick the engine thread:
 3. spends what is left of the tick on joins: a persona's system prompt comes from the prefix cache
    (instant) or is prefilled in blocks between the steps, so live conversations keep ticking.
 
+A conversation opened with ``start_on_audio`` (the ``/api/chat`` front end) starts its clock at its
+caller's first audio instead: once its system prompt is applied it waits, holding its slot but not
+stepping, until a full 80 ms frame of the caller's audio has arrived (or the input timeout passes), so
+that agent frame k answers caller frame k from the first one, as in the reference server ("no input,
+no output" until then). A client that starts listening only when it starts sending (the reference web
+client, whose player is ready a second after its socket opens) thus misses none of the agent's first
+words; a client that sends from the handshake on waits one frame at most.
+
 A tick that finishes after the next one was due counts as *late*; when the engine falls more than one
 tick behind, the missed tick times are skipped (counted), never caught up in a burst: a slow machine
 degrades (each client's jitter buffer drops its oldest audio) but never builds a backlog.
@@ -130,8 +138,10 @@ class HubOptions:
 class Conversation:
     """One live conversation; its methods are called on the event loop that opened it."""
 
-    def __init__(self, hub: ConversationHub, front_end: str, input_timeout: float | None):
+    def __init__(self, hub: ConversationHub, front_end: str, input_timeout: float | None,
+                 start_on_audio: bool = False):
         self.id = uuid.uuid4().hex[:12]
+        self.start_on_audio = start_on_audio  # the clock starts with the caller's first frame of audio
         self.slot = -1
         self.front_end = front_end
         self.end_reason: str | None = None
@@ -270,6 +280,7 @@ class ConversationHub:
         # Engine-thread state.
         self._live: dict[int, Conversation] = {}
         self._joining: dict[int, tuple[Conversation, float]] = {}
+        self._waiting_for_audio: dict[int, Conversation] = {}  # persona applied, clock not started
         self.late_ticks = 0
         self.ticks = 0
         self._join_block_seconds = 0.0  # moving average of one prefill block
@@ -415,11 +426,13 @@ class ConversationHub:
 
     async def open(
         self, request: PersonaRequest, *, front_end: str, on_queue_position: Callable[[int], None] | None = None,
-        input_timeout_seconds: float | None | type[Ellipsis] = ...,
+        input_timeout_seconds: float | None | type[Ellipsis] = ..., start_on_audio: bool = False,
     ) -> Conversation:
         """Build the persona, wait for a slot (bounded queue), join it; returns once the system prompt is
         applied. Raises ``PersonaError`` (bad persona), ``HubBusy`` (queue full), ``HubClosed``.
         ``input_timeout_seconds`` overrides the hub's for this conversation (None: never time out).
+        ``start_on_audio``: the conversation's first step waits for a full frame of the caller's audio
+        (see the module's notes); otherwise it steps from the tick after the prompt is applied.
         Cancelling the awaiting task releases the queue place or slot at once."""
         if self._closed:
             raise HubClosed("the server is shutting down")
@@ -428,7 +441,7 @@ class ConversationHub:
         prompt = await self.build_persona(request)
         if self._closed:
             raise HubClosed("the server is shutting down")
-        conversation = Conversation(self, front_end, timeout)
+        conversation = Conversation(self, front_end, timeout, start_on_audio)
         try:
             await self._admit(conversation, on_queue_position)
         except HubBusy:
@@ -722,7 +735,7 @@ class ConversationHub:
         pcm = torch.zeros(engine.max_slots, FRAME_SIZE, pin_memory=engine.device.type == "cuda")
         deadline = time.perf_counter()
         while not self._stopping.is_set():
-            if not self._live and not self._joining and self._commands.empty():
+            if not self._live and not self._joining and not self._waiting_for_audio and self._commands.empty():
                 # Nothing to do: sleep until a request arrives, then restart the schedule.
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
@@ -731,13 +744,16 @@ class ConversationHub:
             started = time.perf_counter()
             try:
                 self._apply_commands()
+                self._start_on_audio()
                 if self._live:
                     self._tick(pcm)
                 self._advance_joins(deadline + period if period > 0 else None)
             except Exception:  # an engine failure ends the conversations it touched, not the server
                 log.exception("engine failure")
                 self.metrics.record_error("engine")
-                for conversation, _ in list(self._joining.values()) + [(c, 0) for c in self._live.values()]:
+                touched = [c for c, _ in self._joining.values()] + list(self._live.values()) + \
+                    list(self._waiting_for_audio.values())
+                for conversation in touched:
                     self._end_from_engine(conversation, "internal engine error; please reconnect")
             finished = time.perf_counter()
             self.metrics.tick_seconds.observe(finished - started)
@@ -765,12 +781,7 @@ class ConversationHub:
                 return
             conversation = command.conversation
             if isinstance(command, _Leave):
-                slot = conversation.slot
-                if slot >= 0 and (self._live.get(slot) is conversation or
-                                  self._joining.get(slot, (None,))[0] is conversation):
-                    engine.leave(slot)
-                    self._live.pop(slot, None)
-                    self._joining.pop(slot, None)
+                self._release_slot(conversation)
                 continue
             if conversation.closed.is_set():
                 continue
@@ -785,7 +796,7 @@ class ConversationHub:
             conversation.max_frames = max(1, int(limit * FRAME_RATE)) if limit else None
             conversation.prompt_frames = prompt.num_steps
             try:
-                cached = engine.begin_join(slot, slot + 1, prompt, command.sampling)
+                cached = engine.begin_join(slot, slot + 1, prompt, command.sampling, hold=conversation.start_on_audio)
             except ValueError as exc:  # sampling settings out of range
                 self._end_from_engine(conversation, f"cannot start: {exc}")
                 continue
@@ -827,9 +838,28 @@ class ConversationHub:
 
     def _go_live(self, conversation: Conversation, granted: float) -> None:
         self.metrics.join_seconds.observe(time.perf_counter() - granted)
-        self._live[conversation.slot] = conversation
-        conversation._input.reset_idle()
+        if conversation.start_on_audio:
+            self._waiting_for_audio[conversation.slot] = conversation
+        else:
+            self._live[conversation.slot] = conversation
+        conversation._input.reset_idle()  # the input timeout counts from here, also while waiting for audio
         self._loop.call_soon_threadsafe(_resolve, conversation._joined)
+
+    def _start_on_audio(self) -> None:
+        """Start the clock of each waiting conversation whose caller's first full frame has arrived: its
+        first step is this tick's. One whose caller sent nothing for the input timeout is ended."""
+        if not self._waiting_for_audio:
+            return
+        now = time.monotonic()
+        for slot, conversation in list(self._waiting_for_audio.items()):
+            buffer = conversation._input
+            timeout = conversation.input_timeout
+            if buffer.buffered_samples >= FRAME_SIZE:
+                del self._waiting_for_audio[slot]
+                self.engine.start(slot)
+                self._live[slot] = conversation
+            elif timeout is not None and buffer.idle_seconds(now) > timeout:
+                self._end_from_engine(conversation, f"no audio from the client for {timeout:g} s")
 
     def _tick(self, pcm) -> None:
         # Per-conversation work below touches numpy only: every torch call releases the GIL, and winning
@@ -869,13 +899,19 @@ class ConversationHub:
                 seconds = conversation.max_frames / FRAME_RATE
                 self._end_from_engine(conversation, f"the conversation reached its maximum length ({seconds:.0f} s)")
 
-    def _end_from_engine(self, conversation: Conversation, reason: str) -> None:
-        """End a conversation from the engine thread: free its slot now, tell the event loop."""
+    def _release_slot(self, conversation: Conversation) -> None:
+        """Free the engine slot ``conversation`` holds, whether live, joining or waiting for audio (engine thread)."""
         slot = conversation.slot
-        if slot >= 0 and (self._live.get(slot) is conversation or self._joining.get(slot, (None,))[0] is conversation):
+        if slot >= 0 and (self._live.get(slot) is conversation or self._joining.get(slot, (None,))[0] is conversation
+                          or self._waiting_for_audio.get(slot) is conversation):
             self.engine.leave(slot)
             self._live.pop(slot, None)
             self._joining.pop(slot, None)
+            self._waiting_for_audio.pop(slot, None)
+
+    def _end_from_engine(self, conversation: Conversation, reason: str) -> None:
+        """End a conversation from the engine thread: free its slot now, tell the event loop."""
+        self._release_slot(conversation)
         conversation.closed.set()
         self._loop.call_soon_threadsafe(conversation._end, reason)
 
