@@ -332,6 +332,34 @@ def test_missing_access_token_is_explained(browser, demo_server):
     page.context.close()
 
 
+def test_token_in_the_page_url_becomes_a_cookie_the_websocket_carries(browser, demo_server):
+    """``/?token=T`` sets the page's HttpOnly cookie and redirects to ``/``: the token leaves the address bar,
+    and the page's API calls and WebSocket, which carry no token of their own, work with the cookie (the
+    reference web client never adds ``?token=``)."""
+    sockets: list[str] = []
+    context = browser.new_context(permissions=["microphone"])
+    page = context.new_page()
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    response = page.goto(demo_server.page_url)
+    page.wait_for_selector("body[data-ready]", timeout=MIN_WAIT_SECONDS * 1000)
+    wrapped = Page(page, context)
+    assert page.url == demo_server.url + "/" and response.request.redirected_from is not None
+    assert response.request.redirected_from.url == demo_server.page_url
+    cookies = {c["name"]: c for c in context.cookies()}
+    cookie = cookies["personaplex_token"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] != TOKEN
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: no script on the page can read it
+    assert page.evaluate("document.querySelector('#token').value") == ""  # the page itself holds no token
+    wrapped.wait("personaplex.voices.length === 18", timeout=10, what="/api/voices with the cookie")
+    start_conversation(wrapped)
+    wrapped.wait("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 0.5", timeout=30,
+                 what="agent audio over the cookie-authenticated socket")
+    stop_conversation(wrapped)
+    assert sockets and all("/api/chat" in url and "token=" not in url for url in sockets), sockets
+    assert [n["id"] for n in page.evaluate("personaplex.notices")] == ["demo-model"]  # nothing about access
+    context.close()
+
+
 def test_blocked_microphone_is_explained(browser, demo_server):
     sessions = metric(demo_server.metrics(), "personaplex_sessions_total", 'front_end="chat"')
     page = open_page(browser, demo_server.page_url, microphone=False)
