@@ -122,9 +122,18 @@ async def read_all(ws, received: Received, until=None) -> Received:
     return received
 
 
-async def converse(url: str, send=None, frames: int = 0, timeout: float = 60) -> Received:
+async def say_one_frame(ws) -> None:
+    """One 80 ms frame of caller audio (header pages and two 40 ms pages): the conversation's clock starts
+    with it. The caller is quiet after it, and the server fills the frames it lacks with exact silence, so
+    what the agent hears (that frame, then zeros) never depends on the timing of a loaded machine."""
+    for page in opus_pages(0.08):
+        await ws.send_bytes(b"\x01" + page)
+
+
+async def converse(url: str, send=say_one_frame, frames: int = 0, timeout: float = 60) -> Received:
     """Connect, wait for the handshake, run ``send(ws)`` alongside reading, stop after ``frames`` audio
-    pages (then close) or when the server closes."""
+    pages (then close) or when the server closes. The default ``send`` says one frame (the conversation's
+    clock starts with the caller's first audio); None sends nothing."""
     received = Received()
     async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as ws:
         async def reader():
@@ -658,7 +667,8 @@ def test_client_that_never_reads_is_ended(demo_model):
 
 @pytest.mark.slow
 def test_neighbour_unaffected_by_bad_clients(demo_model):
-    """Conversation B (fixed seed, sending nothing: its input is exactly silence) gets the same text alone
+    """Conversation B (fixed seed, one frame of audio then nothing: its input is exactly that frame, then
+    silence) gets the same text alone
     and while every bad client of the list above comes and goes next to it, and keeps getting frames."""
     shared = ServerThread(demo_model, max_conversations=3, max_queue=2, input_timeout_seconds=None)
     frames = 60
