@@ -469,6 +469,15 @@ def test_origin_policy():
     listed = OriginPolicy.parse("https://app.example.com, https://other.example/")
     assert listed.allows("https://other.example", "x") and not listed.allows("http://app.example.com", "x")
     assert OriginPolicy.parse("*").allows("https://anything.example", "x")
+    # A request that only the page's cookie authenticates: own origin or one named, nothing else.
+    assert default.allows_cookie(None, "voice.example.com")  # not a browser page
+    assert default.allows_cookie("https://voice.example.com:8998", "voice.example.com:8998")
+    assert not default.allows_cookie("http://localhost:5173", "voice.example.com")  # same machine, same "site"
+    assert not default.allows_cookie("http://localhost:5173", "localhost:8998")  # another port: another origin
+    assert not default.allows_cookie("https://other.voice.example.com", "voice.example.com")
+    assert not default.allows_cookie("null", "voice.example.com")
+    assert listed.allows_cookie("https://other.example", "x")
+    assert not OriginPolicy.parse("*").allows_cookie("https://anything.example", "x")
 
 
 def test_foreign_origins_cannot_open_websockets_or_post(server):
