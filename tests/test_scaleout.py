@@ -449,9 +449,15 @@ def test_autoscaling_adds_a_replica_under_load_and_new_sessions_use_it(cluster):
 @pytest.mark.slow
 def test_replica_routes_check_the_token_and_name_the_replica():
     """``build_asgi_app`` over a real hub: the token guards /api/* but /api/health, WebSockets included, and
-    the Origin allow-list guards WebSocket upgrades."""
+    the Origin allow-list guards WebSocket upgrades; ``/?token=`` gives the page's cookie, as the single server
+    does, which opens /api/chat from the page's own origin only (and never /v1/realtime)."""
+    from http.cookies import SimpleCookie
+
     import aiohttp
     import uvicorn
+
+    from personaplex.server.app import DEFAULT_STATIC
+    from personaplex.server.security import TOKEN_COOKIE, cookie_value
 
     from personaplex.demo import demo_assets
     from personaplex.loading import load_model
@@ -465,7 +471,7 @@ def test_replica_routes_check_the_token_and_name_the_replica():
     async def scenario():
         hub = ReplicaHub(model, HubOptions(max_conversations=1), replica="replica-a")
         await hub.start()
-        app = build_asgi_app(hub, static_dir=None, auth_token="secret", replica="replica-a")
+        app = build_asgi_app(hub, static_dir=DEFAULT_STATIC, auth_token="secret", replica="replica-a")
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
         serving = asyncio.ensure_future(server.serve())
         try:
@@ -492,6 +498,25 @@ def test_replica_routes_check_the_token_and_name_the_replica():
                     assert first[0] == 0x04 and json.loads(first[1:])["replica"] == "replica-a"
                     assert (await ws.receive_bytes(timeout=30))[:1] == b"\x00"
                 assert hub.stats()["conversations_opened"] == 1
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+                async with http.get(base + "/?token=wrong", allow_redirects=False) as wrong:
+                    assert wrong.status == 401 and not wrong.headers.getall("Set-Cookie", [])
+                async with http.get(base + "/?token=secret&worker_addr=same", allow_redirects=False) as signed:
+                    assert signed.status == 303 and signed.headers["Location"] == "./?worker_addr=same"
+                    cookie = SimpleCookie(signed.headers["Set-Cookie"])[TOKEN_COOKIE]
+                    assert cookie.value == cookie_value("secret") and cookie["httponly"] and cookie["path"] == "/"
+                    assert cookie["samesite"].lower() == "strict" and not cookie["secure"]
+                async with http.get(base + "/?token=secret") as page:  # followed: the page
+                    assert page.status == 200 and str(page.url) == base + "/" and "<html" in (await page.text()).lower()
+                async with http.get(base + "/api/voices") as voices:
+                    assert voices.status == 200
+                async with http.ws_connect(f"ws://127.0.0.1:{port}/api/chat", headers={"Origin": base}) as ws:
+                    assert (await ws.receive_bytes(timeout=30))[0] == 0x04
+                    assert (await ws.receive_bytes(timeout=30))[:1] == b"\x00"
+                for url, origin in ((f"ws://127.0.0.1:{port}/api/chat", "http://localhost:3000"),
+                                    (f"ws://127.0.0.1:{port}/v1/realtime", None)):
+                    with pytest.raises(aiohttp.WSServerHandshakeError):
+                        await http.ws_connect(url, headers={"Origin": origin} if origin else {})
         finally:
             server.should_exit = True
             await serving

@@ -432,6 +432,8 @@ const params = new URLSearchParams({
   voice_prompt: "NATF0.pt",
 });
 
+const isOpusTags = (packet) => String.fromCharCode(...packet.subarray(0, 8)) === "OpusTags";
+
 function parsePage(bytes) {
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const segments = bytes[26];
@@ -478,10 +480,10 @@ document.querySelector("#connect").onclick = () => {
     const page = parsePage(bytes.subarray(1));
     client.heard.push({ at: elapsed(), flags: page.flags, sequence: page.sequence, granule: page.granule,
                         head: page.packets.length > 0 && isOpusHead(page.packets[0]),
-                        samples: page.packets.reduce((sum, p) => sum + (p.length && !isOpusHead(p) &&
-                          String.fromCharCode(...p.subarray(0, 8)) !== "OpusTags" ? opusPacketSamples(p) : 0), 0) });
+                        samples: page.packets.reduce((sum, p) =>
+                          sum + (p.length && !isOpusHead(p) && !isOpusTags(p) ? opusPacketSamples(p) : 0), 0) });
     for (const packet of page.packets) {
-      if (packet.length === 0 || isOpusHead(packet) || String.fromCharCode(...packet.subarray(0, 8)) === "OpusTags") continue;
+      if (packet.length === 0 || isOpusHead(packet) || isOpusTags(packet)) continue;
       decode(packet);
     }
   }

@@ -200,7 +200,8 @@ class Engine:
             raise ValueError(f"context policy must be one of {', '.join(CONTEXT_POLICIES)}, got {context_policy!r}")
         if not 0 <= first < stop <= self.max_slots:
             raise ValueError(f"slots {first}..{stop - 1} outside 0..{self.max_slots - 1}")
-        if any(self.active[first:stop]) or any(slot in self._joining or self._holding(slot) for slot in range(first, stop)):
+        if any(self.active[first:stop]) or any(slot in self._joining or self._holding(slot)
+                                               for slot in range(first, stop)):
             raise ValueError(f"slots {first}..{stop - 1} are not free")
         cfg = sampling
         if not (1 <= cfg.text_top_k <= MAX_TEXT_TOP_K and 1 <= cfg.audio_top_k <= MAX_AUDIO_TOP_K):

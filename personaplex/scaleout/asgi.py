@@ -12,7 +12,7 @@ protocol handlers (``run_chat``, ``run_realtime``, ``run_twilio``); only the fra
 | ``GET /api/health`` | JSON of this replica: ok, model, slots busy/free, ``replica`` |
 | ``GET /api/voices`` | the voice presets; uploads are refused (an upload would live in one replica only) |
 | ``GET /metrics`` | this replica's Prometheus metrics |
-| ``GET /`` and files | the web page |
+| ``GET /`` and files | the web page (``/?token=T`` sets the page's cookie, as in ``server/app.py``) |
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketState
 
 from ..server.limits import ServerLimits
-from ..server.security import token_from, token_matches
+from ..server.security import TOKEN_COOKIE, cookie_matches, cookie_value, token_from, token_matches
 
 log = logging.getLogger("personaplex.scaleout")
 
@@ -86,11 +87,16 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
     personas = phone_personas if isinstance(phone_personas, PhonePersonas) else \
         PhonePersonas.load(phone_personas) if phone_personas is not None else PhonePersonas()
 
-    def authorized(connection: Request | WebSocket) -> bool:
+    def authorized(connection: Request | WebSocket, cookie: bool = True) -> bool:
+        """The token (header or ?token=), or the page's cookie from the server's own or a listed origin;
+        ``cookie=False``: the token only (the Realtime route, whose clients send it as their API key)."""
         if not auth_token:
             return True
         given = token_from(connection.query_params.get("token"), connection.headers.get("authorization"))
-        return token_matches(given, auth_token)
+        if token_matches(given, auth_token):
+            return True
+        return cookie and cookie_matches(connection.cookies.get(TOKEN_COOKIE), auth_token) and \
+            limits.allowed_origins.allows_cookie(connection.headers.get("origin"), connection.headers.get("host"))
 
     def origin_allowed(ws: WebSocket) -> bool:
         return limits.allowed_origins.allows(ws.headers.get("origin"), ws.headers.get("host"))
@@ -105,7 +111,7 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
         await run_chat(hub, ws.query_params, StarletteTransport(ws), encoders=encoders)
 
     async def realtime(ws: WebSocket) -> None:
-        if not origin_allowed(ws) or not authorized(ws):
+        if not origin_allowed(ws) or not authorized(ws, cookie=False):
             await ws.close(code=CLOSE_POLICY)
             return
         beta = "realtime=v1" in ws.headers.get("openai-beta", "").replace(" ", "")
@@ -145,6 +151,16 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
         Route("/metrics", metrics),
     ]
     if static_dir is not None and Path(static_dir).is_dir():
+        index = Path(static_dir) / "index.html"
+
+        async def home(request: Request) -> Response:
+            if auth_token and "token" in request.query_params:
+                return _sign_in(request, auth_token)
+            if index.is_file():
+                return FileResponse(index)
+            return PlainTextResponse("personaplex server: the web page is not installed; /api/chat is ready\n")
+
+        routes.append(Route("/", home))
         routes.append(Mount("/", app=StaticFiles(directory=str(static_dir), html=True)))
     elif static_dir is not None:
         async def home(request: Request) -> Response:
@@ -152,6 +168,18 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
 
         routes.append(Route("/", home))
     return Starlette(routes=routes)
+
+
+def _sign_in(request: Request, token: str) -> Response:
+    """``GET /?token=T``: the page's cookie and a redirect without the token, or 401 (``server/app.py``)."""
+    if not token_matches(request.query_params.get("token"), token):
+        return JSONResponse({"error": "wrong token in ?token="}, status_code=401, headers={"Cache-Control": "no-store"})
+    rest = [(name, value) for name, value in request.query_params.multi_items() if name != "token"]
+    response = Response(status_code=303, headers={"Location": "./" + ("?" + urlencode(rest) if rest else ""),
+                                                  "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
+    response.set_cookie(TOKEN_COOKIE, cookie_value(token), path="/", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response
 
 
 def _unauthorized() -> Response:
