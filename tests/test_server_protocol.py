@@ -122,11 +122,18 @@ async def read_all(ws, received: Received, until=None) -> Received:
     return received
 
 
+def one_frame_stream() -> list[bytes]:
+    """The header pages, then one page holding one 80 ms frame of audio (two 40 ms packets)."""
+    head, tags, *audio = [parse_pages(page)[0] for page in opus_pages(0.08)]
+    frame = OggPage(0, audio[-1].granule, head.serial, 2, [packet for page in audio for packet in page.packets])
+    return [head.to_bytes(), tags.to_bytes(), frame.to_bytes()]
+
+
 async def say_one_frame(ws) -> None:
-    """One 80 ms frame of caller audio (header pages and two 40 ms pages): the conversation's clock starts
-    with it. The caller is quiet after it, and the server fills the frames it lacks with exact silence, so
-    what the agent hears (that frame, then zeros) never depends on the timing of a loaded machine."""
-    for page in opus_pages(0.08):
+    """One 80 ms frame of caller audio, in one page: the conversation's clock starts with it. The caller is
+    quiet after it, and the server fills the frames it lacks with exact silence, so what the agent hears
+    (that frame, then zeros) never depends on the timing of a loaded machine."""
+    for page in one_frame_stream():
         await ws.send_bytes(b"\x01" + page)
 
 

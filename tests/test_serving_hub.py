@@ -149,37 +149,45 @@ def test_input_timeout_and_maximum_length(demo_model):
     assert "maximum length" in reason and count == 10 and load["slots_busy"] == 0
 
 
-def test_a_conversation_started_on_audio_answers_the_first_frame_first(demo_model):
-    """``start_on_audio``: nothing is stepped after the prompt until a full frame of the caller's audio has
-    arrived; then agent frame k answers caller frame k from the first one (the engine driven directly with
-    the same audio gives the same frames), with no frame of silence before it."""
+def test_a_conversation_started_on_audio_waits_for_its_callers_first_audio(demo_model):
+    """``start_on_audio``: nothing is stepped after the prompt until the caller's first audio arrives; its
+    first step is the next tick's. Audio that came at once is answered frame for frame from the first one
+    (the engine driven directly with the same audio gives the same frames); a first packet shorter than a
+    frame starts the clock too, its first frame being silence (an underrun, counted)."""
     request = PersonaRequest("You like trains.", "NATM1", sampling=SamplingConfig(seed=77))
     audio = (0.1 * np.random.default_rng(5).standard_normal(10 * FRAME)).astype(np.float32)
 
+    async def idle_ticks(hub, count):
+        ticks = hub.ticks
+        while hub.ticks < ticks + count:  # the engine ticks (other work could run) but steps nothing for it
+            await asyncio.sleep(0.01)
+
     async def scenario(hub):
         conversation = await hub.open(request, front_end="test", start_on_audio=True)
-        ticks = hub.ticks
-        while hub.ticks < ticks + 20:  # the engine ticks (other work could run) but steps nothing for it
-            await asyncio.sleep(0.01)
+        await idle_ticks(hub, 20)
         waited = conversation._engine_frames, conversation.frames_sent
-        conversation.send_audio(audio[:FRAME - 1])  # less than a frame: still waiting
-        ticks = hub.ticks
-        while hub.ticks < ticks + 10:
-            await asyncio.sleep(0.01)
-        partial = conversation._engine_frames
-        conversation.send_audio(audio[FRAME - 1:])
+        conversation.send_audio(audio)
         frames = await take(conversation, 10)
         await conversation.close()
-        return waited, partial, frames, await hub.build_persona(request)
+        short = await hub.open(PersonaRequest("x"), front_end="test", start_on_audio=True)
+        await idle_ticks(hub, 10)
+        short_waited = short._engine_frames
+        underruns = hub.metrics.registry.get_sample_value("personaplex_input_underrun_frames_total")
+        short.send_audio(audio[:FRAME // 4])  # a 20 ms packet
+        started = await take(short, 3)
+        await short.close()
+        return waited, frames, await hub.build_persona(request), short_waited, started, \
+            hub.metrics.registry.get_sample_value("personaplex_input_underrun_frames_total") - underruns
 
-    waited, partial, frames, prompt = run_hub(demo_model, scenario, tick_seconds=0.01,
-                                                        input_timeout_seconds=None)
-    assert waited == (0, 0) and partial == 0
+    waited, frames, prompt, short_waited, started, underruns = run_hub(
+        demo_model, scenario, tick_seconds=0.01, input_timeout_seconds=None)
+    assert waited == (0, 0) and short_waited == 0
     engine = Engine(demo_model.lm, demo_model.mimi, max_slots=1)
     engine.join(0, 1, prompt, request.sampling)
     for k, frame in enumerate(frames):
         out = engine.step(torch.from_numpy(audio[k * FRAME:(k + 1) * FRAME])[None])
         assert np.array_equal(frame.pcm, out.pcm[0].numpy()), k
+    assert len(started) == 3 and underruns >= 3
 
 
 def test_a_conversation_waiting_for_audio_ends_at_the_input_timeout(demo_model):

@@ -22,11 +22,11 @@ never runs ahead of its audio). The agent's stream starts with the ``OpusHead`` 
 counts granule positions in 48 kHz units and ends with an end-of-stream page.
 
 The conversation's clock starts with the caller's audio, as in the reference server: after the
-handshake nothing is generated until the first 80 ms of the caller's audio has arrived, and from then on
-agent frame k answers caller frame k (``ConversationHub.open(start_on_audio=True)``). A client that
-attaches its player only when it starts sending (the reference web client does both a second after its
-socket opens, once its decoder has loaded) therefore receives the agent's stream whole, header pages
-included; a client that sends from the handshake on waits at most one frame. A conversation that
+handshake nothing is generated until the caller's first audio page has arrived; the first agent frame
+is the next tick's (``ConversationHub.open(start_on_audio=True)``). A client that attaches its player
+only when it starts sending (the reference web client does both a second after its socket opens, once
+its decoder has loaded) therefore receives the agent's stream whole, header pages included; a client
+that sends from the handshake on waits for its first packet and the next tick. A conversation that
 the server ends (length limit, no audio from the client for the input timeout, client not reading,
 shutdown) gets a ``0x05`` with the reason before the close.
 

@@ -16,11 +16,13 @@ Per tick the engine thread:
 
 A conversation opened with ``start_on_audio`` (the ``/api/chat`` front end) starts its clock at its
 caller's first audio instead: once its system prompt is applied it waits, holding its slot but not
-stepping, until a full 80 ms frame of the caller's audio has arrived (or the input timeout passes), so
-that agent frame k answers caller frame k from the first one, as in the reference server ("no input,
-no output" until then). A client that starts listening only when it starts sending (the reference web
-client, whose player is ready a second after its socket opens) thus misses none of the agent's first
-words; a client that sends from the handshake on waits one frame at most.
+stepping, until the first samples of the caller's audio have arrived (or the input timeout passes), as
+in the reference server ("no input, no output" until then); its first step is the next tick's. A
+client that starts listening only when it starts sending (the reference web client, whose player is
+ready a second after its socket opens) thus misses none of the agent's first words. The first samples
+rather than a full frame: a client that sends 20 ms packets from the handshake on waits for one packet,
+not four (a first tick that finds less than a frame takes silence, as any underrun; the partial audio
+stays for the next).
 
 A tick that finishes after the next one was due counts as *late*; when the engine falls more than one
 tick behind, the missed tick times are skipped (counted), never caught up in a burst: a slow machine
@@ -141,7 +143,7 @@ class Conversation:
     def __init__(self, hub: ConversationHub, front_end: str, input_timeout: float | None,
                  start_on_audio: bool = False):
         self.id = uuid.uuid4().hex[:12]
-        self.start_on_audio = start_on_audio  # the clock starts with the caller's first frame of audio
+        self.start_on_audio = start_on_audio  # the clock starts with the caller's first audio
         self.slot = -1
         self.front_end = front_end
         self.end_reason: str | None = None
@@ -431,8 +433,8 @@ class ConversationHub:
         """Build the persona, wait for a slot (bounded queue), join it; returns once the system prompt is
         applied. Raises ``PersonaError`` (bad persona), ``HubBusy`` (queue full), ``HubClosed``.
         ``input_timeout_seconds`` overrides the hub's for this conversation (None: never time out).
-        ``start_on_audio``: the conversation's first step waits for a full frame of the caller's audio
-        (see the module's notes); otherwise it steps from the tick after the prompt is applied.
+        ``start_on_audio``: the conversation's first step waits for the caller's first audio (see the
+        module's notes); otherwise it steps from the tick after the prompt is applied.
         Cancelling the awaiting task releases the queue place or slot at once."""
         if self._closed:
             raise HubClosed("the server is shutting down")
@@ -846,15 +848,15 @@ class ConversationHub:
         self._loop.call_soon_threadsafe(_resolve, conversation._joined)
 
     def _start_on_audio(self) -> None:
-        """Start the clock of each waiting conversation whose caller's first full frame has arrived: its
-        first step is this tick's. One whose caller sent nothing for the input timeout is ended."""
+        """Start the clock of each waiting conversation whose caller's first audio has arrived: its first
+        step is this tick's. One whose caller sent nothing for the input timeout is ended."""
         if not self._waiting_for_audio:
             return
         now = time.monotonic()
         for slot, conversation in list(self._waiting_for_audio.items()):
             buffer = conversation._input
             timeout = conversation.input_timeout
-            if buffer.buffered_samples >= FRAME_SIZE:
+            if buffer.received_samples > 0:
                 del self._waiting_for_audio[slot]
                 self.engine.start(slot)
                 self._live[slot] = conversation
