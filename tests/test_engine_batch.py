@@ -376,6 +376,27 @@ def test_slots_with_different_context_policies_step_together_past_the_context(mo
     assert not torch.equal(sliding[full:], pinned[full:])
 
 
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_triton_kernels_step_pinned_and_sliding_slots_like_eager_past_the_context(models, kv_dtype):
+    """The Triton decode attention's pinned path (second query for the prompt's entries) in a batch of a
+    pin-persona and a sliding slot, 2.2 contexts long: same tokens as the eager set."""
+    from conftest import require_triton_kernels
+
+    require_triton_kernels()
+    lm, mimi = models
+    frames = int(2.2 * CONTEXT)
+    audio = [user_audio(seed, frames) for seed in (7, 8)]
+    runs = {}
+    for name in ("eager", "triton"):
+        engine = Engine(lm, mimi, max_slots=2, kv_dtype=kv_dtype, kernels=name)
+        engine.join(0, 1, persona(lm, 1), SamplingConfig(seed=21), context_policy="pin-persona")
+        engine.join(1, 2, persona(lm, 2), SamplingConfig(greedy=True), context_policy="sliding")
+        runs[name] = [engine.step(torch.stack([a[t] for a in audio])) for t in range(frames)]
+    for plain, fast in zip(runs["eager"], runs["triton"]):
+        assert torch.equal(plain.tokens, fast.tokens)
+        torch.testing.assert_close(plain.pcm, fast.pcm, atol=1e-5, rtol=0)
+
+
 def test_an_unknown_context_policy_is_refused(models):
     lm, mimi = models
     engine = Engine(lm, mimi, max_slots=1)
