@@ -305,6 +305,8 @@ def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
         out.setsampwidth(2)
         out.setframerate(48_000)
         out.writeframes((12000 * np.sin(2 * np.pi * 440 * t) * (0.55 + 0.45 * np.sin(6 * np.pi * t))).astype("<i2"))
+    from test_web_ui import PROBLEM_NOTICES
+
     from personaplex.scaleout.stats import replica_names
 
     with sync_api.sync_playwright() as playwright:
@@ -327,7 +329,7 @@ def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
             assert page.evaluate("personaplex.counters.pagesOut") > 20  # the microphone's Ogg/Opus went out
             page.click("#stop")
             page.wait_for_function("personaplex.state === 'closed'", timeout=DEADLINE * 1000)
-            assert page.evaluate("personaplex.notices") == [] and errors == []
+            assert page.evaluate(PROBLEM_NOTICES) == [] and errors == []
         finally:
             browser.close()
 
