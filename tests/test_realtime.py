@@ -218,10 +218,10 @@ class LongCalls:
         metrics then. Neither ended for its length: there is no limit by default."""
         count = "personaplex_conversation_seconds_count"
         end = time.monotonic() + DEADLINE
-        while metric_value(self.server.metrics(), count) < metric_value(before, count) + 2:
+        while metric_value(self.server.hub.metrics.render(), count) < metric_value(before, count) + 2:
             assert time.monotonic() < end, "the server did not record the end of both calls"
             time.sleep(0.05)
-        after = self.server.metrics()
+        after = self.server.hub.metrics.render()
         ended = "personaplex_conversations_ended_total"
         assert metric_value(after, ended, reason="max_length") == metric_value(before, ended, reason="max_length")
         for policy in LONG_CALL_PROMPTS:
