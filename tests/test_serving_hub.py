@@ -341,6 +341,17 @@ def test_a_conversation_runs_under_the_context_policy_it_asks_for(demo_model, de
         ConversationHub(demo_model, HubOptions(context_policy="forever"))
 
 
+def test_serve_context_policy_flag_sets_the_hub_default(demo_model, monkeypatch):
+    import personaplex.offline as offline
+    from personaplex.server.serve import build_parser
+
+    monkeypatch.setattr(offline, "load_model_for_args", lambda *args, **kwargs: demo_model)
+    parser = build_parser()
+    for flags, policy in (([], "sliding"), (["--context-policy", "pin-persona"], "pin-persona")):
+        hub = ConversationHub.from_args(parser.parse_args(["--model", "demo", "--max-conversations", "1", *flags]))
+        assert hub.options.context_policy == policy and hub.describe()["context_policy"] == policy
+
+
 def test_a_conversation_goes_on_past_the_context(short_context_demo):
     """No length limit by default: past the model's context the rings slide and the call continues; the
     metrics record the conversation's length. An operator's limit still ends it."""
