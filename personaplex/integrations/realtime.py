@@ -15,13 +15,13 @@ Full-duplex semantics
   prompt, ``voice`` (or ``audio.output.voice``) a voice preset of the server (``GET /api/voices``),
   ``temperature`` both sampling temperatures, and the extension object ``sampling`` any of
   ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, ``seed``; the extension
-  field ``context_policy`` (``sliding`` or ``pin-persona``) what the conversation keeps once it is longer
-  than the model's context (default: the server's ``--context-policy``). The persona is
-  checked at once (an unknown voice or an over-long prompt gets an ``error`` event, the rest of the update
-  still applies). After the start, persona fields (the context policy too) cannot change (``session_already_started``). A
-  connection may change its persona ``max_persona_changes`` times (each change may cost a persona build);
-  further changes get ``too_many_persona_changes``, and a change while the persona builds are full gets
-  ``server_busy``; the session keeps its persona either way.
+  field ``context_policy`` (``sliding`` or ``pin-persona``; null: the server's ``--context-policy``) what
+  the conversation keeps once it is longer than the model's context. The persona is checked at once (an
+  unknown voice or an over-long prompt gets an ``error`` event, the rest of the update still applies).
+  After the start, persona fields (the context policy too) cannot change (``session_already_started``).
+  A connection may change its persona ``max_persona_changes`` times (each change may cost a persona
+  build); further changes get ``too_many_persona_changes``, and a change while the persona builds are
+  full gets ``server_busy``; the session keeps its persona either way.
 - Audio appended while the persona is being applied is dropped (as on ``/api/chat``): stream audio
   continuously from the start, silence included; a client silent for the server's input timeout is ended.
 - Then the agent's audio flows continuously, one ``response.output_audio.delta`` per 80 ms, in step with

@@ -25,8 +25,8 @@ place or slot at once, also in the middle of its prefill.
 
 A conversation ends (``end_reason`` says why) when its client closes, when it reaches the operator's
 maximum length (``max_conversation_seconds``; none by default: past the model's context the KV rings
-slide, under the conversation's context policy), when no audio arrived for the input timeout, when its client does not take its frames (more than ``max_output_frames`` waiting), or when
-the hub shuts down.
+slide, under the conversation's context policy), when no audio arrived for the input timeout, when its
+client does not take its frames (more than ``max_output_frames`` waiting), or when the hub shuts down.
 """
 
 from __future__ import annotations
@@ -109,8 +109,9 @@ class HubOptions:
 
     max_conversations: int = 4  # engine slots
     max_queue: int = 16  # conversations allowed to wait for a slot
-    # None: no limit. Past the model's context the KV rings slide (each new frame evicts the oldest), as
-    # in the reference, so a conversation lasts as long as its caller stays.
+    # None: no limit. Past the model's context the KV rings slide (each new frame evicts the oldest, the
+    # system prompt's frames first or never, as the context policy says), so a conversation lasts as long
+    # as its caller stays.
     max_conversation_seconds: float | None = None
     context_policy: str = "sliding"  # for conversations that do not choose one (see PersonaRequest.context_policy)
     tick_seconds: float = TICK_SECONDS  # 0: step as fast as possible (tests, offline-like use)
