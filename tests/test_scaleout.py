@@ -55,6 +55,18 @@ def test_scale_serve_refuses_bad_flags_before_starting(flags, message, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
+def test_the_replicas_get_the_servers_context_policy():
+    import argparse
+
+    from personaplex.scaleout.cli import MODEL_FLAGS, build_serve_parser
+    from personaplex.scaleout.deployment import replica_args
+
+    parser = build_serve_parser(argparse.ArgumentParser())
+    for flags, policy in (([], "sliding"), (["--context-policy", "pin-persona"], "pin-persona")):
+        args = parser.parse_args(["--max-conversations", "2", *flags])
+        assert replica_args({name: getattr(args, name, None) for name in MODEL_FLAGS}).context_policy == policy
+
+
 def test_replica_plan_one_replica_per_gpu_and_autoscaling():
     import argparse
 

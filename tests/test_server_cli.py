@@ -119,7 +119,8 @@ def test_python_m_server_with_tls_and_token(tmp_path):
     help_text, _ = process.communicate(timeout=60)
     for flag in ("--host", "--port", "--static", "--ssl", "--hf-repo", "--moshi-weight", "--mimi-weight",
                  "--tokenizer", "--voice-prompt-dir", "--device", "--cpu-offload", "--model", "--max-conversations",
-                 "--max-queue", "--max-conversation-seconds", "--auth-token", "--allow-voice-upload"):
+                 "--max-queue", "--max-conversation-seconds", "--context-policy", "--auth-token",
+                 "--allow-voice-upload"):
         assert flag in help_text, flag
     from personaplex.server.tls import tls_context
 
