@@ -258,7 +258,8 @@ def run(args: argparse.Namespace) -> None:
     engine = Engine(model.lm, model.mimi, max_slots=slots)
     longest = max(prompt.num_steps for prompt in prompts.values()) + max(-(-len(j.audio) // FRAME_SIZE) for j in jobs)
     capturing = time.perf_counter()
-    if engine.capture_graphs(up_to_frames=longest):  # no capture pauses once conversations run
+    # No capture pauses once conversations run; only the graphs of the run's context policy.
+    if engine.capture_graphs(up_to_frames=longest, pinning=args.context_policy == "pin-persona"):
         log(f"start-up: CUDA graphs ({engine.kernels.name} kernels) in {time.perf_counter() - capturing:.2f} s")
     sampling = sampling_from_args(args)
     waiting = deque(jobs)

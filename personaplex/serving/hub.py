@@ -349,7 +349,9 @@ class ConversationHub:
             return
         self._loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        captured = await asyncio.to_thread(self.engine.capture_graphs)  # no capture pauses once callers talk
+        # No capture pauses once callers talk (pinning graphs too when pin-persona is the default).
+        captured = await asyncio.to_thread(self.engine.capture_graphs,
+                                           pinning=self.options.context_policy == "pin-persona")
         if captured:
             startup.report("all CUDA graphs", time.perf_counter() - started, f"{captured} graphs")
         await asyncio.to_thread(self._warm_up_join)
