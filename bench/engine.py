@@ -71,7 +71,10 @@ def main() -> None:
                         help="let a join's prefill blocks run this far into the next tick (its outputs then come later "
                              "but still count as on time while within 80 ms of its due time; the hub uses 0)")
     parser.add_argument("--full-ring", action="store_true",
-                        help="also time steps with every conversation at the end of its context (whole ring read)")
+                        help="also time steps with every conversation at the end of its context (whole ring read) "
+                             "and with every ring wrapped (two and a half contexts in)")
+    parser.add_argument("--context-policy", nargs="+", choices=["sliding", "pin-persona"], default=["sliding"],
+                        help="what conversations keep past the context; several: a table row per policy and size")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personaplex_random_lm.safetensors"))
     args = parser.parse_args()
     device = torch.device("cuda" if CUDA else "cpu")  # the CPU only for a dry run with a small preset
@@ -92,26 +95,38 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}, preset {preset.name}; "
           f"weights + Mimi {weights / GIB:.2f} GiB; prompt {prompt.num_steps} frames; KV rings: {args.kv}; "
           f"kernels: {args.kernels}; position: {args.position or 'natural'}")
-    rows = []
-    for slots in args.slots:
-        gc.collect()
-        if CUDA:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            rows.append(measure(lm, mimi, slots, prompt, persona, generator, args))
-        except torch.OutOfMemoryError:
-            print(f"N={slots}: out of GPU memory")
-            break
-        print(f"N={slots}: p50 {rows[-1][1]:.2f} ms, p99 {rows[-1][2]:.2f} ms", flush=True)
-        print("  row: " + table_row(*rows[-1]), flush=True)  # kept if a later size is cut short
+    rows, ring_rows = [], []
+    for policy in args.context_policy:
+        for slots in args.slots:
+            gc.collect()
+            if CUDA:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                row, rings = measure(lm, mimi, slots, prompt, persona, generator, args, policy)
+            except torch.OutOfMemoryError:
+                print(f"N={slots}: out of GPU memory")
+                break
+            rows.append((policy, row))
+            if rings:
+                ring_rows.append((policy, slots, *rings))
+            print(f"N={slots} ({policy}): p50 {row[1]:.2f} ms, p99 {row[2]:.2f} ms", flush=True)
+            print(f"  row: | {policy} " + table_row(*row), flush=True)  # kept if a later size is cut short
 
-    print("\n| conversations | step p50 ms | step p99 ms | real-time factor (N x 80 ms / p50) | first join ms "
+    print("\n| context policy | conversations | step p50 ms | step p99 ms | real-time factor (N x 80 ms / p50) | first join ms "
           "(incl. compile/capture) | join new persona ms | join from cache ms | state GiB/slot | peak GiB | "
           "real-time join: tick latency p50 / max ms | missed ticks | ms until live |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(table_row(*row))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for policy, row in rows:
+        print(f"| {policy} " + table_row(*row))
+    if ring_rows:
+        print("\n| context policy | conversations | rings just full: step p50 / p99 ms | every ring wrapped: p50 / p99 ms "
+              "| wrapped vs full |")
+        print("|---|---|---|---|---|")
+        for policy, slots, full, wrapped in ring_rows:
+            print(f"| {policy} | {slots} | {statistics.median(full):.2f} / {p99(full):.2f} | "
+                  f"{statistics.median(wrapped):.2f} / {p99(wrapped):.2f} | "
+                  f"{statistics.median(wrapped) / statistics.median(full) - 1:+.1%} |")
 
 
 def table_row(slots, p50, p99_ms, first, new, cached, per_slot, peak, tick, missed, latency) -> str:
@@ -119,8 +134,9 @@ def table_row(slots, p50, p99_ms, first, new, cached, per_slot, peak, tick, miss
             f"{per_slot:.2f} | {peak:.1f} | {tick} | {missed} | {latency} |")
 
 
-def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
-    """One row of the table: N conversations stepping together."""
+def measure(lm, mimi, slots, prompt, persona, generator, args, policy: str = "sliding") -> tuple:
+    """One row of the table: N conversations stepping together under the context ``policy``; and the step
+    times with rings just full and wrapped (``--full-ring``), else None."""
     before = allocated()
     engine = Engine(lm, mimi, max_slots=slots, kv_dtype=args.kv, kernels=args.kernels)
     if args.join_chunk:
@@ -129,11 +145,11 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
     sampling = SamplingConfig(seed=5)
     sync()
     t0 = time.perf_counter()
-    engine.join(0, 1, prompt, sampling)
+    engine.join(0, 1, prompt, sampling, context_policy=policy)
     sync()
     first_join = 1000 * (time.perf_counter() - t0)
     for slot in range(1, slots):
-        engine.join(slot, slot + 1, prompt, sampling)
+        engine.join(slot, slot + 1, prompt, sampling, context_policy=policy)
     pcm = 0.05 * torch.randn(slots, 1920, generator=generator)
     if args.position:
         # Timing only: pretend every conversation is this far in (its ring is read up to there).
@@ -149,7 +165,7 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
     if slots > 1:
         engine.leave(slots - 1)
         engine.warm_up_join(persona(999))
-        engine.join(slots - 1, slots, prompt, sampling)
+        engine.join(slots - 1, slots, prompt, sampling, context_policy=policy)
         if args.position:
             engine._offsets[slots - 1] = args.position
             engine.gen_state.offset[slots - 1] = args.position
@@ -167,29 +183,34 @@ def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
             fresh = persona(100 + attempt) if kind == "new" else prompt
             sync()
             t0 = time.perf_counter()
-            engine.join(slots - 1, slots, fresh, sampling)
+            engine.join(slots - 1, slots, fresh, sampling, context_policy=policy)
             sync()
             samples.append(1000 * (time.perf_counter() - t0))
     ticks, missed, latency = real_time_joins(engine, pcm, persona, sampling, slots, slack=args.join_slack_ms / 1000) \
         if not args.no_spread_join else ([], 0, [])
-    if args.full_ring:  # last: it moves every conversation to the end of its context
-        full = full_ring_times(engine, pcm, args.steps)
-        print(f"N={slots} full ring: p50 {statistics.median(full):.2f} ms, p99 {p99(full):.2f} ms", flush=True)
+    rings = None
+    if args.full_ring:  # last: it moves every conversation to the end of its context, then past it
+        context = engine.config.context
+        full = ring_times(engine, pcm, args.steps, context - 5 - args.steps)
+        wrapped = ring_times(engine, pcm, args.steps, 2 * context + context // 2)
+        rings = full, wrapped
+        print(f"N={slots} full ring: p50 {statistics.median(full):.2f} ms, p99 {p99(full):.2f} ms; "
+              f"wrapped: p50 {statistics.median(wrapped):.2f} ms, p99 {p99(wrapped):.2f} ms", flush=True)
     peak = torch.cuda.max_memory_allocated() if CUDA else 0
     return (slots, statistics.median(times), p99(times), first_join,
             statistics.median(join_new), statistics.median(join_cached), state_bytes / slots / GIB, peak / GIB,
             f"{statistics.median(ticks):.1f} / {max(ticks):.1f}" if ticks else "-", missed if ticks else "-",
-            f"{statistics.median(latency):.0f}" if latency else "-")
+            f"{statistics.median(latency):.0f}" if latency else "-"), rings
 
 
-def full_ring_times(engine, pcm, steps: int) -> list[float]:
-    """Step times with every conversation moved to the end of its context: attention reads whole rings
-    (4-minute conversations). Timing only: ring contents are whatever is there."""
-    position = engine.config.context - 5
+def ring_times(engine, pcm, steps: int, position: int) -> list[float]:
+    """Step times with every conversation moved to ``position``: near the end of the context attention
+    reads whole rings (4-minute conversations); past it, the rings have wrapped. Timing only: ring
+    contents are whatever is there."""
     for slot in range(engine.max_slots):
         engine._offsets[slot] = position
     engine.gen_state.offset.fill_(position)
-    for _ in range(5):  # captures the full-length graph
+    for _ in range(5):  # captures the full-length graph (and the pinning one, for pin-persona slots)
         engine.step(pcm)
     return time_steps(engine, pcm, steps)
 

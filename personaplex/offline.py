@@ -18,6 +18,9 @@ import numpy as np
 from .config import FRAME_SIZE, SAMPLE_RATE
 from .errors import PersonaplexError
 
+# What a conversation keeps past the model's context: engine.CONTEXT_POLICIES, here without importing torch (--help).
+CONTEXT_POLICY_CHOICES = ("sliding", "pin-persona")
+
 DEFAULT_TEXT_PROMPT = (
     "You are a wise and friendly teacher. Answer questions or provide advice in a clear and engaging way."
 )
@@ -87,6 +90,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     persona.add_argument("--text-prompt-file", type=Path, nargs="+", help="read the role prompt(s) from file(s)")
     persona.add_argument("--voice-prompt", nargs="+", default=["NATF2"],
                          help="voice preset name (NATF2, NATF2.pt) or a voice/audio file (default NATF2)")
+    parser.add_argument("--context-policy", choices=CONTEXT_POLICY_CHOICES, default="sliding",
+                        help="what an input longer than the model's context (4 min for PersonaPlex-7B) keeps: "
+                             "'sliding' (default, as the reference) forgets the oldest frames, the system prompt "
+                             "first; 'pin-persona' keeps the system prompt and slides over the conversation after "
+                             "it. Inputs of any length are accepted either way")
     add_sampling_arguments(parser)
     add_model_arguments(parser)
     return parser
@@ -250,7 +258,8 @@ def run(args: argparse.Namespace) -> None:
     engine = Engine(model.lm, model.mimi, max_slots=slots)
     longest = max(prompt.num_steps for prompt in prompts.values()) + max(-(-len(j.audio) // FRAME_SIZE) for j in jobs)
     capturing = time.perf_counter()
-    if engine.capture_graphs(up_to_frames=longest):  # no capture pauses once conversations run
+    # No capture pauses once conversations run; only the graphs of the run's context policy.
+    if engine.capture_graphs(up_to_frames=longest, pinning=args.context_policy == "pin-persona"):
         log(f"start-up: CUDA graphs ({engine.kernels.name} kernels) in {time.perf_counter() - capturing:.2f} s")
     sampling = sampling_from_args(args)
     waiting = deque(jobs)
@@ -270,7 +279,7 @@ def run(args: argparse.Namespace) -> None:
                 if not waiting:
                     break
                 job = waiting.popleft()
-                engine.join(slot, slot + 1, prompt_for(job), sampling)
+                engine.join(slot, slot + 1, prompt_for(job), sampling, context_policy=args.context_policy)
                 running[slot] = Conversation(job)
             pcm.zero_()
             for slot, conversation in running.items():

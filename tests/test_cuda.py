@@ -237,3 +237,42 @@ def test_compiled_kernels_really_compile_and_run_in_the_engine():
     engine = Engine(lm, mimi, max_slots=2, kernels="compile", use_cuda_graph=False)
     engine.step(torch.zeros(2, 1920))
     assert counters["stats"]["unique_graphs"] > before
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_pinned_and_sliding_slots_past_the_context_through_cuda_graphs(kv_dtype):
+    """A pin-persona and a sliding conversation, 2.5 contexts long, stepped by captured CUDA graphs with the
+    "triton" kernels (pinning graphs captured at start, none during the steps): the same tokens as the
+    same engine stepping without graphs."""
+    import dataclasses
+
+    from personaplex.config import DEMO_LM, SMALL_MIMI
+    from personaplex.engine import Engine, SamplingConfig
+    from personaplex.lm.model import LMModel
+    from personaplex.persona import VoicePrompt, build_system_prompt
+    from personaplex.random_weights import random_mimi, randomize_
+
+    config = dataclasses.replace(DEMO_LM, num_layers=2, context=64)
+    lm = randomize_(LMModel(config), seed=3).eval().requires_grad_(False).cuda()
+    mimi = random_mimi(SMALL_MIMI, torch.device("cuda"))
+    g = torch.Generator().manual_seed(5)
+    prompts = [
+        build_system_prompt(dataclasses.replace(config, context=3000),
+                            VoicePrompt("random", codes=torch.randint(0, 2048, (3, 8), generator=g)),
+                            torch.randint(4, config.text_card, (4,), generator=g).tolist())
+        for _ in range(2)
+    ]
+    audio = 0.1 * torch.randn(160, 2, 1920, generator=g)
+    runs = []
+    for graphs in (True, False):
+        engine = Engine(lm, mimi, max_slots=2, kv_dtype=kv_dtype, kernels="triton", use_cuda_graph=graphs)
+        if graphs:
+            engine.capture_graphs(pinning=True)
+            captured = set(engine._graphs)
+            assert any(len(key) == 3 for key in captured)
+        engine.join(0, 1, prompts[0], SamplingConfig(greedy=True), context_policy="pin-persona")
+        engine.join(1, 2, prompts[1], SamplingConfig(greedy=True), context_policy="sliding")
+        runs.append(torch.stack([engine.step(frame).tokens for frame in audio]))
+        if graphs:
+            assert set(engine._graphs) == captured  # nothing captured while conversations ran
+    assert torch.equal(runs[0], runs[1])

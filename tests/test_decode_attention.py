@@ -93,10 +93,57 @@ def test_split_count_fills_the_gpu_with_few_slots_and_never_exceeds_the_blocks(k
     assert kernels.split_count(pairs=1, length=100) == 2  # never more chunks than blocks of keys
 
 
-def test_non_power_of_two_head_dim_is_refused(kernels):
-    q, keys, values, mask, lengths = rings(1, 1, 8, 24, [3])
-    with pytest.raises(ValueError, match="power of two"):
-        kernels.decode_attention(q, keys, values, mask, lengths)
+@pytest.mark.parametrize("head_dim", [24, 80, 96])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-style", "fp8"])
+def test_any_head_dim_works(kernels, head_dim, fp8):
+    """Head dims that are not powers of two (24, 80, 96) are padded inside the kernel: same result as SDPA,
+    and this frame's write touches only the head's own entries."""
+    q, keys, values, mask, lengths = rings(5, 3, 200, head_dim, POSITIONS, seed=4)
+    scales = ()
+    if fp8:
+        keys, key_scales = quantize_fp8(keys, torch.bfloat16)
+        values, value_scales = quantize_fp8(values, torch.bfloat16)
+        scales = (key_scales, value_scales)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q, dequantize_fp8(keys, key_scales, torch.float32), dequantize_fp8(values, value_scales, torch.float32),
+            attn_mask=mask,
+        )
+    else:
+        expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    got = kernels.decode_attention(*on(DEVICE, q, keys, values, mask, lengths, *scales), splits=3)
+    torch.testing.assert_close(got.cpu(), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-style", "fp8"])
+def test_pinned_entries_are_scored_with_their_own_query(kernels, fp8, splits):
+    """Pin-persona: entries below each slot's pinned count are scored with the second query, the others
+    with the first; slots with a count of 0 slide as usual. Compared with the pinned attention written
+    in PyTorch (``attention.pinned_math_attention``)."""
+    from personaplex.layers.attention import pinned_math_attention
+
+    q, keys, values, mask, lengths = rings(5, 3, 200, 32, POSITIONS, seed=5)
+    q_pinned = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
+    counts = torch.tensor([0, 10, 40, 0, 57], dtype=torch.int32)
+    pinned_keys = (torch.arange(200)[None, :] < counts[:, None])[:, None, None, :]
+    scales = ()
+    if fp8:
+        keys, key_scales = quantize_fp8(keys, torch.bfloat16)
+        values, value_scales = quantize_fp8(values, torch.bfloat16)
+        scales = (key_scales, value_scales)
+        seen_keys = dequantize_fp8(keys, key_scales, torch.float32)
+        seen_values = dequantize_fp8(values, value_scales, torch.float32)
+    else:
+        seen_keys, seen_values = keys, values
+    expected = pinned_math_attention(q, q_pinned, seen_keys, seen_values, mask, pinned_keys)
+    got = kernels.decode_attention(
+        *on(DEVICE, q, keys, values, mask, lengths, *scales), splits=splits,
+        pinned=tuple(on(DEVICE, q_pinned, counts)),
+    )
+    torch.testing.assert_close(got.cpu(), expected, atol=2e-5, rtol=2e-5)
+    sliding = kernels.decode_attention(*on(DEVICE, q, keys, values, mask, lengths, *scales), splits=splits)
+    assert torch.equal(got[[0, 3]].cpu(), sliding[[0, 3]].cpu())  # count 0: exactly the sliding result
+    assert not torch.allclose(got[[1, 2, 4]].cpu(), sliding[[1, 2, 4]].cpu())  # the second query mattered
 
 
 @pytest.mark.parametrize("splits", [None, 1, 3])

@@ -423,6 +423,49 @@ def test_slots_with_different_context_policies_step_together_past_the_context(mo
     assert not torch.equal(sliding[full:], pinned[full:])
 
 
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_triton_kernels_step_pinned_and_sliding_slots_like_eager_past_the_context(models, kv_dtype):
+    """The Triton decode attention's pinned path (second query for the prompt's entries) in a batch of a
+    pin-persona and a sliding slot, 2.2 contexts long: same tokens as the eager set."""
+    from conftest import require_triton_kernels
+
+    require_triton_kernels()
+    lm, mimi = models
+    frames = int(2.2 * CONTEXT)
+    audio = [user_audio(seed, frames) for seed in (7, 8)]
+    runs = {}
+    for name in ("eager", "triton"):
+        engine = Engine(lm, mimi, max_slots=2, kv_dtype=kv_dtype, kernels=name)
+        engine.join(0, 1, persona(lm, 1), SamplingConfig(seed=21), context_policy="pin-persona")
+        engine.join(1, 2, persona(lm, 2), SamplingConfig(greedy=True), context_policy="sliding")
+        runs[name] = [engine.step(torch.stack([a[t] for a in audio])) for t in range(frames)]
+    for plain, fast in zip(runs["eager"], runs["triton"]):
+        assert torch.equal(plain.tokens, fast.tokens)
+        torch.testing.assert_close(plain.pcm, fast.pcm, atol=1e-5, rtol=0)
+
+
+def test_a_head_dim_that_is_not_a_power_of_two_runs_through_the_triton_kernels(models):
+    """48-wide heads (192 / 4) through the engine's "triton" set, FP8 rings, a pin-persona and a sliding slot:
+    the decode attention pads the heads inside the kernel and steps like the eager set."""
+    from conftest import require_triton_kernels
+
+    require_triton_kernels()
+    _, mimi = models
+    config = dataclasses.replace(DEMO_LM, context=CONTEXT, num_layers=1, dim=192, num_heads=4)
+    assert config.head_dim == 48
+    lm = randomize_(LMModel(config), seed=3).eval().requires_grad_(False)
+    audio = [user_audio(seed, 12) for seed in (9, 10)]
+    runs = {}
+    for name in ("eager", "triton"):
+        engine = Engine(lm, mimi, max_slots=2, kv_dtype="fp8", kernels=name)
+        engine.join(0, 1, persona(lm, 1), SamplingConfig(seed=3), context_policy="pin-persona")
+        engine.join(1, 2, persona(lm, 2), SamplingConfig(seed=4))
+        runs[name] = [engine.step(torch.stack([a[t] for a in audio])) for t in range(12)]
+    for plain, fast in zip(runs["eager"], runs["triton"]):
+        assert torch.equal(plain.tokens, fast.tokens)
+        torch.testing.assert_close(plain.pcm, fast.pcm, atol=1e-5, rtol=0)
+
+
 def test_an_unknown_context_policy_is_refused(models):
     lm, mimi = models
     engine = Engine(lm, mimi, max_slots=1)

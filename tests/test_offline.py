@@ -232,3 +232,46 @@ def test_folder_of_inputs_with_fewer_slots_than_files(demo_cache, tmp_path, caps
                              "--output-text", str(tmp_path / "c.json"), "--seed", "9"], capsys)
     assert code == 0, err
     assert (tmp_path / "c.json").read_text() == (tmp_path / "out" / "c.json").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["sliding", "pin-persona"])
+def test_an_input_longer_than_the_context_is_processed_whole(demo_cache, tmp_path, capsys, monkeypatch,
+                                                              short_context_demo, policy):
+    """No length cap: an input as long as the model's context (the demo with a 200-frame context, the same code
+    as 4 minutes of the 7B), which with its system prompt runs well past the context, comes out whole under
+    either ``--context-policy``, which reaches the engine."""
+    import personaplex.offline as offline
+    from personaplex.engine.engine import Engine
+
+    context = short_context_demo.lm.config.context
+    monkeypatch.setattr(offline, "load_model_for_args", lambda *args, **kwargs: short_context_demo)
+    joined = []
+    real_join = Engine.join
+
+    def join(self, first, stop, prompt, sampling, **options):  # the real join, and what it did to the slot
+        cached = real_join(self, first, stop, prompt, sampling, **options)
+        joined.append((prompt.num_steps, int(self.lm_state.pinned[first])))
+        return cached
+
+    monkeypatch.setattr(Engine, "join", join)
+    seconds = context * 0.08
+    source = tone(tmp_path / "long.wav", seconds)
+    code, err = run_offline(["--input-wav", str(source), "--output-wav", str(tmp_path / "out.wav"),
+                             "--output-text", str(tmp_path / "out.json"), "--text-prompt", "x", "--seed", "1",
+                             "--context-policy", policy], capsys)
+    assert code == 0, err
+    audio, _ = sphn.read(str(tmp_path / "out.wav"))
+    assert audio.shape == (1, int(seconds * 24_000))  # output length equals input length
+    tokens = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert len(tokens) == -(-int(seconds * 24_000) // 1920)
+    [(prompt_frames, pinned)] = joined
+    assert prompt_frames + len(tokens) > 1.25 * context  # positions of the rings: both policies wrapped
+    assert pinned == (prompt_frames if policy == "pin-persona" else 0)
+
+
+def test_an_unknown_context_policy_is_refused(demo_cache, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        offline_main(["--input-wav", str(tone(tmp_path / "in.wav", 0.3)), "--output-wav", str(tmp_path / "o.wav"),
+                      "--output-text", str(tmp_path / "o.json"), "--context-policy", "forever"])
+    assert exit_.value.code == 2 and "--context-policy: invalid choice: 'forever'" in capsys.readouterr().err

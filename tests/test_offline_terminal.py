@@ -79,7 +79,8 @@ def test_the_rate_measured_on_the_run_follows_the_estimate(tmp_path, monkeypatch
     measured = re.search(r"measured: ([0-9.]+) frames/s \(([0-9.]+)x real time\) over the first \d+ s; "
                          r"about [0-9.]+ (s|min|h) left at this rate", err)
     assert measured, err
-    assert float(measured[1]) > 0 and float(measured[2]) == pytest.approx(float(measured[1]) * 0.08, abs=0.01)
+    # Both printed to two or three significant digits: equal up to that rounding (5%).
+    assert float(measured[1]) > 0 and float(measured[2]) == pytest.approx(float(measured[1]) * 0.08, rel=0.05)
     assert err.index("measured:") < err.index("processed ")
 
 

@@ -161,6 +161,76 @@ def of_type(events: list, kind: str) -> list:
     return [e for e in events if e.type == kind]
 
 
+# --- long calls: past the model's context (shared with the Twilio and /api/chat tests) ----------------------
+
+# A call of 1.3 x the short-context demo's 200 frames, two at once, on a loaded 2-core machine: the engine may
+# step several times slower than real time. The tests wait for what they check; this only bounds a hang.
+LONG_CALL_DEADLINE = 900.0
+# One call per context policy, each with its own text prompt: the server-side conversation of each policy is
+# told apart by the length of its system prompt.
+LONG_CALL_PROMPTS = {"sliding": "You enjoy having a good conversation.", "pin-persona": "x"}
+
+
+class LongCalls:
+    """Watches, from the server's side, one live conversation per context policy (prompts of
+    ``LONG_CALL_PROMPTS``): how far each has gone (system prompt frames plus frames stepped: positions of
+    its KV rings) and how many positions the engine pins in its rings."""
+
+    def __init__(self, server: ServerThread):
+        from personaplex.serving import PersonaRequest
+
+        self.server = server
+        hub = server.hub
+        self.prompt_frames = {policy: server.call(hub.build_persona(PersonaRequest(text))).num_steps
+                              for policy, text in LONG_CALL_PROMPTS.items()}
+        assert len(set(self.prompt_frames.values())) == 2, self.prompt_frames
+        self.context = hub.model.lm.config.context
+        self.wanted = int(1.3 * self.context)  # positions each call reaches: both rings have wrapped
+        self.positions: dict[str, int] = {}
+        self.pinned: dict[str, set[int]] = {policy: set() for policy in LONG_CALL_PROMPTS}
+
+    def observe(self) -> None:
+        hub = self.server.hub
+        for conversation in list(hub._admitted):
+            slot = conversation.slot
+            if slot < 0 or conversation.end_reason is not None or not hub.engine.active[slot]:
+                continue
+            for policy, frames in self.prompt_frames.items():
+                if conversation.prompt_frames == frames:
+                    self.positions[policy] = frames + conversation._engine_frames
+                    self.pinned[policy].add(int(hub.engine.lm_state.pinned[slot]))
+
+    def past_the_context(self) -> bool:
+        """Whether both calls, still live, have reached ``wanted`` positions (1.3 x the context)."""
+        self.observe()
+        return len(self.positions) == 2 and min(self.positions.values()) >= self.wanted
+
+    def frames_past_the_prompt(self, policy: str) -> int:
+        """Agent frames the call of ``policy`` had at least when both were past the context."""
+        return self.wanted - self.prompt_frames[policy]
+
+    def check_the_engine(self) -> None:
+        """Each call ran under its own policy in the engine: pin-persona pins exactly its system prompt."""
+        assert self.pinned == {"sliding": {0}, "pin-persona": {self.prompt_frames["pin-persona"]}}, self.pinned
+
+    def wait_for_the_ends(self, before: str) -> str:
+        """Wait until the server recorded both conversations' ends (after the metrics ``before``); returns the
+        metrics then. Neither ended for its length: there is no limit by default."""
+        count = "personaplex_conversation_seconds_count"
+        end = time.monotonic() + DEADLINE
+        while metric_value(self.server.hub.metrics.render(), count) < metric_value(before, count) + 2:
+            assert time.monotonic() < end, "the server did not record the end of both calls"
+            time.sleep(0.05)
+        after = self.server.hub.metrics.render()
+        ended = "personaplex_conversations_ended_total"
+        assert metric_value(after, ended, reason="max_length") == metric_value(before, ended, reason="max_length")
+        for policy in LONG_CALL_PROMPTS:
+            joins = [metric_value(m, "personaplex_conversation_joins_total", context_policy=policy)
+                     for m in (before, after)]
+            assert joins[1] == joins[0] + 1, (policy, joins)
+        return after
+
+
 # --- GA client ---------------------------------------------------------------------------------------------
 
 
@@ -349,6 +419,63 @@ def test_mulaw_both_ways(server):
     # The 8 kHz audio reached the model as 24 kHz frames: no silence filled in while it streamed.
     underruns = [metric_value(m, "personaplex_input_underrun_frames_total") for m in (before, after)]
     assert underruns[1] - underruns[0] <= 4, underruns
+
+
+# --- long calls ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sessions_go_on_past_the_context_under_either_context_policy(short_context_demo):
+    """Two sessions at once, one per context policy (``session.context_policy``), each longer than the model's
+    context: both go on without an error, and each runs under its own policy in the engine. An unknown policy
+    is refused with an error event; once the conversation runs, the policy is fixed."""
+    server = ServerThread(short_context_demo, max_conversations=2, max_queue=0, input_timeout_seconds=None)
+    try:
+        calls = LongCalls(server)
+        before = server.metrics()
+
+        async def session(policy: str, other: str):
+            async with client_for(server).realtime.connect(model="personaplex") as connection:
+                created = await asyncio.wait_for(connection.recv(), 10)
+                await connection.session.update(session={"type": "realtime", "instructions": LONG_CALL_PROMPTS[policy],
+                                                         "context_policy": "forever"})
+                refused = await asyncio.wait_for(connection.recv(), 30)
+                kept = await asyncio.wait_for(connection.recv(), 10)
+                await connection.session.update(session={"type": "realtime", "context_policy": policy})
+                updated = await asyncio.wait_for(connection.recv(), 10)
+                events: list = []
+                stop = asyncio.Event()
+                receiver = asyncio.create_task(collect(connection, events, stop))
+                await stream_audio(connection, voice_like_pcm16(2.0, seed=len(policy)), until=calls.past_the_context,
+                                   deadline=LONG_CALL_DEADLINE)
+                # Every frame the call had when both were past the context reaches the client.
+                await wait_until(lambda: len(of_type(events, AUDIO_DELTA)) >= calls.frames_past_the_prompt(policy),
+                                 "the agent's audio past the context")
+                await connection.session.update(session={"type": "realtime", "context_policy": other})
+                await stream_audio(connection, voice_like_pcm16(0.4), until=lambda: of_type(events, "error"))
+                stop.set()
+                await receiver
+                return created, refused, kept, updated, events
+
+        async def both():
+            return await asyncio.wait_for(asyncio.gather(session("sliding", "pin-persona"),
+                                                         session("pin-persona", "sliding")), LONG_CALL_DEADLINE + 60)
+
+        results = asyncio.run(both())
+        calls.check_the_engine()
+        calls.wait_for_the_ends(before)
+    finally:
+        server.stop()
+    for policy, (created, refused, kept, updated, events) in zip(("sliding", "pin-persona"), results):
+        assert created.session.context_policy == "sliding"  # the server's default
+        assert refused.type == "error" and refused.error.code == "invalid_value"
+        assert refused.error.param == "session.context_policy" and "pin-persona" in refused.error.message
+        assert kept.type == "session.updated" and kept.session.context_policy == "sliding"
+        assert kept.session.instructions == LONG_CALL_PROMPTS[policy]  # the rest of that update applied
+        assert updated.type == "session.updated" and updated.session.context_policy == policy
+        assert len(of_type(events, AUDIO_DELTA)) >= calls.frames_past_the_prompt(policy)
+        assert [e.error.code for e in of_type(events, "error")] == ["session_already_started"], policy
+        assert not of_type(events, "response.done")  # the response (the call) was still going
 
 
 # --- isolation, limits, auth, metrics ----------------------------------------------------------------------

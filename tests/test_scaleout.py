@@ -55,6 +55,18 @@ def test_scale_serve_refuses_bad_flags_before_starting(flags, message, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
 
 
+def test_the_replicas_get_the_servers_context_policy():
+    import argparse
+
+    from personaplex.scaleout.cli import MODEL_FLAGS, build_serve_parser
+    from personaplex.scaleout.deployment import replica_args
+
+    parser = build_serve_parser(argparse.ArgumentParser())
+    for flags, policy in (([], "sliding"), (["--context-policy", "pin-persona"], "pin-persona")):
+        args = parser.parse_args(["--max-conversations", "2", *flags])
+        assert replica_args({name: getattr(args, name, None) for name in MODEL_FLAGS}).context_policy == policy
+
+
 def test_replica_plan_one_replica_per_gpu_and_autoscaling():
     import argparse
 
@@ -305,6 +317,8 @@ def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
         out.setsampwidth(2)
         out.setframerate(48_000)
         out.writeframes((12000 * np.sin(2 * np.pi * 440 * t) * (0.55 + 0.45 * np.sin(6 * np.pi * t))).astype("<i2"))
+    from test_web_ui import PROBLEM_NOTICES
+
     from personaplex.scaleout.stats import replica_names
 
     with sync_api.sync_playwright() as playwright:
@@ -327,7 +341,7 @@ def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
             assert page.evaluate("personaplex.counters.pagesOut") > 20  # the microphone's Ogg/Opus went out
             page.click("#stop")
             page.wait_for_function("personaplex.state === 'closed'", timeout=DEADLINE * 1000)
-            assert page.evaluate("personaplex.notices") == [] and errors == []
+            assert page.evaluate(PROBLEM_NOTICES) == [] and errors == []
         finally:
             browser.close()
 

@@ -592,6 +592,79 @@ def test_disconnect_while_queued_or_during_prefill_frees_at_once(demo_model):
     assert prefill_freed and queue_freed
 
 
+# --- long calls ---------------------------------------------------------------------------------------------
+
+
+async def call_until(url: str, done, deadline: float) -> tuple[Received, int]:
+    """A caller that talks (real Ogg/Opus, in real time) until ``done()`` holds, then hangs up; returns what
+    it received and the samples of agent audio it decoded."""
+    received = Received()
+    decoder = sphn.OpusStreamReader(24000)
+    decoded = [0]
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as ws:
+        async def reader():
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    received.messages.append((time.monotonic(), message.data[0], message.data[1:]))
+                    if message.data[0] == 0x01:
+                        pcm = decoder.append_bytes(message.data[1:])
+                        decoded[0] += 0 if pcm is None else len(pcm)
+
+        read_task = asyncio.create_task(reader())
+        writer = sphn.OpusStreamWriter(24000)
+        rng = np.random.default_rng(len(url))
+        start = time.monotonic()
+        sent = 0
+        while not done(decoded[0]) and not read_task.done():
+            assert time.monotonic() - start < deadline, f"still waiting after {deadline:g} s of streaming"
+            if 0x00 in received.kinds():  # talk from the handshake on
+                for page in parse_pages(writer.append_pcm((0.1 * rng.standard_normal(FRAME)).astype(np.float32))):
+                    await ws.send_bytes(b"\x01" + page.to_bytes())
+                sent += 1
+            await asyncio.sleep(max(0.0, start + sent * 0.08 - time.monotonic()) if sent else 0.01)
+        await ws.close()
+        await asyncio.wait_for(read_task, 30)
+    received.close_code = ws.close_code
+    return received, decoded[0]
+
+
+@pytest.mark.slow
+def test_calls_go_on_past_the_context_under_either_context_policy(short_context_demo):
+    """Two calls at once, one per context policy (``?context_policy=``), each longer than the model's context:
+    both go on until the caller hangs up, with no error, each under its own policy in the engine."""
+    from test_realtime import LONG_CALL_DEADLINE, LONG_CALL_PROMPTS, LongCalls, metric_value
+
+    server = ServerThread(short_context_demo, max_conversations=2, max_queue=0, input_timeout_seconds=None)
+    try:
+        calls = LongCalls(server)
+        before = server.hub.metrics.render()
+
+        def heard_past_the_context(policy):
+            # Both calls past the context (server side), and this caller has heard every frame of it.
+            wanted = calls.frames_past_the_prompt(policy)
+            return lambda samples: calls.past_the_context() and samples >= (wanted - 1) * FRAME
+
+        async def both():
+            return await asyncio.gather(*(
+                call_until(chat_url(server.url, text_prompt=text, context_policy=policy),
+                           heard_past_the_context(policy), LONG_CALL_DEADLINE)
+                for policy, text in LONG_CALL_PROMPTS.items()))
+
+        results = run(both())
+        calls.check_the_engine()
+        after = calls.wait_for_the_ends(before)
+    finally:
+        server.stop()
+    assert metric_value(after, "personaplex_conversations_ended_total", reason="client_closed") == 2
+    for policy, (received, samples) in zip(LONG_CALL_PROMPTS, results):
+        assert received.error is None, received.error  # no 0x05: the server never ended the call
+        assert samples >= (calls.frames_past_the_prompt(policy) - 1) * FRAME
+        welcome, started = received.metadata[0], received.metadata[-1]
+        assert welcome["persona"]["context_policy"] == policy and started["context_policy"] == policy
+        assert started["max_conversation_seconds"] is None  # no length limit
+        assert received.close_code == 1000
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 LONG_PROMPT = " ".join(f"zq{i}x" for i in range(6000))
@@ -614,6 +687,7 @@ BAD_INPUTS = {
     "bad_topk": ({"text_topk": "0"}, None, 1008, "text_topk"),
     "huge_topk": ({"audio_topk": "999999"}, None, 1008, "audio_topk"),
     "bad_seed": ({"seed": "1.5"}, None, 1008, "seed"),
+    "bad_context_policy": ({"context_policy": "forever"}, None, 1008, "invalid context_policy='forever'"),
 }
 
 

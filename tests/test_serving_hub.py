@@ -362,6 +362,50 @@ def test_the_default_persona_is_warmed_up_at_start(demo_model):
     assert cached == (True, False)
 
 
+@pytest.mark.parametrize("default", ["sliding", "pin-persona"])
+def test_a_conversation_runs_under_the_context_policy_it_asks_for(demo_model, default):
+    """Each conversation's context policy reaches its engine slot: its own, else the hub's default; an unknown
+    one is refused before any persona work, and the hub's own default is checked at construction."""
+
+    async def scenario(hub):
+        asked = {policy: await hub.open(PersonaRequest("x", context_policy=policy), front_end="test")
+                 for policy in ("sliding", "pin-persona")}
+        pinned = {policy: int(hub.engine.lm_state.pinned[c.slot]) for policy, c in asked.items()}
+        policies = {policy: c.context_policy for policy, c in asked.items()}
+        frames = asked["pin-persona"].prompt_frames
+        for conversation in asked.values():
+            await conversation.close()
+        plain = await hub.open(PersonaRequest("x"), front_end="test")
+        pinned["default"], policies["default"] = int(hub.engine.lm_state.pinned[plain.slot]), plain.context_policy
+        await plain.close()
+        with pytest.raises(PersonaError, match="unknown context policy 'forever'"):
+            await hub.open(PersonaRequest("x", context_policy="forever"), front_end="test")
+        return pinned, policies, frames, hub.describe(), hub.metrics.render()
+
+    pinned, policies, frames, info, metrics = run_hub(demo_model, scenario, max_conversations=2, tick_seconds=0,
+                                                      input_timeout_seconds=None, context_policy=default)
+    assert frames > 0
+    assert pinned == {"sliding": 0, "pin-persona": frames, "default": frames if default == "pin-persona" else 0}
+    assert policies == {"sliding": "sliding", "pin-persona": "pin-persona", "default": default}
+    assert info["context_policy"] == default
+    other = ({"sliding", "pin-persona"} - {default}).pop()
+    joins = 'personaplex_conversation_joins_total{context_policy="%s"} '
+    assert joins % default + "2.0" in metrics and joins % other + "1.0" in metrics
+    with pytest.raises(ValueError, match="context_policy must be one of sliding, pin-persona"):
+        ConversationHub(demo_model, HubOptions(context_policy="forever"))
+
+
+def test_serve_context_policy_flag_sets_the_hub_default(demo_model, monkeypatch):
+    import personaplex.offline as offline
+    from personaplex.server.serve import build_parser
+
+    monkeypatch.setattr(offline, "load_model_for_args", lambda *args, **kwargs: demo_model)
+    parser = build_parser()
+    for flags, policy in (([], "sliding"), (["--context-policy", "pin-persona"], "pin-persona")):
+        hub = ConversationHub.from_args(parser.parse_args(["--model", "demo", "--max-conversations", "1", *flags]))
+        assert hub.options.context_policy == policy and hub.describe()["context_policy"] == policy
+
+
 def test_a_conversation_goes_on_past_the_context(short_context_demo):
     """No length limit by default: past the model's context the rings slide and the call continues; the
     metrics record the conversation's length. An operator's limit still ends it."""

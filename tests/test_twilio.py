@@ -15,7 +15,16 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from test_realtime import DEADLINE, ServerThread, frames_stepped, metric_value, wait_until
+from test_realtime import (
+    DEADLINE,
+    LONG_CALL_DEADLINE,
+    LONG_CALL_PROMPTS,
+    LongCalls,
+    ServerThread,
+    frames_stepped,
+    metric_value,
+    wait_until,
+)
 from test_twilio_codecs import speech_like
 
 from personaplex.integrations.codecs import float_to_pcm16, mulaw_to_pcm16, pcm16_to_mulaw
@@ -80,12 +89,12 @@ class Call:
         return json.dumps({"event": event, "sequenceNumber": str(self.sequence), **fields})
 
     async def run(self, audio: bytes, *, extra: list[str] = (), hang_up: bool = True, linger: float = 0.4,
-                  until=None, streamed=None, stepped=None) -> None:
+                  until=None, streamed=None, stepped=None, deadline: float = DEADLINE) -> None:
         """Stream ``audio`` in real time, then again and again while ``until()`` is false (a loaded machine
         steps fewer frames per second, so a test streams until it saw what it checks); call ``streamed()``
         after the last media message, wait ``linger`` seconds and, with ``stepped`` (a function giving the
         frames the server has stepped for this call), until all of them arrived; then hang up (``stop``)
-        unless ``hang_up`` is false, and wait for the server's close."""
+        unless ``hang_up`` is false, and wait for the server's close. Streaming fails past ``deadline`` seconds."""
         async with aiohttp.ClientSession() as http, http.ws_connect(self.url) as ws:
             reader = asyncio.create_task(self._read(ws))
             await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
@@ -101,7 +110,7 @@ class Call:
             while chunk < len(chunks) or (until is not None and not until()):
                 if ws.closed:
                     break
-                assert time.monotonic() - start < DEADLINE, f"still waiting after {DEADLINE:g} s of streaming"
+                assert time.monotonic() - start < deadline, f"still waiting after {deadline:g} s of streaming"
                 await ws.send_str(self.message("media", streamSid=STREAM_SID, media={
                     "track": "inbound", "chunk": str(chunk + 1), "timestamp": str(chunk * 20),
                     "payload": base64.b64encode(chunks[chunk % len(chunks)]).decode()}))
@@ -229,6 +238,9 @@ def test_a_refused_call_gets_no_audio(server, demo_model):
     unknown = Call(url_of(server), {"persona": "nobody"})
     asyncio.run(unknown.run(caller_audio(0.4), hang_up=False))
     assert not unknown.of("media") and unknown.close_code == 1000
+    bad_policy = Call(url_of(server), {"context_policy": "forever"})
+    asyncio.run(bad_policy.run(caller_audio(0.4), hang_up=False))
+    assert not bad_policy.of("media") and bad_policy.close_code == 1000
     alaw = Call(url_of(server), encoding="audio/x-alaw")
     asyncio.run(alaw.run(caller_audio(0.4), hang_up=False))
     assert not alaw.of("media") and alaw.close_code == 1000
@@ -257,6 +269,35 @@ def test_the_end_of_a_conversation_lets_the_last_audio_play_then_closes(demo_mod
     assert call.close_code == 1000
 
 
+@pytest.mark.slow
+def test_calls_go_on_past_the_context_under_either_context_policy(short_context_demo):
+    """Two calls at once, one per context policy (``<Parameter name="context_policy">``), each longer than
+    the model's context: both go on until the caller hangs up, each under its own policy in the engine."""
+    server = ServerThread(short_context_demo, max_conversations=2, max_queue=0, input_timeout_seconds=None)
+    try:
+        long_calls = LongCalls(server)
+        before = server.metrics()
+        calls = {policy: Call(url_of(server), {"text_prompt": text, "context_policy": policy})
+                 for policy, text in LONG_CALL_PROMPTS.items()}
+
+        async def both():
+            await asyncio.gather(*(call.run(caller_audio(2.0, seed=len(policy)), until=long_calls.past_the_context,
+                                            deadline=LONG_CALL_DEADLINE,
+                                            stepped=lambda p=policy: long_calls.frames_past_the_prompt(p))
+                                   for policy, call in calls.items()))
+
+        asyncio.run(both())
+        long_calls.check_the_engine()
+        long_calls.wait_for_the_ends(before)
+    finally:
+        server.stop()
+    for policy, call in calls.items():
+        # Every frame the call had when both were past the context was played; the caller hung up.
+        assert len(call.of("media")) >= long_calls.frames_past_the_prompt(policy), policy
+        assert all(m["mark"]["name"] != "personaplex-end" for m in call.of("mark"))
+        assert call.close_code == 1000
+
+
 # --- the persona file --------------------------------------------------------------------------------------
 
 
@@ -271,6 +312,12 @@ def test_phone_persona_file_resolution_and_errors(tmp_path):
         personas.resolve({"persona": "x"})
     with pytest.raises(PhonePersonaError, match="text_topk"):
         personas.resolve({"text_topk": "0"})
+    assert personas.resolve({}).context_policy is None  # the server's --context-policy
+    assert personas.resolve({"context_policy": "pin-persona"}).context_policy == "pin-persona"
+    assert PhonePersonas.from_dict({"personas": {"a": {"context_policy": "pin-persona"}}, "default": "a"}).resolve(
+        {}).context_policy == "pin-persona"
+    with pytest.raises(PhonePersonaError, match="context_policy='forever'.*sliding, pin-persona"):
+        personas.resolve({"context_policy": "forever"})
     with pytest.raises(PhonePersonaError, match="not in 'personas'"):
         PhonePersonas.from_dict({"personas": {}, "numbers": {"+1": "ghost"}})
     with pytest.raises(PhonePersonaError, match="unknown fields"):

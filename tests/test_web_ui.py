@@ -35,6 +35,9 @@ PROXY_PREFIX = "/voice/agent"
 # Every wait for the page is at least this long: a browser and the server on a saturated 2-core machine
 # run far slower than real time; a wait fails only when what it waits for never comes.
 MIN_WAIT_SECONDS = 90.0
+# Notices that report a problem. The demo model's notice is always there, and the behind-real-time one
+# depends on how busy the machine is (tests/test_web_ui_notices.py checks both).
+PROBLEM_NOTICES = "personaplex.notices.filter(n => !['demo-model', 'behind'].includes(n.id))"
 
 pytestmark = pytest.mark.slow
 
@@ -236,7 +239,7 @@ def test_page_loads_lists_voices_and_fills_examples(browser, demo_server):
     assert "reactor" in prompt
     assert page.js("document.querySelector('#prompt-count').textContent") == f"{len(prompt)}/1000"
     assert page.js("document.querySelector('#upload-group').hidden") is False  # the server allows uploads
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     assert page.errors == []
     page.context.close()
 
@@ -266,7 +269,7 @@ def test_conversation_with_the_demo_model(browser, demo_server):
     received_seconds = playback["receivedSeconds"]
     stop_conversation(page)
 
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     assert page.errors == []
     after = demo_server.metrics()
     assert metric(after, "personaplex_sessions_total", 'front_end="chat"') == \
@@ -314,7 +317,7 @@ def test_uploaded_voice_sample(browser, demo_server, tmp_path):
     voice = page.js("personaplex.metadata[0].persona.voice")
     assert voice.startswith("upload-")
     stop_conversation(page)
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     page.context.close()
 
 
@@ -395,13 +398,13 @@ def test_https_with_a_generated_certificate_on_a_lan_name(browser, tmp_path):
         page.goto(f"https://{LAN_HOST}:{port}/")
         page.wait_for_selector("body[data-ready]", timeout=MIN_WAIT_SECONDS * 1000)
         assert page.evaluate("window.isSecureContext") is True
-        assert page.evaluate("personaplex.notices") == []
+        assert page.evaluate(PROBLEM_NOTICES) == []
         page.click("#start")
         page.wait_for_function("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 0.5",
                                timeout=MIN_WAIT_SECONDS * 1000)
         page.click("#stop")
         page.wait_for_function("personaplex.state === 'closed'", timeout=MIN_WAIT_SECONDS * 1000)
-        assert page.evaluate("personaplex.notices") == []
+        assert page.evaluate(PROBLEM_NOTICES) == []
         context.close()
     finally:
         stop_server(server)
@@ -768,7 +771,7 @@ def test_server_that_speaks_only_kinds_0_to_2(browser, minimal_server):
 
     assert page.js("document.querySelector('#server-panel').hidden") is True  # no metadata ever came
     assert page.js("personaplex.metadata") == []
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     assert [e for e in page.errors if "404" not in e] == []  # the only error: the missing /api/voices
     query = minimal_server.queries[-1]
     assert query["voice_prompt"] == "NATF0.pt" and "wise and friendly teacher" in query["text_prompt"]
@@ -784,7 +787,7 @@ def test_page_behind_a_path_prefix(browser, minimal_server):
     start_conversation(page)
     stop_conversation(page)
     assert minimal_server.paths[conversations:] == [f"{PROXY_PREFIX}/api/chat"]  # relative to the page
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     page.context.close()
 
 

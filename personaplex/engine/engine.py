@@ -432,9 +432,10 @@ class Engine:
         lengths = list(range(LENGTH_BUCKET, min(up_to_frames, context) + LENGTH_BUCKET, LENGTH_BUCKET))
         return sorted({min(length, context) for length in lengths})
 
-    def capture_graphs(self, up_to_frames: int | None = None) -> int:
+    def capture_graphs(self, up_to_frames: int | None = None, *, pinning: bool = False) -> int:
         """Capture the CUDA graphs of every batch bucket and ring length ahead of time, and those of the
         prefill blocks, so that no step of a live conversation or join waits for a capture (~0.5 s each).
+        ``pinning``: also those of batches with a pin-persona conversation (otherwise captured at first use).
         Returns how many were captured."""
         if not self._use_cuda_graph:
             return 0
@@ -446,11 +447,12 @@ class Engine:
             active = torch.tensor(self.active[:batch], device=self.device)
             times = []
             for length in [self.config.context] if self.reads_own_lengths() else bucketed:
-                if (batch, length) not in self._graphs:
-                    started = time.perf_counter()
-                    with torch.inference_mode():
-                        self._graphs[(batch, length)] = self._capture(batch, length, pcm, active)
-                    times.append(time.perf_counter() - started)
+                for key in [(batch, length), (batch, length, "pin")][: 2 if pinning else 1]:
+                    if key not in self._graphs:
+                        started = time.perf_counter()
+                        with torch.inference_mode():
+                            self._graphs[key] = self._capture(batch, length, pcm, active, pinning=len(key) == 3)
+                        times.append(time.perf_counter() - started)
             if times:  # the first of a batch size may compile; where start-up time goes
                 startup.report(
                     f"step graph, batch {batch} ({number}/{len(self.buckets)})", sum(times),

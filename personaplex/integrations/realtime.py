@@ -14,12 +14,14 @@ Full-duplex semantics
   ``response.create``. ``session.update`` before that sets the persona: ``instructions`` is the text
   prompt, ``voice`` (or ``audio.output.voice``) a voice preset of the server (``GET /api/voices``),
   ``temperature`` both sampling temperatures, and the extension object ``sampling`` any of
-  ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, ``seed``. The persona is
-  checked at once (an unknown voice or an over-long prompt gets an ``error`` event, the rest of the update
-  still applies). After the start, persona fields cannot change (``session_already_started``). A
-  connection may change its persona ``max_persona_changes`` times (each change may cost a persona build);
-  further changes get ``too_many_persona_changes``, and a change while the persona builds are full gets
-  ``server_busy``; the session keeps its persona either way.
+  ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, ``seed``; the extension
+  field ``context_policy`` (``sliding`` or ``pin-persona``; null: the server's ``--context-policy``) what
+  the conversation keeps once it is longer than the model's context. The persona is checked at once (an
+  unknown voice or an over-long prompt gets an ``error`` event, the rest of the update still applies).
+  After the start, persona fields (the context policy too) cannot change (``session_already_started``).
+  A connection may change its persona ``max_persona_changes`` times (each change may cost a persona
+  build); further changes get ``too_many_persona_changes``, and a change while the persona builds are
+  full gets ``server_busy``; the session keeps its persona either way.
 - Audio appended while the persona is being applied is dropped (as on ``/api/chat``): stream audio
   continuously from the start, silence included; a client silent for the server's input timeout is ended.
 - Then the agent's audio flows continuously, one ``response.output_audio.delta`` per 80 ms, in step with
@@ -57,6 +59,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..config import SAMPLE_RATE
+from ..engine.engine import CONTEXT_POLICIES
 from ..errors import PersonaplexError
 from ..serving.hub import Conversation, HubBusy, HubClosed, NotSupported, PersonaError, PersonaRequest
 from ..serving.input_budget import InputBudget, InputRateExceeded
@@ -131,6 +134,7 @@ class RealtimeSession:
         self.instructions = ""
         self.voice: str | None = None
         self.sampling = defaults.sampling
+        self.context_policy: str | None = None  # None: the server's default
         self.input_format = PCM16
         self.output_format = PCM16
         self.conversation: Conversation | None = None
@@ -306,12 +310,22 @@ class RealtimeSession:
             sampling = _sampling(session, sampling)
         except RealtimeError as error:
             errors.append(error)
+        policy = self.context_policy
+        if "context_policy" in session:
+            if session["context_policy"] is None or session["context_policy"] in CONTEXT_POLICIES:
+                policy = session["context_policy"]
+            else:
+                errors.append(RealtimeError(
+                    "invalid_value", f"context_policy must be one of {', '.join(CONTEXT_POLICIES)} (or null: the "
+                    f"server's default), got {str(session['context_policy'])[:40]!r}", "session.context_policy"))
 
-        changed = (instructions, voice, sampling) != (self.instructions, self.voice, self.sampling)
+        changed = (instructions, voice, sampling, policy) != (self.instructions, self.voice, self.sampling,
+                                                              self.context_policy)
         if changed and self._conversation_task is not None:
             errors.append(RealtimeError(
-                "session_already_started", "the persona (instructions, voice, sampling) is fixed once the "
-                "conversation has started (at the first audio); open a new session for another persona", "session"))
+                "session_already_started", "the persona (instructions, voice, sampling, context policy) is fixed "
+                "once the conversation has started (at the first audio); open a new session for another persona",
+                "session"))
         elif (instructions, voice) != (self.instructions, self.voice):
             limit = self.hub.options.max_persona_changes
             if self.persona_changes >= limit:  # each change may cost a persona build: bounded per connection
@@ -329,9 +343,9 @@ class RealtimeSession:
                     errors.append(RealtimeError("invalid_persona", f"{error}{hint}", param))
                 except (HubBusy, HubClosed) as error:  # the persona is not changed; the session carries on
                     errors.append(RealtimeError("server_busy", str(error), "session", kind="server_error"))
-            self.sampling = sampling
+            self.sampling, self.context_policy = sampling, policy
         elif changed:
-            self.sampling = sampling
+            self.sampling, self.context_policy = sampling, policy
         for error in errors:
             self.hub.metrics.record_error("realtime_" + error.code)
             await self._error_event(error, self._current_event_id)
@@ -412,7 +426,8 @@ class RealtimeSession:
             self._conversation_task = asyncio.create_task(self._converse())
 
     async def _converse(self) -> None:
-        request = PersonaRequest(text_prompt=self.instructions, voice=self.voice, sampling=self.sampling)
+        request = PersonaRequest(text_prompt=self.instructions, voice=self.voice, sampling=self.sampling,
+                                 context_policy=self.context_policy)
         try:
             self.conversation = await self.hub.open(request, front_end=FRONT_END)
         except (PersonaError, HubBusy, HubClosed) as error:
@@ -493,7 +508,8 @@ class RealtimeSession:
                     "seed": self.sampling.seed}
         voice = self.voice or self.hub.options.default_voice
         common = {"id": self.id, "object": "realtime.session", "model": self.model,
-                  "instructions": self.instructions, "tools": [], "tool_choice": "auto", "sampling": sampling}
+                  "instructions": self.instructions, "tools": [], "tool_choice": "auto", "sampling": sampling,
+                  "context_policy": self.context_policy or self.hub.options.context_policy}
         if self.beta:
             return {**common, "modalities": ["audio", "text"], "voice": voice,
                     "input_audio_format": self.input_format, "output_audio_format": self.output_format,

@@ -13,7 +13,8 @@ The bridge answers with ``media`` (the agent's audio, 80 ms per message), ``mark
   Twilio echoes each once played, so the bridge knows how much audio waits in Twilio's playback buffer.
   A burst after a stall would leave that backlog (and the delay before the caller hears the agent react)
   for the rest of the call; past ``MAX_PLAYBACK_BACKLOG_SECONDS`` the bridge sends ``clear`` to drop it.
-- Persona per call: ``customParameters`` ``text_prompt`` / ``voice`` / ``seed`` directly, or ``persona``
+- Persona per call: ``customParameters`` ``text_prompt`` / ``voice`` / ``seed`` / ``context_policy``
+  (``sliding`` or ``pin-persona``: what a call longer than the model's context keeps) directly, or ``persona``
   (a name in the phone persona file), or ``to`` (the called number, looked up in that file's
   ``numbers``), else the file's ``default``, else the server's default persona. See ``PhonePersonas``.
 - With an auth token on the server the stream must carry ``<Parameter name="token" value="..."/>``.
@@ -89,7 +90,8 @@ class PhonePersonas:
         }
 
     A persona holds ``text_prompt``, ``voice`` (a preset name) and optionally the sampling settings
-    ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, ``seed``.
+    ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, ``seed`` and the
+    ``context_policy`` (``sliding`` or ``pin-persona``; default: the server's ``--context-policy``).
     """
 
     personas: dict[str, dict] = field(default_factory=dict)
@@ -150,7 +152,8 @@ class PhonePersonas:
         return _request({**base, **overrides})
 
 
-_PERSONA_KEYS = ("text_prompt", "voice", "text_temperature", "text_topk", "audio_temperature", "audio_topk", "seed")
+_PERSONA_KEYS = ("text_prompt", "voice", "text_temperature", "text_topk", "audio_temperature", "audio_topk", "seed",
+                 "context_policy")
 
 
 def _normalize_number(number: str) -> str:
@@ -370,9 +373,9 @@ class TwilioSession:
             self.hub.metrics.record_error({PhonePersonaError: "bad_persona", PersonaError: "bad_persona",
                                            HubBusy: "busy", HubClosed: "closed"}[type(error)])
             return
-        log.info("call %s: conversation %s started (slot %d, voice %s, prompt %r)", self.call_sid,
+        log.info("call %s: conversation %s started (slot %d, voice %s, prompt %r, context policy %s)", self.call_sid,
                  self.conversation.id, self.conversation.slot, request.voice or self.hub.options.default_voice,
-                 request.text_prompt[:60])
+                 request.text_prompt[:60], self.conversation.context_policy)
         conversation = self.conversation
         try:
             async for frame in conversation.frames():

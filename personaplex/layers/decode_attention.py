@@ -47,11 +47,11 @@ if triton is not None:
     @triton.jit
     def _chunk_kernel(
         q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, mask_ptr, len_ptr, acc_ptr, max_ptr, sum_ptr,
-        nk_ptr, nks_ptr, nv_ptr, nvs_ptr, at_ptr,
-        q_sb, q_sh, k_sb, k_sh, k_sl, ks_sb, ks_sh, ks_sl, v_sb, v_sh, v_sl, vs_sb, vs_sh, vs_sl, mask_sb,
+        nk_ptr, nks_ptr, nv_ptr, nvs_ptr, at_ptr, qp_ptr, pin_ptr,
+        q_sb, q_sh, qp_sb, qp_sh, k_sb, k_sh, k_sl, ks_sb, ks_sh, ks_sl, v_sb, v_sh, v_sl, vs_sb, vs_sh, vs_sl, mask_sb,
         nk_sb, nk_sh, nv_sb, nv_sh, ns_sb, ns_sh,
-        heads, chunk_len, splits, sm_scale,
-        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, WRITE: tl.constexpr,
+        heads, chunk_len, splits, sm_scale, head_dim,
+        DIMS: tl.constexpr, BLOCK: tl.constexpr, SCALED: tl.constexpr, WRITE: tl.constexpr, PINNED: tl.constexpr,
     ):
         pair = tl.program_id(0)
         split = tl.program_id(1)
@@ -60,8 +60,15 @@ if triton is not None:
         length = tl.load(len_ptr + slot)
         start = split * chunk_len
         stop = tl.minimum(start + chunk_len, length)
-        dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + slot * q_sb + head * q_sh + dims).to(tl.float32) * sm_scale
+        dims = tl.arange(0, DIMS)  # head_dim padded to a power of two; the padding reads and writes nothing
+        in_head = dims < head_dim
+        q = tl.load(q_ptr + slot * q_sb + head * q_sh + dims, mask=in_head, other=0.0).to(tl.float32) * sm_scale
+        if PINNED:
+            # Pin-persona: ring entries [0, pinned) hold the system prompt, scored with the query as rotated
+            # for them (``kv_ring.pinned_query_positions``).
+            pinned = tl.load(pin_ptr + slot)
+            q_pinned = tl.load(qp_ptr + slot * qp_sb + head * qp_sh + dims, mask=in_head, other=0.0)
+            q_pinned = q_pinned.to(tl.float32) * sm_scale
         k_base = k_ptr + slot * k_sb + head * k_sh
         v_base = v_ptr + slot * v_sb + head * v_sh
         ks_base = ks_ptr + slot * ks_sb + head * ks_sh
@@ -71,28 +78,31 @@ if triton is not None:
             # used from here (not from the ring) by whichever program reads that index, so that no
             # program depends on another's store.
             at = tl.load(at_ptr + slot)
-            new_k = tl.load(nk_ptr + slot * nk_sb + head * nk_sh + dims)
-            new_v = tl.load(nv_ptr + slot * nv_sb + head * nv_sh + dims)
+            new_k = tl.load(nk_ptr + slot * nk_sb + head * nk_sh + dims, mask=in_head, other=0.0)
+            new_v = tl.load(nv_ptr + slot * nv_sb + head * nv_sh + dims, mask=in_head, other=0.0)
             if SCALED:
                 new_ks = tl.load(nks_ptr + slot * ns_sb + head * ns_sh)
                 new_vs = tl.load(nvs_ptr + slot * ns_sb + head * ns_sh)
             if split == 0:
-                tl.store(k_base + at * k_sl + dims, new_k)
-                tl.store(v_base + at * v_sl + dims, new_v)
+                tl.store(k_base + at * k_sl + dims, new_k, mask=in_head)
+                tl.store(v_base + at * v_sl + dims, new_v, mask=in_head)
                 if SCALED:
                     tl.store(ks_base + at * ks_sl, new_ks)
                     tl.store(vs_base + at * vs_sl, new_vs)
         running_max = tl.full((), float("-inf"), tl.float32)
         running_sum = tl.zeros((), tl.float32)
-        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        acc = tl.zeros((DIMS,), tl.float32)
         for first in range(start, stop, BLOCK):
             keys_at = first + tl.arange(0, BLOCK)
             inside = keys_at < stop
             visible = tl.load(mask_ptr + slot * mask_sb + keys_at, mask=inside, other=0) != 0
-            k = tl.load(k_base + keys_at[:, None] * k_sl + dims[None, :], mask=inside[:, None], other=0.0)
+            k = tl.load(k_base + keys_at[:, None] * k_sl + dims[None, :], mask=inside[:, None] & in_head[None, :],
+                        other=0.0)
             if WRITE:
                 k = tl.where((keys_at == at)[:, None], new_k[None, :], k)
             scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+            if PINNED:
+                scores = tl.where(keys_at < pinned, tl.sum(k.to(tl.float32) * q_pinned[None, :], axis=1), scores)
             if SCALED:
                 key_scale = tl.load(ks_base + keys_at * ks_sl, mask=inside, other=0.0)
                 if WRITE:
@@ -110,20 +120,21 @@ if triton is not None:
                 if WRITE:
                     value_scale = tl.where(keys_at == at, new_vs, value_scale)
                 weights *= value_scale.to(tl.float32)
-            v = tl.load(v_base + keys_at[:, None] * v_sl + dims[None, :], mask=inside[:, None], other=0.0)
+            v = tl.load(v_base + keys_at[:, None] * v_sl + dims[None, :], mask=inside[:, None] & in_head[None, :],
+                        other=0.0)
             if WRITE:
                 v = tl.where((keys_at == at)[:, None], new_v[None, :], v)
             acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
             running_max = new_max
         out = pair * splits + split
-        tl.store(acc_ptr + out * HEAD_DIM + dims, acc)
+        tl.store(acc_ptr + out * DIMS + dims, acc)
         tl.store(max_ptr + out, running_max)
         tl.store(sum_ptr + out, running_sum)
 
     @triton.jit
     def _merge_kernel(
-        acc_ptr, max_ptr, sum_ptr, out_ptr, out_sb, out_sh, heads, splits,
-        HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+        acc_ptr, max_ptr, sum_ptr, out_ptr, out_sb, out_sh, heads, splits, head_dim,
+        DIMS: tl.constexpr, SPLITS: tl.constexpr,
     ):
         pair = tl.program_id(0)
         chunks = tl.arange(0, SPLITS)
@@ -133,18 +144,19 @@ if triton is not None:
         top = tl.where(top == float("-inf"), 0.0, top)
         factors = tl.where(used, tl.exp(maxima - top), 0.0)
         total = tl.sum(tl.load(sum_ptr + pair * splits + chunks, mask=used, other=0.0) * factors, axis=0)
-        dims = tl.arange(0, HEAD_DIM)
-        acc = tl.load(acc_ptr + (pair * splits + chunks)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
+        dims = tl.arange(0, DIMS)
+        acc = tl.load(acc_ptr + (pair * splits + chunks)[:, None] * DIMS + dims[None, :], mask=used[:, None], other=0.0)
         merged = tl.sum(acc * factors[:, None], axis=0) / total
         slot = pair // heads
         head = pair % heads
-        tl.store(out_ptr + slot * out_sb + head * out_sh + dims, merged.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + slot * out_sb + head * out_sh + dims, merged.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
 
 
 def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor,
     key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None, *, splits: int | None = None,
     new: tuple[torch.Tensor, ...] | None = None, write_at: torch.Tensor | None = None,
+    pinned: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One query per slot and head over the first ``lengths[b]`` entries of each slot's ring.
 
@@ -159,21 +171,24 @@ def decode_attention(
     same launch (what writing the rings first and then attending computes, without the extra kernels).
     An index may lie past ``keys.shape[2]`` (a view of the first entries of a longer ring): it is
     stored all the same, and not attended to.
+
+    ``pinned`` = (q_pinned [B, H, 1, D], counts [B] int32): under the pin-persona context policy, ring
+    entries below ``counts[b]`` (the system prompt) are scored with ``q_pinned``, the others with ``q``.
+    Any head dim works (the kernels pad it to a power of two).
     """
     if triton is None:
         raise RuntimeError("decode_attention needs Triton (installed with CUDA builds of torch)")
     batch, heads, _, head_dim = q.shape
     ring = keys.shape[2]
     scaled = key_scales is not None
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two for this kernel, got {head_dim}")
+    dims = triton.next_power_of_2(head_dim)
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("the last dimension of q, keys and values must be contiguous")
     splits = splits or split_count(batch * heads, ring)
     chunk_len = math.ceil(math.ceil(ring / splits) / BLOCK_KEYS) * BLOCK_KEYS
     splits = math.ceil(ring / chunk_len)
     pairs = batch * heads
-    partial = torch.empty(pairs * splits, head_dim, device=q.device, dtype=torch.float32)
+    partial = torch.empty(pairs * splits, dims, device=q.device, dtype=torch.float32)
     maxima = torch.empty(pairs * splits, device=q.device, dtype=torch.float32)
     sums = torch.empty(pairs * splits, device=q.device, dtype=torch.float32)
     visible = mask.reshape(batch, ring)
@@ -189,20 +204,23 @@ def decode_attention(
     else:
         new_k = new_ks = new_v = new_vs = q
         write_at = lengths
+    q_pinned, pinned_counts = pinned if pinned is not None else (q, lengths)  # unread when not pinned
+    if q_pinned.stride(-1) != 1:
+        raise ValueError("the pinned query needs a contiguous last dimension")
     _chunk_kernel[(pairs, splits)](
         q, keys, key_scales, values, value_scales, visible, lengths, partial, maxima, sums,
-        new_k, new_ks, new_v, new_vs, write_at,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        new_k, new_ks, new_v, new_vs, write_at, q_pinned, pinned_counts,
+        q.stride(0), q.stride(1), q_pinned.stride(0), q_pinned.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         key_scales.stride(0), key_scales.stride(1), key_scales.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         value_scales.stride(0), value_scales.stride(1), value_scales.stride(2), visible.stride(0),
         new_k.stride(0), new_k.stride(1), new_v.stride(0), new_v.stride(1), new_ks.stride(0), new_ks.stride(1),
-        heads, chunk_len, splits, head_dim ** -0.5,
-        HEAD_DIM=head_dim, BLOCK=BLOCK_KEYS, SCALED=scaled, WRITE=write,
+        heads, chunk_len, splits, head_dim ** -0.5, head_dim,
+        DIMS=dims, BLOCK=BLOCK_KEYS, SCALED=scaled, WRITE=write, PINNED=pinned is not None,
     )
     out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
     _merge_kernel[(pairs,)](
-        partial, maxima, sums, out, out.stride(0), out.stride(1), heads, splits,
-        HEAD_DIM=head_dim, SPLITS=triton.next_power_of_2(splits),
+        partial, maxima, sums, out, out.stride(0), out.stride(1), heads, splits, head_dim,
+        DIMS=dims, SPLITS=triton.next_power_of_2(splits),
     )
     return out

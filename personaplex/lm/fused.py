@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..layers.attention import merge_heads, split_heads
+from ..layers.attention import merge_heads, pinned_math_attention, split_heads
 from ..layers.decode_attention import decode_attention, decode_attention_available
 from ..layers.kv_ring import quantize_fp8, read_ring, write_quantized, write_ring
 from ..layers.rope import Rotation, apply_rope
@@ -87,6 +87,7 @@ def fp8_ring_attention(
 def write_and_attend_reference(
     q: torch.Tensor, new: tuple[torch.Tensor, ...], rings: tuple[torch.Tensor, ...], slots: torch.Tensor,
     write_at: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, used: int,
+    pinned: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Store this frame's key/value in one layer's rings, then attend over their first ``used`` entries.
 
@@ -94,18 +95,24 @@ def write_and_attend_reference(
     [B, H, C, D], plus (key_scales, value_scales) for FP8; slots: the ``ring_index`` [B, 1, 1, 1] of this
     frame; write_at: the same as [B] int32; lengths: entries each slot has filled (only saves reading).
     FP8 rings are read as a dequantised copy in q's dtype, as the reference attention over them.
+    ``pinned`` = (q_pinned [B, H, 1, D], counts [B] int32): pin-persona slots' ring entries below their
+    count are scored with ``q_pinned`` (``personaplex.layers.kv_ring``).
     """
     if len(rings) == 2:
         (keys, values), (k, v) = rings, new
         write_ring(keys, k, None, index=slots)
         write_ring(values, v, None, index=slots)
-        return F.scaled_dot_product_attention(q, keys[:, :, :used], values[:, :, :used], attn_mask=mask)
-    (keys, values, key_scales, value_scales), (k8, k_scale, v8, v_scale) = rings, new
-    write_quantized(keys, key_scales, k8, k_scale, None, index=slots)
-    write_quantized(values, value_scales, v8, v_scale, None, index=slots)
-    return F.scaled_dot_product_attention(
-        q, read_ring(keys, used, q.dtype, key_scales), read_ring(values, used, q.dtype, value_scales), attn_mask=mask
-    )
+        seen_keys, seen_values = keys[:, :, :used], values[:, :, :used]
+    else:
+        (keys, values, key_scales, value_scales), (k8, k_scale, v8, v_scale) = rings, new
+        write_quantized(keys, key_scales, k8, k_scale, None, index=slots)
+        write_quantized(values, value_scales, v8, v_scale, None, index=slots)
+        seen_keys, seen_values = read_ring(keys, used, q.dtype, key_scales), read_ring(values, used, q.dtype, value_scales)
+    if pinned is None:
+        return F.scaled_dot_product_attention(q, seen_keys, seen_values, attn_mask=mask)
+    q_pinned, counts = pinned
+    pinned_keys = (torch.arange(used, device=q.device) < counts[:, None])[:, None, None, :]
+    return pinned_math_attention(q, q_pinned, seen_keys, seen_values, mask, pinned_keys)
 
 
 TRITON_BF16_MAX_BATCH = 2  # bf16 rings: the Triton kernel beats SDPA only for one or two conversations
@@ -114,13 +121,15 @@ TRITON_BF16_MAX_BATCH = 2  # bf16 rings: the Triton kernel beats SDPA only for o
 def gpu_write_and_attend(
     q: torch.Tensor, new: tuple[torch.Tensor, ...], rings: tuple[torch.Tensor, ...], slots: torch.Tensor,
     write_at: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, used: int,
+    pinned: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``write_and_attend_reference`` through the Triton kernel (store and attention in one launch) for
-    FP8 rings and for bf16 rings of few conversations; SDPA after a scatter for larger bf16 batches."""
-    if len(rings) == 2 and q.shape[0] > TRITON_BF16_MAX_BATCH:
+    FP8 rings, for bf16 rings of few conversations and for pinned ones (SDPA has no second query); SDPA
+    after a scatter for larger bf16 batches."""
+    if len(rings) == 2 and q.shape[0] > TRITON_BF16_MAX_BATCH and pinned is None:
         return write_and_attend_reference(q, new, rings, slots, write_at, mask, lengths, used)
     keys, values, *scales = (ring[:, :, :used] for ring in rings)
-    return decode_attention(q, keys, values, mask, lengths, *scales, new=new, write_at=write_at)
+    return decode_attention(q, keys, values, mask, lengths, *scales, new=new, write_at=write_at, pinned=pinned)
 
 
 @dataclass(frozen=True)

@@ -100,19 +100,19 @@ class TemporalTransformer(nn.Module):
         mask = ring_visibility(key_positions, query_positions, lowest, pinned)
         rotation = rotation_for(query_positions, cfg.head_dim, cfg.max_period)
         fp8 = key_scales is not None
-        # One frame of sliding slots: the kernel set's fused ring update and attention.
-        single = steps == 1 and pinned is None
+        single = steps == 1  # one frame: the kernel set's fused ring update and attention
         if single:
-            slots = ring_index(positions, 1, capacity)  # where this frame goes in every layer's rings
+            slots = ring_index(positions, 1, capacity, pinned)  # where this frame goes in every layer's rings
             write_at = slots.view(-1).to(torch.int32)
             # Ring entries each slot has filled (its own part is all a kernel need read); the mask does the rest.
             lengths = (positions + 1).clamp(max=used).to(torch.int32)
         write_index = None
         if pinned is not None:
-            # Pin-persona: pinned keys are scored with the query rotated to min(q, C-2) (kv_ring's rule);
-            # rotating the already rotated query back by the difference is the same rotation.
+            # Pin-persona: pinned keys (ring entries below a slot's count) are scored with the query rotated
+            # to min(q, C-2) (kv_ring's rule); rotating the rotated query back by the difference is that rotation.
             back = rotation_for(pinned_query_positions(query_positions, capacity) - query_positions, cfg.head_dim,
                                 cfg.max_period)
+            pinned_counts = pinned.to(torch.int32)
             pinned_keys = ((key_positions >= 0) & (key_positions < pinned[:, None]))[:, None, None, :]  # [B, 1, 1, K]
             write_index = ring_index(positions, steps, capacity, pinned)
         for index, layer in enumerate(self.layers):
@@ -124,7 +124,9 @@ class TemporalTransformer(nn.Module):
             )
             if single:
                 rings = (keys[index], values[index]) + (layer_scales if fp8 else ())
-                attended = kernels.write_and_attend(new[0], new[1:], rings, slots, write_at, mask, lengths, used)
+                pinning = None if pinned is None else (apply_rope(new[0], back), pinned_counts)
+                attended = kernels.write_and_attend(new[0], new[1:], rings, slots, write_at, mask, lengths, used,
+                                                    pinning)
             else:
                 attend = F.scaled_dot_product_attention
                 if pinned is not None:

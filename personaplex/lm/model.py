@@ -48,7 +48,10 @@ class LMState:
         return LMState(part(self.keys), part(self.values), part(self.key_scales), part(self.value_scales), pinned)
 
     def without_pinning(self) -> "LMState":
-        """The same rings read as sliding for every slot (faster, when no slot pins)."""
+        """The same rings read as sliding for every slot (faster, when no slot pins); this very state when
+        nothing pins (callers may recognise their state by identity)."""
+        if self.pinned is None:
+            return self
         return LMState(self.keys, self.values, self.key_scales, self.value_scales)
 
     def tensors(self) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ log = logging.getLogger("personaplex.scaleout")
 # The flags of ``personaplex serve`` that the replicas' hubs read (see ConversationHub.from_args).
 MODEL_FLAGS = ("model", "hf_repo", "moshi_weight", "mimi_weight", "tokenizer", "voice_prompt_dir", "device",
                "quantize", "cpu_offload", "offload_layers", "max_conversation_seconds", "input_timeout_seconds",
-               "kv_dtype", "opus_workers")
+               "kv_dtype", "opus_workers", "context_policy")
 
 
 class ScaleOutError(PersonaplexError):

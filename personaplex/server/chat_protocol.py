@@ -12,8 +12,10 @@ Compatible with the reference server and its web client: every message is binary
 | ``0x06`` text turn | client -> server | UTF-8 user text: refused with ``0x05`` (these models hear the user only as audio) |
 
 Query parameters: ``text_prompt``, ``voice_prompt`` (a preset name, e.g. ``NATF2`` or ``NATF2.pt``),
-``seed`` (-1: random), ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``, all
-honoured per conversation and validated (a bad value gets ``0x05``). The reference client's other
+``seed`` (-1: random), ``text_temperature``, ``text_topk``, ``audio_temperature``, ``audio_topk``,
+``context_policy`` (``sliding`` or ``pin-persona``: what the conversation keeps once it is longer than the
+model's context; default: the server's ``--context-policy``), all honoured per conversation and validated
+(a bad value gets ``0x05``). The reference client's other
 parameters (``pad_mult``, ``text_seed``, ``repetition_penalty`` ...) are accepted and ignored.
 
 Order of the server's messages: metadata (model, limits; then ``queue_position`` updates while all
@@ -45,6 +47,7 @@ and the conversation goes on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -54,7 +57,7 @@ from typing import Protocol
 import numpy as np
 
 from ..engine import SamplingConfig
-from ..engine.engine import MAX_AUDIO_TOP_K, MAX_TEXT_TOP_K
+from ..engine.engine import CONTEXT_POLICIES, MAX_AUDIO_TOP_K, MAX_TEXT_TOP_K
 from ..errors import PersonaplexError
 from ..serving.hub import (
     MAX_VOICE_NAME_BYTES,
@@ -140,7 +143,12 @@ def request_from_query(query: Mapping[str, str]) -> PersonaRequest:
     if voice is not None and len(voice.encode("utf-8", "surrogateescape")) > MAX_VOICE_NAME_BYTES:
         raise ProtocolError(f"invalid voice_prompt ({len(voice.encode('utf-8', 'surrogateescape'))} bytes): preset "
                             f"names are at most {MAX_VOICE_NAME_BYTES} bytes (see GET /api/voices)", CLOSE_POLICY)
-    return PersonaRequest(text_prompt=query.get("text_prompt", ""), voice=voice, sampling=sampling)
+    policy = query.get("context_policy") or None
+    if policy is not None and policy not in CONTEXT_POLICIES:
+        raise ProtocolError(f"invalid context_policy={policy[:40]!r}: must be one of {', '.join(CONTEXT_POLICIES)}",
+                            CLOSE_POLICY)
+    return PersonaRequest(text_prompt=query.get("text_prompt", ""), voice=voice, sampling=sampling,
+                          context_policy=policy)
 
 
 # --- the session ------------------------------------------------------------------------------------------
@@ -182,7 +190,7 @@ class ChatSession:
             self.hub.metrics.record_error("bad_request")
             return await self.fail(str(error), error.code)
         if voice_audio is not None:
-            request = PersonaRequest(request.text_prompt, None, voice_audio, request.sampling)
+            request = dataclasses.replace(request, voice=None, voice_audio=voice_audio)
         # Every metadata message repeats the welcome fields: the reference client validates each one whole.
         self._metadata = self._welcome(request)
         if not await self._try_send(self._metadata_message()):
@@ -211,6 +219,7 @@ class ChatSession:
             "conversation_id": conversation.id, "slot": conversation.slot,
             "max_conversation_seconds": None if limit is None else round(limit * 0.08, 2),  # None: no limit
             "cached_persona": conversation.cached_persona, "queue_position": None,
+            "context_policy": conversation.context_policy,
         }
         if not (await self._try_send(bytes([KIND_HANDSHAKE]))
                 and await self._try_send(self._metadata_message(started))):
@@ -362,7 +371,8 @@ class ChatSession:
             # This server's own.
             "model": info["model"], "untrained": info["untrained"],
             "persona": {"text_prompt": request.text_prompt, "voice": request.voice or self.hub.options.default_voice,
-                        "seed": sampling.seed},
+                        "seed": sampling.seed,
+                        "context_policy": request.context_policy or self.hub.options.context_policy},
             "limits": {k: info[k] for k in ("slots", "max_queue", "max_conversation_seconds", "input_timeout_seconds")},
             "text_turns": False,
             **self.hub.load(),

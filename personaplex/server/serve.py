@@ -35,7 +35,7 @@ class ServerError(PersonaplexError):
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from ..offline import add_model_arguments
+    from ..offline import CONTEXT_POLICY_CHOICES, add_model_arguments
 
     parser = parser or argparse.ArgumentParser(prog="personaplex serve")
     parser.description = (
@@ -62,7 +62,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     limits.add_argument("--max-queue", type=int, default=16,
                         help="callers that may wait for a free slot (default 16); more are refused")
     limits.add_argument("--max-conversation-seconds", type=float, default=None,
-                        help="end conversations after this long (default: when the model's context is full)")
+                        help="end conversations after this long (default: no limit; past the model's context the "
+                             "conversation goes on under its --context-policy)")
+    limits.add_argument("--context-policy", choices=CONTEXT_POLICY_CHOICES, default="sliding",
+                        help="what a conversation longer than the model's context (4 min for PersonaPlex-7B) keeps, "
+                             "for conversations that do not choose: 'sliding' (default, as the reference) forgets "
+                             "the oldest frames, the persona's system prompt first; 'pin-persona' keeps the system "
+                             "prompt and slides over the conversation after it")
     limits.add_argument("--input-timeout", type=float, default=10.0, dest="input_timeout_seconds",
                         help="end a conversation whose client sent no audio for this many seconds (default 10; "
                              "0: never)")

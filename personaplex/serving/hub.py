@@ -33,10 +33,10 @@ FIFO queue (their position is reported through ``on_queue_position``); past that
 ``HubBusy``. Cancelling ``open`` (a client that vanished) or closing a conversation frees its queue
 place or slot at once, also in the middle of its prefill.
 
-A conversation ends (``end_reason`` says why) when its client closes, when it reaches the maximum
-length (by default the context the system prompt leaves), when no audio arrived for the input
-timeout, when its client does not take its frames (more than ``max_output_frames`` waiting), or when
-the hub shuts down.
+A conversation ends (``end_reason`` says why) when its client closes, when it reaches the operator's
+maximum length (``max_conversation_seconds``; none by default: past the model's context the KV rings
+slide, under the conversation's context policy), when no audio arrived for the input timeout, when its
+client does not take its frames (more than ``max_output_frames`` waiting), or when the hub shuts down.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,7 @@ import numpy as np
 from .. import startup
 from ..config import FRAME_RATE, FRAME_SIZE
 from ..engine import SamplingConfig
+from ..engine.engine import CONTEXT_POLICIES
 from ..errors import PersonaplexError
 from ..text import SpokenText
 from .jitter import InputJitterBuffer
@@ -85,6 +86,9 @@ class PersonaRequest:
     voice: str | None = None  # a preset name, resolved ONLY inside the server's voice folder (no paths)
     voice_audio: bytes | None = None  # an uploaded voice sample (wav/ogg/...), only if the server allows uploads
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # temperatures, top-k, seed
+    # What the conversation keeps once it is longer than the model's context: one of CONTEXT_POLICIES
+    # ("sliding": the reference's window; "pin-persona": the system prompt stays). None: the server's default.
+    context_policy: str | None = None
 
 
 @dataclass
@@ -115,9 +119,11 @@ class HubOptions:
 
     max_conversations: int = 4  # engine slots
     max_queue: int = 16  # conversations allowed to wait for a slot
-    # None: no limit. Past the model's context the KV rings slide (each new frame evicts the oldest), as
-    # in the reference, so a conversation lasts as long as its caller stays.
+    # None: no limit. Past the model's context the KV rings slide (each new frame evicts the oldest, the
+    # system prompt's frames first or never, as the context policy says), so a conversation lasts as long
+    # as its caller stays.
     max_conversation_seconds: float | None = None
+    context_policy: str = "sliding"  # for conversations that do not choose one (see PersonaRequest.context_policy)
     tick_seconds: float = TICK_SECONDS  # 0: step as fast as possible (tests, offline-like use)
     input_timeout_seconds: float | None = 10.0  # end a conversation whose client sent no audio for this long
     jitter_buffer_seconds: float = 1.0  # user audio buffered at most; older audio is dropped past it
@@ -151,6 +157,7 @@ class Conversation:
         self.max_frames: int | None = None  # agent frames at most (None: no limit); set when the slot is granted
         self.frames_sent = 0  # agent frames queued for the front end so far
         self.prompt_frames = 0
+        self.context_policy = hub.options.context_policy  # the one it runs under; set when the slot is granted
         self.cached_persona = False
         self._engine_frames = 0  # frames stepped (engine thread)
         self._frames_counter = hub.metrics.agent_frames.labels(front_end=front_end)
@@ -241,6 +248,7 @@ class _Join:
     conversation: Conversation
     prompt: object  # persona.SystemPrompt
     sampling: SamplingConfig
+    context_policy: str
 
 
 @dataclass
@@ -258,6 +266,9 @@ class ConversationHub:
         self.options = options or HubOptions()
         if self.options.max_conversations < 1 or self.options.max_queue < 0:
             raise ValueError("max_conversations must be at least 1 and max_queue at least 0")
+        if self.options.context_policy not in CONTEXT_POLICIES:
+            raise ValueError(f"context_policy must be one of {', '.join(CONTEXT_POLICIES)}, "
+                             f"got {self.options.context_policy!r}")
         self.engine = engine or Engine(model.lm, model.mimi, max_slots=self.options.max_conversations,
                                        kv_dtype=self.options.kv_dtype)
         if self.options.join_block_frames:
@@ -293,7 +304,8 @@ class ConversationHub:
     @classmethod
     def from_args(cls, args) -> ConversationHub:
         """A hub from command-line arguments: the model flags of ``personaplex offline`` plus the server's
-        limits (``max_conversations``, ``max_queue``, ``max_conversation_seconds``, ``allow_voice_upload``)."""
+        limits (``max_conversations``, ``max_queue``, ``max_conversation_seconds``, ``allow_voice_upload``...)
+        and the default ``context_policy``."""
         from ..offline import UsageError, load_model_for_args, resolve_model_assets
 
         options = HubOptions()
@@ -301,7 +313,8 @@ class ConversationHub:
                      "input_timeout_seconds", "tick_seconds", "kv_dtype", "input_burst_seconds",
                      "max_messages_per_second", "max_voice_upload_bytes",
                      "max_voice_uploads", "max_voice_upload_total_bytes", "max_voice_seconds",
-                     "persona_build_workers", "max_persona_builds_waiting", "max_persona_changes"):
+                     "persona_build_workers", "max_persona_builds_waiting", "max_persona_changes",
+                     "context_policy"):
             value = getattr(args, name, None)
             if value is not None:
                 setattr(options, name, value)
@@ -313,6 +326,8 @@ class ConversationHub:
             raise UsageError("--max-queue must be 0 or more")
         if options.max_conversation_seconds is not None and options.max_conversation_seconds <= 0:
             raise UsageError("--max-conversation-seconds must be positive")
+        if options.context_policy not in CONTEXT_POLICIES:
+            raise UsageError(f"--context-policy must be one of {', '.join(CONTEXT_POLICIES)}")
         if options.input_burst_seconds <= 0 or options.max_messages_per_second <= 0:
             raise UsageError("--input-burst and --max-messages-per-second must be positive")
         for flag, value, low in (("--max-voice-upload-bytes", options.max_voice_upload_bytes, 1),
@@ -347,7 +362,9 @@ class ConversationHub:
             return
         self._loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        captured = await asyncio.to_thread(self.engine.capture_graphs)  # no capture pauses once callers talk
+        # No capture pauses once callers talk (pinning graphs too when pin-persona is the default).
+        captured = await asyncio.to_thread(self.engine.capture_graphs,
+                                           pinning=self.options.context_policy == "pin-persona")
         if captured:
             startup.report("all CUDA graphs", time.perf_counter() - started, f"{captured} graphs")
         await asyncio.to_thread(self._warm_up_join)
@@ -398,6 +415,7 @@ class ConversationHub:
             "max_queue": o.max_queue,
             "max_conversation_seconds": o.max_conversation_seconds or None,  # None: no limit
             "context_seconds": self._context_seconds(),
+            "context_policy": o.context_policy,  # the default; a conversation may choose another
             "input_timeout_seconds": o.input_timeout_seconds,
             "voice_upload": o.allow_voice_upload,
             "frame_ms": 80,
@@ -431,7 +449,7 @@ class ConversationHub:
         input_timeout_seconds: float | None | type[Ellipsis] = ..., start_on_audio: bool = False,
     ) -> Conversation:
         """Build the persona, wait for a slot (bounded queue), join it; returns once the system prompt is
-        applied. Raises ``PersonaError`` (bad persona), ``HubBusy`` (queue full), ``HubClosed``.
+        applied. Raises ``PersonaError`` (bad persona or context policy), ``HubBusy`` (queue full), ``HubClosed``.
         ``input_timeout_seconds`` overrides the hub's for this conversation (None: never time out).
         ``start_on_audio``: the conversation's first step waits for the caller's first audio (see the
         module's notes); otherwise it steps from the tick after the prompt is applied.
@@ -439,6 +457,7 @@ class ConversationHub:
         if self._closed:
             raise HubClosed("the server is shutting down")
         timeout = self.options.input_timeout_seconds if input_timeout_seconds is ... else input_timeout_seconds
+        policy = self.context_policy(request)
         self._refuse_when_full()  # before any persona work: a caller that would be refused costs nothing
         prompt = await self.build_persona(request)
         if self._closed:
@@ -453,7 +472,7 @@ class ConversationHub:
             conversation._end("the client left while waiting for a slot")
             raise
         self.metrics.sessions.labels(front_end=front_end).inc()
-        self._commands.put(_Join(conversation, prompt, request.sampling))
+        self._commands.put(_Join(conversation, prompt, request.sampling, policy))
         self._wakeup.set()
         try:
             await asyncio.shield(conversation._joined)
@@ -461,6 +480,14 @@ class ConversationHub:
             conversation._end("the client left while its persona was being applied")
             raise
         return conversation
+
+    def context_policy(self, request: PersonaRequest) -> str:
+        """The context policy ``request`` runs under (its own, else the server's); raises ``PersonaError``
+        for an unknown one."""
+        policy = self.options.context_policy if request.context_policy is None else request.context_policy
+        if policy not in CONTEXT_POLICIES:
+            raise PersonaError(f"unknown context policy {str(policy)[:40]!r}: use one of {', '.join(CONTEXT_POLICIES)}")
+        return policy
 
     def _refuse_when_full(self) -> None:
         if len(self._admitted) >= self.engine.max_slots and len(self._waiting) >= self.options.max_queue:
@@ -535,7 +562,7 @@ class ConversationHub:
         runs on the persona build threads (``persona_builds.py``), never on the event loop."""
         if request.voice_audio is not None:
             name = await self.add_voice_upload(request.voice_audio)
-            request = PersonaRequest(request.text_prompt, name, None, request.sampling)
+            request = replace(request, voice=name, voice_audio=None)
         voice_path = self._voice_path(request)
         key = (str(voice_path), request.text_prompt)
         with self._prompts_lock:
@@ -797,11 +824,14 @@ class ConversationHub:
             limit = self.options.max_conversation_seconds
             conversation.max_frames = max(1, int(limit * FRAME_RATE)) if limit else None
             conversation.prompt_frames = prompt.num_steps
+            conversation.context_policy = command.context_policy
             try:
-                cached = engine.begin_join(slot, slot + 1, prompt, command.sampling, hold=conversation.start_on_audio)
+                cached = engine.begin_join(slot, slot + 1, prompt, command.sampling,
+                                           context_policy=command.context_policy, hold=conversation.start_on_audio)
             except ValueError as exc:  # sampling settings out of range
                 self._end_from_engine(conversation, f"cannot start: {exc}")
                 continue
+            self.metrics.joins.labels(context_policy=command.context_policy).inc()
             if cached:
                 self.metrics.prefix_cache_hits.inc()
                 conversation.cached_persona = True

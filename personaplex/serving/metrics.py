@@ -48,6 +48,10 @@ class HubMetrics:
                                      "Tick times dropped because the engine fell more than one tick behind", registry=r)
         self.join_seconds = Histogram(f"{PREFIX}_join_seconds", "From a slot being granted to the persona applied",
                                       buckets=JOIN_BUCKETS, registry=r)
+        # Counted when the engine takes the join, with the policy it was given: how many calls keep their persona.
+        self.joins = Counter(f"{PREFIX}_conversation_joins", "Conversations joined to an engine slot, per context "
+                             "policy (what a conversation keeps past the model's context)", ["context_policy"],
+                             registry=r)
         self.conversation_seconds = Histogram(
             f"{PREFIX}_conversation_seconds", "Length of ended conversations (agent frames stepped, in seconds)",
             buckets=CONVERSATION_BUCKETS, registry=r)

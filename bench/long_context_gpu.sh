@@ -1,0 +1,19 @@
+#!/bin/bash
+# Long calls on one GPU host (bench/NOTES.md, 2026-12-03): step times with rings just full and with every
+# ring wrapped under both context policies, bf16 and FP8 rings, 1 and 64 conversations; the Triton decode
+# attention tests (pinned path, any head dim) compiled for the GPU; a per-phase profile of the "triton"
+# kernel set's frame. Run from the repository root; results go to $OUT.
+set -o pipefail
+OUT=${OUT:-/tmp/long_out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1; fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+PERSONAPLEX_GOLDEN_DIR=$PWD/.golden timeout 180 python3 -m pytest -q tests/test_decode_attention.py tests/test_cuda.py 2>&1 \
+  | tail -15 | tee "$OUT/cuda_tests.txt"
+for kv in fp8 model; do
+  timeout 240 python3 bench/engine.py --kernels triton --kv $kv --slots 1 64 --steps 50 --warmup 10 --no-spread-join \
+    --lazy-capture --full-ring --context-policy sliding pin-persona 2>&1 | tee "$OUT/engine_long_$kv.txt"
+done
+timeout 120 python3 bench/engine.py --kernels triton --kv fp8 --slots 64 --steps 20 --warmup 10 --no-spread-join \
+  --lazy-capture --profile 2>&1 | tee "$OUT/engine_profile_triton_fp8_64.txt"
