@@ -15,8 +15,8 @@ Opening ``/?token=<token>`` sets that cookie and redirects to the page without t
 gets 401 and no cookie), so that a page that never adds ``?token=`` itself (the reference web client)
 works. WebSocket upgrades and POSTs from a browser page of another origin get 403 (``security.py``,
 ``--allowed-origins``); a request that only the cookie authenticates must come from the server's own
-origin or a listed one. Timeouts,
-the connection cap and the slow-reader check are in ``limits.py`` and ``connections.py``.
+origin or a listed one. Timeouts, the connection cap and the slow-reader check are in ``limits.py`` and
+``connections.py``.
 """
 
 from __future__ import annotations
