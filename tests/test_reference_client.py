@@ -40,6 +40,7 @@ def test_reference_client_holds_a_conversation(reference_dist, tmp_path):
     microphone = write_microphone_wav(tmp_path / "speech.wav", seconds=8.0)
     server = start_server("--static", str(reference_dist), "--max-conversations", "2")
     up, down, texts = [], [], []
+    timeline: list[str] = []  # "audio" per agent audio message, "listening" when the client's player attached
     try:
         with sync_api.sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=executable, args=[
@@ -50,12 +51,21 @@ def test_reference_client_holds_a_conversation(reference_dist, tmp_path):
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
+            # The client logs this when it attaches its audio listener (connected and decoder ready):
+            # audio messages before it are dropped unheard.
+            page.on("console", lambda message: timeline.append("listening")
+                    if "Should start in a bit" in message.text else None)
+
+            def received(payload):
+                (down if isinstance(payload, bytes) else texts).append(payload)
+                if isinstance(payload, bytes) and payload[:1] == b"\x01":
+                    timeline.append("audio")
 
             def on_socket(socket):
                 if "/api/chat" not in socket.url:
                     return
                 socket.on("framesent", lambda payload: up.append(payload) if isinstance(payload, bytes) else None)
-                socket.on("framereceived", lambda payload: (down if isinstance(payload, bytes) else texts).append(payload))
+                socket.on("framereceived", received)
 
             page.on("websocket", on_socket)
             page.goto(server.url)
@@ -77,6 +87,10 @@ def test_reference_client_holds_a_conversation(reference_dist, tmp_path):
     sent_pages = [message for message in up if message[:1] == b"\x01"]
     assert len(sent_pages) >= 25 and all(message[1:5] == b"OggS" for message in sent_pages)
     assert not errors, errors
+    # None of the agent's audio came before the client listened (its first words, and the OpusHead page).
+    assert "listening" in timeline and timeline.index("listening") < timeline.index("audio"), timeline[:30]
+    first_audio = next(message for message in down if message[:1] == b"\x01")
+    assert first_audio[1:5] == b"OggS" and first_audio[29:37] == b"OpusHead"
     print(f"reference client: {len(sent_pages)} Ogg pages sent, {kinds_down.count(0x01)} received, "
           f"{kinds_down.count(0x02)} text pieces; transcript shown: {shown.strip()[:80]!r}")
     log = "".join(server.output)

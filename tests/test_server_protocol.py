@@ -122,25 +122,9 @@ async def read_all(ws, received: Received, until=None) -> Received:
     return received
 
 
-def one_frame_stream() -> list[bytes]:
-    """The header pages, then one page holding one 80 ms frame of audio (two 40 ms packets)."""
-    head, tags, *audio = [parse_pages(page)[0] for page in opus_pages(0.08)]
-    frame = OggPage(0, audio[-1].granule, head.serial, 2, [packet for page in audio for packet in page.packets])
-    return [head.to_bytes(), tags.to_bytes(), frame.to_bytes()]
-
-
-async def say_one_frame(ws) -> None:
-    """One 80 ms frame of caller audio, in one page: the conversation's clock starts with it. The caller is
-    quiet after it, and the server fills the frames it lacks with exact silence, so what the agent hears
-    (that frame, then zeros) never depends on the timing of a loaded machine."""
-    for page in one_frame_stream():
-        await ws.send_bytes(b"\x01" + page)
-
-
-async def converse(url: str, send=say_one_frame, frames: int = 0, timeout: float = 60) -> Received:
+async def converse(url: str, send=None, frames: int = 0, timeout: float = 60) -> Received:
     """Connect, wait for the handshake, run ``send(ws)`` alongside reading, stop after ``frames`` audio
-    pages (then close) or when the server closes. The default ``send`` says one frame (the conversation's
-    clock starts with the caller's first audio); None sends nothing."""
+    pages (then close) or when the server closes."""
     received = Received()
     async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0) as ws:
         async def reader():
@@ -282,11 +266,19 @@ def agent_frames_stepped(hub) -> float:
     return hub.metrics.registry.get_sample_value("personaplex_agent_frames_total", {"front_end": "chat"}) or 0.0
 
 
-def test_a_client_that_starts_sending_late_loses_no_agent_audio(demo_model):
-    """The conversation's clock starts with the caller's first audio: a client that reads from the upgrade
-    on but sends its first page 1.5 s after the handshake (as the reference web client may) gets nothing
-    before that page, then the agent's whole stream: OpusHead and OpusTags first, no page missing, and as
-    many 80 ms packets as frames the server stepped for it (up to the length limit, which ends the call)."""
+REFERENCE_CLIENT_QUERY = {"text_temperature": "0.7", "text_topk": "25", "audio_temperature": "0.8", "audio_topk": "250",
+                          "pad_mult": "0", "text_seed": "1234", "audio_seed": "5678", "repetition_penalty_context": "64",
+                          "repetition_penalty": "1"}
+
+
+def test_the_reference_clients_pace_loses_no_agent_audio(demo_model):
+    """A client with the reference web client's parameters gets its handshake no sooner than 1.5 s after its
+    socket opened (its player is not ready before), and its conversation's clock starts with its first audio:
+    sending its first page 1.5 s after the handshake, it gets nothing before that page, then the agent's
+    whole stream: OpusHead and OpusTags first, no page missing, and as many 80 ms of audio as frames the
+    server stepped for it (up to the length limit, which ends the call)."""
+    from personaplex.server.chat_protocol import REFERENCE_CLIENT_HANDSHAKE_SECONDS
+
     short = ServerThread(demo_model, max_conversations=1, max_conversation_seconds=2.0, input_timeout_seconds=None)
     t = np.arange(24000 * 8) / 24000
     pages = recorder_stream((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
@@ -303,12 +295,14 @@ def test_a_client_that_starts_sending_late_loses_no_agent_audio(demo_model):
 
     try:
         before = agent_frames_stepped(short.hub)
-        received = run(converse(chat_url(short.url), send, timeout=120))
+        connected_at = time.monotonic()
+        received = run(converse(chat_url(short.url, **REFERENCE_CLIENT_QUERY), send, timeout=120))
         stepped = agent_frames_stepped(short.hub) - before
     finally:
         short.stop()
     assert received.error is not None and "maximum length" in received.error
     handshake_at = next(at for at, kind, _ in received.messages if kind == 0x00)
+    assert handshake_at - connected_at >= REFERENCE_CLIENT_HANDSHAKE_SECONDS
     audio = [(at, parse_pages(payload)[0]) for at, kind, payload in received.messages if kind == 0x01]
     assert sent_at and sent_at[0] >= handshake_at + 1.5
     assert audio[0][0] > sent_at[0], "agent audio arrived before the client's first page"
@@ -748,8 +742,7 @@ def test_client_that_never_reads_is_ended(demo_model):
 
 @pytest.mark.slow
 def test_neighbour_unaffected_by_bad_clients(demo_model):
-    """Conversation B (fixed seed, one frame of audio then nothing: its input is exactly that frame, then
-    silence) gets the same text alone
+    """Conversation B (fixed seed, sending nothing: its input is exactly silence) gets the same text alone
     and while every bad client of the list above comes and goes next to it, and keeps getting frames."""
     shared = ServerThread(demo_model, max_conversations=3, max_queue=2, input_timeout_seconds=None)
     frames = 60

@@ -23,12 +23,16 @@ slots are busy), handshake, then per 80 ms frame its audio page(s) followed by i
 never runs ahead of its audio). The agent's stream starts with the ``OpusHead`` and ``OpusTags`` pages,
 counts granule positions in 48 kHz units and ends with an end-of-stream page.
 
-The conversation's clock starts with the caller's audio, as in the reference server: after the
-handshake nothing is generated until the caller's first audio page has arrived; the first agent frame
-is the next tick's (``ConversationHub.open(start_on_audio=True)``). A client that attaches its player
-only when it starts sending (the reference web client does both a second after its socket opens, once
-its decoder has loaded) therefore receives the agent's stream whole, header pages included; a client
-that sends from the handshake on waits for its first packet and the next tick. A conversation that
+The reference web client, unchanged, gets the reference server's pace. It attaches its player only a
+second after its Connect click (its decoder's fixed warm-up) and drops every audio message before that,
+while it starts its microphone at the handshake; the reference server's handshake takes seconds, ours
+tens of milliseconds. A client that sends that client's parameters (``pad_mult`` and
+``repetition_penalty_context``, which no other client needs) therefore gets its handshake no sooner than
+``REFERENCE_CLIENT_HANDSHAKE_SECONDS`` after its socket opened, and its conversation's clock starts with
+its first audio page (``ConversationHub.open(start_on_audio=True)``: nothing is generated before it, as
+in the reference server), so the agent's stream, header pages included, reaches a player that listens.
+Every other client (this server's page, ``personaplex client``) gets its handshake as soon as the persona
+is applied and its frames from the next tick on, whether it sends audio yet or not. A conversation that
 the server ends (length limit, no audio from the client for the input timeout, client not reading,
 shutdown) gets a ``0x05`` with the reason before the close.
 
@@ -51,6 +55,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -90,6 +95,11 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN = 1013
 SEND_TIMEOUT = 2.0  # seconds a closing message may take to go out before the connection is dropped
+# The reference web client's player is ready 1 s after its Connect click, which comes before its socket
+# opens; measured with its build on a loaded 2-core machine: 0.9 s after the socket opened. Half a second
+# more for a slower machine; the reference server's own handshake takes seconds.
+REFERENCE_CLIENT_HANDSHAKE_SECONDS = 1.5
+REFERENCE_CLIENT_PARAMETERS = ("pad_mult", "repetition_penalty_context")  # sent by that client only
 
 
 class MessageTransport(Protocol):
@@ -151,6 +161,11 @@ def request_from_query(query: Mapping[str, str]) -> PersonaRequest:
                           context_policy=policy)
 
 
+def is_reference_web_client(query: Mapping[str, str]) -> bool:
+    """Whether the query is the reference web client's (see the module's notes on its pace)."""
+    return all(name in query for name in REFERENCE_CLIENT_PARAMETERS)
+
+
 # --- the session ------------------------------------------------------------------------------------------
 
 
@@ -176,6 +191,7 @@ class ChatSession:
         self.transport = transport
         self.front_end = front_end
         self.conversation: Conversation | None = None
+        self.opened_at = time.monotonic()  # about when the socket opened (the session starts at the upgrade)
         self.writer = encoders.open() if encoders is not None else OpusPageWriter()
         self._reader = None
         self._closed = False
@@ -196,8 +212,9 @@ class ChatSession:
         if not await self._try_send(self._metadata_message()):
             return await self._close(CLOSE_NORMAL, "")
 
+        reference_pace = is_reference_web_client(query)
         receiver = asyncio.create_task(self._receive())
-        opener = asyncio.create_task(self.hub.open(request, front_end=self.front_end, start_on_audio=True,
+        opener = asyncio.create_task(self.hub.open(request, front_end=self.front_end, start_on_audio=reference_pace,
                                                    on_queue_position=self._queue_position))
         await asyncio.wait({receiver, opener}, return_when=asyncio.FIRST_COMPLETED)
         if not opener.done():  # the client left (or broke the protocol) before its conversation started
@@ -214,6 +231,12 @@ class ChatSession:
                 CLOSE_TRY_AGAIN if isinstance(error, HubBusy) else CLOSE_GOING_AWAY
             return await self.fail(str(error), code)
         conversation = self.conversation
+        if reference_pace:  # its player is not listening yet: the handshake waits (the slot holds, not stepping)
+            wait = self.opened_at + REFERENCE_CLIENT_HANDSHAKE_SECONDS - time.monotonic()
+            if wait > 0:
+                await asyncio.wait({receiver}, timeout=wait)
+            if receiver.done():  # the client left (or broke the protocol) meanwhile
+                return await self._finish_receiver(receiver)
         limit = conversation.max_frames
         started = {
             "conversation_id": conversation.id, "slot": conversation.slot,
@@ -343,7 +366,7 @@ class ChatSession:
         if self.conversation is not None and pcm is not None and len(pcm):
             self.conversation.send_audio(np.asarray(pcm, dtype=np.float32).reshape(-1))
         # Audio that arrives before the handshake is decoded (validated) and dropped: the conversation
-        # starts with the first audio after it, as in the reference.
+        # starts at the handshake (or, paced like the reference, with the first audio after it).
 
     # --- sending ---------------------------------------------------------------------------------------
 

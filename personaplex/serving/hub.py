@@ -14,15 +14,14 @@ Per tick the engine thread:
 3. spends what is left of the tick on joins: a persona's system prompt comes from the prefix cache
    (instant) or is prefilled in blocks between the steps, so live conversations keep ticking.
 
-A conversation opened with ``start_on_audio`` (the ``/api/chat`` front end) starts its clock at its
-caller's first audio instead: once its system prompt is applied it waits, holding its slot but not
-stepping, until the first samples of the caller's audio have arrived (or the input timeout passes), as
-in the reference server ("no input, no output" until then); its first step is the next tick's. A
-client that starts listening only when it starts sending (the reference web client, whose player is
-ready a second after its socket opens) thus misses none of the agent's first words. The first samples
-rather than a full frame: a client that sends 20 ms packets from the handshake on waits for one packet,
-not four (a first tick that finds less than a frame takes silence, as any underrun; the partial audio
-stays for the next).
+A conversation opened with ``start_on_audio`` (``/api/chat`` does so for the reference web client)
+starts its clock at its caller's first audio instead: once its system prompt is applied it waits,
+holding its slot but not stepping, until the first samples of the caller's audio have arrived (or the
+input timeout passes), as in the reference server ("no input, no output" until then); its first step is
+the next tick's. A client that is not listening yet when it is told to start thus misses none of the
+agent's first words. The first samples rather than a full frame: a client that sends 20 ms packets
+waits for one packet, not four (a first tick that finds less than a frame takes silence, as any
+underrun; the partial audio stays for the next).
 
 A tick that finishes after the next one was due counts as *late*; when the engine falls more than one
 tick behind, the missed tick times are skipped (counted), never caught up in a burst: a slow machine
