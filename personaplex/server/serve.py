@@ -20,8 +20,9 @@ from pathlib import Path
 
 from ..errors import PersonaplexError
 from .app import DEFAULT_STATIC, SESSIONS_KEY, build_app
-from .connections import ConnectionGuard, GuardedSite, quiet_accept_errors
+from .connections import ConnectionGuard, quiet_accept_errors
 from .limits import ServerLimits, add_limit_arguments, default_max_connections, limits_from_args
+from .listener import GuardedSite
 from .opus_pool import OpusEncoderPool
 
 log = logging.getLogger("personaplex.server")
