@@ -346,6 +346,35 @@ def test_idle_sockets_at_the_connection_cap_never_lock_out_callers(server):
     assert metric(server, "personaplex_connections_refused_total") > refused_before
 
 
+def test_tls_handshakes_never_sent_count_against_the_cap_and_are_dropped_first(demo_model, tmp_path):
+    """Sockets that open TCP and never start TLS hold descriptors too: counted, and dropped as idle ones."""
+    import ssl
+
+    from personaplex.server.tls import tls_context
+
+    context, _ = tls_context(tmp_path / "tls")
+    running = ServerThread(demo_model, {"ssl_context": context, "limits": ServerLimits(max_connections=8)},
+                           max_conversations=1, max_queue=0, input_timeout_seconds=None)
+    guard = running.server.guard
+    try:
+        silent = [socket.create_connection(("127.0.0.1", running.server.port), timeout=5) for _ in range(24)]
+        client = ssl.create_default_context(cafile=str(tmp_path / "tls" / "cert.pem"))
+        client.check_hostname = False
+
+        async def health() -> int:
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"https://127.0.0.1:{running.server.port}/api/health", ssl=client) as response:
+                return response.status
+
+        status = asyncio.run(asyncio.wait_for(health(), 60))
+        for sock in silent:
+            sock.close()
+    finally:
+        running.stop()
+    assert status == 200
+    assert guard.evicted >= 16 and guard.peak_descriptors <= guard.max_connections
+
+
 def _serve_subprocess(tmp_path, nofile: int, *flags: str):
     """``personaplex serve --model demo`` in a child process with a file descriptor limit of ``nofile``."""
     log = open(tmp_path / "server.log", "w+b")
