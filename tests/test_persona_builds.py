@@ -261,7 +261,8 @@ MIN_RATE_SHARE = 0.5  # of the agent audio seconds per second before the builds,
 
 def test_ordinary_caller_keeps_talking_during_a_long_build(demo_model):
     """Agent audio keeps arriving for caller A, with no gap over ``MAX_GAP_SECONDS`` and at least half as
-    many seconds of it per second as before (counted by the pages' granule positions), while 29 s voice samples are decoded and encoded back to back for at least
+    many seconds of it per second as before (counted by the pages' granule positions), while 29 s voice
+    samples are decoded and encoded back to back for at least
     ``BUILDING_SECONDS`` (builds run at a lower CPU priority than the engine; on a fast machine one build
     is short, so as many are queued as fill that time)."""
     running = ServerThread(demo_model, max_conversations=2, max_queue=0, input_timeout_seconds=None,
@@ -335,7 +336,8 @@ def test_ordinary_caller_keeps_talking_during_a_long_build(demo_model):
         return audio[index[1]] - audio[index[0]] if index[1] >= 0 else 0.0
 
     building = sum(end - start for start, end in windows)
-    longest_gap = max(np.diff([start, *(t for t in arrivals if start <= t <= end), end]).max() for start, end in windows)
+    longest_gap = max(np.diff([start, *(t for t in arrivals if start <= t <= end), end]).max()
+                      for start, end in windows)
     rate_before = audio_seconds(*quiet) / (quiet[1] - quiet[0])
     rate_during = sum(audio_seconds(start, end) for start, end in windows) / building
     print(f"{used} builds in {len(windows)} batches, building {building:.2f} s; agent audio {rate_before:.2f} s/s "
