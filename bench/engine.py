@@ -59,8 +59,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=70, help="steps before timing (crosses the first ring-length bucket)")
     parser.add_argument("--join-chunk", type=int, default=None, help="prompt frames per prefill block of a spread join")
     parser.add_argument("--kv", choices=["model", "fp8"], default="model", help="KV ring storage: model dtype or FP8")
-    parser.add_argument("--fused", choices=["compile", "none"], default="compile",
-                        help="single-frame steps through torch.compile'd fused kernels, or the plain module code")
+    parser.add_argument("--kernels", choices=["compile", "triton", "eager"], default="compile",
+                        help="the engine's kernel set (personaplex.engine.kernels)")
     parser.add_argument("--position", type=int, default=None,
                         help="move every conversation to this frame before timing (e.g. 2990: full-ring reads)")
     parser.add_argument("--no-spread-join", action="store_true", help="skip the real-time join measurement")
@@ -91,7 +91,7 @@ def main() -> None:
     prompt = persona(1)
     print(f"device {torch.cuda.get_device_name() if CUDA else 'cpu'}, torch {torch.__version__}, preset {preset.name}; "
           f"weights + Mimi {weights / GIB:.2f} GiB; prompt {prompt.num_steps} frames; KV rings: {args.kv}; "
-          f"fused step: {args.fused}; position: {args.position or 'natural'}")
+          f"kernels: {args.kernels}; position: {args.position or 'natural'}")
     rows = []
     for slots in args.slots:
         gc.collect()
@@ -122,7 +122,7 @@ def table_row(slots, p50, p99_ms, first, new, cached, per_slot, peak, tick, miss
 def measure(lm, mimi, slots, prompt, persona, generator, args) -> tuple:
     """One row of the table: N conversations stepping together."""
     before = allocated()
-    engine = Engine(lm, mimi, max_slots=slots, kv_dtype=args.kv, fused_step="compile" if args.fused == "compile" else None)
+    engine = Engine(lm, mimi, max_slots=slots, kv_dtype=args.kv, kernels=args.kernels)
     if args.join_chunk:
         engine.join_chunk_frames = args.join_chunk
     state_bytes = allocated() - before
@@ -227,19 +227,19 @@ def phase_times(engine, pcm, batch, length):
     encoder, decoder = engine.encoder.slots(0, batch), engine.decoder.slots(0, batch)
     positions = gen_state.offset.clamp(max=length - 1)
     x = torch.randn(batch, 1, model.config.dim, device=device, dtype=model.dtype)
-    kernels = model.step_kernels
+    kernels = engine.kernels.lm
     sampling = SamplingParams.fill(batch, 0.8, 250, device)
     seed = torch.zeros(batch, dtype=torch.long, device=device)
     tokens = torch.zeros(batch, model.config.dep_q + 1, dtype=torch.long, device=device)
     parts = {
-        "Mimi encode": lambda: engine.mimi.encode_frame(pcm, encoder),
-        "LM embed": lambda: model.embed(torch.zeros(batch, 1, 1 + model.config.n_q, dtype=torch.long, device=device)),
+        "Mimi encode": lambda: engine.mimi.encode_frame(pcm, encoder, engine.kernels.codec),
+        "LM embed": lambda: kernels.embed(torch.zeros(batch, 1, 1 + model.config.n_q, dtype=torch.long, device=device)),
         f"temporal transformer ({model.config.num_layers} layers)": lambda: model.transformer(
             x, positions, lm_state.keys, lm_state.values, length, lm_state.key_scales, lm_state.value_scales, kernels=kernels),
         "out norm + text head": lambda: model.text_linear(model.out_norm(x)),
-        "depth transformer + sampling": lambda: (kernels.forward_depth if kernels else model.forward_depth)(
+        "depth transformer + sampling": lambda: kernels.forward_depth(
             x[:, 0], tokens[:, 0], torch.full((batch, 8), -1, device=device), 8, sampling, seed, seed),
-        "Mimi decode": lambda: engine.mimi.decode_frame(tokens[:, 1:9], decoder),
+        "Mimi decode": lambda: engine.mimi.decode_frame(tokens[:, 1:9], decoder, engine.kernels.codec),
     }
     results = []
     with torch.inference_mode():

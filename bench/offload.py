@@ -116,7 +116,7 @@ def measure(args, preset, dtype, device, mimi, prompt, quantize, offloaded) -> d
     layers = lm.transformer.layers
     host_bytes = getattr(layers, "streamed_bytes", 0)
     outputs = teacher_forced(lm, preset, steps=6)
-    engine = Engine(lm, mimi, max_slots=1, fused_step=None)
+    engine = Engine(lm, mimi, max_slots=1, kernels="eager")
     times = time_one_conversation(engine, prompt, SamplingConfig(seed=5), args.warmup, args.steps)
     del engine, lm
     return dict(device_gib=device_bytes / GIB, host_gib=host_bytes / GIB, p50=statistics.median(times),

@@ -1,6 +1,6 @@
 """Where a join's prefill block goes: host bookkeeping, embedding, the temporal transformer (graph), the copy.
 
-    python bench/prefill_block.py [--kv fp8] [--fused none|compile] [--joins 3]
+    python bench/prefill_block.py [--kv fp8] [--kernels eager|triton|compile] [--joins 3]
 
 Builds the 7B LM with random weights directly on the GPU (no checkpoint: the block's cost does not depend
 on the values), joins a new persona (10 s voice + 60 text tokens) block by block as the serving hub does,
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--preset", default="personaplex-7b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--kv", choices=["model", "fp8"], default="fp8")
-    parser.add_argument("--fused", choices=["none", "compile"], default="none")
+    parser.add_argument("--kernels", choices=["eager", "triton", "compile"], default="eager")
     parser.add_argument("--block", type=int, default=64, help="prompt frames per prefill block")
     parser.add_argument("--joins", type=int, default=3)
     args = parser.parse_args()
@@ -45,7 +45,7 @@ def main() -> None:
         lm = LMModel(preset.lm).to(torch.bfloat16 if cuda else torch.float32).eval()
     mimi = random_mimi(preset.mimi, device)
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
-    engine = Engine(lm, mimi, max_slots=2, kv_dtype=args.kv, fused_step=None if args.fused == "none" else "compile")
+    engine = Engine(lm, mimi, max_slots=2, kv_dtype=args.kv, kernels=args.kernels)
     engine.join_chunk_frames = args.block
 
     def sync():

@@ -1,6 +1,6 @@
 """Weight quantization on the GPU: memory, single-conversation step time, capacity and output deviation.
 
-    python bench/quantize.py [--modes none int8 fp8] [--frames 100] [--steps 100] [--fused none|compile] [--kv-dtype fp8]
+    python bench/quantize.py [--modes none int8 fp8] [--frames 100] [--steps 100] [--kernels eager|compile] [--kv-dtype fp8]
 
 For each mode the 7B LM (random bf16 weights in the real layout; written once to --checkpoint) is
 loaded quantized unit by unit, then:
@@ -15,8 +15,7 @@ loaded quantized unit by unit, then:
   prompt (so differences cannot cascade), relative L2 error of the text logits and agreement of the
   greedy (argmax) text token and of the 8 agent codebooks, over --frames frames.
 
-``--fused none`` (default) steps through the module code, as the engine does with
-PERSONAPLEX_NO_COMPILE=1; ``--fused compile`` uses the torch.compile'd step kernels (adds compile time
+``--kernels eager`` (default) steps through the eager kernels; ``--kernels compile`` uses the torch.compile'd step kernels (adds compile time
 per mode). A mode that fails prints its error in the table and the others still run.
 Dry run on a CPU: ``python bench/quantize.py --device cpu --preset tiny --frames 8 --steps 5``.
 """
@@ -57,7 +56,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=100, help="teacher-forced frames compared with bf16")
     parser.add_argument("--steps", type=int, default=100, help="timed engine steps")
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--fused", choices=["none", "compile"], default="none")
+    parser.add_argument("--kernels", choices=["eager", "triton", "compile"], default="eager")
     parser.add_argument("--kv-dtype", choices=["model", "fp8"], default="model",
                         help="the engine's KV rings: the model dtype, or FP8 (half the memory per conversation)")
     parser.add_argument("--device", default="cuda")
@@ -73,7 +72,7 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'}, torch {torch.__version__}, torchao "
-          f"{torchao_version()}, preset {preset.name}, fused step: {args.fused}, KV rings: {args.kv_dtype}", flush=True)
+          f"{torchao_version()}, preset {preset.name}, kernels: {args.kernels}, KV rings: {args.kv_dtype}", flush=True)
     ensure_random_lm_checkpoint(preset.lm, args.checkpoint, device=device.type)
     mimi = random_mimi(preset.mimi, device)
     draw = torch.Generator().manual_seed(0)
@@ -140,7 +139,7 @@ def measure(mode, args, preset, dtype, device, mimi, prompt, forced):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    engine = Engine(lm, mimi, max_slots=1, fused_step=None if args.fused == "none" else "compile", kv_dtype=args.kv_dtype)
+    engine = Engine(lm, mimi, max_slots=1, kernels=args.kernels, kv_dtype=args.kv_dtype)
     times = time_one_conversation(engine, prompt, SamplingConfig(seed=5), args.warmup, args.steps)
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else 0.0
     reserved = torch.cuda.max_memory_reserved() / GIB if cuda else 0.0

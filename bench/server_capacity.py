@@ -147,7 +147,7 @@ def run_load(url: str, count: int, duration: float, processes: int, report: Path
     """One ``personaplex loadtest`` run; returns its wall time."""
     command = [sys.executable, "-m", "personaplex", "loadtest", "--url", url.replace("http", "ws") + "/api/chat",
                "-n", str(count), "--duration", str(duration), "--processes", str(min(processes, count)),
-               "--json", str(report)]
+               "--json", str(report), "--max-missing", "100", "--max-late", "100"]  # measured here, not judged
     started = time.perf_counter()
     load = subprocess.Popen(command, cwd=ROOT)
     try:

@@ -100,7 +100,7 @@ async def measure(hub, url: str, clients: int, duration: float, processes: int) 
         cpu_before, wall_before = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "personaplex", "loadtest", "--url", url, "-n", str(clients), "--duration", str(duration),
-            "--processes", str(processes), "--json", str(report),
+            "--processes", str(processes), "--json", str(report), "--max-missing", "100", "--max-late", "100",
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         _, stderr = await process.communicate()

@@ -96,6 +96,55 @@ def describe_connection_error(error: BaseException, url: str) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+DEFAULT_URL = "ws://localhost:8998/api/chat"  # what 'personaplex serve' listens on by default
+DEFAULT_MAX_MISSING_PERCENT = 1.0
+DEFAULT_MAX_LATE_PERCENT = 5.0
+
+
+def add_delivery_arguments(parser) -> None:
+    """--max-missing / --max-late: how much of the agent's audio may go missing or arrive late before the
+    command fails (exit status 2), for the client and the load test alike."""
+    group = parser.add_argument_group("pass/fail")
+    group.add_argument("--max-missing", type=float, default=DEFAULT_MAX_MISSING_PERCENT, metavar="PERCENT",
+                       help="fail when more than this share of the frames sent got no agent frame back "
+                            f"(default {DEFAULT_MAX_MISSING_PERCENT:g}%%; 100: never)")
+    group.add_argument("--max-late", type=float, default=DEFAULT_MAX_LATE_PERCENT, metavar="PERCENT",
+                       help="fail when more than this share of the agent's frames came too late for an 80 ms "
+                            f"playback buffer (an audible gap; default {DEFAULT_MAX_LATE_PERCENT:g}%%; 100: never)")
+
+
+@dataclass
+class Delivery:
+    """How much of the agent's audio came back, and in time, for the frames sent."""
+
+    sent: int
+    missing: int
+    late: int
+
+    def percent(self, count: int) -> float:
+        return 100.0 * count / self.sent if self.sent else 0.0
+
+    def describe(self) -> str | None:
+        """One sentence on missing and late frames, or None when every frame came back in time."""
+        problems = []
+        if self.missing:
+            problems.append(f"{self.missing} of {self.sent} frames ({self.percent(self.missing):.1f}%) got no reply")
+        if self.late:
+            problems.append(f"{self.late} ({self.percent(self.late):.1f}%) came too late for an 80 ms playback buffer")
+        if not problems:
+            return None
+        return "; ".join(problems) + ": the reply has gaps (the server fell behind real time or audio was lost)"
+
+    def failure(self, max_missing_percent: float, max_late_percent: float) -> str | None:
+        """Why this delivery fails the limits (percent of the frames sent), or None when it passes."""
+        broken = []
+        if self.percent(self.missing) > max_missing_percent:
+            broken.append(f"missing {self.percent(self.missing):.1f}% > --max-missing {max_missing_percent:g}%")
+        if self.percent(self.late) > max_late_percent:
+            broken.append(f"late {self.percent(self.late):.1f}% > --max-late {max_late_percent:g}%")
+        return ", ".join(broken) or None
+
+
 @dataclass
 class TextPiece:
     frame: int  # the agent frame this piece came with: its place on the conversation's timeline

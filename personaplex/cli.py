@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -69,23 +70,9 @@ def _cmd_voice_build(args: argparse.Namespace) -> None:
     print(f"wrote {output}: {saved.num_frames} frames ({saved.num_frames * 0.08:.2f} s) of voice for model {model.name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _build_voice(voice: argparse.ArgumentParser) -> None:
     from . import offline
 
-    parser = argparse.ArgumentParser(
-        prog="personaplex",
-        description="Run full-duplex speech-to-speech models of the Moshi family (PersonaPlex-7B): "
-                    "process recordings offline, build voices, inspect weights.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    offline_parser = commands.add_parser(
-        "offline", help="stream audio files through the model; write agent audio and text"
-    )
-    offline.build_parser(offline_parser)
-    offline_parser.set_defaults(run=offline.run)
-
-    voice = commands.add_parser("voice", help="voice prompts: build a reusable voice file from a recording")
     voice_commands = voice.add_subparsers(dest="voice_command", required=True, metavar="ACTION")
     build = voice_commands.add_parser(
         "build", help="encode a recording into a voice file (embeddings + token state) for this model",
@@ -97,43 +84,80 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_model_arguments(build)
     build.set_defaults(run=_cmd_voice_build)
 
-    from . import client, loadtest
-    from .server import serve
 
-    # Commands whose module has build_parser(parser) and run(args).
-    for name, module, summary in (
-        ("serve", serve, "serve live conversations (WebSocket /api/chat) and the web page"),
-        ("loadtest", loadtest, "run N concurrent real-time callers against a server; report latency and late frames"),
-        ("client", client, "stream a recording to a server in real time; save the reply wav and its transcript"),
-    ):
+def _module_command(module_name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """A command whose module has build_parser(parser) and run(args)."""
+
+    def build(parser: argparse.ArgumentParser) -> None:
+        module = importlib.import_module(module_name, __package__)
+        module.build_parser(parser)
+        parser.set_defaults(run=module.run)
+
+    return build
+
+
+def _builder_only(module_name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """A command group whose module's build_parser(parser) sets its own ``run`` per action."""
+    return lambda parser: importlib.import_module(module_name, __package__).build_parser(parser)
+
+
+def _build_presets(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(run=_cmd_presets)
+
+
+def _build_inspect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("weights", type=Path, help="path to a .safetensors file (LM or Mimi)")
+    parser.set_defaults(run=_cmd_inspect)
+
+
+# name, one-line help, how to fill in its flags. Filling in a command's flags imports its module, and only
+# the modules of the command being run are imported (so --help and argument errors answer at once); none
+# of them imports torch or scipy before it runs.
+COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("offline", "stream audio files through the model; write agent audio and text", _module_command(".offline")),
+    ("voice", "voice prompts: build a reusable voice file from a recording", _build_voice),
+    ("serve", "serve live conversations (WebSocket /api/chat) and the web page", _module_command(".server.serve")),
+    ("loadtest", "run N concurrent real-time callers against a server; report latency and late frames",
+     _module_command(".loadtest")),
+    ("client", "stream a recording to a server in real time; save the reply wav and its transcript",
+     _module_command(".client")),
+    ("scale", "serve from several engine replicas (one per GPU, across machines) behind one endpoint (Ray Serve)",
+     _builder_only(".scaleout.cli")),
+    ("eval", "evaluate: Full-Duplex-Bench (run, transcribe, score, report) and service-persona adherence",
+     _builder_only(".eval.cli")),
+    ("presets", "list the built-in model configurations", _build_presets),
+    ("inspect", "tell which preset a safetensors weights file fits (reads only its header)", _build_inspect),
+)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``argv``, only the command that ``argv`` names gets its flags filled in
+    (every command is still listed, and parsing ``argv`` gives the same result as with the whole parser)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="personaplex",
+        description="Run full-duplex speech-to-speech models of the Moshi family (PersonaPlex-7B): "
+                    "process recordings offline, serve live conversations, build voices, evaluate, inspect weights.",
+    )
+    parser.add_argument("--version", action="version", version=f"personaplex {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = _command_named(argv) if argv is not None else None
+    for name, summary, fill in COMMANDS:
         command = commands.add_parser(name, help=summary)
-        module.build_parser(command)
-        command.set_defaults(run=module.run)
-
-    from .scaleout import cli as scaleout_cli  # imports Ray only when a scale command runs
-
-    scale_parser = commands.add_parser(
-        "scale", help="serve from several engine replicas (one per GPU, across machines) behind one endpoint (Ray Serve)"
-    )
-    scaleout_cli.build_parser(scale_parser)
-
-    from .eval import cli as eval_cli
-
-    eval_parser = commands.add_parser(
-        "eval", help="evaluate: Full-Duplex-Bench (run, transcribe, score, report) and service-persona adherence"
-    )
-    eval_cli.build_parser(eval_parser)
-
-    presets = commands.add_parser("presets", help="list the built-in model configurations")
-    presets.set_defaults(run=_cmd_presets)
-    inspect = commands.add_parser("inspect", help="tell which preset a safetensors weights file fits (reads only its header)")
-    inspect.add_argument("weights", type=Path, help="path to a .safetensors file (LM or Mimi)")
-    inspect.set_defaults(run=_cmd_inspect)
+        if argv is None or name == wanted:
+            fill(command)
     return parser
 
 
+def _command_named(argv: list[str]) -> str | None:
+    """The command ``argv`` runs: its first word that is not an option (the top level has no valued options)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return run_command(lambda: args.run(args))
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import audio_file_format
-from .chat_client import ChatClientError, Exchange, chat_url, client_ssl_context, run_exchange
+from .chat_client import (
+    DEFAULT_URL, ChatClientError, Delivery, Exchange, add_delivery_arguments, chat_url, client_ssl_context,
+    run_exchange,
+)
 from .config import SAMPLE_RATE
 from .offline import DEFAULT_TEXT_PROMPT
 
-DEFAULT_URL = "ws://localhost:8998/api/chat"
 TAIL_SECONDS = 3.0  # after the last frame: how long the last answers may take
 
 
@@ -62,6 +63,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     connection.add_argument("--no-realtime", action="store_true",
                             help="send without a local clock, as fast as the server takes audio (for tests: the "
                                  "server still answers one 80 ms frame per tick, so it takes about as long)")
+    add_delivery_arguments(parser)
     return parser
 
 
@@ -107,7 +109,7 @@ def summary(exchange: Exchange) -> str:
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from .audio import read_audio, split_frames
+    from .audio import audio_file_format, read_audio, split_frames
 
     url = chat_url(args.url, query_parameters(args), args.token)  # validates the URL first
     audio = read_audio(args.input)
@@ -145,6 +147,13 @@ def run(args: argparse.Namespace) -> None:
         raise ChatClientError(message)
     print(summary(exchange), flush=True)
     print(f"wrote {output_wav} ({length / rate:.2f} s at {rate} Hz) and {output_text}", flush=True)
+    delivery = Delivery(exchange.sent_frames, max(0, exchange.sent_frames - exchange.frames), exchange.late_frames)
+    problem = delivery.describe()
+    if problem is not None:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
+    failure = delivery.failure(args.max_missing, args.max_late)
+    if failure is not None:
+        raise ChatClientError(f"the call did not come through whole ({failure})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,15 @@ FRAME_RATE = 12.5
 FRAME_SIZE = 1920  # samples of 24 kHz audio per 12.5 Hz model frame
 
 
+def gated_hidden(dim: int, dim_feedforward: int) -> int:
+    """Hidden width of a gated (SiLU) feed-forward block, by the reference's rule: ``21 * dim // 8`` when
+    ``dim_feedforward == 4 * dim`` (its approximation of 8/3 * dim), else ``2 * dim_feedforward // 3``.
+    PersonaPlex-7B's widths (4.125 * dim) take the second branch: 4224 -> 2816 and 16896 -> 11264."""
+    if dim_feedforward == 4 * dim:
+        return 21 * dim // 8
+    return 2 * dim_feedforward // 3
+
+
 @dataclass(frozen=True)
 class LMConfig:
     """Temporal transformer + depth transformer ("depformer") of a Moshi-family LM."""
@@ -78,8 +87,8 @@ class LMConfig:
 
     @property
     def ffn_hidden(self) -> int:
-        # Reference rule: dim_feedforward = int(hidden_scale * dim), gated hidden = 2/3 of it.
-        return 2 * int(self.hidden_scale * self.dim) // 3
+        # Reference rule: dim_feedforward = int(hidden_scale * dim), then the gating's width rule.
+        return gated_hidden(self.dim, int(self.hidden_scale * self.dim))
 
     @property
     def depformer_head_dim(self) -> int:
@@ -87,7 +96,7 @@ class LMConfig:
 
     @property
     def depformer_ffn_hidden(self) -> int:
-        return 2 * self.depformer_dim_feedforward // 3
+        return gated_hidden(self.depformer_dim, self.depformer_dim_feedforward)
 
     @property
     def max_delay(self) -> int:

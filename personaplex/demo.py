@@ -1,6 +1,7 @@
 """The built-in demo model: every command can be tried on a fresh machine, with no download and no GPU.
 
-``demo_assets()`` builds, once, into ``~/.cache/personaplex/demo-v1`` (``$XDG_CACHE_HOME`` honoured):
+``demo_assets()`` builds, once, into ``~/.cache/personaplex/demo-v<N>`` (N = ``DEMO_VERSION``,
+``$XDG_CACHE_HOME`` honoured):
 
 - ``lm.safetensors``, ``mimi.safetensors``: random weights of the ``demo`` preset in the published key
   layout, drawn on the CPU from fixed seeds, so every machine gets the same bytes;
@@ -11,14 +12,17 @@
 The model is untrained: it runs every code path at full speed, but what it says is noise. Every file
 is written to a temporary name and renamed into place, so an interrupted or concurrent build never
 leaves a partial file; the contents are deterministic, so whichever concurrent build wins, the bytes
-are the same. Changing anything that alters the bytes must bump ``DEMO_VERSION``.
+are the same. Changing anything that alters the bytes must bump ``DEMO_VERSION``: the default folder changes
+with it, and weights of another version found in a folder given by hand are rebuilt (never loaded).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
+import time
 import wave
 import zlib
 from collections.abc import Callable
@@ -31,7 +35,8 @@ from .config import SAMPLE_RATE, get_preset
 from .hub import AssetError, ModelAssets
 
 DEMO_PRESET = "demo"
-DEMO_VERSION = 1
+# 2: the depformer's gated feed-forward width follows the reference's 21 * dim // 8 rule (336, was 341).
+DEMO_VERSION = 2
 LM_SEED = 1_000
 MIMI_SEED = 2_000
 LM_FILE = "lm.safetensors"
@@ -53,29 +58,56 @@ def default_cache_dir() -> Path:
     return Path(cache_home) / "personaplex" / f"demo-v{DEMO_VERSION}"
 
 
-def demo_assets(cache_dir: str | Path | None = None) -> ModelAssets:
-    """Paths of the demo model's files, building the missing ones first (a few seconds on a CPU)."""
+def demo_assets(cache_dir: str | Path | None = None, *, say: Callable[[str], None] | None = None) -> ModelAssets:
+    """Paths of the demo model's files, building the missing ones first (seconds on a CPU). While building,
+    ``say`` (default: a line on stderr) is told what is being built and, at the end, how long it took."""
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     voices = folder / VOICES_FOLDER
     preset = get_preset(DEMO_PRESET)
+    say = say or _say_on_stderr
+    parts = [
+        ("the text tokenizer (SentencePiece)", folder / TOKENIZER_FILE, lambda: train_tokenizer(preset.lm.text_card),
+         None),
+        ("the Mimi codec's random weights", folder / MIMI_FILE, lambda: _mimi_bytes(preset.mimi), _is_this_version),
+        ("the LM's random weights", folder / LM_FILE, lambda: _lm_bytes(preset.lm), _is_this_version),
+        *((f"{len(VOICE_NAMES)} voices", voices / f"{name}.wav", lambda name=name: wav_bytes(synthesize_voice(name)),
+           None) for name in VOICE_NAMES),
+    ]
+    missing = [part for part in parts if not _is_built(part[1], part[3])]
+    started = time.perf_counter()
+    if missing:
+        say(f"building the demo model (untrained, no download) into {folder}; this happens once")
     try:
         voices.mkdir(parents=True, exist_ok=True)
-        tokenizer = _build_once(folder / TOKENIZER_FILE, lambda: train_tokenizer(preset.lm.text_card))
-        mimi = _build_once(folder / MIMI_FILE, lambda: _mimi_bytes(preset.mimi))
-        lm = _build_once(folder / LM_FILE, lambda: _lm_bytes(preset.lm))
-        for name in VOICE_NAMES:
-            _build_once(voices / f"{name}.wav", lambda name=name: wav_bytes(synthesize_voice(name)))
+        announced = set()
+        for what, path, make, is_current in missing:
+            if what not in announced:
+                say(f"  {what}...")
+                announced.add(what)
+            _build_once(path, make, is_current)
     except OSError as exc:
         raise AssetError(
             f"cannot write the demo model to {folder} ({exc}); free some space (about 70 MB) or set XDG_CACHE_HOME "
             "to a writable folder"
         ) from exc
-    return ModelAssets(lm, mimi, tokenizer, voices, preset=DEMO_PRESET, untrained=True)
+    if missing:
+        say(f"demo model ready in {time.perf_counter() - started:.1f} s")
+    return ModelAssets(folder / LM_FILE, folder / MIMI_FILE, folder / TOKENIZER_FILE, voices, preset=DEMO_PRESET,
+                       untrained=True)
 
 
-def _build_once(path: Path, make: Callable[[], bytes]) -> Path:
-    """Write ``make()`` (bytes) to ``path`` unless it exists: temp file in the same folder, then rename."""
-    if path.is_file():
+def _say_on_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _is_built(path: Path, is_current: Callable[[Path], bool] | None) -> bool:
+    return path.is_file() and (is_current is None or is_current(path))
+
+
+def _build_once(path: Path, make: Callable[[], bytes], is_current: Callable[[Path], bool] | None = None) -> Path:
+    """Write ``make()`` (bytes) to ``path`` unless it exists (and ``is_current`` accepts it): temp file in the same
+    folder, then rename."""
+    if _is_built(path, is_current):
         return path
     data = make()
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -97,6 +129,21 @@ def _build_once(path: Path, make: Callable[[], bytes]) -> Path:
 # One key only: safetensors writes metadata in hash-map order, so several keys would make the bytes
 # differ from run to run.
 _METADATA = {"description": f"personaplex demo model v{DEMO_VERSION}: untrained random weights"}
+
+
+def _is_this_version(path: Path) -> bool:
+    """Whether a weights file was built by this ``DEMO_VERSION`` (its header's description says so).
+
+    The default folder is per version already; this catches a folder given by hand that holds an older build,
+    whose tensors may have other shapes: it is rebuilt rather than loaded.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("description") == _METADATA["description"]
+    except Exception:  # unreadable or truncated: rebuild it
+        return False
 
 
 def _lm_bytes(config) -> bytes:

@@ -27,7 +27,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .chat_client import FRAME_SECONDS, chat_url, client_ssl_context, run_exchange
+from .chat_client import (
+    DEFAULT_URL, FRAME_SECONDS, Delivery, add_delivery_arguments, chat_url, client_ssl_context, run_exchange,
+)
 from .config import FRAME_SIZE, SAMPLE_RATE
 from .errors import PersonaplexError
 
@@ -64,8 +66,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.description = ("Run N concurrent synthetic callers against a running server, streaming real Ogg/Opus "
                           "at real-time pace, and report received, missing and late frames, latency and errors.")
     parser.epilog = "example: personaplex loadtest --url ws://localhost:8998/api/chat -n 8 --duration 30"
-    parser.add_argument("--url", required=True, help="the server's /api/chat WebSocket URL (ws:// or wss://), "
-                        "or its /v1/realtime URL to drive the Realtime-style endpoint")
+    parser.add_argument("--url", default=DEFAULT_URL, help="the server's /api/chat WebSocket URL (ws:// or wss://), "
+                        f"or its /v1/realtime URL to drive the Realtime-style endpoint (default {DEFAULT_URL})")
     parser.add_argument("-n", "--clients", type=int, default=4, help="concurrent callers (default 4)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds each caller streams (default 20)")
     parser.add_argument("--input-wav", type=Path, help="user audio to stream, looped (default: a synthetic voice)")
@@ -77,6 +79,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="spread the clients over this many processes (for many clients: their own Opus "
                              "encoding and decoding must not be the bottleneck; default 1)")
     parser.add_argument("--json", type=Path, help="also write the per-client results as JSON here")
+    add_delivery_arguments(parser)
     return parser
 
 
@@ -190,6 +193,19 @@ def run(args: argparse.Namespace) -> None:
         ], indent=1), encoding="utf-8")
     if all(r.error is not None for r in reports):
         raise LoadTestError(f"every client failed; first error: {reports[0].error}")
+    delivery = total_delivery(reports)
+    problem = delivery.describe()
+    if problem is not None:
+        print(f"warning: over all clients, {problem}", file=sys.stderr, flush=True)
+    failure = delivery.failure(args.max_missing, args.max_late)
+    if failure is not None:
+        raise LoadTestError(f"the calls did not come through whole ({failure})")
+
+
+def total_delivery(reports: list[ClientReport]) -> Delivery:
+    """Missing and late frames summed over every client, against every frame sent."""
+    return Delivery(sum(r.sent_frames for r in reports), sum(r.missing for r in reports),
+                    sum(r.late_frames for r in reports))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .config import FRAME_SIZE, SAMPLE_RATE
 from .errors import PersonaplexError
@@ -75,7 +74,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     io = parser.add_argument_group("inputs and outputs (files, or a whole folder)")
     io.add_argument("--input-wav", type=Path, nargs="+", help="user audio file(s): wav, flac, ogg, mp3")
     io.add_argument("--output-wav", type=Path, nargs="+", help="agent audio output(s), one per input")
-    io.add_argument("--output-text", type=Path, nargs="+", help="JSON token list output(s), one per input")
+    io.add_argument("--output-text", type=Path, nargs="+",
+                    help="JSON token list output(s), one per input; the agent's words as plain text go beside each "
+                         "(same name, .txt)")
     io.add_argument("--input-dir", type=Path, help="process every audio file in this folder (instead of --input-wav)")
     io.add_argument("--output-dir", type=Path, help="with --input-dir: write <name>.wav and <name>.json here")
     io.add_argument("--batch-size", type=int, help="conversations run at once (default: as many as fit the GPU's "
@@ -142,10 +143,16 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
         texts = args.text_prompt
     texts = per_input(texts, count, "--text-prompt")
     voices = per_input(args.voice_prompt, count, "--voice-prompt")
-    outputs = [p.resolve() for p in args.output_wav + args.output_text]
+    outputs = [p.resolve() for p in args.output_wav + args.output_text + [transcript_path(t) for t in args.output_text]]
     if len(set(outputs)) != len(outputs):
-        raise UsageError("output paths must all differ")
+        raise UsageError("output paths must all differ (the words go to each --output-text's name with .txt: "
+                         "give the JSON outputs another suffix, e.g. .json)")
     return [Job(i, w, t, text, voice) for i, w, t, text, voice in zip(args.input_wav, args.output_wav, args.output_text, texts, voices)]
+
+
+def transcript_path(output_text: Path) -> Path:
+    """Where the agent's words go as plain text: beside the JSON token list, with .txt."""
+    return output_text.with_suffix(".txt")
 
 
 def resolve_model_assets(args: argparse.Namespace, need_voices: bool = True):
@@ -165,6 +172,8 @@ def resolve_model_assets(args: argparse.Namespace, need_voices: bool = True):
 def load_model_for_args(args: argparse.Namespace, assets, *, slots: int = 1, input_frames: list[int] | None = None):
     """Load the model as the model flags ask (device, --quantize, --cpu-offload), after saying what to expect
     on this hardware (real time or not, how long a CPU run takes). ``slots``: conversations run at once."""
+    import torch
+
     from .deploy.plan import plan_load
     from .loading import default_device, load_model, preset_of
 
@@ -199,8 +208,10 @@ def run(args: argparse.Namespace) -> None:
     import time
     from collections import deque
 
+    import torch
     from tqdm import tqdm
 
+    from . import startup
     from .audio import read_audio
     from .engine import Engine, slots_that_fit
     from .persona import build_system_prompt, load_voice, resolve_voice
@@ -214,7 +225,9 @@ def run(args: argparse.Namespace) -> None:
 
     assets = resolve_model_assets(args)
     frames = [-(-len(job.audio) // FRAME_SIZE) for job in jobs]
+    loading = time.perf_counter()
     model = load_model_for_args(args, assets, slots=min(len(jobs), args.batch_size or 4), input_frames=frames)
+    log(f"start-up: load model (read weights, build) in {time.perf_counter() - loading:.2f} s")
     if model.untrained:
         log("note: the demo model has random, untrained weights: its speech and text are noise, not answers")
     slots = min(len(jobs), args.batch_size or min(64, slots_that_fit(model.lm, model.mimi)))
@@ -236,14 +249,22 @@ def run(args: argparse.Namespace) -> None:
     # guarantees each conversation the same frames as if it ran alone.
     engine = Engine(model.lm, model.mimi, max_slots=slots)
     longest = max(prompt.num_steps for prompt in prompts.values()) + max(-(-len(j.audio) // FRAME_SIZE) for j in jobs)
-    engine.capture_graphs(up_to_frames=longest)  # no capture pauses once conversations run
+    capturing = time.perf_counter()
+    if engine.capture_graphs(up_to_frames=longest):  # no capture pauses once conversations run
+        log(f"start-up: CUDA graphs ({engine.kernels.name} kernels) in {time.perf_counter() - capturing:.2f} s")
     sampling = sampling_from_args(args)
     waiting = deque(jobs)
     running: dict[int, Conversation] = {}
     total_frames = sum(-(-len(job.audio) // FRAME_SIZE) for job in jobs)
     pcm = torch.zeros(slots, FRAME_SIZE)
     started = time.perf_counter()
+    done_frames = 0  # counted here: a progress bar that is off (no terminal) counts nothing
+    rate_reported = False
+    first_frame = True
     with tqdm(total=total_frames, unit="frame", desc="conversations", file=sys.stderr, disable=None) as progress:
+        def say(message: str) -> None:  # above the progress bar on a terminal, not inside it
+            progress.write(message, file=sys.stderr)
+
         while waiting or running:
             for slot in engine.free_slots():
                 if not waiting:
@@ -256,16 +277,40 @@ def run(args: argparse.Namespace) -> None:
                 chunk = conversation.next_input()
                 pcm[slot, : len(chunk)] = torch.from_numpy(chunk)
             out = engine.step(pcm)
+            if first_frame:
+                first_frame = False
+                say(f"start-up: first frame {startup.seconds_since_process_start():.2f} s after launch")
             progress.update(len(running))
+            done_frames += len(running)
             for slot, conversation in list(running.items()):
                 conversation.record(out.pcm[slot].numpy(), int(out.tokens[slot, 0]))
                 if conversation.done:
-                    conversation.write(model.tokenizer)
+                    conversation.write(model.tokenizer, say)
                     engine.leave(slot)
                     del running[slot]
+            elapsed = time.perf_counter() - started
+            if not rate_reported and elapsed >= RATE_REPORT_AFTER_SECONDS and (waiting or running):
+                say(measured_rate(done_frames, total_frames, elapsed))
+                rate_reported = True
     elapsed = time.perf_counter() - started
     seconds = sum(len(job.audio) for job in jobs) / SAMPLE_RATE
-    log(f"processed {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / elapsed:.1f}x real time)")
+    log(f"processed {seconds:.1f} s of audio in {elapsed:.1f} s ({seconds / elapsed:.2g}x real time)")
+
+
+# The up-front estimate comes from a quick measurement and can be far off on a busy machine: once the run
+# has gone this long, the rate it really gets replaces it.
+RATE_REPORT_AFTER_SECONDS = 10.0
+
+
+def measured_rate(done_frames: int, total_frames: int, elapsed: float) -> str:
+    """One line: the frame rate measured so far (all conversations together) and the time left at that rate."""
+    from .deploy.realtime import format_duration
+
+    per_second = done_frames / max(elapsed, 1e-9)
+    speed = per_second * FRAME_SIZE / SAMPLE_RATE  # seconds of audio per second of wall time
+    rate = f"{per_second:.1f}" if per_second >= 1 else f"{per_second:.2g}"
+    return (f"measured: {rate} frames/s ({speed:.2g}x real time) over the first {elapsed:.0f} s; "
+            f"about {format_duration((total_frames - done_frames) / per_second)} left at this rate")
 
 
 class Conversation:
@@ -290,16 +335,20 @@ class Conversation:
     def done(self) -> bool:
         return self.position >= self.frames
 
-    def write(self, tokenizer) -> None:
+    def write(self, tokenizer, say=log) -> None:
         """The agent's audio with exactly the input's duration, and one JSON entry per frame."""
         import sphn
 
         job = self.job
         audio = np.concatenate(self.agent_audio)[: len(job.audio)]
         sphn.write_wav(str(job.output_wav), np.clip(audio, -1.0, 1.0).astype(np.float32), SAMPLE_RATE)
+        # The token list keeps the reference format (one raw piece per frame, byte pieces as "<0xC3>"); the
+        # text file is what was said, byte pieces joined into characters.
         with open(job.output_text, "w", encoding="utf-8") as f:
             json.dump([tokenizer.piece(t) for t in self.agent_text], f, ensure_ascii=False)
-        log(f"wrote {job.output_wav} ({len(job.audio) / SAMPLE_RATE:.2f} s) and {job.output_text}")
+        transcript_path(job.output_text).write_text(tokenizer.transcript(self.agent_text) + "\n", encoding="utf-8")
+        say(f"wrote {job.output_wav} ({len(job.audio) / SAMPLE_RATE:.2f} s), {job.output_text} and "
+            f"{transcript_path(job.output_text).name}")
 
 
 def main(argv: list[str] | None = None) -> int:

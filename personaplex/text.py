@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import re
 from pathlib import Path
 
 from .errors import PersonaplexError
@@ -10,6 +12,9 @@ EPAD = 0  # "end of padding": the step before a word starts
 PAD = 3  # nothing said on the text channel this frame
 SYSTEM_TAG = "<system>"
 WORD_START = "\u2581"  # SentencePiece's visible space
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece: one byte of a UTF-8 character
+# Byte pieces can spell control characters; a transcript shows them as junk, so they are left out.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 class TokenizerError(PersonaplexError):
@@ -63,5 +68,42 @@ class TextTokenizer:
         return self.processor.IdToPiece(token).replace(WORD_START, " ")
 
     def spoken_text(self, token: int) -> str:
-        """What a live transcript shows: nothing for padding, else the piece text."""
+        """The piece text of one token, nothing for padding. A byte-fallback piece stays raw (``<0xC7>``):
+        a live transcript joins them with ``SpokenText``."""
         return "" if token in (EPAD, PAD) else self.piece(token)
+
+    def transcript(self, tokens: list[int]) -> str:
+        """The words of a whole text channel (one token per frame): padding left out, byte-fallback pieces
+        joined into UTF-8 characters, leading space stripped."""
+        spoken = SpokenText(self)
+        return ("".join(spoken.push(token) for token in tokens) + spoken.finish()).strip()
+
+
+class SpokenText:
+    """One conversation's text channel, token by token, as text to show: byte-fallback pieces (``<0xE2>``
+    ``<0x82>`` ``<0xAC>``) are held until they form a UTF-8 character (``€``), which then comes with the token
+    that completed it. A sequence cut short by an ordinary piece shows as U+FFFD. Keeps state: one per
+    conversation."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """The text this token adds to the transcript ("" for padding and unfinished characters)."""
+        if token in (EPAD, PAD):
+            return ""
+        piece = self.tokenizer.piece(token)
+        byte = BYTE_PIECE.fullmatch(piece)
+        if byte is not None:
+            text = self._decoder.decode(bytes([int(byte[1], 16)]))
+        else:
+            text = self._decoder.decode(b"", final=True) + piece
+            self._decoder.reset()
+        return CONTROL_CHARACTERS.sub("", text)
+
+    def finish(self) -> str:
+        """At the end of the channel: an unfinished character as U+FFFD, else ""."""
+        text = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return text

@@ -40,6 +40,31 @@ def golden_config(golden: Path) -> dict:
     return json.loads((golden / "tiny_config.json").read_text())
 
 
+# The fixture set recorded from the reference (its README's provenance): the one the built-in "tiny" presets
+# copy. Other fixture sets in the same format (other sizes) run through every golden test but this comparison.
+REFERENCE_FIXTURE = {"commit": "3428dfd95309a7f3c84fd93259ded0f810d1ff91", "lm_seed": 20240601, "mimi_seed": 20240602}
+
+
+def _is_reference_fixture(config: dict) -> bool:
+    return (config.get("reference", {}).get("commit") == REFERENCE_FIXTURE["commit"]
+            and config["lm"].get("seed") == REFERENCE_FIXTURE["lm_seed"]
+            and config["mimi"].get("seed") == REFERENCE_FIXTURE["mimi_seed"])
+
+
+@pytest.fixture(scope="session")
+def reference_fixture_config() -> dict:
+    """``tiny_config.json`` of the reference's own fixture set, from ``PERSONAPLEX_GOLDEN_DIR`` or the default
+    directory; skips (with the reason) when neither holds that set."""
+    for path in dict.fromkeys([golden_dir(), DEFAULT_GOLDEN_DIR]):
+        config_path = path / "tiny_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            if _is_reference_fixture(config):
+                return config
+    pytest.skip("the reference's fixture set (which the tiny presets copy) is not at PERSONAPLEX_GOLDEN_DIR "
+                f"nor at {DEFAULT_GOLDEN_DIR}")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     # The fixtures were recorded with 2 threads; results are identical with 1, so pin it for speed
@@ -88,3 +113,27 @@ def require_triton_kernels() -> None:
         version = tuple(int(part) for part in triton.__version__.split(".")[:2])
         if version < (3, 8):
             pytest.skip(f"Triton {triton.__version__}'s CPU interpreter fails with numpy 2: pip install 'triton>=3.8'")
+
+
+SHORT_CONTEXT_FRAMES = 200  # 16 s: room for a short persona's prompt and 10 s of talk, then the rings wrap
+
+
+@pytest.fixture(scope="session")
+def short_context_demo():
+    """The demo model with a 200-frame context instead of 3000, so that calls run past it in seconds.
+
+    Only the KV ring capacity changes (the weights do not depend on it): what happens at the context's
+    end is the same code as at 4 minutes with the real model."""
+    import dataclasses
+
+    from personaplex.checkpoint import load_lm, load_mimi
+    from personaplex.config import get_preset
+    from personaplex.demo import DEMO_PRESET, demo_assets
+    from personaplex.loading import LoadedModel
+    from personaplex.text import TextTokenizer
+
+    assets = demo_assets()
+    preset = get_preset(DEMO_PRESET)
+    lm = load_lm(assets.lm_weights, dataclasses.replace(preset.lm, context=SHORT_CONTEXT_FRAMES), dtype=torch.float32)
+    mimi = load_mimi(assets.mimi_weights, preset.mimi)
+    return LoadedModel(DEMO_PRESET, lm, mimi, TextTokenizer(assets.tokenizer), assets.voices_dir, assets.untrained)

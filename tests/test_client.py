@@ -5,6 +5,7 @@ and an unreachable server are one ``error:`` line with exit status 2."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import numpy as np
@@ -57,11 +58,14 @@ def voice_wav(path, seconds: float, rate: int = 24000, channels: int = 1):
     return path
 
 
-def test_reply_wav_and_transcript_on_the_input_timeline(server, tmp_path, capsys):
+def test_reply_wav_and_transcript_on_the_input_timeline(server, tmp_path, capsys, monkeypatch):
+    # The client waits this long after its last frame for the answers still due; a loaded machine steps
+    # slower than real time, so the test gives it ample time (the server answers every frame, late or not).
+    monkeypatch.setattr("personaplex.client.TAIL_SECONDS", 90.0)
     source = voice_wav(tmp_path / "question.wav", 2.0)
     reply = tmp_path / "reply.wav"
     code = main([str(source), "--url", server.url, "--token", TOKEN, "-o", str(reply), "--voice-prompt", "NATM0",
-                 "--seed", "7", "--temp-text", "0.9", "--topk-audio", "100"])
+                 "--seed", "7", "--temp-text", "0.9", "--topk-audio", "100", "--max-late", "100"])  # late: CPU load
     out = capsys.readouterr().out
     assert code == 0, out
     audio, rate = sphn.read(str(reply))
@@ -72,13 +76,14 @@ def test_reply_wav_and_transcript_on_the_input_timeline(server, tmp_path, capsys
     times = [piece["time"] for piece in text["pieces"]]
     assert times == sorted(times) and 0 <= times[0] and times[-1] < 2.0
     assert text["server"]["audio_topk"] == 100 and text["server"]["text_temperature"] == 0.9  # the query arrived
-    assert "sent 25 frames, received 25 (0 missing" in out and "wrote " in out
+    # Every frame answered (one more may arrive while the client hangs up).
+    assert re.search(r"sent 25 frames, received 2[56] \(0 missing", out) and "wrote " in out, out
 
 
 def test_44k_stereo_input_without_a_clock(server, tmp_path, capsys):
     source = voice_wav(tmp_path / "stereo.wav", 1.3, rate=44100, channels=2)
     dropped = metric_value(server.hub.metrics.render(), "personaplex_input_dropped_seconds_total")
-    code = main([str(source), "--url", server.url, "--token", TOKEN, "--no-realtime"])
+    code = main([str(source), "--url", server.url, "--token", TOKEN, "--no-realtime", "--max-late", "100"])
     assert code == 0, capsys.readouterr()
     # Without a clock the client still sends no faster than the server takes audio: none of it is dropped.
     assert metric_value(server.hub.metrics.render(), "personaplex_input_dropped_seconds_total") == dropped
@@ -134,7 +139,7 @@ def test_wss_with_a_self_signed_certificate_needs_insecure(demo_model, tmp_path,
         assert main([str(source), "--url", running.url]) == 2
         err = capsys.readouterr().err
         assert "is not trusted" in err and "--insecure" in err
-        assert main([str(source), "--url", running.url, "--insecure"]) == 0
+        assert main([str(source), "--url", running.url, "--insecure", "--max-late", "100"]) == 0
     finally:
         running.stop()
     audio, rate = sphn.read(str(tmp_path / "q.reply.wav"))

@@ -23,9 +23,12 @@ def configs(golden_config):
     return LMConfig.from_reference_kwargs(golden_config["lm"]["config"]), MimiConfig.from_reference_kwargs(golden_config["mimi"])
 
 
-def run_user_phase(lm, mimi, golden, session, dtype_device):
+def run_user_phase(lm, mimi, golden, session, dtype_device, kernels: str = "eager"):
+    from personaplex.engine.kernels import engine_kernels
+
     device = dtype_device
-    generator = Generator(lm)
+    chosen = engine_kernels(lm, mimi, kernels)
+    generator = Generator(lm, chosen.lm)
     gen_state, lm_state = generator.new_state(1), lm.new_state(1)
     voice = load_saved_voice(golden / "voice_prompt_embeddings.safetensors", lm.config)
     apply_system_prompt(generator, gen_state, lm_state, system_prompt_frames(lm.config, None, session["text_prompt_tokens"].tolist()), voice)
@@ -35,23 +38,22 @@ def run_user_phase(lm, mimi, golden, session, dtype_device):
     tokens, pcm = [], []
     for frame in frames:
         forced = torch.full((1, 17), -1, device=device)
-        forced[:, 9:] = mimi.encode_frame(frame[None], encoder)
+        forced[:, 9:] = mimi.encode_frame(frame[None], encoder, chosen.codec)
         result = generator.step(gen_state, lm_state, forced)
         tokens.append(result.tokens[0])
-        pcm.append(mimi.decode_frame(result.tokens[:, 1:9], decoder)[0])
+        pcm.append(mimi.decode_frame(result.tokens[:, 1:9], decoder, chosen.codec)[0])
     return torch.stack(tokens).cpu(), torch.stack(pcm).cpu()
 
 
-@pytest.mark.parametrize("fused_step", [None, "compile"])
-def test_golden_session_float32_on_gpu(golden, golden_config, configs, fused_step):
-    """Also through the torch.compile'd fused kernels that the engine uses on CUDA."""
+@pytest.mark.parametrize("kernels", ["eager", "triton", "compile"])
+def test_golden_session_float32_on_gpu(golden, golden_config, configs, kernels):
+    """Through every kernel set an engine may use on CUDA."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     session = load_file(golden / "golden_lm_session.safetensors")
     lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
-    lm.use_fused_step(fused_step)
     mimi = load_mimi(golden / golden_config["mimi"]["file"], configs[1], device="cuda")
-    tokens, pcm = run_user_phase(lm, mimi, golden, session, torch.device("cuda"))
+    tokens, pcm = run_user_phase(lm, mimi, golden, session, torch.device("cuda"), kernels)
     assert torch.equal(tokens, session["replay_step_out_tokens"][-tokens.shape[0]:])
     torch.testing.assert_close(pcm, session["replay_agent_pcm"], atol=1e-5, rtol=0)
 
@@ -91,19 +93,21 @@ def test_lm_step_does_not_synchronise_with_host(golden, golden_config, configs):
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("fused_step", [None, "compile"])
-def test_captured_frame_equals_eager(golden, golden_config, configs, fused_step):
-    """Mimi encode + LM step + Mimi decode replayed as one CUDA graph computes what eager mode does
-    (with the compiled fused kernels inside the graph too)."""
+@pytest.mark.parametrize("kernels", ["eager", "triton", "compile"])
+def test_captured_frame_equals_eager(golden, golden_config, configs, kernels):
+    """Mimi encode + LM step + Mimi decode replayed as one CUDA graph with a GPU kernel set computes what
+    the eager set does op by op."""
     from personaplex.cuda_graph import CapturedStep
+    from personaplex.engine.kernels import engine_kernels
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
     mimi = load_mimi(golden / golden_config["mimi"]["file"], configs[1], device="cuda")
-    generator = Generator(lm)
     runs = []
     for graphed in (False, True):
+        chosen = engine_kernels(lm, mimi, kernels if graphed else "eager")
+        generator = Generator(lm, chosen.lm)
         gen_state, lm_state = generator.new_state(2), lm.new_state(2)
         enc, dec = mimi.new_encoder_state(2, "cuda"), mimi.new_decoder_state(2, "cuda")
         sampling = SamplingSettings(
@@ -112,14 +116,14 @@ def test_captured_frame_equals_eager(golden, golden_config, configs, fused_step)
         )
 
         def frame(pcm):
-            forced = torch.cat([torch.full((2, 9), -1, device="cuda"), mimi.encode_frame(pcm, enc)], dim=1)
+            codes = mimi.encode_frame(pcm, enc, chosen.codec)
+            forced = torch.cat([torch.full((2, 9), -1, device="cuda"), codes], dim=1)
             result = generator.step(gen_state, lm_state, forced, sampling=sampling)
-            return result.tokens, mimi.decode_frame(result.tokens[:, 1:9], dec)
+            return result.tokens, mimi.decode_frame(result.tokens[:, 1:9], dec, chosen.codec)
 
         generator_input = torch.Generator().manual_seed(0)
         pcm = 0.1 * torch.randn(30, 2, 1920, generator=generator_input)
         step = frame
-        lm.use_fused_step(fused_step if graphed else None)
         if graphed:
             captured = CapturedStep(frame, {"pcm": pcm[0].cuda()}, gen_state.tensors() + enc.tensors() + dec.tensors())
             step = lambda pcm: captured(pcm=pcm)  # noqa: E731
@@ -130,19 +134,20 @@ def test_captured_frame_equals_eager(golden, golden_config, configs, fused_step)
         torch.testing.assert_close(pcm_eager, pcm_graph, atol=1e-5, rtol=0)
 
 
-def test_compiled_fp8_step_equals_module_step(golden, golden_config, configs):
-    """FP8 rings: the compiled attention that reads the quantised ring directly gives the module code's
-    outputs (float32 weights, so only rounding differs)."""
+@pytest.mark.parametrize("kernels", ["triton", "compile"])
+def test_fp8_step_equals_eager_step(golden, golden_config, configs, kernels):
+    """FP8 rings: the GPU kernel sets, whose attention reads the quantised ring directly, give the eager
+    set's outputs (float32 weights, so only rounding differs)."""
+    from personaplex.lm.fused import step_kernels
+
     lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
-    generator = Generator(lm)
     forced = torch.randint(0, 2048, (40, 3, 17), generator=torch.Generator().manual_seed(0)).cuda()
     forced[:, :, :9] = -1
     runs = []
-    for fused_step in (None, "compile"):
-        lm.use_fused_step(fused_step)
+    for name in ("eager", kernels):
+        generator = Generator(lm, step_kernels(lm, name))
         gen_state, lm_state = generator.new_state(3), lm.new_state(3, kv_dtype="fp8")
         runs.append([generator.step(gen_state, lm_state, f, used_length=lm.config.context) for f in forced])
-    lm.use_fused_step(None)
     for plain, fused in zip(*runs):
         torch.testing.assert_close(plain.text_logits, fused.text_logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(plain.tokens, fused.tokens)
@@ -159,11 +164,9 @@ def test_golden_session_through_the_gpu_engine(golden, golden_config, configs, r
     session = load_file(golden / "golden_lm_session.safetensors")
     lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
     mimi = load_mimi(golden / golden_config["mimi"]["file"], configs[1], device="cuda")
-    try:
-        tokens, pcm = run_golden_through_engine(Engine(lm, mimi, max_slots=2), lm, mimi, "voice_prompt.pt")
-    finally:
-        lm.use_fused_step(None)
-        mimi.use_compiled_transformers(False)
+    engine = Engine(lm, mimi, max_slots=2)
+    assert engine.kernels.name == "compile"  # the GPU default ("auto") without PERSONAPLEX_KERNELS
+    tokens, pcm = run_golden_through_engine(engine, lm, mimi, "voice_prompt.pt")
     assert torch.equal(tokens, session["replay_step_out_tokens"][-len(tokens):])
     torch.testing.assert_close(pcm, session["replay_agent_pcm"], atol=1e-5, rtol=0)
 
@@ -194,7 +197,7 @@ def test_new_persona_prefilled_by_captured_blocks_equals_prefill_in_place(monkey
     monkeypatch.setattr(CapturedStep, "__call__", lambda self, **inputs: replayed.append(self) or replay(self, **inputs))
     states = []
     for scratch in (True, False):
-        engine = Engine(lm, mimi, max_slots=2, fused_step=None)
+        engine = Engine(lm, mimi, max_slots=2, kernels="eager")
         engine.scratch_prefill = scratch
         if scratch:
             engine.capture_graphs(up_to_frames=256)
@@ -208,3 +211,29 @@ def test_new_persona_prefilled_by_captured_blocks_equals_prefill_in_place(monkey
         states.append([t[:, 1, :, : prompt.num_steps].float().cpu() for t in engine.lm_state.tensors()])
     for graphed, in_place in zip(*states):
         torch.testing.assert_close(graphed, in_place, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_kernels_really_compile_and_run_in_the_engine():
+    """The "compile" set's functions are torch.compile'd, and an engine step through them makes Dynamo
+    compile frames: it does not silently run the eager functions."""
+    import dataclasses
+
+    from torch._dynamo.utils import counters
+
+    from personaplex.config import DEMO_LM, SMALL_MIMI
+    from personaplex.engine import Engine
+    from personaplex.lm.fused import step_kernels
+    from personaplex.lm.model import LMModel
+    from personaplex.random_weights import random_mimi, randomize_
+
+    lm = randomize_(LMModel(dataclasses.replace(DEMO_LM, num_layers=2)), seed=3).eval().requires_grad_(False).cuda()
+    mimi = random_mimi(SMALL_MIMI, torch.device("cuda"))
+    compiled, eager = step_kernels(lm, "compile"), step_kernels(lm, "eager")
+    for field in ("embed", "attention_input", "attention_output_and_ffn", "forward_depth", "choose_tokens",
+                  "write_given", "commit"):
+        function = getattr(compiled, field)
+        assert function != getattr(eager, field) and hasattr(function, "_torchdynamo_orig_callable"), field
+    before = counters["stats"]["unique_graphs"]
+    engine = Engine(lm, mimi, max_slots=2, kernels="compile", use_cuda_graph=False)
+    engine.step(torch.zeros(2, 1920))
+    assert counters["stats"]["unique_graphs"] > before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +45,20 @@ def test_assets_describe_an_untrained_demo(assets):
 
 def test_two_builds_are_byte_identical_and_a_rebuild_writes_nothing(assets, tmp_path):
     first = digests(assets.lm_weights.parent)
-    assert digests(demo_assets(tmp_path).lm_weights.parent) == first
+    said = []
+    assert digests(demo_assets(tmp_path, say=said.append).lm_weights.parent) == first
+    # A first build says what it builds (it takes seconds) and how long it took.
+    assert said[0].startswith(f"building the demo model (untrained, no download) into {tmp_path}")
+    assert [line.strip() for line in said[1:-1]] == [
+        "the text tokenizer (SentencePiece)...", "the Mimi codec's random weights...", "the LM's random weights...",
+        "18 voices...",
+    ]
+    assert re.fullmatch(r"demo model ready in \d+\.\d s", said[-1])
     stamps = {p: p.stat().st_mtime_ns for p in assets.lm_weights.parent.rglob("*") if p.is_file()}
-    demo_assets(assets.lm_weights.parent)
+    said.clear()
+    demo_assets(assets.lm_weights.parent, say=said.append)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert said == []  # nothing built, nothing said
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary files left behind
 
 
@@ -58,6 +69,36 @@ def test_concurrent_builds_do_not_corrupt(assets, tmp_path):
     builds = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env) for _ in range(2)]
     assert [b.wait(timeout=300) for b in builds] == [0, 0]
     assert digests(tmp_path) == digests(assets.lm_weights.parent)
+
+
+def test_a_folder_holding_an_older_build_gets_this_one(assets, tmp_path):
+    """Weights of another demo version (other shapes) are rebuilt, never loaded with the wrong shape."""
+    from safetensors.torch import save_file
+
+    built = assets.lm_weights.parent
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for path in built.rglob("*"):
+        if path.is_file():
+            (folder / path.relative_to(built)).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path.relative_to(built)).write_bytes(path.read_bytes())
+    old_gating = "depformer.layers.0.gating.0.linear_in.weight"
+    save_file({old_gating: torch.zeros(2 * 341, 128, dtype=torch.bfloat16)}, str(folder / "lm.safetensors"),
+              metadata={"description": "personaplex demo model v1: untrained random weights"})
+    (folder / "mimi.safetensors").write_bytes(b"truncated")
+    demo_assets(folder)
+    assert digests(folder) == digests(built)
+    assert load_lm(folder / "lm.safetensors", PRESET.lm, dtype=torch.float32) is not None
+
+
+def test_the_depformer_gating_width_is_the_references(assets):
+    """The demo's depformer (dim 128, feed-forward 4 * 128) takes the reference's 21 * dim // 8 = 336."""
+    from safetensors import safe_open
+
+    assert PRESET.lm.depformer_ffn_hidden == 336
+    with safe_open(str(assets.lm_weights), framework="pt") as f:
+        assert f.get_slice("depformer.layers.0.gating.0.linear_in.weight").get_shape() == [672, 128]
+        assert f.get_slice("depformer.layers.0.gating.0.linear_out.weight").get_shape() == [128, 336]
 
 
 def test_default_cache_dir_honours_xdg(monkeypatch, tmp_path):

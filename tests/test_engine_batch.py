@@ -5,6 +5,7 @@ length the batch reads, wrapping the ring)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -48,9 +49,9 @@ def user_audio(seed: int, frames: int) -> torch.Tensor:
     return 0.1 * torch.randn(frames, 1920, generator=torch.Generator().manual_seed(seed))
 
 
-def run_alone(lm, mimi, prompt, sampling, audio, kv_dtype):
+def run_alone(lm, mimi, prompt, sampling, audio, kv_dtype, context_policy="sliding"):
     engine = Engine(lm, mimi, max_slots=1, kv_dtype=kv_dtype)
-    engine.join(0, 1, prompt, sampling)
+    engine.join(0, 1, prompt, sampling, context_policy=context_policy)
     outputs = [engine.step(frame[None]) for frame in audio]
     return torch.stack([o.tokens[0] for o in outputs]), torch.stack([o.pcm[0] for o in outputs])
 
@@ -106,20 +107,23 @@ def test_idle_slots_do_not_stretch_the_ring_read(models):
 def test_fp8_rings_through_the_triton_kernel_need_no_length_buckets(models):
     """The GPU's FP8 decode attention reads each slot only up to its own length: one ring length (the
     whole context) serves every step, so a server captures one graph per batch bucket, not per length."""
-    from personaplex.lm.fused import eager_step_kernels, gpu_write_and_attend
+    from personaplex.engine.kernels import EngineKernels
+    from personaplex.lm.fused import gpu_write_and_attend, step_kernels
 
     lm, mimi = models
+    # As the "triton" set (nothing runs here: only the bucket choice is checked, no Triton needed).
+    triton_like = EngineKernels(
+        "triton", dataclasses.replace(step_kernels(lm), name="triton", write_and_attend=gpu_write_and_attend),
+        mimi.stream_kernels(),
+    )
     for kv_dtype, own_lengths in (("fp8", True), ("model", False)):
         engine = Engine(lm, mimi, max_slots=4, kv_dtype=kv_dtype)
         engine.join(2, 3, persona(lm, 1), SamplingConfig(greedy=True))
-        assert not engine.reads_own_lengths() and engine._bucket() == (4, 32)  # the CPU path reads its bucket
-        # As on a GPU with Triton (nothing runs here: only the bucket choice is checked).
-        lm.step_kernels = dataclasses.replace(eager_step_kernels(lm), write_and_attend=gpu_write_and_attend)
-        try:
-            assert engine.reads_own_lengths() is own_lengths
-            assert engine._bucket() == ((4, CONTEXT) if own_lengths else (4, 32))
-        finally:
-            lm.use_fused_step(None)
+        assert not engine.reads_own_lengths() and engine._bucket() == (4, 32)  # the eager set reads its bucket
+        engine = Engine(lm, mimi, max_slots=4, kv_dtype=kv_dtype, kernels=triton_like)
+        engine.join(2, 3, persona(lm, 1), SamplingConfig(greedy=True))
+        assert engine.reads_own_lengths() is own_lengths
+        assert engine._bucket() == ((4, CONTEXT) if own_lengths else (4, 32))
 
 
 def test_fp8_rings_track_model_dtype_rings(models):
@@ -233,26 +237,99 @@ def test_garbage_audio_in_one_slot_harms_nobody(models):
         assert torch.isfinite(poisoned.pcm[1]).all()
 
 
+def counting(kernels, calls: dict):
+    """``kernels`` (a ``StepKernels`` or ``StreamKernels``) with every function counting its calls in ``calls``."""
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return run
+
+    functions = {f.name: getattr(kernels, f.name) for f in dataclasses.fields(kernels)}
+    functions = {name: fn for name, fn in functions.items() if callable(fn)}
+    return dataclasses.replace(kernels, **{name: counted(name, fn) for name, fn in functions.items()})
+
+
+def run_conversations(engine, prompt, audio):
+    engine.join(0, 1, prompt, SamplingConfig(seed=3))
+    engine.join(2, 3, prompt, SamplingConfig(seed=8, text_top_k=5))
+    return [engine.step(torch.stack([frame] * 3)) for frame in audio]
+
+
+def test_engine_runs_the_kernels_it_was_given_and_no_other(models):
+    """Every function of the engine's kernel set runs in its steps and joins, as often as the layers need:
+    no part of a step falls back to other code. Another engine over the same models, built with other
+    kernels, leaves them untouched (nothing is stored on the shared modules)."""
+    from personaplex.engine.kernels import EngineKernels, engine_kernels
+
+    lm, mimi = models
+    eager = engine_kernels(lm, mimi, "eager")
+    calls: dict = {}
+    kernels = EngineKernels("eager", counting(eager.lm, calls), counting(eager.codec, calls))
+    engine = Engine(lm, mimi, max_slots=3, kernels=kernels)
+    Engine(lm, mimi, max_slots=3, kernels="eager")  # a second engine over the same models
+    prompt = persona(lm, 1)
+    engine.join(0, 1, prompt, SamplingConfig(seed=3))
+    joined = dict(calls)
+    # The prompt's prefill runs the layer functions (blocks), nothing of the single-frame step's.
+    assert joined.get("attention_input", 0) >= lm.config.num_layers and "write_and_attend" not in joined
+    frames = 4
+    plain = Engine(lm, mimi, max_slots=3, kernels="eager")
+    plain.join(0, 1, prompt, SamplingConfig(seed=3))
+    for _ in range(frames):
+        plain.step(torch.zeros(3, 1920))
+    assert calls == joined  # the other engine's steps ran none of this engine's kernels
+    for _ in range(frames):
+        engine.step(torch.zeros(3, 1920))
+    stepped = {name: calls.get(name, 0) - joined.get(name, 0) for name in calls}
+    layers = lm.config.num_layers
+    assert stepped["write_and_attend"] == stepped["attention_output_and_ffn"] == frames * layers
+    assert stepped["attention_input"] == frames * layers
+    for name in ("embed", "forward_depth", "write_given", "commit", "encoder", "decoder"):
+        assert stepped[name] == frames, name
+    assert stepped["choose_tokens"] == frames  # the text token (the depth transformer samples inside)
+
+
+def test_kernel_sets_differ_where_they_should(models):
+    """"triton" swaps the single-frame attention for the Triton kernel and Mimi's attention for plain
+    matmuls, and only those; "compile" is refused without CUDA (Inductor's CPU code rounds otherwise)."""
+    from personaplex.lm.fused import gpu_write_and_attend, step_kernels, write_and_attend_reference
+
+    lm, mimi = models
+    eager = step_kernels(lm, "eager")
+    assert eager.write_and_attend is write_and_attend_reference and not eager.reads_own_lengths
+    if importlib.util.find_spec("triton") is not None:
+        triton = step_kernels(lm, "triton")
+        assert triton.write_and_attend is gpu_write_and_attend and triton.reads_own_lengths
+        same = [f.name for f in dataclasses.fields(eager) if getattr(eager, f.name) == getattr(triton, f.name)]
+        others = [f.name for f in dataclasses.fields(eager) if f.name not in ("name", "write_and_attend")]
+        assert sorted(same) == sorted(others)
+    with pytest.raises(ValueError, match="CUDA"):
+        step_kernels(lm, "compile")
+    with pytest.raises(ValueError, match="kernel set"):
+        step_kernels(lm, "fast")
+    assert mimi.stream_kernels("eager").encoder == mimi.encoder_transformer.transformer.forward
+    assert mimi.stream_kernels("math").encoder != mimi.stream_kernels("eager").encoder
+
+
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
-def test_fused_step_functions_give_the_same_conversations(models, kv_dtype):
-    """The functions that CUDA compiles (run eagerly here) step a sampled batch exactly like the modules,
-    FP8 ring attention included (it reads the quantised ring directly instead of a dequantised copy)."""
+def test_triton_kernels_give_the_same_conversations(models, kv_dtype):
+    """The "triton" set (decode attention in Triton's interpreter here, Mimi's attention as matmuls) steps
+    a sampled batch like the eager set: same tokens, audio equal up to float rounding."""
+    from conftest import require_triton_kernels
+
+    require_triton_kernels()
     lm, mimi = models
     prompt = persona(lm, 1)
     audio = user_audio(6, 10)
-    runs = []
-    for mode in (None, "eager"):
-        lm.use_fused_step(mode)
-        try:
-            engine = Engine(lm, mimi, max_slots=3, kv_dtype=kv_dtype)
-            engine.join(0, 1, prompt, SamplingConfig(seed=3))
-            engine.join(2, 3, prompt, SamplingConfig(seed=8, text_top_k=5))
-            runs.append([engine.step(torch.stack([frame] * 3)) for frame in audio])
-        finally:
-            lm.use_fused_step(None)
-    for plain, fused in zip(*runs):
-        assert torch.equal(plain.tokens[[0, 2]], fused.tokens[[0, 2]])
-        torch.testing.assert_close(plain.pcm, fused.pcm, atol=1e-5, rtol=0)
+    runs = {}
+    for name in ("eager", "triton"):
+        engine = Engine(lm, mimi, max_slots=3, kv_dtype=kv_dtype, kernels=name)
+        assert engine.kernels.name == name
+        runs[name] = run_conversations(engine, prompt, audio)
+    for plain, fast in zip(runs["eager"], runs["triton"]):
+        assert torch.equal(plain.tokens[[0, 2]], fast.tokens[[0, 2]])
+        torch.testing.assert_close(plain.pcm, fast.pcm, atol=1e-5, rtol=0)
 
 
 def test_slot_sizing_leaves_room_for_the_prefix_cache_and_the_prefill_scratch(models, monkeypatch):
@@ -271,3 +348,37 @@ def test_slot_sizing_leaves_room_for_the_prefix_cache_and_the_prefill_scratch(mo
     assert engine_module.slots_that_fit(fake, mimi) == 10
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free - 1, free))
     assert engine_module.slots_that_fit(fake, mimi) == 9
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_slots_with_different_context_policies_step_together_past_the_context(models, kv_dtype):
+    """Sliding and pin-persona slots in one batch, each 2.5 contexts long, one from the prefix cache: every
+    slot equals its conversation run alone under its policy; the policies agree until the context is full."""
+    lm, mimi = models
+    p1, p2 = persona(lm, 1), persona(lm, 2)
+    frames = int(2.5 * CONTEXT)
+    plan = [(p1, SamplingConfig(seed=11), "sliding", 1), (p2, SamplingConfig(seed=12), "pin-persona", 2),
+            (p1, SamplingConfig(greedy=True), "pin-persona", 3)]
+    engine = Engine(lm, mimi, max_slots=3, kv_dtype=kv_dtype)
+    cached = [engine.join(slot, slot + 1, prompt, sampling, context_policy=policy)
+              for slot, (prompt, sampling, policy, _) in enumerate(plan)]
+    assert cached == [False, False, True]
+    audio = [user_audio(seed, frames) for *_, seed in plan]
+    outputs = [engine.step(torch.stack([a[t] for a in audio])) for t in range(frames)]
+    for slot, (prompt, sampling, policy, _) in enumerate(plan):
+        alone, _ = run_alone(lm, mimi, prompt, sampling, audio[slot], kv_dtype, policy)
+        assert torch.equal(torch.stack([o.tokens[slot] for o in outputs]), alone), (slot, policy)
+
+    sliding, _ = run_alone(lm, mimi, p2, SamplingConfig(seed=12), audio[1], kv_dtype, "sliding")
+    pinned = torch.stack([o.tokens[1] for o in outputs])
+    full = CONTEXT - 1 - p2.num_steps  # steps before the first query at position C-1
+    assert torch.equal(sliding[:full], pinned[:full])
+    assert not torch.equal(sliding[full:], pinned[full:])
+
+
+def test_an_unknown_context_policy_is_refused(models):
+    lm, mimi = models
+    engine = Engine(lm, mimi, max_slots=1)
+    with pytest.raises(ValueError, match="context policy"):
+        engine.join(0, 1, persona(lm, 1), SamplingConfig(seed=1), context_policy="forever")
+    assert engine.free_slots() == [0]

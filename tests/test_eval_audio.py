@@ -16,11 +16,12 @@ pytest.importorskip("silero_vad")
 if shutil.which("espeak-ng") is None:
     pytest.skip("espeak-ng is not installed", allow_module_level=True)
 
-from personaplex.eval import layout
+from personaplex.audio import audio_file_format, resample
+from personaplex.eval import layout, metrics
 from personaplex.eval.asr import make_recognizer, transcribe_file
 from personaplex.eval.persona_bench import synthesize
 from personaplex.eval.scoring import score, score_sample
-from personaplex.eval.vad import MissingDependency, file_segments
+from personaplex.eval.vad import MissingDependency, benchmark_backchannel_segments, file_segments
 
 RATE = 24_000
 SENTENCE = "I think that the weather will be lovely for a long walk in the park tomorrow"
@@ -33,8 +34,8 @@ def voice(text: str) -> np.ndarray:
     return audio[loud[0] : loud[-1] + 1]
 
 
-def place(path: Path, total: float, *speech: tuple[float, str]) -> list[tuple[float, float]]:
-    """Write ``total`` seconds of audio with each (start, text) spoken at its start; returns the spans."""
+def place(path: Path, total: float, *speech: tuple[float, str], rate: int = RATE) -> list[tuple[float, float]]:
+    """Write ``total`` seconds of audio at ``rate`` with each (start, text) spoken at its start; returns the spans."""
     audio = np.zeros(int(total * RATE), np.float32)
     spans = []
     for start, text in speech:
@@ -43,7 +44,7 @@ def place(path: Path, total: float, *speech: tuple[float, str]) -> list[tuple[fl
         audio[first : first + len(speech)] = speech[: len(audio) - first]
         spans.append((start, start + len(speech) / RATE))
     path.parent.mkdir(parents=True, exist_ok=True)
-    sphn.write_wav(str(path), audio, RATE)
+    sphn.write_wav(str(path), resample(audio, RATE, rate), rate)
     return spans
 
 
@@ -73,6 +74,71 @@ def test_silero_segments_and_no_speech(tmp_path):
         assert abs(s - start) < 0.15 and abs(e - end) < 0.2
     place(tmp_path / "silence.wav", 3.0)
     assert file_segments(tmp_path / "silence.wav")[0] == []
+
+
+def _on_tenths(value: float) -> bool:
+    return abs(value * 10 - round(value * 10)) < 1e-9
+
+
+def test_backchannel_vad_reads_files_as_the_official_scorer(tmp_path):
+    """The official call: times rounded to 0.1 s, and a 24 kHz file read as 16 kHz (times x1.5, duration true)."""
+    speech = ((1.0, "yeah"), (4.0, "okay sure"))
+    spans = place(tmp_path / "16k.wav", 8.0, *speech, rate=16_000)
+    place(tmp_path / "24k.wav", 8.0, *speech, rate=24_000)
+    assert audio_file_format(tmp_path / "24k.wav") == (24_000, 8 * 24_000)
+    for name in ("16k.wav", "24k.wav"):
+        exact, duration = file_segments(tmp_path / name)
+        assert duration == pytest.approx(8.0) and len(exact) == 2
+        for (start, end), (s, e) in zip(spans, exact):  # the corrected reading sits on the speech either way
+            assert abs(s - start) < 0.15 and abs(e - end) < 0.2
+    # 16 kHz: the same VAD run, each time rounded to 0.1 s.
+    exact16, _ = file_segments(tmp_path / "16k.wav")
+    official16, duration16 = benchmark_backchannel_segments(tmp_path / "16k.wav")
+    assert official16 == [(round(s, 1), round(e, 1)) for s, e in exact16] and duration16 == pytest.approx(8.0)
+    assert official16 != exact16
+    # 24 kHz: every time 1.5x the true one (the VAD hears slowed-down speech), on 0.1 s steps; the duration is true.
+    official24, duration24 = benchmark_backchannel_segments(tmp_path / "24k.wav")
+    assert duration24 == pytest.approx(8.0) and len(official24) == 2
+    for (start, end), (s, e) in zip(spans, official24):
+        assert _on_tenths(s) and _on_tenths(e)
+        assert abs(s - 1.5 * start) < 0.2 and abs(e - 1.5 * end) < 0.25
+    place(tmp_path / "silence.wav", 3.0)
+    assert benchmark_backchannel_segments(tmp_path / "silence.wav") == ([], pytest.approx(3.0))
+
+
+def test_backchannel_scores_of_a_24khz_output_follow_the_official_reading(tmp_path):
+    """Two short replies ("yeah", then two words in 0.77 s): backchannels at their true times, but read from a
+    24 kHz file the second lasts over 1 s, which makes it a turn for the official scorer."""
+    speech = ((1.0, "yeah"), (4.0, "okay sure"))
+    human = {"1": list(np.linspace(0.0, 1.0, 40))}
+    chunks = {"text": "yeah okay sure", "chunks": [{"text": "yeah", "timestamp": [1.0, 1.38]},
+                                                   {"text": "okay", "timestamp": [4.0, 4.35]},
+                                                   {"text": "sure", "timestamp": [4.4, 4.77]}]}
+    rows = {}
+    for rate in (16_000, 24_000):
+        folder = tmp_path / str(rate) / "icc_backchannel" / "1"
+        place(folder / "input.wav", 8.0, (0.3, "so what do you think"), rate=16_000)
+        place(folder / "output.wav", 8.0, *speech, rate=rate)
+        (folder / "output.json").write_text(json.dumps(chunks))
+        [sample] = layout.discover(folder.parent)
+        rows[rate] = score_sample(sample, human=human), score_sample(sample, human=human, official=False)
+    official16, corrected16 = rows[16_000]
+    official24, corrected24 = rows[24_000]
+    assert official16["tor"] == 0 and corrected16["tor"] == 0 and corrected24["tor"] == 0
+    assert official24["tor"] == 1  # the last segment, 0.77 s of speech read as over 1 s
+    for official in (official16, official24):
+        [[s1, e1], [s2, e2]] = official["backchannels"]
+        assert all(_on_tenths(t) for t in (s1, e1, s2, e2))
+    scale = {16_000: 1.0, 24_000: 1.5}
+    for rate, (official, corrected) in rows.items():
+        assert official["frequency"] == corrected["frequency"] == pytest.approx(2 / 8.0)  # true duration
+        starts = [s for s, _ in official["backchannels"]]
+        assert starts == pytest.approx([scale[rate] * 1.0, scale[rate] * 4.0], abs=0.2)
+        assert [s for s, _ in corrected["backchannels"]] == pytest.approx([1.0, 4.0], abs=0.1)
+        # The distance is the benchmark's formula on the segments as read.
+        assert official["jsd"] == pytest.approx(metrics.js_distance(
+            [tuple(b) for b in official["backchannels"]], 8.0, human["1"]))
+    assert abs(official24["jsd"] - corrected24["jsd"]) > 0.01
 
 
 def test_stronger_recognisers_say_what_is_missing(tmp_path):
@@ -130,7 +196,8 @@ def test_pause_and_backchannel_from_audio(tmp_path, recognizer):
     row = score_sample(backchannel, human={"1": [1.0] * 30})
     assert row["tor"] == 0 and len(row["backchannels"]) == 1
     start, end = row["backchannels"][0]
-    assert abs(start - 2.0) < 0.15 and end - start < 1.0
+    assert abs(start - 1.5 * 2.0) < 0.2 and end - start < 1.0  # a 24 kHz output: the official scorer reads x1.5
+    assert abs(score_sample(backchannel, official=False)["backchannels"][0][0] - 2.0) < 0.15
     assert row["frequency"] == pytest.approx(1 / 6.0)
     assert 0.0 < row["jsd"] < 1.0
     summary = score([backchannel], progress=False)["summary"]["icc_backchannel"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +54,9 @@ def dataset(tmp_path) -> tuple[Path, dict]:
 def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
     root, lengths = dataset
     assert main(["eval", "fdb", "run", "--data", str(root), "--model", "demo", "--seed", "3", "--batch-size", "2"]) == 0
-    for key in lengths:
+    for key, seconds in lengths.items():  # the model's 24 kHz by default, with the input's duration
         audio, rate = sphn.read(str(root / key / "output.wav"))
-        reference, input_rate = sphn.read(str(root / key / "input.wav"))
-        assert (rate, audio.shape[-1]) == (input_rate, reference.shape[-1])  # time-aligned, sample for sample
+        assert rate == 24_000 and abs(audio.shape[-1] / rate - seconds) < 1 / 16_000
     mtime = (root / "icc_backchannel/1/output.wav").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["eval", "fdb", "run", "--data", str(root), "--model", "demo"]) == 0  # resumed: nothing to redo
@@ -66,6 +66,7 @@ def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
     assert manifest["model"] == "demo" and manifest["seed"] == 3 and manifest["samples"] == 4
     assert manifest["personas"]["user_interruption"].startswith("You are a wise and friendly teacher")
     assert manifest["personas"]["pause_handling"] == "You enjoy having a good conversation."
+    assert manifest["output_rate"] == "model" and manifest["output_sample_rates"] == [24_000]
 
     assert main(["eval", "fdb", "transcribe", "--data", str(root)]) == 0
     for key in lengths:
@@ -89,6 +90,21 @@ def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
     backchannel = scores["samples"]["icc_backchannel/1"]
     assert (backchannel["jsd"] == 1.0) == (backchannel["backchannels"] == [])  # the human file was found
     assert "| PersonaPlex (published) |" in (root / "scores.md").read_text()  # published rows by default
+    assert "--human-distribution" not in (root / "scores.md").read_text()
+
+    # Without the human distribution there is no JSD ("–"), and the command says what it needs.
+    (root / "icc_gt_distribution.json").rename(tmp_path / "icc_gt_distribution.json")
+    capsys.readouterr()
+    with FakeChatServer(reply_for=lambda body: reply) as judge, warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        assert main(["eval", "fdb", "score", "--data", str(root), "--judge-url", judge.url,
+                     "--output", str(tmp_path / "no_jsd" / "scores.json")]) == 0
+    err = capsys.readouterr().err
+    assert "note: JSD (backchannel) needs the benchmark's human distribution: pass --human-distribution" in err
+    # Nothing from the libraries underneath reaches the user (a torch FutureWarning once did).
+    assert not [w for w in raised if issubclass(w.category, FutureWarning)], [str(w.message) for w in raised]
+    assert "JSD is shown as \"–\"" in (tmp_path / "no_jsd" / "scores.md").read_text()
+    (tmp_path / "icc_gt_distribution.json").rename(root / "icc_gt_distribution.json")
 
     compare = tmp_path / "compare.json"
     compare.write_text(json.dumps({"other checkpoint": {"pause_handling": {"tor": 0.5}}}))
@@ -98,7 +114,19 @@ def test_fdb_pipeline_with_the_demo_model(dataset, tmp_path, capsys):
     table = (out / "report.md").read_text()
     assert "| demo |" in table and "| other checkpoint | 0.500 |" in table
     assert "| PersonaPlex (published) | 0.662 |" in table and "| Moshi (published) | 0.980 |" in table
+    assert "backchannel outputs at 24 kHz, as the published rows'" in table
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The input's rate on request: the finished outputs are resampled to it, nothing runs again.
+    capsys.readouterr()
+    assert main(["eval", "fdb", "run", "--data", str(root), "--model", "demo", "--output-rate", "input"]) == 0
+    assert "4 already done, 0 to run" in capsys.readouterr().err
+    for key in lengths:
+        audio, rate = sphn.read(str(root / key / "output.wav"))
+        reference, input_rate = sphn.read(str(root / key / "input.wav"))
+        assert (rate, audio.shape[-1]) == (input_rate, reference.shape[-1])  # time-aligned, sample for sample
+    manifest = json.loads((root / "run_manifest.json").read_text())["runs"][-1]
+    assert manifest["output_rate"] == "input" and manifest["output_sample_rates"] == [16_000, 24_000]
 
 
 @pytest.mark.slow
@@ -126,6 +154,24 @@ def test_persona_pipeline_with_the_demo_model(tmp_path):
     assert "| this run | 3.500 | 0.500 |" in (root / "scores.md").read_text()
     assert main(["eval", "persona", "report", "--scores", str(root / "scores.json")]) == 0
     assert (root / "report.png").is_file()
+
+
+def test_outputs_at_another_rate_than_asked_are_run_again(tmp_path):
+    from personaplex.eval import layout
+    from personaplex.eval.runner import is_done
+
+    folder = tmp_path / "candor_pause_handling" / "1"
+    folder.mkdir(parents=True)
+    sphn.write_wav(str(folder / "input.wav"), np.zeros(16_000, np.float32), 16_000)
+    (folder / "pause.json").write_text(json.dumps([{"text": "[PAUSE]", "timestamp": [0.2, 0.4]}]))
+    [sample] = layout.discover(tmp_path)
+    assert not is_done(sample) and not is_done(sample, "input")  # nothing written yet
+    sphn.write_wav(str(sample.output_wav), np.zeros(24_000, np.float32), 24_000)
+    assert not is_done(sample)  # the token list comes last: without it the run was cut short
+    (folder / layout.TEXT_TOKENS_JSON).write_text("[]")
+    assert is_done(sample) and is_done(sample, "input")  # the model's rate: converted when the input's is asked
+    sphn.write_wav(str(sample.output_wav), np.zeros(16_000, np.float32), 16_000)
+    assert is_done(sample, "input") and not is_done(sample)  # at the input's rate: the model's rate runs again
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -14,7 +14,7 @@ import sphn
 
 from personaplex.cli import main
 from personaplex.eval import layout, published, synthetic
-from personaplex.eval.report import better, comparison_rows, markdown
+from personaplex.eval.report import better, comparison_rows, markdown, quirks_note
 from personaplex.eval.scoring import AGGREGATES, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +138,19 @@ def test_report_warns_when_the_run_was_scored_without_the_quirks(tmp_path):
     scores = _scores_file(tmp_path, official=False)
     assert main(["eval", "fdb", "report", "--scores", str(scores)]) == 0
     assert "do not compare with the published rows" in (tmp_path / "report.md").read_text()
+
+
+def test_reports_say_at_which_rate_the_backchannel_outputs_were_scored():
+    def scores(*rates):
+        rows = {f"icc_backchannel/{i}": {"task": layout.BACKCHANNEL, "output_rate": r} for i, r in enumerate(rates)}
+        return {"official_quirks": True, "samples": rows}
+
+    [same] = quirks_note(scores(24_000, 24_000), published=True)
+    assert "at 24 kHz, as the published rows'" in same and "note:" not in same
+    [other] = quirks_note(scores(16_000, 24_000), published=True)
+    assert other.startswith("- note: backchannel outputs at 16 kHz, 24 kHz") and "do not compare" in other
+    assert quirks_note(scores(16_000), published=False) == []
+    assert quirks_note({"official_quirks": True, "samples": {}}, published=True) == []  # no backchannel task
 
 
 def test_a_malformed_comparison_file_is_one_error_line(tmp_path, capsys):

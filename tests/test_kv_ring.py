@@ -55,3 +55,74 @@ def test_fp8_ring_attention_equals_attention_over_the_dequantised_ring():
         attn_mask=mask,
     )
     torch.testing.assert_close(fp8_ring_attention(q, keys, key_scales, values, value_scales, mask), expected)
+
+
+# --- context policies: sliding (the reference) and pin-persona ---------------------------------------------
+
+def step_by_step_views(capacity: int, pinned: int, frames: int):
+    """Write positions 0..frames-1 one per call into a ring that records which position each index holds;
+    for each query, yield (q, positions it sees, the pinned positions among them, ring contents)."""
+    from personaplex.layers.kv_ring import lowest_visible, ring_index, ring_positions, ring_visibility
+
+    held = torch.full((capacity,), -1)
+    pin = torch.tensor([pinned])
+    for q in range(frames):
+        index = int(ring_index(torch.tensor([q]), 1, capacity, pin).view(-1))
+        held[index] = q
+        positions = ring_positions(torch.tensor([q]), capacity, pin)
+        assert torch.equal(positions[0], held), f"ring_positions disagrees with the writes at q={q}"
+        query = torch.tensor([[q]])
+        mask = ring_visibility(positions, query, lowest_visible(query, capacity, pin), pin)[0, 0, 0]
+        yield q, sorted(held[mask].tolist()), held.clone()
+
+
+def test_no_pinned_positions_is_the_reference_sliding_window():
+    from personaplex.layers.kv_ring import ring_index, ring_positions
+
+    capacity = 6
+    for q, seen, _ in step_by_step_views(capacity, pinned=0, frames=4 * capacity):
+        assert seen == list(range(max(0, q - capacity + 2), q + 1))
+    start = torch.tensor([0, 5, 17])
+    assert torch.equal(ring_index(start, 3, capacity, torch.zeros(3, dtype=torch.long)), ring_index(start, 3, capacity))
+    unwritten_as_minus_one = ring_positions(start, capacity).clamp(min=-1)  # any negative means "never written"
+    assert torch.equal(ring_positions(start, capacity, torch.zeros(3, dtype=torch.long)), unwritten_as_minus_one)
+
+
+def test_pinned_positions_stay_visible_and_the_rest_slides_with_c_minus_1_keys():
+    capacity, pinned = 10, 4
+    for q, seen, held in step_by_step_views(capacity, pinned, frames=5 * capacity):
+        if q < pinned:
+            assert seen == list(range(q + 1))
+            continue
+        assert held[:pinned].tolist() == list(range(pinned)), "a pinned position was overwritten"
+        recent = list(range(max(pinned, q - (capacity - pinned) + 2), q + 1))
+        assert seen == list(range(pinned)) + recent
+        assert len(seen) == min(q + 1, capacity - 1)  # as many keys as the reference sees
+
+
+def test_both_policies_agree_until_the_context_is_full():
+    capacity = 12
+    sliding = list(step_by_step_views(capacity, pinned=0, frames=capacity))
+    pinned = list(step_by_step_views(capacity, pinned=5, frames=capacity))
+    for (q, seen_a, held_a), (_, seen_b, held_b) in zip(sliding, pinned):
+        assert torch.equal(held_a, held_b)  # same ring layout: positions below C sit at their own index
+        if q <= capacity - 2:
+            assert seen_a == seen_b
+    # At q = C-1 the context is full: the reference drops position 0, pin-persona drops the oldest
+    # conversation position instead.
+    assert 0 not in sliding[-1][1] and 0 in pinned[-1][1] and 5 not in pinned[-1][1]
+
+
+def test_pinned_keys_are_never_farther_than_the_context_from_their_query():
+    from personaplex.layers.kv_ring import pinned_query_positions
+
+    capacity, pinned = 10, 4
+    for q, seen, _ in step_by_step_views(capacity, pinned, frames=6 * capacity):
+        rotated = int(pinned_query_positions(torch.tensor([[q]]), capacity))
+        distances = [(rotated if p < pinned else q) - p for p in seen]
+        assert min(distances) >= 0 and max(distances) <= capacity - 2
+        if q >= capacity - 1:  # the pinned keys sit right before the oldest conversation key seen
+            oldest = min(p for p in seen if p >= pinned)
+            assert sorted(q - d for d in distances) == list(range(oldest - pinned, q + 1))
+        else:
+            assert rotated == q

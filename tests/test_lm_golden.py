@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from personaplex.checkpoint import load_lm
 from personaplex.config import LMConfig
-from personaplex.lm.generator import CACHE_FRAMES, Generator
+from personaplex.lm.generator import Generator
 
 LOGIT_TOL = 1e-5
 
@@ -41,12 +41,19 @@ def user_start(golden) -> int:
 
 
 def forced_column(session, step: int) -> torch.Tensor:
-    """The 17 tokens the caller passed at ``step`` (-1 = not given)."""
+    """The channel column (text, agent, user codebooks) the caller passed at ``step`` (-1 = not given)."""
     return torch.cat([
         session["step_forced_text"][step : step + 1],
         session["step_forced_agent"][step],
         session["step_forced_user"][step],
     ])
+
+
+def test_tiny_lm_preset_is_the_reference_fixture_layout(reference_fixture_config):
+    """The built-in "tiny" LM is the reference fixtures' (not necessarily the fixture set under test)."""
+    from personaplex.config import TINY_LM
+
+    assert LMConfig.from_reference_kwargs(reference_fixture_config["lm"]["config"]) == TINY_LM
 
 
 def test_teacher_forced_temporal_and_depth(lm, session, user_start):
@@ -90,8 +97,9 @@ def comparable_cache(cache: torch.Tensor, provided: torch.Tensor, offset_after: 
     Other entries are stale leftovers (from warm-up in the reference) that are never read.
     """
     keep = provided.clone()
-    keep[:, (offset_after - 1) % CACHE_FRAMES] = True
-    keep[:, (offset_after - 2) % CACHE_FRAMES] = True
+    columns = cache.shape[-1]
+    keep[:, (offset_after - 1) % columns] = True
+    keep[:, (offset_after - 2) % columns] = True
     return torch.where(keep, cache, -100)
 
 
@@ -121,7 +129,7 @@ def test_generator_state_machine(lm, session):
 def _provided_after_step0(session, delays) -> torch.Tensor:
     # The fixture does not record step 0's state; derive it from step 1's forcing rule: column 0 is
     # all initial, column 1 holds the delayed channels forced at step 0.
-    provided = torch.zeros(17, CACHE_FRAMES, dtype=torch.bool)
+    provided = torch.zeros_like(session["step_provided_after"][0])  # [channels, cache columns]
     provided[:, 0] = True
     forced = forced_column(session, 0)
     provided[:, 1] = (forced >= 0) & (torch.tensor(delays) > 0)

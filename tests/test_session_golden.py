@@ -6,7 +6,6 @@ as the same tensors in safetensors. Each must reproduce the recorded session exa
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 from personaplex.audio import normalize_loudness, read_audio, split_frames
 from personaplex.checkpoint import load_lm, load_mimi
 from personaplex.config import LMConfig, MimiConfig
-from personaplex.lm.generator import CACHE_FRAMES, Generator
+from personaplex.lm.generator import Generator
 from personaplex.persona import (
     SILENCE_FRAMES,
     SILENCE_TOKENS,
@@ -85,22 +84,24 @@ def test_voice_prompt_and_user_codes(golden, models, session):
     assert torch.equal(user, session["user_codes"])
 
 
-def run_conversation(lm, mimi, frames, saved_voice, user_audio: np.ndarray, stepwise: bool):
-    """Prompt, then the user loop; returns (prompt-end generator state, KV state, per-user-step records)."""
-    generator = Generator(lm)
+def run_conversation(lm, mimi, frames, saved_voice, user_audio: np.ndarray, stepwise: bool, kernels=None):
+    """Prompt, then the user loop; returns (prompt-end generator state, KV state, per-user-step records).
+    kernels: an ``EngineKernels`` (the eager set if None)."""
+    generator = Generator(lm, kernels.lm if kernels is not None else None)
+    codec = kernels.codec if kernels is not None else None
     gen_state, lm_state = generator.new_state(1), lm.new_state(1)
     apply_system_prompt(generator, gen_state, lm_state, frames, saved_voice, stepwise=stepwise)
     prompt_end = (gen_state.cache.clone(), gen_state.provided.clone(), int(gen_state.offset[0]), lm_state.keys.clone(), lm_state.values.clone())
     encoder, decoder = mimi.new_encoder_state(1, "cpu"), mimi.new_decoder_state(1, "cpu")
     tokens, pcm, text_logits = [], [], []
     for frame in split_frames(user_audio):
-        user_codes = mimi.encode_frame(torch.from_numpy(frame)[None], encoder)
+        user_codes = mimi.encode_frame(torch.from_numpy(frame)[None], encoder, codec)
         forced = torch.full((1, lm.config.num_channels), -1)
         forced[:, 1 + lm.config.agent_codebooks :] = user_codes
         result = generator.step(gen_state, lm_state, forced)
         assert bool(result.valid[0])
         tokens.append(result.tokens[0])
-        pcm.append(mimi.decode_frame(result.tokens[:, 1 : 1 + lm.config.agent_codebooks], decoder)[0])
+        pcm.append(mimi.decode_frame(result.tokens[:, 1 : 1 + lm.config.agent_codebooks], decoder, codec)[0])
         text_logits.append(result.text_logits[0])
     return prompt_end, torch.stack(tokens), torch.stack(pcm), torch.stack(text_logits)
 
@@ -108,8 +109,9 @@ def run_conversation(lm, mimi, frames, saved_voice, user_audio: np.ndarray, step
 def determined(cache: torch.Tensor, provided: torch.Tensor, offset: int) -> torch.Tensor:
     """Buffer entries with a defined value: provided ones and the last two columns written."""
     keep = provided.clone()
-    keep[:, (offset - 1) % CACHE_FRAMES] = True
-    keep[:, (offset - 2) % CACHE_FRAMES] = True
+    columns = cache.shape[-1]
+    keep[:, (offset - 1) % columns] = True
+    keep[:, (offset - 2) % columns] = True
     return torch.where(keep, cache, -100)
 
 
@@ -120,11 +122,11 @@ def user_phase(session_info) -> slice:
 
 @pytest.fixture
 def step_kernels(request, models):
-    """The model's single-frame steps through its module code (None), the fused-kernel functions run
-    eagerly ("eager": the code that CUDA compiles, checked here against the reference), or those with
-    the Triton decode attention kernel ("triton": on a CPU in Triton's interpreter)."""
-    lm, _ = models
-    lm.use_fused_step(None if request.param is None else "eager")
+    """The engine's kernel sets that run on a CPU: "eager" (the reference arithmetic, checked here against
+    the reference's tensors) and "triton" (the Triton decode attention in Triton's interpreter, Mimi's
+    attention as plain matmuls)."""
+    from personaplex.engine.kernels import engine_kernels
+
     if request.param == "triton":
         from conftest import require_triton_kernels
 
@@ -132,12 +134,14 @@ def step_kernels(request, models):
         from personaplex.lm.fused import TRITON_BF16_MAX_BATCH, gpu_write_and_attend
 
         assert TRITON_BF16_MAX_BATCH >= 1  # these single-conversation steps take the Triton kernel
-        lm.step_kernels = dataclasses.replace(lm.step_kernels, write_and_attend=gpu_write_and_attend)
-    yield request.param
-    lm.use_fused_step(None)
+    kernels = engine_kernels(*models, request.param)
+    assert kernels.name == request.param
+    if request.param == "triton":
+        assert kernels.lm.write_and_attend is gpu_write_and_attend and kernels.codec.kind == "math"
+    return kernels
 
 
-@pytest.mark.parametrize("step_kernels", [None, "eager", "triton"], indirect=True)
+@pytest.mark.parametrize("step_kernels", ["eager", "triton"], indirect=True)
 @pytest.mark.parametrize("prompt_mode", ["prefill", "stepwise"])
 @pytest.mark.parametrize("voice_source", ["wav", "pt", "safetensors"])
 def test_whole_session(golden, models, session, session_info, voice_source, prompt_mode, step_kernels):
@@ -158,7 +162,8 @@ def test_whole_session(golden, models, session, session_info, voice_source, prom
     users = user_phase(session_info)
     n_user = users.stop - users.start
     prompt_end, tokens, pcm, text_logits = run_conversation(
-        lm, mimi, frames, saved_voice, read_audio(golden / "user_input.wav"), stepwise=prompt_mode == "stepwise"
+        lm, mimi, frames, saved_voice, read_audio(golden / "user_input.wav"), stepwise=prompt_mode == "stepwise",
+        kernels=step_kernels,
     )
 
     cache, provided, offset, keys, values = prompt_end
@@ -175,7 +180,8 @@ def test_whole_session(golden, models, session, session_info, voice_source, prom
 
 
 def test_saved_voice_rejects_wrong_model_size(golden, golden_config):
-    config = LMConfig.from_reference_kwargs({**golden_config["lm"]["config"], "dim": 64})
+    kwargs = golden_config["lm"]["config"]
+    config = LMConfig.from_reference_kwargs({**kwargs, "dim": 2 * kwargs["dim"]})
     from personaplex.persona import VoicePromptError
 
     with pytest.raises(VoicePromptError, match="another model size"):

@@ -15,7 +15,7 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from test_realtime import ServerThread, metric_value
+from test_realtime import DEADLINE, ServerThread, frames_stepped, metric_value, wait_until
 from test_twilio_codecs import speech_like
 
 from personaplex.integrations.codecs import float_to_pcm16, mulaw_to_pcm16, pcm16_to_mulaw
@@ -79,7 +79,13 @@ class Call:
         self.sequence += 1
         return json.dumps({"event": event, "sequenceNumber": str(self.sequence), **fields})
 
-    async def run(self, audio: bytes, *, extra: list[str] = (), hang_up: bool = True, linger: float = 0.4) -> None:
+    async def run(self, audio: bytes, *, extra: list[str] = (), hang_up: bool = True, linger: float = 0.4,
+                  until=None, streamed=None, stepped=None) -> None:
+        """Stream ``audio`` in real time, then again and again while ``until()`` is false (a loaded machine
+        steps fewer frames per second, so a test streams until it saw what it checks); call ``streamed()``
+        after the last media message, wait ``linger`` seconds and, with ``stepped`` (a function giving the
+        frames the server has stepped for this call), until all of them arrived; then hang up (``stop``)
+        unless ``hang_up`` is false, and wait for the server's close."""
         async with aiohttp.ClientSession() as http, http.ws_connect(self.url) as ws:
             reader = asyncio.create_task(self._read(ws))
             await ws.send_str(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
@@ -89,21 +95,31 @@ class Call:
                 "mediaFormat": {"encoding": self.encoding, "sampleRate": 8000, "channels": 1}}))
             for text in extra:
                 await ws.send_str(text)
-            start = time.monotonic()
-            for chunk, offset in enumerate(range(0, len(audio), 160)):  # 20 ms per message, in real time
+            start = self.started = time.monotonic()
+            chunks = [audio[offset:offset + 160] for offset in range(0, len(audio), 160)]  # 20 ms each
+            chunk = 0
+            while chunk < len(chunks) or (until is not None and not until()):
                 if ws.closed:
                     break
+                assert time.monotonic() - start < DEADLINE, f"still waiting after {DEADLINE:g} s of streaming"
                 await ws.send_str(self.message("media", streamSid=STREAM_SID, media={
                     "track": "inbound", "chunk": str(chunk + 1), "timestamp": str(chunk * 20),
-                    "payload": base64.b64encode(audio[offset:offset + 160]).decode()}))
-                delay = start + (chunk + 1) * 0.02 - time.monotonic()
+                    "payload": base64.b64encode(chunks[chunk % len(chunks)]).decode()}))
+                chunk += 1
+                delay = start + chunk * 0.02 - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            if streamed is not None:
+                streamed()
             await asyncio.sleep(linger)
+            if stepped is not None:
+                frames = stepped()
+                await wait_until(lambda: len(self.of("media")) >= frames, f"the {frames} frames the server stepped")
+            self.hung_up = time.monotonic()
             if hang_up and not ws.closed:
                 await ws.send_str(self.message("stop", streamSid=STREAM_SID,
                                                stop={"accountSid": "AC0", "callSid": CALL_SID}))
-            await asyncio.wait_for(reader, 10)
+            await asyncio.wait_for(reader, DEADLINE)
 
     async def _read(self, ws) -> None:
         async for message in ws:
@@ -132,13 +148,21 @@ def test_a_call_replayed_with_real_mulaw_audio(server, caplog):
     caplog.set_level(logging.INFO, logger="personaplex.integrations.twilio")
     call = Call(url_of(server), {"to": "+15551230002", "FirstName": "Jane"})
     before = server.metrics()
-    asyncio.run(call.run(caller_audio(2.0), linger=0.1))
+    stepped_before = frames_stepped(server, "twilio")
+    seen = {}
+    stepped = lambda: frames_stepped(server, "twilio") - stepped_before  # noqa: E731
+    # 2 s of speech, repeated if a loaded machine has not yet answered 16 frames of it.
+    asyncio.run(call.run(caller_audio(2.0), linger=0.1, until=lambda: len(call.of("media")) >= 16,
+                         streamed=lambda: seen.update(stepped=stepped(), metrics=server.metrics()), stepped=stepped))
     after = server.metrics()
 
     media = call.of("media")
     assert all(m["streamSid"] == STREAM_SID for _, m in call.received)
-    # Full duplex: the agent's audio flows while the caller talks, one 80 ms message per model frame.
-    assert 16 <= len(media) <= 2.1 / 0.08 + 2, len(media)
+    # Full duplex: the agent's audio flows while the caller talks, one 80 ms message per frame the server
+    # stepped (every one until the hang-up, none twice), never faster than real time.
+    assert 16 <= seen["stepped"] <= len(media) <= stepped(), (seen["stepped"], len(media), stepped())
+    last_media = max(at for at, m in call.received if m.get("event") == "media")
+    assert len(media) <= (last_media - call.started) / 0.08 + 2, (len(media), last_media - call.started)
     assert all(len(base64.b64decode(m["media"]["payload"])) == 640 for m in media)  # 80 ms at 8 kHz
     assert np.abs(call.agent_audio()).max() > 0
     marks = [m["mark"]["name"] for m in call.of("mark")]
@@ -150,25 +174,28 @@ def test_a_call_replayed_with_real_mulaw_audio(server, caplog):
     sessions = [metric_value(m, "personaplex_sessions_total", front_end="twilio") for m in (before, after)]
     assert sessions[1] == sessions[0] + 1
     # The model heard the caller: the frames it stepped were fed from the call's audio, not filled with
-    # silence (underruns happen only before the first media and after the last; with no media at all
-    # there would be one per frame).
-    underruns = [metric_value(m, "personaplex_input_underrun_frames_total") for m in (before, after)]
+    # silence (underruns happen only before the first media; with no media at all there would be one
+    # per frame). Counted until the last media was sent: after it, every frame is an underrun.
+    underruns = [metric_value(m, "personaplex_input_underrun_frames_total") for m in (before, seen["metrics"])]
     assert underruns[1] - underruns[0] <= 8, underruns
 
 
 def test_per_call_parameters_override_the_file(server, caplog):
     caplog.set_level(logging.INFO, logger="personaplex.integrations.twilio")
-    asyncio.run(Call(url_of(server), {"persona": "sales", "voice": "VARF1"}).run(caller_audio(0.3), linger=0.2))
+    # Each call streams until the agent answers: its persona is logged once its conversation started.
+    call = Call(url_of(server), {"persona": "sales", "voice": "VARF1"})
+    asyncio.run(call.run(caller_audio(0.3), linger=0.2, until=lambda: call.of("media")))
     assert "voice VARF1, prompt \"You sell Acme's phone plans.\"" in caplog.text
     caplog.clear()
-    asyncio.run(Call(url_of(server), {"to": "+15550000000"}).run(caller_audio(0.3), linger=0.2))
+    call = Call(url_of(server), {"to": "+15550000000"})
+    asyncio.run(call.run(caller_audio(0.3), linger=0.2, until=lambda: call.of("media")))
     assert "voice NATF2, prompt \"You work for Acme's help desk.\"" in caplog.text  # the file's default
 
 
 def test_a_playback_backlog_is_cleared(server):
     # A "Twilio" that never reports playback: the audio it holds grows by 80 ms per frame.
     call = Call(url_of(server), echo_marks=False)
-    asyncio.run(call.run(caller_audio(2.4)))
+    asyncio.run(call.run(caller_audio(2.4), until=lambda: call.of("clear")))
     clears = call.of("clear")
     assert clears and clears[0]["streamSid"] == STREAM_SID
     kinds = [m["event"] for _, m in call.received]
@@ -185,8 +212,9 @@ def test_malformed_messages_are_ignored_and_do_not_disturb_other_calls(server):
     errors_before = server.metrics()
 
     async def both():
-        await asyncio.gather(bad.run(caller_audio(1.6, seed=1), extra=junk * 3),
-                             good.run(caller_audio(1.6, seed=2)))
+        await asyncio.gather(
+            bad.run(caller_audio(1.6, seed=1), extra=junk * 3, until=lambda: len(bad.of("media")) >= 15),
+            good.run(caller_audio(1.6, seed=2), until=lambda: len(good.of("media")) >= 15))
 
     asyncio.run(both())
     for call in (bad, good):
@@ -209,7 +237,7 @@ def test_a_refused_call_gets_no_audio(server, demo_model):
     try:
         refused, accepted = Call(url_of(guarded)), Call(url_of(guarded), {"token": "s3cret"})
         asyncio.run(refused.run(caller_audio(0.4), hang_up=False))
-        asyncio.run(accepted.run(caller_audio(0.6)))
+        asyncio.run(accepted.run(caller_audio(0.6), until=lambda: accepted.of("media")))
     finally:
         guarded.stop()
     assert not refused.of("media")

@@ -32,6 +32,12 @@ LAN_HOST = "lan.test"  # resolved to 127.0.0.1 by the browsers: not "localhost",
 TONE_HZ = 440.0
 TOKEN = "browser-test-token"
 PROXY_PREFIX = "/voice/agent"
+# Every wait for the page is at least this long: a browser and the server on a saturated 2-core machine
+# run far slower than real time; a wait fails only when what it waits for never comes.
+MIN_WAIT_SECONDS = 90.0
+# Notices that report a problem. The demo model's notice is always there, and the behind-real-time one
+# depends on how busy the machine is (tests/test_web_ui_notices.py checks both).
+PROBLEM_NOTICES = "personaplex.notices.filter(n => !['demo-model', 'behind'].includes(n.id))"
 
 pytestmark = pytest.mark.slow
 
@@ -97,8 +103,9 @@ class Page:
         self.page.click(selector)
 
     def wait(self, expression: str, timeout: float = 20.0, what: str | None = None):
+        """Wait until ``expression`` is true in the page: ``timeout`` seconds, at least ``MIN_WAIT_SECONDS``."""
         try:
-            self.page.wait_for_function(expression, timeout=timeout * 1000)
+            self.page.wait_for_function(expression, timeout=max(timeout, MIN_WAIT_SECONDS) * 1000)
         except sync_api.TimeoutError:
             state = self.js("JSON.stringify({state: personaplex.state, notices: personaplex.notices, "
                             "stats: personaplex.stats, counters: personaplex.counters})")
@@ -112,7 +119,7 @@ def open_page(browser, url: str, *, microphone: bool = True) -> Page:
     page.on("console", lambda message: result.errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: result.errors.append(f"uncaught: {error}"))
     page.goto(url)
-    page.wait_for_selector("body[data-ready]", timeout=10_000)
+    page.wait_for_selector("body[data-ready]", timeout=MIN_WAIT_SECONDS * 1000)
     return result
 
 
@@ -232,7 +239,7 @@ def test_page_loads_lists_voices_and_fills_examples(browser, demo_server):
     assert "reactor" in prompt
     assert page.js("document.querySelector('#prompt-count').textContent") == f"{len(prompt)}/1000"
     assert page.js("document.querySelector('#upload-group').hidden") is False  # the server allows uploads
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     assert page.errors == []
     page.context.close()
 
@@ -262,7 +269,7 @@ def test_conversation_with_the_demo_model(browser, demo_server):
     received_seconds = playback["receivedSeconds"]
     stop_conversation(page)
 
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     assert page.errors == []
     after = demo_server.metrics()
     assert metric(after, "personaplex_sessions_total", 'front_end="chat"') == \
@@ -310,7 +317,7 @@ def test_uploaded_voice_sample(browser, demo_server, tmp_path):
     voice = page.js("personaplex.metadata[0].persona.voice")
     assert voice.startswith("upload-")
     stop_conversation(page)
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     page.context.close()
 
 
@@ -361,15 +368,15 @@ def test_https_with_a_generated_certificate_on_a_lan_name(browser, tmp_path):
         context = browser.new_context(permissions=["microphone"], ignore_https_errors=True)  # self-signed
         page = context.new_page()
         page.goto(f"https://{LAN_HOST}:{port}/")
-        page.wait_for_selector("body[data-ready]", timeout=10_000)
+        page.wait_for_selector("body[data-ready]", timeout=MIN_WAIT_SECONDS * 1000)
         assert page.evaluate("window.isSecureContext") is True
-        assert page.evaluate("personaplex.notices") == []
+        assert page.evaluate(PROBLEM_NOTICES) == []
         page.click("#start")
         page.wait_for_function("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 0.5",
-                               timeout=60_000)
+                               timeout=MIN_WAIT_SECONDS * 1000)
         page.click("#stop")
-        page.wait_for_function("personaplex.state === 'closed'", timeout=10_000)
-        assert page.evaluate("personaplex.notices") == []
+        page.wait_for_function("personaplex.state === 'closed'", timeout=MIN_WAIT_SECONDS * 1000)
+        assert page.evaluate(PROBLEM_NOTICES) == []
         context.close()
     finally:
         stop_server(server)
@@ -567,7 +574,7 @@ def test_server_that_speaks_only_kinds_0_to_2(browser, minimal_server):
 
     assert page.js("document.querySelector('#server-panel').hidden") is True  # no metadata ever came
     assert page.js("personaplex.metadata") == []
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     assert [e for e in page.errors if "404" not in e] == []  # the only error: the missing /api/voices
     query = minimal_server.queries[-1]
     assert query["voice_prompt"] == "NATF0.pt" and "wise and friendly teacher" in query["text_prompt"]
@@ -583,7 +590,7 @@ def test_page_behind_a_path_prefix(browser, minimal_server):
     start_conversation(page)
     stop_conversation(page)
     assert minimal_server.paths[conversations:] == [f"{PROXY_PREFIX}/api/chat"]  # relative to the page
-    assert page.js("personaplex.notices") == []
+    assert page.js(PROBLEM_NOTICES) == []
     page.context.close()
 
 
@@ -685,7 +692,7 @@ def test_playback_buffer_drops_bursts_and_grows_after_underruns(browser, minimal
           const until = (test) => new Promise((resolve, reject) => {
             const started = performance.now();
             const poll = () => latest && test(latest) ? resolve({ ...latest })
-              : performance.now() - started > 5000 ? reject(new Error('timeout: ' + JSON.stringify(latest)))
+              : performance.now() - started > 60000 ? reject(new Error('timeout: ' + JSON.stringify(latest)))
               : setTimeout(poll, 10);
             poll();
           });

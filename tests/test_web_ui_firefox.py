@@ -22,6 +22,8 @@ import time
 import pytest
 from test_web_ui import (  # noqa: F401  (fixtures used by name)
     LAN_HOST,
+    MIN_WAIT_SECONDS,
+    PROBLEM_NOTICES,
     TOKEN,
     check_sent_stream,
     demo_server,
@@ -240,7 +242,8 @@ class Tab:
         return json.loads(value["value"]) if value.get("type") == "string" else None
 
     def wait(self, expression: str, timeout: float = 20.0, what: str | None = None) -> None:
-        deadline = time.monotonic() + timeout
+        """Wait until ``expression`` is true in the page: ``timeout`` seconds, at least ``MIN_WAIT_SECONDS``."""
+        deadline = time.monotonic() + max(timeout, MIN_WAIT_SECONDS)
         while not self.js(f"Boolean({expression})"):
             if time.monotonic() > deadline:
                 state = self.js("({state: personaplex.state, notices: personaplex.notices, stats: personaplex.stats})")
@@ -276,7 +279,7 @@ def test_firefox_conversation_with_the_demo_model(bidi, demo_server):  # noqa: F
     tab = Tab(bidi, demo_server.page_url)
     assert tab.js("navigator.userAgent").count("Firefox/") == 1
     assert len(tab.js("personaplex.voices")) == 18
-    assert tab.js("personaplex.notices") == []
+    assert tab.js(PROBLEM_NOTICES) == []
     tab.click("#start")
     tab.wait("personaplex.state === 'connected'", timeout=60, what="the handshake")
     tab.wait("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 2", timeout=30,
@@ -287,7 +290,7 @@ def test_firefox_conversation_with_the_demo_model(bidi, demo_server):  # noqa: F
     received_seconds = tab.js("personaplex.stats.playback.receivedSeconds")
     tab.click("#stop")
     tab.wait("personaplex.state === 'closed'", timeout=10, what="the close")
-    assert tab.js("personaplex.notices") == []
+    assert tab.js(PROBLEM_NOTICES) == []
     assert tab.errors == []
     after = demo_server.metrics()
     underruns = metric(after, "personaplex_input_underrun_frames_total") - \
@@ -308,7 +311,7 @@ def test_firefox_sends_a_valid_ogg_opus_stream(bidi, minimal_server):  # noqa: F
     tab.click("#stop")
     tab.wait("personaplex.state === 'closed'", timeout=10, what="the close")
     time.sleep(0.5)
-    assert tab.js("personaplex.notices") == []
+    assert tab.js(PROBLEM_NOTICES) == []
     assert tab.js("personaplex.metadata") == []
     assert [error for error in tab.errors if "404" not in error and "api/voices" not in error] == []
     check_sent_stream(bytes(minimal_server.streams[-1]), tab.js("personaplex.sentSeconds"), FIREFOX_FAKE_TONE_HZ)
@@ -361,7 +364,7 @@ def test_firefox_uploaded_voice_sample(bidi, demo_server, tmp_path):  # noqa: F8
     start_conversation(tab)
     assert tab.js("personaplex.metadata[0].persona.voice").startswith("upload-")
     stop_conversation(tab)
-    assert tab.js("personaplex.notices") == []
+    assert tab.js(PROBLEM_NOTICES) == []
     tab.close()
 
 
@@ -377,12 +380,12 @@ def test_firefox_https_with_a_generated_certificate_on_a_lan_name(tmp_path_facto
             try:
                 tab = Tab(client, f"https://{LAN_HOST}:{port}/")
                 assert tab.js("window.isSecureContext") is True
-                assert tab.js("personaplex.notices") == []
+                assert tab.js(PROBLEM_NOTICES) == []
                 tab.click("#start")
                 tab.wait("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 0.5", timeout=60,
                          what="agent audio over wss://")
                 stop_conversation(tab)
-                assert tab.js("personaplex.notices") == []
+                assert tab.js(PROBLEM_NOTICES) == []
                 tab.close()
             finally:
                 client.close()

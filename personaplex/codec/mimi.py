@@ -9,7 +9,7 @@ every bit of streaming memory lives in an ``EncoderState`` / ``DecoderState`` th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from .conv import CausalConv1d, CausalConvTranspose1d
 from .quantizer import SplitResidualQuantizer
 from .seanet import SeanetDecoder, SeanetEncoder
 from .slots import fill_slots_, slot_mask
-from .transformer import MimiTransformer, TransformerState
+from .transformer import MimiTransformer, TransformerState, stream_function
 
 
 class Downsample(nn.Module):
@@ -120,6 +120,15 @@ class DecoderTrace(NamedTuple):
     pcm: torch.Tensor  # [B, frame_size] at 24 kHz
 
 
+@dataclass(frozen=True)
+class StreamKernels:
+    """The functions Mimi's streaming transformers run with: (x [B, T, dim], state) -> [B, T, dim]."""
+
+    kind: str  # a ``stream_function`` kind
+    encoder: Callable
+    decoder: Callable
+
+
 class Mimi(nn.Module):
     """Mimi codec weights with the reference checkpoint's state-dict keys; stateless streaming steps.
 
@@ -153,10 +162,13 @@ class Mimi(nn.Module):
 
     # --- state -------------------------------------------------------------------------------------
 
-    def use_compiled_transformers(self, enabled: bool) -> None:
-        """Frame-by-frame encode/decode through torch.compile'd streaming transformers (GPU engines)."""
-        self.encoder_transformer.transformer.use_compile(enabled)
-        self.decoder_transformer.transformer.use_compile(enabled)
+    def stream_kernels(self, kind: str = "eager") -> "StreamKernels":
+        """The functions frame-by-frame encode/decode run their transformers with (``stream_function``
+        kinds: "eager", "math", "compile"); pass them to ``encode_frame``/``decode_frame``."""
+        return StreamKernels(
+            kind, stream_function(self.encoder_transformer.transformer, kind),
+            stream_function(self.decoder_transformer.transformer, kind),
+        )
 
     def new_encoder_state(self, batch_size: int, device: torch.device | str) -> EncoderState:
         """Preallocated encoder memory for ``batch_size`` slots, all fresh."""
@@ -190,22 +202,28 @@ class Mimi(nn.Module):
     # --- streaming steps ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_frame_traced(self, pcm: torch.Tensor, state: EncoderState) -> EncoderTrace:
+    def encode_frame_traced(
+        self, pcm: torch.Tensor, state: EncoderState, kernels: "StreamKernels | None" = None,
+    ) -> EncoderTrace:
         """``encode_frame`` returning its intermediate values too."""
         if pcm.dim() != 2 or pcm.shape[1] != self.frame_size:
             raise ValueError(f"expected pcm [batch, {self.frame_size}], got {list(pcm.shape)}")
         seanet_out = self.encoder(pcm[:, None, :], state.seanet)
-        transformer_out = self.encoder_transformer(seanet_out, state.transformer)
+        stream = kernels.encoder if kernels is not None else None
+        transformer_out = self.encoder_transformer(seanet_out, state.transformer, stream)
         latent = self.downsample(transformer_out, state.downsample_tail, state.downsample_fresh)
         codes = self.quantizer.encode(latent)[:, :, 0]
         return EncoderTrace(seanet_out, transformer_out, latent, codes)
 
-    def encode_frame(self, pcm: torch.Tensor, state: EncoderState) -> torch.Tensor:
+    def encode_frame(
+        self, pcm: torch.Tensor, state: EncoderState, kernels: "StreamKernels | None" = None,
+    ) -> torch.Tensor:
         """Encode the next 80 ms of every slot.
 
         pcm: [B, 1920] float samples at 24 kHz -> codes [B, 8] int64 (one 12.5 Hz frame); ``state`` advances.
+        kernels: how the transformer runs (``stream_kernels``), eagerly if None.
         """
-        return self.encode_frame_traced(pcm, state).codes
+        return self.encode_frame_traced(pcm, state, kernels).codes
 
     @torch.no_grad()
     def encode_clip_traced(self, pcm: torch.Tensor, state: EncoderState) -> EncoderTrace:
@@ -244,19 +262,25 @@ class Mimi(nn.Module):
         return self.encode_clip_traced(pcm, state).codes
 
     @torch.no_grad()
-    def decode_frame_traced(self, codes: torch.Tensor, state: DecoderState) -> DecoderTrace:
+    def decode_frame_traced(
+        self, codes: torch.Tensor, state: DecoderState, kernels: "StreamKernels | None" = None,
+    ) -> DecoderTrace:
         """``decode_frame`` returning its intermediate values too."""
         if codes.dim() != 2 or codes.shape[1] < 2:
             raise ValueError(f"expected codes [batch, codebooks >= 2], got {list(codes.shape)}")
         latent = self.quantizer.decode(codes[:, :, None])
         upsampled = self.upsample(latent, state.upsample_pending)
-        transformer_out = self.decoder_transformer(upsampled, state.transformer)
+        stream = kernels.decoder if kernels is not None else None
+        transformer_out = self.decoder_transformer(upsampled, state.transformer, stream)
         pcm = self.decoder(transformer_out, state.seanet)[:, 0, :]
         return DecoderTrace(latent, upsampled, transformer_out, pcm)
 
-    def decode_frame(self, codes: torch.Tensor, state: DecoderState) -> torch.Tensor:
+    def decode_frame(
+        self, codes: torch.Tensor, state: DecoderState, kernels: "StreamKernels | None" = None,
+    ) -> torch.Tensor:
         """Decode the next code frame of every slot.
 
         codes: [B, 8] int64 (one 12.5 Hz frame) -> pcm [B, 1920] float samples at 24 kHz; ``state`` advances.
+        kernels: how the transformer runs (``stream_kernels``), eagerly if None.
         """
-        return self.decode_frame_traced(codes, state).pcm
+        return self.decode_frame_traced(codes, state, kernels).pcm

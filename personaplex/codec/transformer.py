@@ -14,6 +14,7 @@ README section 5 (key ``p`` is visible to both queries of call ``j`` iff ``p <= 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -113,18 +114,6 @@ class TransformerStack(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(TransformerLayer(config) for _ in range(config.num_layers))
-        self._compiled_forward = None
-        self._use_compiled = False
-
-    def use_compile(self, enabled: bool) -> None:
-        """Stream frames through a torch.compile'd ``forward`` (GPU engines: ~16 kernels a layer become a
-        few, and float32 attention of two queries is fused instead of a slow generic kernel)."""
-        if enabled and self._compiled_forward is None:
-            def compiled(x: torch.Tensor, state: TransformerState) -> torch.Tensor:
-                return self._stream(x, state, math_attention)
-
-            self._compiled_forward = torch.compile(compiled, fullgraph=True, dynamic=True)
-        self._use_compiled = enabled
 
     def new_state(self, batch_size: int, device: torch.device | str) -> TransformerState:
         cfg = self.config
@@ -142,11 +131,11 @@ class TransformerStack(nn.Module):
         Equals the reference called with these T frames at once (T < context); Mimi always passes the 2
         encoder frames of one 1920-sample call, which fixes which keys are visible (module docstring).
         """
-        if self._use_compiled:
-            return self._compiled_forward(x, state)
-        return self._stream(x, state, F.scaled_dot_product_attention)
+        return self.stream(x, state, F.scaled_dot_product_attention)
 
-    def _stream(self, x: torch.Tensor, state: TransformerState, attend) -> torch.Tensor:
+    def stream(self, x: torch.Tensor, state: TransformerState, attend=F.scaled_dot_product_attention) -> torch.Tensor:
+        """``forward`` with the attention function given (``scaled_dot_product_attention`` or
+        ``math_attention``, the same up to rounding)."""
         steps = x.shape[1]
         capacity = self.config.context
         query_positions = state.position[:, None] + torch.arange(steps, device=x.device)
@@ -219,10 +208,33 @@ class MimiTransformer(nn.Module):
         """Fresh KV rings and zero frame counters for ``batch_size`` slots."""
         return self.transformer.new_state(batch_size, device)
 
-    def forward(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
-        """x: [B, dim, T] -> [B, dim, T]; ``state`` advances by T frames."""
-        return self.transformer(x.transpose(1, 2), state).transpose(1, 2)
+    def forward(self, x: torch.Tensor, state: TransformerState, stream: Callable | None = None) -> torch.Tensor:
+        """x: [B, dim, T] -> [B, dim, T]; ``state`` advances by T frames. ``stream``: the function that runs
+        the stack ((x [B, T, dim], state) -> [B, T, dim], see ``stream_functions``); its ``forward`` if None."""
+        return (stream or self.transformer)(x.transpose(1, 2), state).transpose(1, 2)
 
     def prefill(self, x: torch.Tensor, state: TransformerState) -> torch.Tensor:
         """x: [B, dim, T] (T even) -> [B, dim, T]: T/2 streaming calls in one pass (``TransformerStack.prefill``)."""
         return self.transformer.prefill(x.transpose(1, 2), state).transpose(1, 2)
+
+
+STREAM_KINDS = ("eager", "math", "compile")
+
+
+def stream_function(stack: TransformerStack, kind: str = "eager") -> Callable:
+    """How ``stack`` streams frames: (x [B, T, dim], state) -> [B, T, dim].
+
+    "eager": ``forward`` (scaled-dot-product attention); "math": the attention as plain matmuls and a
+    softmax (``math_attention``: on a GPU the generic float32 attention kernel costs ~30 us a call, these
+    few kernels less, and a CUDA graph removes their launches); "compile": "math" torch.compile'd (~16
+    kernels a layer become a few). All three compute the same up to float rounding.
+    """
+    if kind == "eager":
+        return stack.forward
+    if kind not in STREAM_KINDS:
+        raise ValueError(f"stream kind must be one of {', '.join(STREAM_KINDS)}, got {kind!r}")
+
+    def with_math_attention(x: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        return stack.stream(x, state, math_attention)
+
+    return with_math_attention if kind == "math" else torch.compile(with_math_attention, fullgraph=True, dynamic=True)

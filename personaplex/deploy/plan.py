@@ -127,4 +127,4 @@ def _plan_cpu(plan: LoadPlan, preset, slots: int, input_frames: list[int]) -> No
         )
     estimate = cpu_estimate(config, preset.name, plan.dtype, plan.quantize, slots, TYPICAL_PROMPT_FRAMES)
     if estimate.slowdown >= 1:
-        plan.messages.append(estimate.describe(input_frames))
+        plan.messages.append(estimate.describe(input_frames))  # no inputs (serve, voice build): the speed alone

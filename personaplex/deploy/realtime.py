@@ -179,17 +179,21 @@ class CpuEstimate:
         steps = -(-sum(frames) // self.slots) if frames else 0
         return len(frames) * self.prefill_seconds + steps * self.seconds_per_frame
 
-    def describe(self, frames: list[int]) -> str:
-        audio = sum(frames) * FRAME_MS / 1000
+    def describe(self, frames: list[int] | None = None) -> str:
+        """The speed; with the inputs' lengths (``frames``, one count per input) also how long they will take."""
         speed = (
             f"about {self.seconds_per_frame:.2f} s per {FRAME_MS:.0f} ms frame step ({self.slowdown:.0f}x slower than real time)"
             if self.slowdown >= 1
             else f"about {1000 * self.seconds_per_frame:.0f} ms per {FRAME_MS:.0f} ms frame step (faster than real time)"
         )
+        if not frames:  # a server or a one-off job: no inputs to time
+            return f"running {self.model_name} on the CPU: {speed} (estimated from a quick measurement of this CPU)"
+        audio = sum(frames) * FRAME_MS / 1000
         return (
             f"running {self.model_name} on the CPU: {speed}; {len(frames)} input(s), {audio:.1f} s of audio, "
             f"{self.slots} at a time, will take about {format_duration(self.total_seconds(frames))} "
-            "(estimated from a quick measurement of this CPU)"
+            "(a first estimate from a quick measurement of this CPU; the rate measured on the run itself follows "
+            "after a few seconds)"
         )
 
 

@@ -16,7 +16,6 @@ whole frame (Mimi encode, LM step, Mimi decode) and replayed.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import time
@@ -25,12 +24,13 @@ from typing import Iterator
 
 import torch
 
+from .. import startup
 from ..cuda_graph import CapturedStep
-from ..lm.fused import gpu_write_and_attend
 from ..lm.generator import Generator, GeneratorState, SamplingSettings
 from ..lm.model import LMState
 from ..lm.sampling import SamplingParams
 from ..persona import SystemPrompt, system_prompt_work
+from .kernels import EngineKernels, engine_kernels
 from .prefill_graphs import SCRATCH_FRAMES, PrefillGraphs
 from .prefix_cache import PrefixCache, restore_snapshot, take_snapshot
 
@@ -67,6 +67,10 @@ LENGTH_BUCKET = 256  # frames (20 s): attention reads the rings in multiples of 
 # Prompt frames per prefill block when a join is spread over ticks. A block reads every weight once,
 # so larger blocks cost less per frame; 256 holds a 10 s voice or a long text prompt in one block.
 JOIN_CHUNK_FRAMES = 256
+# What a conversation keeps once it is longer than the context (``personaplex.layers.kv_ring``): "sliding"
+# forgets the oldest frames, the system prompt first, as the reference; "pin-persona" keeps the system
+# prompt and slides over the conversation after it.
+CONTEXT_POLICIES = ("sliding", "pin-persona")
 
 
 @dataclass
@@ -77,6 +81,7 @@ class PendingJoin:
     key: tuple
     work: Iterator[int]
     in_scratch: bool = False  # prefilled in the CUDA-graph scratch slot, copied in when done
+    context_policy: str = "sliding"
 
 
 def slot_bytes(lm, mimi, kv_dtype: str = "model") -> int:
@@ -103,13 +108,6 @@ def slots_that_fit(
     return max(1, (free - reserve_bytes - prefix_cache_bytes - scratch) // per_slot)
 
 
-def compile_available(device: torch.device) -> bool:
-    """Whether the step's kernels can be fused by torch.compile here (CUDA with Triton, not turned off)."""
-    if device.type != "cuda" or os.environ.get("PERSONAPLEX_NO_COMPILE", "") not in ("", "0"):
-        return False
-    return importlib.util.find_spec("triton") is not None
-
-
 def batch_buckets(max_slots: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to max_slots (and max_slots itself)."""
     buckets = [b for b in (1, 2, 4) if b < max_slots] + list(range(8, max_slots, 8))
@@ -119,23 +117,21 @@ def batch_buckets(max_slots: int) -> list[int]:
 class Engine:
     def __init__(
         self, lm, mimi, max_slots: int, *, use_cuda_graph: bool | None = None, prefix_cache_bytes: int = 2 << 30,
-        kv_dtype: str = "model", fused_step: str | None = "auto",
+        kv_dtype: str = "model", kernels: EngineKernels | str = "auto",
     ):
-        """fused_step: how single-frame LM steps run: "compile" (torch.compile'd fused kernels, the default on
-        CUDA when Triton is present; ``PERSONAPLEX_NO_COMPILE=1`` turns it off), "eager" or None (module code)."""
+        """kernels: what the steps run (``personaplex.engine.kernels``): a set's name, "auto" (the
+        device's default, ``PERSONAPLEX_KERNELS`` first) or an ``EngineKernels``. The models are shared
+        and never changed: engines with different kernels may run over the same weights."""
         self.lm, self.mimi = lm, mimi
-        if fused_step == "auto":
-            fused_step = "compile" if compile_available(lm.device) else None
-        lm.use_fused_step(fused_step)
-        # Mimi's streaming transformers are compiled alongside (not its convolutions and quantizer,
-        # whose compilation costs minutes and recompiles for little gain).
-        mimi.use_compiled_transformers(fused_step == "compile")
+        self.kernels = kernels if isinstance(kernels, EngineKernels) else engine_kernels(lm, mimi, kernels)
         self.config = lm.config
         self.device = lm.device
         self.max_slots = max_slots
-        self.generator = Generator(lm)
+        self.generator = Generator(lm, self.kernels.lm)
         self.gen_state = self.generator.new_state(max_slots)
         self.lm_state = lm.new_state(max_slots, kv_dtype=kv_dtype)
+        self.lm_state.pinned = torch.zeros(max_slots, dtype=torch.long, device=self.device)
+        self._pinned = [0] * max_slots  # host mirror: steps of slots that slide skip the pinning work
         self.encoder = mimi.new_encoder_state(max_slots, self.device)
         self.decoder = mimi.new_decoder_state(max_slots, self.device)
         self.sampling = SamplingSettings(
@@ -168,25 +164,31 @@ class Engine:
     def free_slots(self) -> list[int]:
         return [slot for slot, busy in enumerate(self.active) if not busy and slot not in self._joining]
 
-    def join(self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig) -> bool:
+    def join(
+        self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig, *, context_policy: str = "sliding",
+    ) -> bool:
         """Start conversations in slots ``first..stop-1`` with ``prompt`` now; other slots are untouched.
 
         Returns True when the persona's state came from the prefix cache (no prefill ran).
         """
-        cached = self.begin_join(first, stop, prompt, sampling, chunk_frames=None)
+        cached = self.begin_join(first, stop, prompt, sampling, chunk_frames=None, context_policy=context_policy)
         while self._joining:
             self.advance_joins(frame_budget=None)
         return cached
 
     def begin_join(
-        self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig, *, chunk_frames: int | None = -1
+        self, first: int, stop: int, prompt: SystemPrompt, sampling: SamplingConfig, *, chunk_frames: int | None = -1,
+        context_policy: str = "sliding",
     ) -> bool:
         """Reserve slots ``first..stop-1`` for a conversation with ``prompt``.
 
         From the prefix cache the slots are live at once (returns True). Otherwise the prompt's prefill
         is queued and runs in blocks through ``advance_joins``, between the real-time steps of the other
-        slots; the slots go live when it is done.
+        slots; the slots go live when it is done. ``context_policy``: one of ``CONTEXT_POLICIES``, what
+        the conversation keeps once it is longer than the context (the prompt's state is the same).
         """
+        if context_policy not in CONTEXT_POLICIES:
+            raise ValueError(f"context policy must be one of {', '.join(CONTEXT_POLICIES)}, got {context_policy!r}")
         if not 0 <= first < stop <= self.max_slots:
             raise ValueError(f"slots {first}..{stop - 1} outside 0..{self.max_slots - 1}")
         if any(self.active[first:stop]) or any(slot in self._joining for slot in range(first, stop)):
@@ -205,7 +207,7 @@ class Engine:
         if snapshot is not None:
             with torch.inference_mode():
                 restore_snapshot(snapshot, self.gen_state, self.lm_state, first, stop)
-            self._go_live(first, stop, prompt)
+            self._go_live(first, stop, prompt, context_policy)
             return True
         chunk = self.join_chunk_frames if chunk_frames == -1 else chunk_frames
         graphs = self._scratch_prefill(stop - first, prompt.num_steps)
@@ -219,7 +221,8 @@ class Engine:
                 self.generator, self.gen_state.slots(first, stop), self.lm_state.slots(first, stop),
                 prompt.frames, prompt.saved_voice, chunk_frames=chunk,
             )
-        self._joining[first] = PendingJoin(first, stop, prompt, key, work, in_scratch=graphs is not None)
+        self._joining[first] = PendingJoin(first, stop, prompt, key, work, in_scratch=graphs is not None,
+                                           context_policy=context_policy)
         return False
 
     def _scratch_prefill(self, slots: int, prompt_frames: int) -> PrefillGraphs | None:
@@ -233,7 +236,9 @@ class Engine:
     def _scratch_graphs(self) -> PrefillGraphs:
         block = self.join_chunk_frames or JOIN_CHUNK_FRAMES
         if self._prefill_graphs is None or self._prefill_graphs.block_frames != block:
-            self._prefill_graphs = PrefillGraphs(self.lm, self.kv_dtype, block, graphs=self._use_cuda_graph)
+            self._prefill_graphs = PrefillGraphs(
+                self.lm, self.kernels.lm, self.kv_dtype, block, graphs=self._use_cuda_graph
+            )
         return self._prefill_graphs
 
     def advance_joins(self, frame_budget: int | None) -> list[int]:
@@ -258,7 +263,7 @@ class Engine:
                             snapshot = take_snapshot(self.gen_state, self.lm_state, first, positions)
                         self.prefix_cache.put(pending.key, snapshot)
                         del self._joining[first]
-                        self._go_live(first, pending.stop, pending.prompt)
+                        self._go_live(first, pending.stop, pending.prompt, pending.context_policy)
                         done.append(first)
                         break
                     spent += frames
@@ -282,7 +287,10 @@ class Engine:
             self.advance_joins(frame_budget=None)
         self.leave(slot)
 
-    def _go_live(self, first: int, stop: int, prompt: SystemPrompt) -> None:
+    def _go_live(self, first: int, stop: int, prompt: SystemPrompt, context_policy: str) -> None:
+        pinned = prompt.num_steps if context_policy == "pin-persona" else 0
+        self.lm_state.pinned[first:stop] = pinned
+        self._pinned[first:stop] = [pinned] * (stop - first)
         mask = torch.zeros(self.max_slots, dtype=torch.bool, device=self.device)
         mask[first:stop] = True
         # Mimi starts fresh with the conversation (the slot's codec state may have idled along).
@@ -296,6 +304,8 @@ class Engine:
         """End the conversation in ``slot`` (or cancel its pending join); the slot is free again."""
         self.active[slot] = False
         self._offsets[slot] = 1
+        self._pinned[slot] = 0
+        self.lm_state.pinned[slot] = 0
         for first, pending in list(self._joining.items()):
             if pending.first <= slot < pending.stop:
                 del self._joining[first]
@@ -323,12 +333,17 @@ class Engine:
         serves every length, instead of one per bucket and length (132 for 64 slots: a server start of
         many minutes). bf16 rings keep their buckets: their attention reads the whole bucket, and the
         kernel's split of the ring across the GPU is fixed at capture, tuned to the bucket's length."""
-        kernels = self.lm.step_kernels
-        return self.kv_dtype == "fp8" and kernels is not None and kernels.write_and_attend is gpu_write_and_attend
+        return self.kv_dtype == "fp8" and self.kernels.lm.reads_own_lengths
 
-    def _frame_fn(self, batch: int, length: int):
+    def _pinning(self, batch: int) -> bool:
+        """Whether a live slot of the batch pins its persona (its steps then take the pinning path)."""
+        return any(self._pinned[slot] and self.active[slot] for slot in range(batch))
+
+    def _frame_fn(self, batch: int, length: int, pinning: bool = False):
         gen_state: GeneratorState = self.gen_state.slots(0, batch)
         lm_state: LMState = self.lm_state.slots(0, batch)
+        if not pinning:
+            lm_state = lm_state.without_pinning()
         encoder, decoder = self.encoder.slots(0, batch), self.decoder.slots(0, batch)
         sampling = self.sampling.slots(0, batch)
         user = slice(1 + self.config.agent_codebooks, self.config.num_channels)
@@ -342,7 +357,9 @@ class Engine:
             # stored by the second half of the step.
             with self._beside_main_stream() as join:
                 # A broken client's NaN or infinite samples become silence instead of poisoning its slot.
-                codes = self.mimi.encode_frame(torch.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), encoder)
+                codes = self.mimi.encode_frame(
+                    torch.nan_to_num(pcm, nan=0.0, posinf=0.0, neginf=0.0), encoder, self.kernels.codec
+                )
                 forced = torch.full((batch, self.config.num_channels), -1, dtype=torch.long, device=pcm.device)
                 forced[:, user] = codes
             temporal = self.generator.step_temporal(gen_state, lm_state, used_length=length)
@@ -354,7 +371,7 @@ class Engine:
             for tensor, old in zip(gen_state.tensors(), before):
                 keep = active.view(-1, *([1] * (tensor.dim() - 1)))
                 tensor.copy_(torch.where(keep, tensor, old))
-            return result.tokens, self.mimi.decode_frame(result.tokens[:, agent], decoder)
+            return result.tokens, self.mimi.decode_frame(result.tokens[:, agent], decoder, self.kernels.codec)
 
         preserve = gen_state.tensors() + encoder.tensors() + decoder.tensors()
         return frame, preserve
@@ -396,7 +413,8 @@ class Engine:
             return 0
         bucketed = self.length_buckets(up_to_frames or self.config.context)
         captured = 0
-        for batch in self.buckets:
+        startup.begin(f"capturing the frame step of {len(self.buckets)} batch sizes ({self.kernels.name} kernels)")
+        for number, batch in enumerate(self.buckets, 1):
             pcm = torch.zeros(batch, self.mimi.frame_size, device=self.device)
             active = torch.tensor(self.active[:batch], device=self.device)
             times = []
@@ -407,34 +425,41 @@ class Engine:
                         self._graphs[(batch, length)] = self._capture(batch, length, pcm, active)
                     times.append(time.perf_counter() - started)
             if times:  # the first of a batch size may compile; where start-up time goes
-                log.info("batch %d: %d CUDA graphs in %.1f s (first %.1f s)", batch, len(times), sum(times), times[0])
+                startup.report(
+                    f"step graph, batch {batch} ({number}/{len(self.buckets)})", sum(times),
+                    f"{len(times)} graphs" if len(times) > 1 else "",
+                )
             captured += len(times)
         if self.scratch_prefill:  # and the prefill blocks of new personas
             started = time.perf_counter()
             with torch.inference_mode():
                 blocks = self._scratch_graphs().capture_all()
             if blocks:
-                log.info("prefill blocks: %d CUDA graphs in %.1f s", blocks, time.perf_counter() - started)
+                startup.report("prefill graphs", time.perf_counter() - started, f"{blocks} graphs")
             captured += blocks
         return captured
 
-    def _capture(self, batch: int, length: int, pcm: torch.Tensor, active: torch.Tensor) -> CapturedStep:
-        frame, preserve = self._frame_fn(batch, length)
+    def _capture(
+        self, batch: int, length: int, pcm: torch.Tensor, active: torch.Tensor, pinning: bool = False,
+    ) -> CapturedStep:
+        frame, preserve = self._frame_fn(batch, length, pinning)
         return CapturedStep(frame, {"pcm": pcm, "active": active}, preserve, pool=self._graph_pool)
 
     def step(self, pcm: torch.Tensor) -> FrameOutput:
         """One 80 ms frame: pcm [>= n, 1920] user audio (float, 24 kHz) for slots 0..; returns rows 0..n-1."""
         batch, length = self._bucket()
+        pinning = self._pinning(batch)
         pcm = pcm[:batch].to(self.device, torch.float32, non_blocking=True)
         active = torch.tensor(self.active[:batch], device=self.device)
         with torch.inference_mode():
             if self._use_cuda_graph:
-                graph = self._graphs.get((batch, length))
+                key = (batch, length) if not pinning else (batch, length, "pin")  # pinning graphs: at first use
+                graph = self._graphs.get(key)
                 if graph is None:
-                    graph = self._graphs[(batch, length)] = self._capture(batch, length, pcm, active)
+                    graph = self._graphs[key] = self._capture(batch, length, pcm, active, pinning)
                 tokens, out = graph(pcm=pcm, active=active)
             else:
-                frame, _ = self._frame_fn(batch, length)
+                frame, _ = self._frame_fn(batch, length, pinning)
                 tokens, out = frame(pcm, active)
             result = FrameOutput(tokens.cpu(), out.float().cpu())
         for slot in range(batch):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..cuda_graph import CapturedStep
+from ..lm.fused import StepKernels
 from ..lm.generator import PREFILL_READ_ROUNDING
 from ..lm.model import LMModel
 
@@ -40,9 +41,11 @@ class PrefillGraphs:
     """Scratch KV rings of one slot and the captured prefill blocks over them, by block size and ring
     length read."""
 
-    def __init__(self, model: LMModel, kv_dtype: str, block_frames: int, *, graphs: bool = True):
-        """graphs=False runs the same padded blocks eagerly (CPU tests of everything but the capture)."""
+    def __init__(self, model: LMModel, kernels: StepKernels, kv_dtype: str, block_frames: int, *, graphs: bool = True):
+        """kernels: the functions the blocks run (the engine's); graphs=False runs the same padded blocks
+        eagerly (CPU tests of everything but the capture)."""
         self.model = model
+        self.kernels = kernels
         self.block_frames = block_frames
         self.graphs = graphs
         self.capacity = min(SCRATCH_FRAMES, model.config.context)
@@ -82,12 +85,16 @@ class PrefillGraphs:
         """``Generator.prefill``'s temporal transformer call for one block [1, T, dim] at ``positions`` [1]."""
         frames = block.shape[1]
         if lm_state is not self.scratch or frames > self.block_frames:  # not a block of ours: run it as is
-            self.model.forward_temporal(block, positions, lm_state, heads=False, used_length=used_length)
+            self.model.forward_temporal(
+                block, positions, lm_state, heads=False, used_length=used_length, kernels=self.kernels
+            )
             return
         used_length = min(used_length or self.capacity, self.capacity)
         padded = torch.nn.functional.pad(block, (0, 0, 0, padded_size(frames, self.block_frames) - frames))
         if not self.graphs:
-            self.model.forward_temporal(padded, positions, self.scratch, heads=False, used_length=used_length)
+            self.model.forward_temporal(
+                padded, positions, self.scratch, heads=False, used_length=used_length, kernels=self.kernels
+            )
             return
         key = (padded.shape[1], used_length)
         graph = self._graphs.get(key)
@@ -97,7 +104,9 @@ class PrefillGraphs:
 
     def _capture(self, x: torch.Tensor, positions: torch.Tensor, used_length: int) -> CapturedStep:
         def block(x: torch.Tensor, positions: torch.Tensor) -> None:
-            self.model.forward_temporal(x, positions, self.scratch, heads=False, used_length=used_length)
+            self.model.forward_temporal(
+                x, positions, self.scratch, heads=False, used_length=used_length, kernels=self.kernels
+            )
 
         # Nothing to preserve: the warm-up runs write the ring entries the replay rewrites.
         return CapturedStep(block, {"x": x, "positions": positions}, preserve=[], pool=self.pool)

@@ -14,7 +14,6 @@ from typing import Protocol
 
 import numpy as np
 
-from ..audio import read_audio
 from .vad import MissingDependency
 
 ASR_RATE = 16_000
@@ -36,6 +35,8 @@ def transcript(words: list[tuple[str, float, float]]) -> dict:
 
 
 def transcribe_file(recognizer: Recognizer, path: Path) -> dict:
+    from ..audio import read_audio  # scipy and pyloudnorm: only once a file is read, not for --help
+
     samples = read_audio(path, ASR_RATE)
     if not np.any(np.abs(samples) > 1e-4):  # silence: recognisers may hallucinate on digital zero
         return transcript([])

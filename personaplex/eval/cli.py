@@ -31,6 +31,11 @@ def _add_run(parser: argparse.ArgumentParser, tasks: bool) -> None:
     parser.add_argument("--voice-prompt", default="NATF2", help="voice preset or file (default NATF2)")
     parser.add_argument("--batch-size", type=int, help="samples run at once (default: as many as fit, 4 on a CPU)")
     parser.add_argument("--overwrite", action="store_true", help="run samples that already have an output.wav again")
+    parser.add_argument("--output-rate", choices=("model", "input"), default="model",
+                        help="output.wav's sample rate: model (default) writes the model's 24 kHz, as the reference "
+                             "pipeline wrote the outputs behind the published rows (the official backchannel scorer "
+                             "reads its VAD times x1.5, as it did for them); input writes input.wav's rate and number "
+                             "of samples. Both keep the input's duration")
     offline.add_sampling_arguments(parser)
     offline.add_model_arguments(parser)
     parser.set_defaults(run=_cmd_run)
@@ -59,7 +64,8 @@ def _add_score(parser: argparse.ArgumentParser, tasks: bool) -> None:
     parser.add_argument("--output", type=Path, help="scores file to write (default DATA/scores.json)")
     parser.add_argument("--no-official-quirks", dest="official", action="store_false",
                         help="score without the benchmark's quirks (see the README: backchannel take-over decided "
-                             "by any segment, negative latencies kept); numbers then differ from published tables")
+                             "by any segment, backchannel VAD times exact and at the file's true rate, negative "
+                             "latencies kept); numbers then differ from published tables")
     if tasks:
         parser.add_argument("--human-distribution", type=Path,
                             help="the benchmark's icc_gt_distribution.json for the backchannel JSD "
@@ -170,6 +176,12 @@ def _cmd_score(args: argparse.Namespace) -> None:
     human_path = getattr(args, "human_distribution", None)
     if human_path is None and (Path(args.data) / "icc_gt_distribution.json").is_file():
         human_path = Path(args.data) / "icc_gt_distribution.json"
+    jsd_note = None
+    if human_path is None and any(s.task == layout.BACKCHANNEL for s in samples):
+        # The JSD compares the run's backchannel timing with people's; without their distribution it is "–".
+        jsd_note = ("JSD (backchannel) needs the benchmark's human distribution: pass --human-distribution "
+                    "PATH/icc_gt_distribution.json (or put that file in the data folder)")
+        offline.log(f"note: {jsd_note}")
     scores = score(samples, official=args.official, judge=judge, human=load_human_distribution(human_path))
     output = args.output or Path(args.data) / "scores.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +189,8 @@ def _cmd_score(args: argparse.Namespace) -> None:
     published = getattr(args, "published", False)
     others, notes = comparison_rows(published=published)
     notes += quirks_note(scores, published)
+    if jsd_note is not None:
+        notes += [f"- note: JSD is shown as \"–\": {jsd_note}"]
     table = markdown(scores["summary"], "Full-Duplex-Bench" if args.suite == "fdb" else "Persona adherence",
                      others, notes=notes)
     output.with_suffix(".md").write_text(table, encoding="utf-8")

@@ -7,10 +7,13 @@ by default (``official=True``) so numbers compare with published tables, and can
   word's end, or, when shorter, has more than 3 words. A last word without an end time is measured to its start.
 * latency: first word's start minus the reference time (end of the user's turn / of the interruption); only
   samples with TOR = 1 count; a negative latency (the model started before the user stopped) is clipped to 0.
-* backchannel: quirk 1, the take-over of a sample is decided by the *last* short VAD segment unless a segment longer
-  than 3 s appears first (``official=False``: any segment that qualifies as a turn decides TOR = 1). Quirk 2, every
-  short segment counts as a backchannel, even one that made TOR = 1 (``official=False``: only segments that are
-  backchannels by the word/duration rule). Frequency = backchannels / output duration (s). The distance to the human
+* backchannel: the VAD segments come as the official scorer's call gives them (``vad.benchmark_backchannel_segments``:
+  times rounded to 0.1 s, and a file not at 16 kHz read as if it were, so a 24 kHz file's times are x1.5 while the
+  duration stays true; ``official=False``: sample-accurate times of the audio resampled to 16 kHz). Quirk 1, the
+  take-over of a sample is decided by the *last* short VAD segment unless a segment longer than 3 s appears first
+  (``official=False``: any segment that qualifies as a turn decides TOR = 1). Quirk 2, every short segment counts as
+  a backchannel, even one that made TOR = 1 (``official=False``: only segments that are backchannels by the
+  word/duration rule). Frequency = backchannels / output duration (s). The distance to the human
   distribution is scipy's Jensen-Shannon *distance* (square root of the divergence, natural log) between 0.2 s
   window histograms (epsilon 1e-10, human curve linearly resampled to the run's length); a sample with no
   backchannel gets 1. (Not reproduced: scipy's NaN for identical distributions, which is reported as 0.)

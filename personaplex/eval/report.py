@@ -154,12 +154,29 @@ def comparison_rows(paths: list[Path] | None = None, published: bool = False) ->
     return rows, [f"- {row_label}: {source}" for row_label, source in notes.items()]
 
 
+PUBLISHED_OUTPUT_RATE = 24_000  # the published rows' outputs: the models' own rate
+
+
 def quirks_note(scores: dict, published: bool) -> list[str]:
-    """A warning line when the run was scored without the benchmark's quirks but sits next to published rows."""
-    if published and scores.get("official_quirks") is False:
+    """Note lines for a run next to published rows: scored without the benchmark's quirks, or backchannel outputs
+    at another rate than the published rows' 24 kHz (the official scorer's VAD reads a file's times scaled by
+    its rate / 16 kHz, so the rate moves the backchannel numbers)."""
+    if not published:
+        return []
+    if scores.get("official_quirks") is False:
         return [("- note: this run was scored with --no-official-quirks, so its numbers do not compare with the "
                  "published rows")]
-    return []
+    rates = sorted({row["output_rate"] for row in scores.get("samples", {}).values()
+                    if row.get("task") == layout.BACKCHANNEL and "output_rate" in row})
+    if not rates:
+        return []
+    listed = ", ".join(f"{r / 1000:g} kHz" for r in rates)
+    if rates == [PUBLISHED_OUTPUT_RATE]:
+        return [f"- backchannel outputs at {listed}, as the published rows' (the official scorer reads their VAD "
+                "times x1.5, for them as for this run)"]
+    return [f"- note: backchannel outputs at {listed}, but the published rows were scored on 24 kHz outputs "
+            "(whose VAD times the official scorer reads x1.5), so the backchannel numbers do not compare; "
+            "run with the default --output-rate model"]
 
 
 def write_report(scores_path: Path, out_dir: Path, title: str, others_paths: list[Path] | None, label: str,

@@ -1,9 +1,11 @@
 """``personaplex eval fdb run``: every sample's ``input.wav`` through the batched engine into ``output.wav``.
 
 Each sample runs as the offline tool runs a file (same code: continuous batching, the input streamed frame by
-frame after the persona's prompt); ``output.wav`` is then written at the input's sample rate with exactly its
-number of samples, so both share their origin and length. Samples whose outputs
-exist are skipped, which makes a run resumable; ``run_manifest.json`` records what produced the outputs.
+frame after the persona's prompt). ``output.wav`` has the input's origin and duration, at the model's 24 kHz by
+default, as the reference pipeline wrote the outputs behind the published rows (the official backchannel scorer
+reads a 24 kHz file's times x1.5, so the rate changes its numbers); ``--output-rate input`` writes it at the
+input's rate with exactly its number of samples instead. Samples whose outputs exist at the asked rate are
+skipped, which makes a run resumable; ``run_manifest.json`` records what produced the outputs, rate included.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from .. import offline
 from ..audio import audio_file_format
+from ..config import SAMPLE_RATE
 from . import layout
 from .layout import Sample
 
@@ -24,6 +27,8 @@ CONVERSATION_PROMPT = "You enjoy having a good conversation."
 # The benchmark's recommendation for PersonaPlex: the assistant (teacher) role for interruptions.
 TASK_PROMPTS = {layout.INTERRUPTION: offline.DEFAULT_TEXT_PROMPT}
 MANIFEST = "run_manifest.json"
+MODEL_RATE, INPUT_RATE = "model", "input"  # --output-rate choices
+OUTPUT_RATES = (MODEL_RATE, INPUT_RATE)
 
 
 def prompt_for(task: str, overrides: dict[str, str]) -> str:
@@ -38,9 +43,18 @@ def sample_prompt(sample: Sample, overrides: dict[str, str]) -> str:
     return prompt_for(sample.task, overrides)
 
 
-def is_done(sample: Sample) -> bool:
-    # The token list is written after the audio: both present means the sample finished.
-    return sample.output_wav.is_file() and (sample.path / layout.TEXT_TOKENS_JSON).is_file()
+def is_done(sample: Sample, output_rate: str = MODEL_RATE) -> bool:
+    """The sample finished, with an output that is (or, from the model, becomes) at the asked rate.
+
+    The token list is written after the audio: both present means the run got through. An output at another
+    rate (an earlier run with the other ``--output-rate``) is run again rather than resampled twice.
+    """
+    if not (sample.output_wav.is_file() and (sample.path / layout.TEXT_TOKENS_JSON).is_file()):
+        return False
+    rate, _ = audio_file_format(sample.output_wav)
+    if output_rate == MODEL_RATE:
+        return rate == SAMPLE_RATE
+    return rate in (SAMPLE_RATE, audio_file_format(sample.input_wav)[0])
 
 
 def parse_prompt_overrides(values: list[str] | None) -> dict[str, str]:
@@ -58,7 +72,10 @@ def parse_prompt_overrides(values: list[str] | None) -> dict[str, str]:
 def run(args: argparse.Namespace) -> None:
     samples = layout.discover(args.data, args.tasks)
     overrides = parse_prompt_overrides(args.text_prompt)
-    todo = [s for s in samples if args.overwrite or not is_done(s)]
+    output_rate = getattr(args, "output_rate", MODEL_RATE)
+    if output_rate not in OUTPUT_RATES:
+        raise offline.UsageError(f"--output-rate must be one of {', '.join(OUTPUT_RATES)}, not {output_rate!r}")
+    todo = [s for s in samples if args.overwrite or not is_done(s, output_rate)]
     offline.log(f"{len(samples)} sample(s) found, {len(samples) - len(todo)} already done, {len(todo)} to run")
     if args.seed < 0:
         args.seed = random.randrange(2**31)  # recorded in the manifest so the run can be repeated
@@ -74,17 +91,20 @@ def run(args: argparse.Namespace) -> None:
         batch.text_prompt = [sample_prompt(s, overrides) for s in todo]
         batch.voice_prompt = [args.voice_prompt]
         offline.run(batch)
-    for sample in samples:
-        if is_done(sample):
-            match_input_rate(sample)
-    write_manifest(manifest_path, args, samples, overrides)
+    if output_rate == INPUT_RATE:
+        for sample in samples:
+            if is_done(sample, output_rate):
+                match_input_rate(sample)
+    rates = write_manifest(manifest_path, args, samples, overrides, output_rate)
+    offline.log(f"output.wav sample rate(s): {', '.join(f'{r} Hz' for r in rates) or 'none written'} "
+                + ("(the model's, as the published rows' outputs)" if output_rate == MODEL_RATE else "(input.wav's)"))
 
 
 def match_input_rate(sample: Sample) -> None:
-    """Rewrite output.wav at input.wav's sample rate with exactly its number of samples.
+    """Rewrite output.wav at input.wav's sample rate with exactly its number of samples (``--output-rate input``).
 
-    The engine speaks at 24 kHz; the benchmark's inputs are 16 kHz, and its scripts read some files assuming
-    16 kHz, so an output with the input's rate and length stays comparable sample for sample.
+    The engine speaks at 24 kHz; the benchmark's inputs are 16 kHz. At the input's rate the output lines up with
+    it sample for sample, and the official backchannel scorer reads its VAD times unscaled.
     """
     import numpy as np
     import sphn
@@ -108,7 +128,9 @@ def persona_note(task: str, overrides: dict[str, str]) -> str:
     return prompt_for(task, overrides)
 
 
-def write_manifest(path: Path, args: argparse.Namespace, samples: list[Sample], overrides: dict[str, str]) -> None:
+def write_manifest(path: Path, args: argparse.Namespace, samples: list[Sample], overrides: dict[str, str],
+                   output_rate: str = MODEL_RATE) -> list[int]:
+    """Append this run to ``run_manifest.json``; returns the sample rates (Hz) of the finished outputs."""
     import torch
 
     from .. import __version__
@@ -117,6 +139,7 @@ def write_manifest(path: Path, args: argparse.Namespace, samples: list[Sample], 
     if path.is_file():
         runs = json.loads(path.read_text(encoding="utf-8")).get("runs", [])
     tasks = sorted({s.task for s in samples})
+    rates = sorted({audio_file_format(s.output_wav)[0] for s in samples if s.output_wav.is_file()})
     runs.append({
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": args.model, "hf_repo": args.hf_repo,
@@ -126,6 +149,8 @@ def write_manifest(path: Path, args: argparse.Namespace, samples: list[Sample], 
                                         "topk_audio": args.topk_audio, "topk_text": args.topk_text,
                                         "greedy": args.greedy},
         "samples": len(samples), "quantize": args.quantize, "batch_size": args.batch_size,
+        "output_rate": output_rate, "output_sample_rates": rates,
         "versions": {"personaplex": __version__, "torch": torch.__version__, "python": platform.python_version()},
     })
     path.write_text(json.dumps({"runs": runs}, indent=2), encoding="utf-8")
+    return rates

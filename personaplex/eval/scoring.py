@@ -45,13 +45,18 @@ def score_sample(sample: Sample, *, official: bool = True, judge: Judge | None =
             row.update(relevance=rating, judge_answer=answer)
         return row
     if task == layout.BACKCHANNEL:
-        from .vad import file_segments
+        from .vad import benchmark_backchannel_segments, file_segments
 
-        segments, duration = file_segments(sample.output_wav)
+        # The official scorer's VAD call: times rounded to 0.1 s, a 24 kHz file's read 1.5x too late (see vad).
+        read = benchmark_backchannel_segments if official else file_segments
+        segments, duration = read(sample.output_wav)
         curve = None if human is None else human.get(sample.sample_id)
         result = metrics.backchannel_result(segments, chunks, duration, curve, official)
+        from ..audio import audio_file_format
+
         return {"tor": int(result.takes_turn), "frequency": result.frequency, "jsd": result.js_distance,
-                "backchannels": [list(b) for b in result.backchannels]}
+                "backchannels": [list(b) for b in result.backchannels],
+                "output_rate": audio_file_format(sample.output_wav)[0]}
     raise DatasetError(f"cannot score task {task}")
 
 

@@ -32,6 +32,18 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     return torch.softmax(scores, dim=-1) @ v
 
 
+def pinned_math_attention(
+    q: torch.Tensor, q_pinned: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor,
+    pinned_keys: torch.Tensor,
+) -> torch.Tensor:
+    """Attention where the keys flagged ``pinned_keys`` [B, 1, 1, K] are scored with ``q_pinned`` (the query
+    rotated to another position, see ``kv_ring.pinned_query_positions``) and the others with ``q``."""
+    scale = q.shape[-1] ** -0.5
+    scores = torch.where(pinned_keys, q_pinned @ k.transpose(-1, -2), q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+
+
 def _project(h: torch.Tensor, in_proj_weight: torch.Tensor, num_heads: int, rotation: Rotation):
     # The fused projection gives q, k, v as rows [0, D), [D, 2D), [2D, 3D); q and k get RoPE.
     q, k, v = F.linear(h, in_proj_weight).chunk(3, dim=-1)
@@ -90,6 +102,7 @@ def ring_attention(
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
     attend=F.scaled_dot_product_attention,
+    write_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention of ``ring_self_attention`` from projected q, k, v [B, H, T, head_dim]; returns
     [B, H, T, head_dim] (heads not merged)."""
@@ -105,8 +118,8 @@ def ring_attention(
         attended = attend(
             q, torch.cat([old_keys, k_seen], dim=2), torch.cat([old_values, v_seen], dim=2), attn_mask=mask
         )
-    write_ring(keys, k, start, key_scales)
-    write_ring(values, v, start, value_scales)
+    write_ring(keys, k, start, key_scales, index=write_index)
+    write_ring(values, v, start, value_scales, index=write_index)
     if not prefill:
         attended = attend(
             q, read_ring(keys, used_length, q.dtype, key_scales), read_ring(values, used_length, q.dtype, value_scales),

@@ -6,6 +6,20 @@ write and query, so one step serves a batch of conversations that started at dif
 
 Visibility follows the reference exactly, including its quirk: once a ring has wrapped, the oldest
 entry still stored is never attended to, so a query sees at most C-1 keys (see ``ring_visibility``).
+
+Two context policies, chosen per slot by its number of *pinned* positions P (``pinned`` [B]):
+
+- sliding (P = 0, the reference): position p lives at index ``p % C``; a query at q sees positions
+  ``q-C+2 .. q``. Once the context is full the system prompt slides out, and the persona with it.
+- pin-persona (P = the system prompt's frames): positions ``0..P-1`` stay at indices ``0..P-1`` for the
+  whole conversation; later positions slide through the other ``C-P`` indices, p at
+  ``P + (p-P) % (C-P)``. A query at q sees the P pinned positions and the conversation positions
+  ``q-(C-P)+2 .. q``: C-1 keys, as the reference once full. Rotary embeddings are relative, and the
+  model never saw a key farther than C-2 frames from its query, so the pinned keys are seen as if they
+  sat just before the oldest conversation key: their scores use the query rotated to position
+  ``min(q, C-2)`` instead of q (``pinned_query_positions``), which puts pinned key i at distance
+  ``min(q, C-2) - i <= C-2``. Before the context fills (q <= C-2) both policies store, see and rotate
+  exactly the same, so their tokens are identical.
 """
 
 from __future__ import annotations
@@ -32,9 +46,16 @@ def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return values.to(dtype) * scale.to(dtype)
 
 
-def ring_index(start: torch.Tensor, steps: int, capacity: int) -> torch.Tensor:
-    """Ring index [B, 1, T, 1] of positions ``start[b] + t``: shared by every layer's writes of a step."""
-    return ((start[:, None] + torch.arange(steps, device=start.device)) % capacity)[:, None, :, None]
+def ring_index(start: torch.Tensor, steps: int, capacity: int, pinned: torch.Tensor | None = None) -> torch.Tensor:
+    """Ring index [B, 1, T, 1] of positions ``start[b] + t``: shared by every layer's writes of a step.
+
+    pinned: [B] positions kept for the whole conversation (pin-persona; None or 0: sliding)."""
+    positions = start[:, None] + torch.arange(steps, device=start.device)
+    if pinned is None:
+        return (positions % capacity)[:, None, :, None]
+    first = pinned[:, None]
+    sliding = first + torch.remainder(positions - first, capacity - first)
+    return torch.where(positions < first, positions, sliding)[:, None, :, None]
 
 
 def write_ring(
@@ -74,26 +95,53 @@ def read_ring(ring: torch.Tensor, length: int | None, dtype: torch.dtype, scales
     return dequantize_fp8(used, scales[:, :, :length], dtype)
 
 
-def ring_positions(last: torch.Tensor, capacity: int) -> torch.Tensor:
+def ring_positions(last: torch.Tensor, capacity: int, pinned: torch.Tensor | None = None) -> torch.Tensor:
     """Absolute position held by each ring index, given the last position written per slot.
 
-    last: [B]; returns [B, C], negative where the index was never written.
+    last: [B]; pinned: [B] or None (see ``ring_index``); returns [B, C], negative where the index was
+    never written.
     """
     index = torch.arange(capacity, device=last.device)
-    return last[:, None] - torch.remainder(last[:, None] - index, capacity)
+    if pinned is None:
+        return last[:, None] - torch.remainder(last[:, None] - index, capacity)
+    first, last = pinned[:, None], last[:, None]
+    sliding = last - torch.remainder(last - index, capacity - first)
+    kept = torch.where(index <= last, index, -1)  # pinned indices hold their own position once written
+    return torch.where(index < first, kept, torch.where(sliding >= first, sliding, -1))
 
 
 def ring_visibility(
-    key_positions: torch.Tensor, query_positions: torch.Tensor, lowest_visible: torch.Tensor
+    key_positions: torch.Tensor, query_positions: torch.Tensor, lowest_visible: torch.Tensor,
+    pinned: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean attention mask [B, 1, T, C]: key p is visible to query q iff 0 <= p <= q and p >= lowest.
+    """Boolean attention mask [B, 1, T, C]: key p is visible to query q iff 0 <= p <= q and p >= lowest
+    (or p is pinned: p < ``pinned[b]``).
 
-    key_positions: [B, C] from ``ring_positions``; query_positions, lowest_visible: [B, T].
+    key_positions: [B, C] from ``ring_positions``; query_positions, lowest_visible: [B, T]; pinned: [B].
     """
     keys = key_positions[:, None, None, :]
     queries = query_positions[:, None, :, None]
-    lowest = lowest_visible[:, None, :, None]
-    return (keys >= 0) & (keys <= queries) & (keys >= lowest)
+    recent = keys >= lowest_visible[:, None, :, None]
+    if pinned is not None:
+        recent = recent | (keys < pinned[:, None, None, None])
+    return (keys >= 0) & (keys <= queries) & recent
+
+
+def lowest_visible(query_positions: torch.Tensor, capacity: int, pinned: torch.Tensor | None = None) -> torch.Tensor:
+    """Oldest conversation position [B, T] a query at ``query_positions`` [B, T] sees, one frame per call:
+    ``q - C + 2`` (the reference's C-1 keys) or, with P pinned positions, ``q - (C-P) + 2``."""
+    if pinned is None:
+        return query_positions - capacity + 2
+    return query_positions - (capacity - pinned[:, None]) + 2
+
+
+def pinned_query_positions(query_positions: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Positions [B, T] to rotate the queries to for their scores against pinned keys: ``min(q, C-2)``.
+
+    Pinned key i is then seen at distance ``min(q, C-2) - i``, never farther than the model was trained
+    on, right before the oldest conversation key a query sees once the context is full (module docstring).
+    """
+    return query_positions.clamp(max=capacity - 2)
 
 
 def reference_lowest_visible(last: torch.Tensor, steps: int, capacity: int) -> torch.Tensor:

@@ -1,26 +1,28 @@
-"""Fewer, larger kernels for the real-time step: its hot parts as plain functions that torch.compile fuses.
+"""The LM's temporal layer as functions of tensors, and the kernel sets that run them.
 
-Inside a CUDA graph a frame is still launch-bound at small batches: eager PyTorch runs one kernel per
-operation (~3,900 per frame, most of them tiny element-wise ops around the matmuls). The functions
-here are the same arithmetic as the eager modules, written as functions of tensors (not modules) so
-that one compiled version serves every layer; Inductor fuses their element-wise work (norms, RoPE,
-residual adds, the gated activation, FP8 quantisation, the sampling hash, the delayed token buffer's
-updates) into a few kernels.
+There is one implementation of a temporal layer (``TemporalTransformer.forward`` calls the functions
+here for every layer, whatever the number of frames); what varies is *which* version of each function
+runs, given explicitly as a ``StepKernels`` by whoever builds the step (``Generator(model, kernels)``,
+``Engine(..., kernels=)``). Nothing is stored as a mode on the shared model.
 
-The step's ring update and attention (``StepKernels.write_and_attend``) is, on a GPU with Triton, the
-split-K kernel of ``personaplex.layers.decode_attention``, which also stores this frame's key and
-value in the same launch: it reads FP8 bytes and their scales directly (no dequantised bf16 copy of
-the ring) and each slot only up to its own filled length; 2-3x faster than ``fp8_ring_attention``
-(two reductions over the ring), which computes the same. bf16 rings of more than two conversations
-stay with scaled-dot-product attention, faster there (``bench/decode_attention.py``).
+Kernel sets (``step_kernels``):
+- "eager": the functions as written, run by PyTorch op by op (CPU, tests, the reference arithmetic).
+- "triton": the same, except the single-frame ring update and attention, which is the split-K Triton
+  kernel of ``personaplex.layers.decode_attention`` (it stores this frame's key and value in the same
+  launch, reads FP8 bytes and their scales directly, and each slot only up to its own filled length;
+  on a CPU it runs in Triton's interpreter). Nothing is compiled: a GPU engine starts in seconds, its
+  CUDA graphs remove the launch overhead of the many small ops.
+- "compile": the "triton" set with the element-wise-heavy functions torch.compile'd (Inductor fuses
+  norms, RoPE, residual adds, the gated activation, FP8 quantisation, the sampling hash and the token
+  buffer's updates into a few kernels). Compiles at first use, which costs start-up time.
 
-Only single-frame steps use these (see ``StepKernels``); prefill and golden-parity paths stay eager.
-Run eagerly, each function computes what its module counterpart computes, which the tests check.
+Run eagerly, every function computes what the reference computes, which the tests check.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from ..layers.attention import merge_heads, split_heads
 from ..layers.decode_attention import decode_attention, decode_attention_available
-from ..layers.kv_ring import quantize_fp8, write_quantized, write_ring
+from ..layers.kv_ring import quantize_fp8, read_ring, write_quantized, write_ring
 from ..layers.rope import Rotation, apply_rope
 from .token_buffer import commit, write_given
 
@@ -91,6 +93,7 @@ def write_and_attend_reference(
     new: (k, v) [B, H, 1, D], or (k8, k_scale, v8, v_scale) quantised for FP8 rings; rings: (keys, values)
     [B, H, C, D], plus (key_scales, value_scales) for FP8; slots: the ``ring_index`` [B, 1, 1, 1] of this
     frame; write_at: the same as [B] int32; lengths: entries each slot has filled (only saves reading).
+    FP8 rings are read as a dequantised copy in q's dtype, as the reference attention over them.
     """
     if len(rings) == 2:
         (keys, values), (k, v) = rings, new
@@ -100,8 +103,8 @@ def write_and_attend_reference(
     (keys, values, key_scales, value_scales), (k8, k_scale, v8, v_scale) = rings, new
     write_quantized(keys, key_scales, k8, k_scale, None, index=slots)
     write_quantized(values, value_scales, v8, v_scale, None, index=slots)
-    return fp8_ring_attention(
-        q, keys[:, :, :used], key_scales[:, :, :used], values[:, :, :used], value_scales[:, :, :used], mask
+    return F.scaled_dot_product_attention(
+        q, read_ring(keys, used, q.dtype, key_scales), read_ring(values, used, q.dtype, value_scales), attn_mask=mask
     )
 
 
@@ -120,53 +123,58 @@ def gpu_write_and_attend(
     return decode_attention(q, keys, values, mask, lengths, *scales, new=new, write_at=write_at)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepKernels:
-    """The compiled hot functions one model's single-frame steps use (see ``LMModel.use_fused_step``)."""
+    """The functions one model's steps run, by role; see the module docstring for the sets."""
 
-    embed: Callable  # the sum of the 17 channel embeddings: ~100 tiny kernels eagerly
-    attention_input: Callable
-    attention_output_and_ffn: Callable
-    write_and_attend: Callable  # signature of ``write_and_attend_reference``
-    forward_depth: Callable
-    choose_tokens: Callable
+    name: str  # "eager", "triton" or "compile"
+    embed: Callable  # ``LMModel.embed``: the sum of the 17 channel embeddings (~100 tiny kernels eagerly)
+    attention_input: Callable  # ``attention_input``
+    attention_output_and_ffn: Callable  # ``attention_output_and_ffn``
+    write_and_attend: Callable  # one frame's ring update and attention: ``write_and_attend_reference``
+    forward_depth: Callable  # ``LMModel.forward_depth``
+    choose_tokens: Callable  # ``sampling.choose_tokens``
     write_given: Callable  # the token buffer's updates around the model (``token_buffer``)
     commit: Callable
 
+    @property
+    def reads_own_lengths(self) -> bool:
+        """Whether single-frame attention reads each slot only up to its own filled length (FP8 rings)."""
+        return self.write_and_attend is gpu_write_and_attend
 
-def compile_step_kernels(model) -> StepKernels:
-    """torch.compile the step's hot functions for ``model``; compilation happens at first use.
 
-    Batch sizes vary between steps (batch buckets), ring lengths too: both are compiled as dynamic
-    dimensions, so a handful of compilations serve every bucket. The attention over FP8 rings is the
-    Triton split-K kernel when the model lives on a GPU.
+KERNEL_SETS = ("eager", "triton", "compile")
+_compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def step_kernels(model, name: str = "eager") -> StepKernels:
+    """The kernel set ``name`` (``KERNEL_SETS``) for ``model``'s steps.
+
+    "triton" and "compile" need Triton (on a CPU its interpreter, ``TRITON_INTERPRET=1``); "compile"
+    needs a CUDA device. The compiled set is made once per model and shared by every engine over it
+    (torch.compile's cache is per function, so this only saves re-wrapping).
     """
     from .sampling import choose_tokens
 
-    def fused(fn: Callable) -> Callable:
-        return torch.compile(fn, fullgraph=True, dynamic=True)
+    if name not in KERNEL_SETS:
+        raise ValueError(f"kernel set must be one of {', '.join(KERNEL_SETS)}, got {name!r}")
+    if name != "eager" and not decode_attention_available():
+        raise ValueError(f"the {name!r} kernels need Triton, which is not installed")
+    attend = write_and_attend_reference if name == "eager" else gpu_write_and_attend
+    if name != "compile":
+        return StepKernels(
+            name, model.embed, attention_input, attention_output_and_ffn, attend, model.forward_depth,
+            choose_tokens, write_given, commit,
+        )
+    if model.device.type != "cuda":
+        raise ValueError("the 'compile' kernels need a CUDA device (Inductor's CPU code differs in rounding)")
+    if model not in _compiled:
+        def fused(fn: Callable) -> Callable:
+            # Batch sizes vary between steps (batch buckets), ring lengths too: dynamic dimensions.
+            return torch.compile(fn, fullgraph=True, dynamic=True)
 
-    return StepKernels(
-        embed=fused(model.embed),
-        attention_input=fused(attention_input),
-        attention_output_and_ffn=fused(attention_output_and_ffn),
-        write_and_attend=gpu_write_and_attend if on_gpu_with_triton(model) else write_and_attend_reference,
-        forward_depth=fused(model.forward_depth),
-        choose_tokens=fused(choose_tokens),
-        write_given=fused(write_given),
-        commit=fused(commit),
-    )
-
-
-def eager_step_kernels(model) -> StepKernels:
-    """The same functions uncompiled: the fused code path, run eagerly (tests, CPU)."""
-    from .sampling import choose_tokens
-
-    return StepKernels(
-        model.embed, attention_input, attention_output_and_ffn, write_and_attend_reference, model.forward_depth,
-        choose_tokens, write_given, commit,
-    )
-
-
-def on_gpu_with_triton(model) -> bool:
-    return model.text_emb.weight.is_cuda and decode_attention_available()
+        _compiled[model] = StepKernels(
+            name, fused(model.embed), fused(attention_input), fused(attention_output_and_ffn), attend,
+            fused(model.forward_depth), fused(choose_tokens), fused(write_given), fused(commit),
+        )
+    return _compiled[model]

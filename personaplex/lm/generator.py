@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused import StepKernels
+from .fused import StepKernels, step_kernels
 from .model import LMModel, LMState
-from .sampling import SamplingParams, choose_tokens
-from .token_buffer import CACHE_FRAMES, column_index, commit, prefill_block, write_given
+from .sampling import SamplingParams
+from .token_buffer import CACHE_FRAMES, column_index, prefill_block
 
 PREFILL_READ_ROUNDING = 256  # a prefill block reads the ring up to its last position rounded up to this
 
@@ -84,10 +84,15 @@ class SamplingSettings:
 
 
 class Generator:
-    """Steps a batch of conversations through an ``LMModel``."""
+    """Steps a batch of conversations through an ``LMModel`` with a given kernel set.
 
-    def __init__(self, model: LMModel):
+    kernels: the functions every step and prefill runs (``personaplex.lm.fused.step_kernels``); the
+    eager ones when None. Two generators over one model may use different sets side by side.
+    """
+
+    def __init__(self, model: LMModel, kernels: StepKernels | None = None):
         self.model = model
+        self.kernels = kernels or step_kernels(model)
         cfg = model.config
         self.config = cfg
         device = model.device
@@ -175,11 +180,12 @@ class Generator:
         counter = state.offset.clone()
         model_input = self._model_input(state)
         if input_embeddings is None:
-            kernels = self.model.step_kernels
-            embeddings = (kernels.embed if kernels is not None else self.model.embed)(model_input[:, None, :])
+            embeddings = self.kernels.embed(model_input[:, None, :])
         else:
             embeddings = input_embeddings[:, None, :].to(self.model.dtype)
-        transformer_out, text_logits = self.model.forward_temporal(embeddings, counter - 1, lm_state, used_length=used_length)
+        transformer_out, text_logits = self.model.forward_temporal(
+            embeddings, counter - 1, lm_state, used_length=used_length, kernels=self.kernels
+        )
         return TemporalOutput(counter, transformer_out[:, 0], text_logits[:, 0])
 
     def step_tokens(
@@ -190,12 +196,11 @@ class Generator:
         cfg = self.config
         depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
         counter, transformer_out, text_logits = temporal.counter, temporal.transformer_out, temporal.text_logits
-        kernels = self.model.step_kernels
-        target, target_forced = self._write_given(state, forced, kernels)
+        kernels = self.kernels
+        target, target_forced = self._write_given(state, forced)
 
         seed = sampling.seed if sampling is not None else None
-        choose = kernels.choose_tokens if kernels is not None else choose_tokens
-        forward_depth = kernels.forward_depth if kernels is not None else self.model.forward_depth
+        choose, forward_depth = kernels.choose_tokens, kernels.forward_depth
         chosen_text = choose(
             text_logits, sampling.text if sampling is not None else None, seed, counter, stream=0,
             max_top_k=sampling.max_text_top_k if sampling is not None else 1,
@@ -211,7 +216,7 @@ class Generator:
         # Codebooks the depformer skipped must be forced; the forced value stands.
         depth_tokens = torch.cat([depth.tokens, forced_audio[:, depth_steps:]], dim=1)
         chosen = torch.cat([text[:, None], depth_tokens], dim=1)
-        tokens, valid = self._commit(state, torch.where(target_forced, target, chosen), kernels)
+        tokens, valid = self._commit(state, torch.where(target_forced, target, chosen))
         return StepResult(tokens, valid, text_logits, depth.logits, transformer_out)
 
     def prefill(
@@ -239,6 +244,8 @@ class Generator:
         ``forward_temporal`` (same arguments: block, positions, lm_state, used_length), e.g. a CUDA graph.
         """
         steps = frames.shape[1]
+        # A prompt's positions lie inside the context, where both context policies are the same arithmetic.
+        lm_state = lm_state.without_pinning()
         # The bookkeeping runs on a host copy of the (small) token state, written back once: on a GPU its
         # tiny ops would cost more in launches than in work.
         host = host_state or GeneratorState(state.cache.cpu(), state.provided.cpu(), state.offset.cpu())
@@ -263,12 +270,15 @@ class Generator:
             if block.shape[1] <= 2:
                 for t in range(block.shape[1]):  # tiny remainders take the streaming path
                     self.model.forward_temporal(
-                        block[:, t : t + 1], start - 1 + first + t, lm_state, heads=False, used_length=used
+                        block[:, t : t + 1], start - 1 + first + t, lm_state, heads=False, used_length=used,
+                        kernels=self.kernels,
                     )
             elif temporal is not None:
                 temporal(block, start - 1 + first, lm_state, used)
             else:
-                self.model.forward_temporal(block, start - 1 + first, lm_state, heads=False, used_length=used)
+                self.model.forward_temporal(
+                    block, start - 1 + first, lm_state, heads=False, used_length=used, kernels=self.kernels
+                )
         return embeddings
 
     def _model_input(self, state: GeneratorState) -> torch.Tensor:
@@ -276,22 +286,16 @@ class Generator:
         there (delays are >= 0), so it can be read before or after ``_write_given``."""
         return state.cache.gather(2, column_index(state.offset - 1, state.cache.shape[1]))[..., 0]
 
-    def _write_given(
-        self, state: GeneratorState, forced: torch.Tensor, kernels: StepKernels | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _write_given(self, state: GeneratorState, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the given tokens, apply initial tokens; returns (target column [B, K], its forced flags [B, K])."""
         delays, initial = self._constants(state.offset.device)
-        write = kernels.write_given if kernels is not None else write_given
-        return write(state.cache, state.provided, state.offset, forced, delays, initial)
+        return self.kernels.write_given(state.cache, state.provided, state.offset, forced, delays, initial)
 
-    def _commit(
-        self, state: GeneratorState, column: torch.Tensor, kernels: StepKernels | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _commit(self, state: GeneratorState, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the completed column [B, K], read the frame complete at every delay, advance.
         Returns (tokens [B, K], -1 where not valid; valid [B])."""
         delays, _ = self._constants(state.offset.device)
-        store = kernels.commit if kernels is not None else commit
-        return store(state.cache, state.provided, state.offset, column, delays, self.config.max_delay)
+        return self.kernels.commit(state.cache, state.provided, state.offset, column, delays, self.config.max_delay)
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(delays [K], initial tokens [K]) on ``device``: the model's, or host copies for bookkeeping."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -9,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LMConfig
-from ..layers.attention import ring_attention, ring_self_attention
-from ..layers.kv_ring import ring_index, ring_positions, ring_visibility
+from ..layers.attention import pinned_math_attention, ring_attention
+from ..layers.kv_ring import lowest_visible, pinned_query_positions, ring_index, ring_positions, ring_visibility
 from ..layers.norm import RMSNorm
-from ..layers.rope import rotation_for
+from ..layers.rope import apply_rope, rotation_for
 from .fused import StepKernels
 
 
@@ -50,6 +51,10 @@ class TemporalLayer(nn.Module):
         self.gating = GatedFeedForward(config.dim, config.ffn_hidden)
 
 
+def _attend_pinned(q, k, v, attn_mask, *, q_pinned, pinned_keys):
+    return pinned_math_attention(q, q_pinned, k, v, attn_mask, pinned_keys)
+
+
 class TemporalTransformer(nn.Module):
     """The main transformer: one pass per frame over the summed token embeddings.
 
@@ -65,7 +70,7 @@ class TemporalTransformer(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         used_length: int | None = None, key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None,
-        kernels: StepKernels | None = None,
+        *, kernels: StepKernels, pinned: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: [B, T, dim] frames at absolute positions ``positions[b] + t`` (positions: [B]).
 
@@ -75,7 +80,9 @@ class TemporalTransformer(nn.Module):
         ring plus their own keys and are written after. ``used_length`` (<= C) may bound the ring
         entries read when every position written so far, this block's included, is below it.
         ``key_scales``/``value_scales`` ([layers, B, H, C, 1]): the rings are FP8 with per-vector scales.
-        ``kernels``: compiled functions for single-frame steps and prefill blocks (``personaplex.lm.fused``).
+        ``kernels``: which version of each layer function runs (``personaplex.lm.fused.step_kernels``).
+        ``pinned`` [B]: positions kept for the whole conversation per slot (pin-persona; 0: sliding), or None
+        when every slot slides; the rule is in ``personaplex.layers.kv_ring``.
         """
         cfg = self.config
         steps = x.shape[1]
@@ -83,72 +90,49 @@ class TemporalTransformer(nn.Module):
         if steps > capacity:
             raise ValueError(f"a block of {steps} frames exceeds the KV ring ({capacity}); split it")
         query_positions = positions[:, None] + torch.arange(steps, device=x.device)
-        lowest = query_positions - capacity + 2
+        lowest = lowest_visible(query_positions, capacity, pinned)
         prefill = steps > 2
         used = capacity if used_length is None else min(used_length, capacity)
         if prefill:
-            key_positions = torch.cat([ring_positions(positions - 1, capacity)[:, :used], query_positions], dim=1)
+            key_positions = torch.cat([ring_positions(positions - 1, capacity, pinned)[:, :used], query_positions], dim=1)
         else:
-            key_positions = ring_positions(query_positions[:, -1], capacity)[:, :used]
-        mask = ring_visibility(key_positions, query_positions, lowest)
+            key_positions = ring_positions(query_positions[:, -1], capacity, pinned)[:, :used]
+        mask = ring_visibility(key_positions, query_positions, lowest, pinned)
         rotation = rotation_for(query_positions, cfg.head_dim, cfg.max_period)
-        if kernels is not None and steps == 1:
-            return self._fused_step(kernels, x, positions, keys, values, used, key_scales, value_scales, mask, rotation)
-        if kernels is not None and prefill:
-            return self._fused_prefill(kernels, x, positions, keys, values, used, key_scales, value_scales, mask, rotation)
-        for index, layer in enumerate(self.layers):
-            attended = ring_self_attention(
-                layer.norm1(x), layer.self_attn.in_proj_weight, cfg.num_heads, rotation, positions,
-                keys[index], values[index], mask, prefill=prefill, used_length=used,
-                key_scales=None if key_scales is None else key_scales[index],
-                value_scales=None if value_scales is None else value_scales[index],
-            )
-            x = x + layer.self_attn.out_proj(attended)
-            x = x + layer.gating(layer.norm2(x))
-        return x
-
-    def _fused_step(
-        self, kernels: StepKernels, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-        used: int, key_scales: torch.Tensor | None, value_scales: torch.Tensor | None, mask: torch.Tensor,
-        rotation,
-    ) -> torch.Tensor:
-        """One frame through every layer with the compiled kernels: same arithmetic as the loop above."""
-        cfg = self.config
         fp8 = key_scales is not None
-        slots = ring_index(positions, 1, keys.shape[3])  # where this frame goes in every layer's rings
-        write_at = slots.view(-1).to(torch.int32)
-        # Ring entries each slot has filled (its own part is all it reads); the mask does the rest.
-        lengths = (positions + 1).clamp(max=used).to(torch.int32)
+        # One frame of sliding slots: the kernel set's fused ring update and attention.
+        single = steps == 1 and pinned is None
+        if single:
+            slots = ring_index(positions, 1, capacity)  # where this frame goes in every layer's rings
+            write_at = slots.view(-1).to(torch.int32)
+            # Ring entries each slot has filled (its own part is all a kernel need read); the mask does the rest.
+            lengths = (positions + 1).clamp(max=used).to(torch.int32)
+        write_index = None
+        if pinned is not None:
+            # Pin-persona: pinned keys are scored with the query rotated to min(q, C-2) (kv_ring's rule);
+            # rotating the already rotated query back by the difference is the same rotation.
+            back = rotation_for(pinned_query_positions(query_positions, capacity) - query_positions, cfg.head_dim,
+                                cfg.max_period)
+            pinned_keys = ((key_positions >= 0) & (key_positions < pinned[:, None]))[:, None, None, :]  # [B, 1, 1, K]
+            write_index = ring_index(positions, steps, capacity, pinned)
         for index, layer in enumerate(self.layers):
+            layer_scales = (key_scales[index], value_scales[index]) if fp8 else (None, None)
+            # A single frame's key and value are quantised with q (one fused kernel when compiled).
             new = kernels.attention_input(
                 x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.cos_sin,
-                key_scales.dtype if fp8 else None,
+                key_scales.dtype if fp8 and single else None,
             )
-            rings = (keys[index], values[index]) + ((key_scales[index], value_scales[index]) if fp8 else ())
-            attended = kernels.write_and_attend(new[0], new[1:], rings, slots, write_at, mask, lengths, used)
-            x = kernels.attention_output_and_ffn(
-                x, attended, layer.self_attn.out_proj.weight, layer.norm2.alpha, cfg.norm_eps,
-                layer.gating.linear_in.weight, layer.gating.linear_out.weight,
-            )
-        return x
-
-    def _fused_prefill(
-        self, kernels: StepKernels, x: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
-        values: torch.Tensor, used: int, key_scales: torch.Tensor | None, value_scales: torch.Tensor | None,
-        mask: torch.Tensor, rotation,
-    ) -> torch.Tensor:
-        """A prefill block with the compiled layer functions around the (eager) block attention: a join's
-        prefill blocks run between live ticks, and their cost is mostly kernel launches."""
-        cfg = self.config
-        for index, layer in enumerate(self.layers):
-            q, k, v = kernels.attention_input(
-                x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.cos_sin, None
-            )
-            attended = ring_attention(
-                q, k, v, positions, keys[index], values[index], mask, prefill=True, used_length=used,
-                key_scales=None if key_scales is None else key_scales[index],
-                value_scales=None if value_scales is None else value_scales[index],
-            )
+            if single:
+                rings = (keys[index], values[index]) + (layer_scales if fp8 else ())
+                attended = kernels.write_and_attend(new[0], new[1:], rings, slots, write_at, mask, lengths, used)
+            else:
+                attend = F.scaled_dot_product_attention
+                if pinned is not None:
+                    attend = functools.partial(_attend_pinned, q_pinned=apply_rope(new[0], back), pinned_keys=pinned_keys)
+                attended = ring_attention(
+                    *new, positions, keys[index], values[index], mask, prefill=prefill, used_length=used,
+                    key_scales=layer_scales[0], value_scales=layer_scales[1], attend=attend, write_index=write_index,
+                )
             x = kernels.attention_output_and_ffn(
                 x, attended, layer.self_attn.out_proj.weight, layer.norm2.alpha, cfg.norm_eps,
                 layer.gating.linear_in.weight, layer.gating.linear_out.weight,

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import LMConfig
 from ..layers.norm import RMSNorm
 from .depformer import DepthTransformer
-from .fused import StepKernels, compile_step_kernels, eager_step_kernels
+from .fused import StepKernels, step_kernels
 from .layers import TemporalTransformer
 from .sampling import SamplingParams, choose_tokens
 
@@ -24,13 +24,16 @@ class LMState:
     """KV rings of the temporal transformer for a batch of slots: [layers, B, heads, context, head_dim].
 
     With FP8 rings, ``key_scales``/``value_scales`` [layers, B, heads, context, 1] hold the scale of
-    each stored vector.
+    each stored vector. ``pinned`` [B] int64: positions each slot keeps for the whole conversation (its
+    system prompt, under the pin-persona context policy; 0 slides as the reference), or None when no
+    slot pins (see ``personaplex.layers.kv_ring``).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     key_scales: torch.Tensor | None = None
     value_scales: torch.Tensor | None = None
+    pinned: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -41,7 +44,15 @@ class LMState:
         def part(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[:, first:stop]
 
-        return LMState(part(self.keys), part(self.values), part(self.key_scales), part(self.value_scales))
+        pinned = None if self.pinned is None else self.pinned[first:stop]
+        return LMState(part(self.keys), part(self.values), part(self.key_scales), part(self.value_scales), pinned)
+
+    def without_pinning(self) -> "LMState":
+        """The same rings read as sliding for every slot (faster, when no slot pins); this very state when
+        nothing pins (callers may recognise their state by identity)."""
+        if self.pinned is None:
+            return self
+        return LMState(self.keys, self.values, self.key_scales, self.value_scales)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.key_scales, self.value_scales) if t is not None]
@@ -71,22 +82,6 @@ class LMModel(nn.Module):
         )
         self.depformer = DepthTransformer(cfg)
         self.linears = nn.ModuleList(nn.Linear(cfg.depformer_dim, cfg.card, bias=False) for _ in range(cfg.dep_q))
-        # Compiled kernels for single-frame steps, when enabled (``use_fused_step``).
-        self.step_kernels: StepKernels | None = None
-        self._compiled_kernels: StepKernels | None = None
-
-    def use_fused_step(self, mode: str | None) -> None:
-        """Single-frame steps through fused kernels: "compile" (torch.compile, for CUDA), "eager" (the same
-        functions uncompiled: tests) or None (the module code, the default)."""
-        if mode not in (None, "eager", "compile"):
-            raise ValueError(f"fused step mode must be None, 'eager' or 'compile', got {mode!r}")
-        if mode == "compile":
-            # Compiled once per model: every engine over it reuses the compiled code (minutes to build).
-            if self._compiled_kernels is None:
-                self._compiled_kernels = compile_step_kernels(self)
-            self.step_kernels = self._compiled_kernels
-        else:
-            self.step_kernels = None if mode is None else eager_step_kernels(self)
 
     @property
     def device(self) -> torch.device:
@@ -137,17 +132,18 @@ class LMModel(nn.Module):
 
     def forward_temporal(
         self, embeddings: torch.Tensor, positions: torch.Tensor, state: LMState, *, heads: bool = True,
-        used_length: int | None = None,
+        used_length: int | None = None, kernels: StepKernels | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Run the temporal transformer on embeddings [B, T, dim] at positions [B] (+t).
 
         Returns (transformer_out after out_norm [B, T, dim], text logits [B, T, text_card]); with
         ``heads=False`` only the KV rings are updated (prefill, whose outputs are discarded).
-        ``used_length``: see ``TemporalTransformer.forward``.
+        ``used_length``: see ``TemporalTransformer.forward``. ``kernels``: the functions the layers run
+        (``personaplex.lm.fused.step_kernels``), the eager ones if None.
         """
         x = self.transformer(
             embeddings, positions, state.keys, state.values, used_length, state.key_scales, state.value_scales,
-            kernels=self.step_kernels,
+            kernels=kernels or step_kernels(self), pinned=state.pinned,
         )
         if not heads:
             return None

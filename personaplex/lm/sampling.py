@@ -84,8 +84,10 @@ def choose_tokens(
     Greedy (argmax, first index on ties) where ``params`` is None or a slot's temperature is <= 0.
     Otherwise sample from softmax(logits / T) restricted to that slot's top-k. ``max_top_k`` bounds the
     per-slot top-k (a static shape, so the step can be graph-captured). ``rank_top_k``: find each row's
-    top-k by pairwise ranking rather than ``topk`` (same draws); by default on a GPU for rows of up to
-    ``RANK_MAX_VOCAB`` entries, where it saves a sort per row; on a CPU the sort is the cheaper one.
+    top-k by pairwise ranking rather than ``topk`` (same draws); by default when compiled for a GPU, for
+    rows of up to ``RANK_MAX_VOCAB`` entries, where it fuses into one reduction and saves a sort per row.
+    Uncompiled (the CPU, the GPU's "triton" kernel set) the sort is the cheaper one: ranking eagerly
+    materialises [B, 256, V] comparisons per chunk.
     """
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
@@ -97,7 +99,7 @@ def choose_tokens(
     temperature = params.temperature.clamp(min=1e-6)[:, None]
     probs = torch.softmax(logits / temperature, dim=-1)
     if rank_top_k is None:
-        rank_top_k = logits.is_cuda and vocab <= RANK_MAX_VOCAB
+        rank_top_k = logits.is_cuda and vocab <= RANK_MAX_VOCAB and torch.compiler.is_compiling()
     if rank_top_k:  # keep every entry, zero those outside the top-k: no sort
         ids = torch.arange(vocab, device=logits.device).expand(batch, vocab)
         kept = torch.where(rank_in_row(probs) < top_k, probs, torch.zeros_like(probs))

@@ -3,7 +3,7 @@
 | route | what |
 | --- | --- |
 | ``GET /api/chat`` | the WebSocket conversation protocol (``chat_protocol.py``) |
-| ``GET /api/health`` | JSON: ``ok``, model, slots busy/free, queue length (never needs the token) |
+| ``GET /api/health`` | JSON: ``ok``, model (``untrained``: the demo model), slots busy/free, queue length (never needs the token) |
 | ``GET /api/voices`` | JSON: the voice presets (``{"voices": [...], "default": ..., "upload": bool}``) |
 | ``POST /api/voices`` | body: an audio file (wav/flac/ogg/mp3), only with ``--allow-voice-upload``; returns ``{"voice": "upload-..."}`` to pass as ``voice_prompt`` |
 | ``GET /metrics`` | Prometheus text format |
@@ -220,7 +220,8 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
 
     async def health(request: web.Request) -> web.Response:
         load = hub.load()
-        return web.json_response({"ok": hub.accepting, "model": hub.describe()["model"], **load})
+        model = hub.describe()
+        return web.json_response({"ok": hub.accepting, "model": model["model"], "untrained": model["untrained"], **load})
 
     async def voices(request: web.Request) -> web.Response:
         return web.json_response({"voices": hub.voices(), "default": hub.options.default_voice,

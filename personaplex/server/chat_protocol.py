@@ -199,9 +199,10 @@ class ChatSession:
                 CLOSE_TRY_AGAIN if isinstance(error, HubBusy) else CLOSE_GOING_AWAY
             return await self.fail(str(error), code)
         conversation = self.conversation
+        limit = conversation.max_frames
         started = {
             "conversation_id": conversation.id, "slot": conversation.slot,
-            "max_conversation_seconds": round(conversation.max_frames * 0.08, 2),
+            "max_conversation_seconds": None if limit is None else round(limit * 0.08, 2),  # None: no limit
             "cached_persona": conversation.cached_persona, "queue_position": None,
         }
         if not (await self._try_send(bytes([KIND_HANDSHAKE]))

@@ -18,12 +18,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import startup
 from ..errors import PersonaplexError
-from .app import DEFAULT_STATIC, SESSIONS_KEY, build_app
-from .connections import ConnectionGuard, quiet_accept_errors
 from .limits import ServerLimits, add_limit_arguments, default_max_connections, limits_from_args
-from .listener import GuardedSite
-from .opus_pool import OpusEncoderPool
+
+# The built-in web page (the same folder as app.DEFAULT_STATIC). The server's modules (aiohttp, the engine,
+# torch) are imported only when it starts, so that --help and argument errors answer at once.
+DEFAULT_STATIC = Path(__file__).parent / "static"
 
 log = logging.getLogger("personaplex.server")
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -155,8 +156,8 @@ class RunningServer:
     site: object
     port: int
     url: str
-    encoders: OpusEncoderPool | None = None
-    guard: ConnectionGuard | None = None
+    encoders: object | None = None  # an opus_pool.OpusEncoderPool
+    guard: object | None = None  # a connections.ConnectionGuard
 
 
 async def start_server(hub, *, host: str = "localhost", port: int = 0, static_dir: Path | None = DEFAULT_STATIC,
@@ -167,6 +168,11 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
     0.0.0.0 / ::). ``opus_workers``: processes that encode the agent's audio (0: this process does).
     ``limits``: timeouts, connection cap, Origin allow-list (``limits.py``; default: the flags' defaults)."""
     from aiohttp import web
+
+    from .app import build_app
+    from .connections import ConnectionGuard, quiet_accept_errors
+    from .listener import GuardedSite
+    from .opus_pool import OpusEncoderPool
 
     limits = limits or ServerLimits()
     quiet_accept_errors(asyncio.get_running_loop())
@@ -198,6 +204,8 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
 
 async def stop_server(server: RunningServer, hub, reason: str = "the server is shutting down") -> None:
     """Graceful stop: no new connections, every conversation ended with ``reason``, handlers finished."""
+    from .app import SESSIONS_KEY
+
     await server.site.stop()
     await hub.close(reason)
     sessions = server.runner.app[SESSIONS_KEY]
@@ -217,6 +225,7 @@ async def serve(hub, **options) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     info = hub.describe()
+    startup.report("ready to serve, since the process started", startup.seconds_since_process_start())
     print(f"personaplex server ready: model {info['model']}, {info['slots']} conversation slots, "
           f"queue {info['max_queue']}", flush=True)
     print(f"Access the Web UI directly at {server.url}", flush=True)

@@ -46,9 +46,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import startup
 from ..config import FRAME_RATE, FRAME_SIZE
 from ..engine import SamplingConfig
 from ..errors import PersonaplexError
+from ..text import SpokenText
 from .jitter import InputJitterBuffer
 from .metrics import HubMetrics
 from .persona_builds import BuildsBusy, BuildsClosed, PersonaBuilds
@@ -103,7 +105,9 @@ class HubOptions:
 
     max_conversations: int = 4  # engine slots
     max_queue: int = 16  # conversations allowed to wait for a slot
-    max_conversation_seconds: float | None = None  # None: as long as the context leaves after the prompt
+    # None: no limit. Past the model's context the KV rings slide (each new frame evicts the oldest), as
+    # in the reference, so a conversation lasts as long as its caller stays.
+    max_conversation_seconds: float | None = None
     tick_seconds: float = TICK_SECONDS  # 0: step as fast as possible (tests, offline-like use)
     input_timeout_seconds: float | None = 10.0  # end a conversation whose client sent no audio for this long
     jitter_buffer_seconds: float = 1.0  # user audio buffered at most; older audio is dropped past it
@@ -132,12 +136,14 @@ class Conversation:
         self.front_end = front_end
         self.end_reason: str | None = None
         self.input_timeout = input_timeout
-        self.max_frames = 0  # set when the slot is granted
+        self.max_frames: int | None = None  # agent frames at most (None: no limit); set when the slot is granted
         self.frames_sent = 0  # agent frames queued for the front end so far
         self.prompt_frames = 0
         self.cached_persona = False
         self._engine_frames = 0  # frames stepped (engine thread)
+        self._frames_counter = hub.metrics.agent_frames.labels(front_end=front_end)
         self._dropped_counted = 0  # input samples dropped and already counted in the metrics (engine thread)
+        self._spoken = SpokenText(hub.model.tokenizer)  # byte-fallback pieces -> characters (engine thread)
         self._hub = hub
         self._input = InputJitterBuffer(FRAME_SIZE, max(1, round(hub.options.jitter_buffer_seconds * FRAME_RATE)))
         self._output: deque[AgentFrame] = deque()
@@ -306,12 +312,15 @@ class ConversationHub:
             if value < low:
                 raise UsageError(f"{flag} must be at least {low}")
         # The same loading as the offline tool: device, --quantize, --cpu-offload, with its advice printed.
-        model = load_model_for_args(args, resolve_model_assets(args), slots=getattr(args, "max_conversations", None) or 1)
+        with startup.phase("load model (read weights, build)", announce=True):
+            slots = getattr(args, "max_conversations", None) or 1
+            model = load_model_for_args(args, resolve_model_assets(args), slots=slots)
         if getattr(args, "max_conversations", None) is None:
             from ..engine import slots_that_fit
 
             options.max_conversations = min(64, slots_that_fit(model.lm, model.mimi, options.kv_dtype))
-        return cls(model, options)
+        with startup.phase(f"engine state for {options.max_conversations} slots"):
+            return cls(model, options)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -327,7 +336,7 @@ class ConversationHub:
         started = time.perf_counter()
         captured = await asyncio.to_thread(self.engine.capture_graphs)  # no capture pauses once callers talk
         if captured:
-            log.info("captured %d CUDA graphs in %.1f s", captured, time.perf_counter() - started)
+            startup.report("all CUDA graphs", time.perf_counter() - started, f"{captured} graphs")
         await asyncio.to_thread(self._warm_up_join)
         self._closed = False
         self._stopping.clear()
@@ -343,7 +352,7 @@ class ConversationHub:
         except PersonaError as exc:
             log.warning("no warm-up join (%s): the first join pays its one-time costs", exc)
             return
-        log.info("warm-up join of the default persona in %.1f s", time.perf_counter() - started)
+        startup.report("warm-up join of the default persona", time.perf_counter() - started)
 
     async def close(self, reason: str = "the server is shutting down") -> None:
         """Graceful shutdown: refuse new conversations, end waiting and live ones with ``reason``, stop
@@ -374,7 +383,8 @@ class ConversationHub:
             "untrained": bool(getattr(self.model, "untrained", False)),
             "slots": self.engine.max_slots,
             "max_queue": o.max_queue,
-            "max_conversation_seconds": o.max_conversation_seconds or self._context_seconds(),
+            "max_conversation_seconds": o.max_conversation_seconds or None,  # None: no limit
+            "context_seconds": self._context_seconds(),
             "input_timeout_seconds": o.input_timeout_seconds,
             "voice_upload": o.allow_voice_upload,
             "frame_ms": 80,
@@ -492,6 +502,8 @@ class ConversationHub:
 
     def _conversation_ended(self, conversation: Conversation, reason: str) -> None:
         self.metrics.ended.labels(reason=_reason_label(reason)).inc()
+        if conversation._engine_frames:
+            self.metrics.conversation_seconds.observe(conversation._engine_frames / FRAME_RATE)
         if conversation in self._admitted:
             self._admitted.discard(conversation)
             self._commands.put(_Leave(conversation))
@@ -769,9 +781,8 @@ class ConversationHub:
             slot = free[0]
             conversation.slot = slot
             prompt = command.prompt
-            room = self.model.lm.config.context - 1 - prompt.num_steps
             limit = self.options.max_conversation_seconds
-            conversation.max_frames = min(room, int(limit * FRAME_RATE)) if limit else room
+            conversation.max_frames = max(1, int(limit * FRAME_RATE)) if limit else None
             conversation.prompt_frames = prompt.num_steps
             try:
                 cached = engine.begin_join(slot, slot + 1, prompt, command.sampling)
@@ -821,7 +832,6 @@ class ConversationHub:
         self._loop.call_soon_threadsafe(_resolve, conversation._joined)
 
     def _tick(self, pcm) -> None:
-        tokenizer = self.model.tokenizer
         # Per-conversation work below touches numpy only: every torch call releases the GIL, and winning
         # it back from a busy event loop costs up to a switch interval (5 ms) each (bench/hub_tick.py).
         pcm_host = pcm.numpy()
@@ -848,13 +858,14 @@ class ConversationHub:
         deliveries = []
         for slot, conversation in list(self._live.items()):
             token = text_tokens[slot]
-            deliveries.append((conversation, AgentFrame(agent_pcm[slot].copy(), tokenizer.spoken_text(token) or None)))
+            deliveries.append((conversation, AgentFrame(agent_pcm[slot].copy(), conversation._spoken.push(token) or None)))
             conversation._engine_frames += 1
+            conversation._frames_counter.inc()
         # One wake-up of the event loop per tick, whatever the number of conversations; the frames go out
         # before the end notices queued after them.
         self._loop.call_soon_threadsafe(_deliver_all, deliveries)
         for conversation, _ in deliveries:
-            if conversation._engine_frames >= conversation.max_frames:
+            if conversation.max_frames is not None and conversation._engine_frames >= conversation.max_frames:
                 seconds = conversation.max_frames / FRAME_RATE
                 self._end_from_engine(conversation, f"the conversation reached its maximum length ({seconds:.0f} s)")
 

@@ -14,6 +14,8 @@ disable_created_metrics()  # the *_created series double the output and say noth
 PREFIX = "personaplex"
 # Tick durations around the 80 ms budget, finer below it.
 TICK_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15, 0.2, 0.5, 1.0)
+# Conversation lengths: around the 4-minute context of PersonaPlex-7B, up to support-call lengths.
+CONVERSATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 240.0, 300.0, 600.0, 900.0, 1200.0, 1800.0, 3600.0)
 JOIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -29,6 +31,10 @@ class HubMetrics:
         self.queued = Gauge(f"{PREFIX}_conversations_queued", "Conversations waiting for a free slot", registry=r)
         self.sessions = Counter(f"{PREFIX}_sessions", "Conversations opened, per front end", ["front_end"],
                                 registry=r)
+        # Every frame the engine stepped for a conversation (one per tick while it is live): what a client
+        # should have received, whatever the machine's speed (a slow machine skips ticks, see skipped_ticks).
+        self.agent_frames = Counter(f"{PREFIX}_agent_frames", "Agent frames (80 ms) stepped for conversations, "
+                                    "per front end", ["front_end"], registry=r)
         self.ended = Counter(f"{PREFIX}_conversations_ended", "Conversations ended, per reason", ["reason"],
                              registry=r)
         self.refused = Counter(f"{PREFIX}_conversations_refused", "Conversations refused because the queue was full",
@@ -42,6 +48,9 @@ class HubMetrics:
                                      "Tick times dropped because the engine fell more than one tick behind", registry=r)
         self.join_seconds = Histogram(f"{PREFIX}_join_seconds", "From a slot being granted to the persona applied",
                                       buckets=JOIN_BUCKETS, registry=r)
+        self.conversation_seconds = Histogram(
+            f"{PREFIX}_conversation_seconds", "Length of ended conversations (agent frames stepped, in seconds)",
+            buckets=CONVERSATION_BUCKETS, registry=r)
         self.input_dropped = Counter(f"{PREFIX}_input_dropped_seconds",
                                      "User audio dropped because a client sent faster than real time", registry=r)
         self.input_underruns = Counter(f"{PREFIX}_input_underrun_frames",

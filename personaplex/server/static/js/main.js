@@ -55,6 +55,24 @@ function notify(id, text, level = "error") {
   debug.notices = notices.map((notice) => ({ id: notice.dataset.notice, text: notice.textContent }));
 }
 
+// The demo model babbles by design: a visitor must not take that for a broken server.
+const DEMO_MODEL_TEXT =
+  "This server runs the built-in demo model: random, untrained weights. It answers with noise, not words; " +
+  "start the server without --model demo to talk to PersonaPlex.";
+
+function showModelNotice(info) {
+  if (info?.untrained === true) notify("demo-model", DEMO_MODEL_TEXT, "info");
+}
+
+async function checkServerModel() {
+  try {
+    const response = await fetch("api/health", { cache: "no-store" });
+    if (response.ok) showModelNotice(await response.json());
+  } catch {
+    // a server without /api/health (the reference server) says nothing about its model here
+  }
+}
+
 function clearNotice(id) {
   document.querySelector(`[data-notice="${id}"]`)?.remove();
   debug.notices = debug.notices.filter((notice) => notice.id !== id);
@@ -262,7 +280,7 @@ async function startConversation(event) {
     return;
   }
   saveSettings();
-  for (const id of ["connection", "server-error", "mic", "upload"]) clearNotice(id);
+  for (const id of ["connection", "server-error", "mic", "upload", "behind"]) clearNotice(id);
   setBusy(true);
   setStatus("starting", "Starting audio…");
   try {
@@ -496,6 +514,7 @@ function showMetadata(metadata) {
     setStatus("waiting", position > 0 ? `Waiting, position ${position}` : "Joining…");
   }
   serverInfo = { ...serverInfo, ...metadata };
+  showModelNotice(metadata);
   serverLimits.maxSeconds = maxConversationSeconds(serverInfo);
   const info = $("server-info");
   info.replaceChildren();
@@ -520,6 +539,24 @@ function meterLevel(peak) {
 function formatSeconds(seconds) {
   const minutes = Math.floor(seconds / 60);
   return `${minutes}:${(seconds - minutes * 60).toFixed(1).padStart(4, "0")}`;
+}
+
+// Past these, the conversation no longer feels live: say so (once per conversation, kept up to date).
+const BEHIND_LATENCY_SECONDS = 1.5;
+const BEHIND_UNDERRUNS = 5;
+
+/** A notice when the server falls behind real time: the round trip grows, or the agent's audio keeps running dry. */
+function watchRealTime(playback) {
+  const latency = latencyEstimate ?? 0;
+  const underruns = playback.underruns ?? 0;
+  if (!session || (latency < BEHIND_LATENCY_SECONDS && underruns < BEHIND_UNDERRUNS)) return;
+  notify(
+    "behind",
+    `The server is falling behind real time: replies arrive about ${latency.toFixed(1)} s after you speak and the ` +
+      `agent's audio ran dry ${underruns} time${underruns === 1 ? "" : "s"}. It may be overloaded (too many ` +
+      "conversations, or a model too large for its hardware).",
+    "warning",
+  );
 }
 
 function renderStats() {
@@ -547,6 +584,7 @@ function renderStats() {
     stat("latency", `${Math.round(latencyEstimate * 1000)} ms`);
     debug.stats.latencySeconds = latencyEstimate;
   }
+  watchRealTime(playback);
   if (serverLimits.maxSeconds && session?.handshakeAt) {
     const left = serverLimits.maxSeconds - (performance.now() - session.handshakeAt) / 1000;
     stat("remaining", formatSeconds(Math.max(0, left)));
@@ -578,7 +616,7 @@ function init() {
   } else {
     watchMicrophonePermission();
   }
-  refreshVoices().finally(() => {
+  Promise.allSettled([refreshVoices(), checkServerModel()]).finally(() => {
     document.body.dataset.ready = "true";
   });
 }
