@@ -20,6 +20,7 @@ import torch
 
 from .config import FRAME_RATE, LMConfig
 from .errors import PersonaplexError
+from .lm.token_buffer import cache_columns
 
 SAVED_VOICE_SUFFIXES = (".pt", ".safetensors")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
@@ -79,8 +80,9 @@ def load_saved_voice(path: str | Path, config: LMConfig) -> SavedVoice:
             f"{path}: embeddings have shape {list(embeddings.shape)}, expected [frames, 1, 1, {config.dim}] "
             "for this model; was the voice made for another model size?"
         )
-    if tuple(cache.shape) != (1, config.num_channels, 4):
-        raise VoicePromptError(f"{path}: cache has shape {list(cache.shape)}, expected [1, {config.num_channels}, 4]")
+    expected = [1, config.num_channels, cache_columns(config.max_delay)]
+    if list(cache.shape) != expected:
+        raise VoicePromptError(f"{path}: cache has shape {list(cache.shape)}, expected {expected}")
     return SavedVoice(embeddings[:, 0, 0].clone(), cache[0].to(torch.long).clone())
 
 
