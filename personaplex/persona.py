@@ -42,7 +42,7 @@ class SavedVoice:
     """A voice prompt as saved input embeddings (reference ``.pt`` layout).
 
     embeddings: [N-1, dim] summed input embeddings of voice steps 1..N-1;
-    cache: [channels, 4] the generator token buffer after the voice phase.
+    cache: [channels, max_delay + 3] the generator token buffer after the voice phase.
     """
 
     embeddings: torch.Tensor
@@ -337,7 +337,7 @@ def record_voice(generator, lm_state_factory, codes: torch.Tensor) -> SavedVoice
 
 def save_voice_file(voice: SavedVoice, path: str | Path, *, model_name: str, source: str) -> Path:
     """Write a voice as safetensors in the reference tensor layout (embeddings [N-1, 1, 1, dim], cache
-    [1, channels, 4]) with metadata naming the model it was made for."""
+    [1, channels, max_delay + 3]) with metadata naming the model it was made for."""
     from safetensors.torch import save_file
 
     path = Path(path)

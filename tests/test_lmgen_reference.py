@@ -63,7 +63,8 @@ class ReferenceStep:
         sampled_text = int(text_logits[0, 0].float().argmax())
         text = target[0] if forced[0] else sampled_text
         forced_audio = torch.tensor([[t if f else -1 for t, f in zip(target[1:], forced[1:])]])
-        audio = self.model.forward_depth(out[:, 0], torch.tensor([text]), forced_audio, self.model.config.dep_q).tokens[0]
+        depth = self.model.forward_depth(out[:, 0], torch.tensor([text]), forced_audio, self.model.config.dep_q)
+        audio = depth.tokens[0]  # every codebook the depth transformer has, the user's included
         for k in range(len(self.delays)):
             self.provided[k][(o - 1) % C] = False
         chosen = [sampled_text] + audio.tolist()
@@ -175,3 +176,20 @@ def test_free_user_stream_is_predicted_like_the_reference(pattern):
             agent_only = generator.step(gen_state, lm_state, free[:1], depth_steps=config.agent_codebooks)
     user = slice(1 + config.agent_codebooks, config.num_channels)
     assert (agent_only.tokens[0, :user.start] >= 0).all() and (agent_only.tokens[0, user] == -1).all()
+
+
+def test_voice_files_carry_the_token_buffer_of_the_delay_pattern(tmp_path):
+    """A saved voice's token buffer has the model's max_delay + 3 columns; one made for another pattern
+    is refused with the shapes named."""
+    from safetensors.torch import save_file
+
+    from personaplex.persona import VoicePromptError, load_saved_voice
+
+    config = dataclasses.replace(TINY_LM, delays=PATTERNS["mixed up to 3"])
+    embeddings = torch.zeros(4, 1, 1, config.dim)
+    for name, columns in (("ok", 6), ("bad", 4)):
+        cache = torch.zeros(1, 17, columns, dtype=torch.long)
+        save_file({"embeddings": embeddings, "cache": cache}, str(tmp_path / f"{name}.safetensors"))
+    assert load_saved_voice(tmp_path / "ok.safetensors", config).cache.shape == (17, 6)
+    with pytest.raises(VoicePromptError, match=r"cache has shape \[1, 17, 4\], expected \[1, 17, 6\]"):
+        load_saved_voice(tmp_path / "bad.safetensors", config)
