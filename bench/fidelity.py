@@ -263,6 +263,7 @@ def main() -> None:
                 print(f"{name}: not run ({problem})", flush=True)
                 continue
             if spec.dtype not in loaded:
+                lm = None
                 loaded.clear()  # one model on the device at a time
                 gc.collect()
                 if cuda:
