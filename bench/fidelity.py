@@ -2,7 +2,7 @@
 
     python bench/fidelity.py                                  # GPU: random 7B weights in the real layout
     python bench/fidelity.py --checkpoint /path/lm.safetensors --steps 400
-    TRITON_INTERPRET=1 python bench/fidelity.py --preset tiny --device cpu --steps 8   # CPU dry run, seconds
+    python bench/fidelity.py --preset tiny --device cpu --steps 8   # CPU dry run (~30 s of CPU time)
 
 One checkpoint (random bf16 weights in the real layout, written once to ``--checkpoint``, or your own
 file) goes through each path: the persona prompt (a random 10 s voice and 60 text tokens), then
