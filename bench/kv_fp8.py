@@ -52,7 +52,9 @@ def main() -> None:
             apply_system_prompt(generator, gen_state, lm_state, prompt.frames, None)
             text, audio = [], []
             for frame in forced.to(device):
-                result = generator.step(gen_state, lm_state, frame[None], return_audio_logits=True)
+                result = generator.step(
+                    gen_state, lm_state, frame[None], depth_steps=preset.lm.agent_codebooks, return_audio_logits=True
+                )
                 text.append(result.text_logits[0].float().cpu())
                 audio.append(result.audio_logits[0].float().argmax(-1).cpu())
             results[kv] = (torch.stack(text), torch.stack(audio))

@@ -134,11 +134,14 @@ def main() -> None:
         seed=torch.tensor([1234], device=device),
     )
 
+    # The user's codes are forced, as in the engine, which then computes only the agent's codebooks.
+    depth = preset.lm.agent_codebooks
+
     def lm_step_greedy():
-        return generator.step(gen_state, lm_state, user)
+        return generator.step(gen_state, lm_state, user, depth_steps=depth)
 
     def lm_step_sampled():
-        return generator.step(gen_state, lm_state, user, sampling=sampling)
+        return generator.step(gen_state, lm_state, user, depth_steps=depth, sampling=sampling)
 
     agent = slice(1, 1 + preset.lm.agent_codebooks)
 
@@ -146,7 +149,7 @@ def main() -> None:
         """User audio in -> (17 tokens, agent audio out), all on the device."""
         codes = mimi.encode_frame(pcm_in, enc)
         forced = torch.cat([user[:, :agent.stop], codes], dim=1)
-        result = generator.step(gen_state, lm_state, forced, sampling=sampling)
+        result = generator.step(gen_state, lm_state, forced, depth_steps=depth, sampling=sampling)
         return result.tokens, mimi.decode_frame(result.tokens[:, agent], dec)
 
     def full_frame():
@@ -178,7 +181,8 @@ def main() -> None:
             state_tensors = gen_state.tensors() + enc.tensors() + dec.tensors()
             t0 = time.perf_counter()
             graphed_lm = CapturedStep(
-                lambda forced: generator.step(gen_state, lm_state, forced, sampling=sampling), {"forced": user}, gen_state.tensors()
+                lambda forced: generator.step(gen_state, lm_state, forced, depth_steps=depth, sampling=sampling),
+                {"forced": user}, gen_state.tensors(),
             )
             graphed_frame = CapturedStep(frame_on_device, {"pcm_in": pcm}, state_tensors)
             print(f"CUDA graph capture of the LM step and of the whole frame: {time.perf_counter() - t0:.1f} s")

@@ -134,7 +134,9 @@ def teacher_forced(lm, preset, steps: int) -> torch.Tensor:
             forced = torch.randint(0, preset.lm.card, (1, preset.lm.num_channels), generator=draw)
             forced[:, 0] = torch.randint(0, preset.lm.text_card, (1,), generator=draw)
             forced = forced.to(lm.device)
-            result = generator.step(gen_state, lm_state, forced, return_audio_logits=True)
+            result = generator.step(
+                gen_state, lm_state, forced, depth_steps=lm.config.agent_codebooks, return_audio_logits=True
+            )
             outputs += [result.text_logits.float().flatten().cpu(), result.audio_logits.float().flatten().cpu()]
     return torch.cat(outputs)
 

@@ -172,7 +172,9 @@ def teacher_forced(lm, prompt, forced, cuda):
         apply_system_prompt(generator, gen_state, lm_state, prompt.frames, None)
 
         def step(frame):
-            result = generator.step(gen_state, lm_state, frame, return_audio_logits=True)
+            result = generator.step(
+                gen_state, lm_state, frame, depth_steps=lm.config.agent_codebooks, return_audio_logits=True
+            )
             return result.text_logits, result.audio_logits.argmax(-1)
 
         run = CapturedStep(step, {"frame": frames[:1]}, gen_state.tensors()) if cuda else None

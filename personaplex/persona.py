@@ -20,6 +20,7 @@ import torch
 
 from .config import FRAME_RATE, LMConfig
 from .errors import PersonaplexError
+from .lm.token_buffer import cache_columns
 
 SAVED_VOICE_SUFFIXES = (".pt", ".safetensors")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
@@ -41,7 +42,7 @@ class SavedVoice:
     """A voice prompt as saved input embeddings (reference ``.pt`` layout).
 
     embeddings: [N-1, dim] summed input embeddings of voice steps 1..N-1;
-    cache: [channels, 4] the generator token buffer after the voice phase.
+    cache: [channels, max_delay + 3] the generator token buffer after the voice phase.
     """
 
     embeddings: torch.Tensor
@@ -79,8 +80,9 @@ def load_saved_voice(path: str | Path, config: LMConfig) -> SavedVoice:
             f"{path}: embeddings have shape {list(embeddings.shape)}, expected [frames, 1, 1, {config.dim}] "
             "for this model; was the voice made for another model size?"
         )
-    if tuple(cache.shape) != (1, config.num_channels, 4):
-        raise VoicePromptError(f"{path}: cache has shape {list(cache.shape)}, expected [1, {config.num_channels}, 4]")
+    expected = [1, config.num_channels, cache_columns(config.max_delay)]
+    if list(cache.shape) != expected:
+        raise VoicePromptError(f"{path}: cache has shape {list(cache.shape)}, expected {expected}")
     return SavedVoice(embeddings[:, 0, 0].clone(), cache[0].to(torch.long).clone())
 
 
@@ -335,7 +337,7 @@ def record_voice(generator, lm_state_factory, codes: torch.Tensor) -> SavedVoice
 
 def save_voice_file(voice: SavedVoice, path: str | Path, *, model_name: str, source: str) -> Path:
     """Write a voice as safetensors in the reference tensor layout (embeddings [N-1, 1, 1, dim], cache
-    [1, channels, 4]) with metadata naming the model it was made for."""
+    [1, channels, max_delay + 3]) with metadata naming the model it was made for."""
     from safetensors.torch import save_file
 
     path = Path(path)

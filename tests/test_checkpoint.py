@@ -74,7 +74,9 @@ def test_depq8_checkpoint_runs_natively(tmp_path, tiny_file, tiny_config):
         gen_state, lm_state = generator.new_state(1), model.new_state(1)
         logits = []
         for step in range(12):
-            result = generator.step(gen_state, lm_state, frames[step : step + 1], return_audio_logits=True)
+            result = generator.step(
+                gen_state, lm_state, frames[step : step + 1], depth_steps=8, return_audio_logits=True
+            )
             assert result.audio_logits.shape[1] == 8
             logits.append(result.audio_logits)
         outputs[name] = torch.cat(logits)

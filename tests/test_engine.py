@@ -24,7 +24,15 @@ def models(golden, golden_config):
 def test_golden_session_through_the_engine(golden, models, voice_file, prefix, run_golden_through_engine):
     lm, mimi = models
     session = load_file(golden / "golden_lm_session.safetensors")
-    tokens, pcm = run_golden_through_engine(Engine(lm, mimi, max_slots=2), lm, mimi, voice_file)
+    # The engine forces the user's codes every frame, so its depth transformer computes only the agent's
+    # codebooks (the reference's user predictions would be overridden): record the depth steps that ran.
+    depth_steps = set()
+    hook = lm.depformer.register_forward_hook(lambda module, args, out: depth_steps.add(args[1]))
+    try:
+        tokens, pcm = run_golden_through_engine(Engine(lm, mimi, max_slots=2), lm, mimi, voice_file)
+    finally:
+        hook.remove()
+    assert depth_steps == set(range(lm.config.agent_codebooks))
     assert torch.equal(tokens, session[f"{prefix}_out_tokens"][-len(tokens):])
     agent_pcm = session["agent_pcm"] if prefix == "step" else session["replay_agent_pcm"]
     np.testing.assert_allclose(pcm.numpy(), agent_pcm.numpy(), atol=1e-6, rtol=0)

@@ -7,7 +7,7 @@ import torch
 
 from personaplex.checkpoint import load_lm
 from personaplex.config import LMConfig
-from personaplex.lm.generator import CACHE_FRAMES, Generator
+from personaplex.lm.generator import Generator
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,9 @@ def determined(state, slot: int) -> torch.Tensor:
     """Token-buffer entries whose value can ever be read again (provided or last two columns)."""
     offset = int(state.offset[slot])
     keep = state.provided[slot].clone()
-    keep[:, (offset - 1) % CACHE_FRAMES] = True
-    keep[:, (offset - 2) % CACHE_FRAMES] = True
+    columns = state.cache.shape[2]
+    keep[:, (offset - 1) % columns] = True
+    keep[:, (offset - 2) % columns] = True
     return torch.where(keep, state.cache[slot], -100)
 
 

@@ -19,6 +19,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -341,7 +342,37 @@ def test_idle_sockets_at_the_connection_cap_never_lock_out_callers(server):
     assert health == 200
     assert caller.error is None and len(caller.of(0x01)) >= 15
     assert open_now <= guard.max_connections
+    assert guard.peak_descriptors <= guard.max_connections  # counted from accept() to close
     assert metric(server, "personaplex_connections_refused_total") > refused_before
+
+
+def test_tls_handshakes_never_sent_count_against_the_cap_and_are_dropped_first(demo_model, tmp_path):
+    """Sockets that open TCP and never start TLS hold descriptors too: counted, and dropped as idle ones."""
+    import ssl
+
+    from personaplex.server.tls import tls_context
+
+    context, _ = tls_context(tmp_path / "tls")
+    running = ServerThread(demo_model, {"ssl_context": context, "limits": ServerLimits(max_connections=8)},
+                           max_conversations=1, max_queue=0, input_timeout_seconds=None)
+    guard = running.server.guard
+    try:
+        silent = [socket.create_connection(("127.0.0.1", running.server.port), timeout=5) for _ in range(24)]
+        client = ssl.create_default_context(cafile=str(tmp_path / "tls" / "cert.pem"))
+        client.check_hostname = False
+
+        async def health() -> int:
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"https://127.0.0.1:{running.server.port}/api/health", ssl=client) as response:
+                return response.status
+
+        status = asyncio.run(asyncio.wait_for(health(), 60))
+        for sock in silent:
+            sock.close()
+    finally:
+        running.stop()
+    assert status == 200
+    assert guard.evicted >= 16 and guard.peak_descriptors <= guard.max_connections
 
 
 def _serve_subprocess(tmp_path, nofile: int, *flags: str):
@@ -366,14 +397,50 @@ def _serve_subprocess(tmp_path, nofile: int, *flags: str):
     raise AssertionError((tmp_path / "server.log").read_text(errors="replace")[-2000:])
 
 
-def _flood_sockets(port: int, count: int) -> list[socket.socket]:
+def _flood_sockets(port: int, count: int, threads: int = 4) -> list[socket.socket]:
+    """``count`` connections opened as fast as ``threads`` clients can (bursts fill the listen backlog)."""
     sockets = []
-    for _ in range(count):
-        try:
-            sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        except OSError:
-            break
+
+    def connect(share: int) -> None:
+        for _ in range(share):
+            try:
+                sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                return
+
+    clients = [threading.Thread(target=connect, args=(count // threads,)) for _ in range(threads)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
     return sockets
+
+
+class _DescriptorCount:
+    """Samples how many descriptors a process holds (Linux ``/proc``), from now until ``stop``."""
+
+    def __init__(self, pid: int):
+        self._folder = Path(f"/proc/{pid}/fd")
+        self.at_start = self.count()
+        self.peak = self.at_start
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def count(self) -> int:
+        try:
+            return len(os.listdir(self._folder))
+        except OSError:
+            return 0
+
+    def _sample(self) -> None:
+        while not self._stopped.is_set():
+            self.peak = max(self.peak, self.count())
+
+    def stop(self) -> int:
+        self._stopped.set()
+        self._thread.join()
+        return self.peak
 
 
 def _health(port: int) -> int:
@@ -385,18 +452,25 @@ def _health(port: int) -> int:
 
 @pytest.mark.slow
 def test_descriptor_exhaustion_is_avoided_by_default_and_never_floods_the_log(tmp_path):
-    # Default cap: below the descriptor limit, so accept() never fails and /api/health answers.
+    # Default cap: below the descriptor limit, and every accepted socket counts against it until it is
+    # closed, so accept() never fails and /api/health answers.
     process, port, log = _serve_subprocess(tmp_path, 512)
+    cap = int(re.search(rb"accepting at most (\d+) connections", log.read_bytes()).group(1))
+    descriptors = _DescriptorCount(process.pid)
+    held = []
     try:
         held = _flood_sockets(port, 800)
         time.sleep(1.0)
         assert _health(port) == 200
     finally:
+        peak = descriptors.stop()
         for sock in held:
             sock.close()
         process.terminate()
         process.wait(30)
     assert b"out of system resource" not in log.read_bytes() and b"cannot accept" not in log.read_bytes()
+    if descriptors.at_start:  # Linux: the connections never held more descriptors than the cap (+1: one refused)
+        assert peak <= descriptors.at_start + cap + 1, (peak, descriptors.at_start, cap)
 
     # A cap set above the limit: accept() fails, and that is logged once per 10 s, with a count.
     (tmp_path / "second").mkdir()

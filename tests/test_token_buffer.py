@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex.lm.token_buffer import CACHE_FRAMES, column_index, commit, prefill_block, write_given
+from personaplex.lm.token_buffer import cache_columns, column_index, commit, prefill_block, write_given
 
 
 def stepwise(cache, provided, offset, frames, delays, initial):
     """The definition: per step, read the model input, store the forced tokens, commit the target."""
     inputs = []
     for t in range(frames.shape[1]):
-        inputs.append(cache.gather(2, column_index(offset - 1, cache.shape[1]))[..., 0])
+        inputs.append(cache.gather(2, column_index(offset - 1, *cache.shape[1:]))[..., 0])
         target, _ = write_given(cache, provided, offset, frames[:, t], delays, initial)
         commit(cache, provided, offset, target, delays, int(delays.max()))
     return torch.stack(inputs, dim=1) if inputs else frames.clone()
@@ -21,9 +21,9 @@ def stepwise(cache, provided, offset, frames, delays, initial):
 def random_state(seed: int, batch: int, delays: torch.Tensor, initial: torch.Tensor):
     """Buffers after a reset and a few steps with partly forced frames and arbitrary chosen tokens."""
     g = torch.Generator().manual_seed(seed)
-    channels = delays.numel()
-    cache = torch.zeros(batch, channels, CACHE_FRAMES, dtype=torch.long)
-    provided = torch.zeros(batch, channels, CACHE_FRAMES, dtype=torch.bool)
+    channels, columns = delays.numel(), cache_columns(int(delays.max()))
+    cache = torch.zeros(batch, channels, columns, dtype=torch.long)
+    provided = torch.zeros(batch, channels, columns, dtype=torch.bool)
     cache[:, :, 0], provided[:, :, 0] = initial, True
     offset = torch.ones(batch, dtype=torch.long)
     for b in range(batch):  # slots at different points of their conversations
@@ -36,7 +36,7 @@ def random_state(seed: int, batch: int, delays: torch.Tensor, initial: torch.Ten
     return cache, provided, offset
 
 
-@pytest.mark.parametrize("delays", [[0, 0] + [1] * 7 + [0] + [1] * 7, [0, 1, 2, 0, 2], [0, 0, 0]])
+@pytest.mark.parametrize("delays", [[0, 0] + [1] * 7 + [0] + [1] * 7, [0, 1, 2, 0, 2], [0, 0, 0], [0, 3, 1, 0, 2]])
 @pytest.mark.parametrize("steps", [0, 1, 2, 3, 4, 5, 7, 64])
 def test_block_update_equals_steps(delays, steps):
     delays = torch.tensor(delays)

@@ -209,18 +209,40 @@ def post_voice(server: ServerThread, data: bytes) -> tuple[int, dict]:
     return asyncio.run(post())
 
 
-def chat(url: str, frames: int = 4, pages: list[bytes] | None = None, **params) -> dict:
-    """One /api/chat conversation: send ``pages`` (after the handshake) while reading ``frames`` agent
-    audio messages; returns what happened."""
+def recorded_before(pages: list[bytes]) -> list[float]:
+    """For each page, the seconds of audio recorded before it (Opus granules count 48 kHz samples): when a
+    live client sends it. A page that does not parse (a damaged one) goes with the page after it."""
+    times, recorded = [], 0.0
+    for page in pages:
+        times.append(recorded)
+        try:
+            recorded = parse_pages(page, check_crc=False)[0].granule / 48000
+        except Exception:  # noqa: BLE001 - not Ogg at all
+            pass
+    return times
+
+
+def chat(url: str, frames: int = 4, pages: list[bytes] | None = None, send_at: list[float] | None = None,
+         **params) -> dict:
+    """One /api/chat conversation: send ``pages`` (after the handshake; page i ``send_at[i]`` seconds after
+    it, default all at once) while reading ``frames`` agent audio messages; returns what happened,
+    including a failed send, the server's 0x05 error text and the close code."""
     query = {"text_prompt": "hello", "voice_prompt": "NATF2", **params}
+    pages = pages or []
+    send_at = send_at or [0.0] * len(pages)
 
     async def talk():
-        result = {"handshake": False, "audio": 0, "error": None, "close": None}
+        result = {"handshake": False, "audio": 0, "error": None, "close": None, "sent": 0, "send_error": None}
         async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}?{urlencode(query)}") as ws:
             async def send():
-                for page in pages or []:
-                    await ws.send_bytes(b"\x01" + page)
-                    await asyncio.sleep(0.02)
+                started = asyncio.get_running_loop().time()
+                try:
+                    for page, at in zip(pages, send_at):
+                        await asyncio.sleep(max(0.0, started + at - asyncio.get_running_loop().time()))
+                        await ws.send_bytes(b"\x01" + page)
+                        result["sent"] += 1
+                except (aiohttp.ClientError, ConnectionError) as error:  # the server ended the call: it says why
+                    result["send_error"] = repr(error)
 
             sender = None
             async for message in ws:
@@ -436,8 +458,11 @@ def test_live_stream_drops_and_counts_damaged_and_foreign_pages(server):
             raw = OggPage(page.flags, page.granule, page.serial ^ 0x5A5A, page.sequence, page.packets).to_bytes()
         sent.append(raw)
     before = _dropped(server)
-    talk = chat(server.url, frames=len(sent) // 2 + 10, pages=sent)
-    assert talk["handshake"] and talk["error"] is None  # the call went on
+    # Streamed as it is recorded, like a microphone: the input budget (--input-burst) ends a client that
+    # sends faster than real time, whatever its pages hold.
+    talk = chat(server.url, frames=len(sent) // 2 + 10, pages=sent, send_at=recorded_before(pages))
+    assert talk["handshake"] and talk["error"] is None and talk["send_error"] is None, talk  # the call went on
+    assert talk["sent"] == len(sent), talk
     assert talk["audio"] >= len(sent) // 2 + 10
     assert _dropped(server) - before == len(bad_checksum) + len(foreign)
 

@@ -346,13 +346,17 @@ class Engine:
         # Joining slots need not step; when they fall inside the bucket their state is put back.
         busy = [slot for slot, live in enumerate(self.active) if live]
         batch = next(b for b in self.buckets if b > max(busy, default=0))
+        offset = max((self._offsets[slot] for slot in range(batch) if self.active[slot]), default=1)
+        return batch, self.ring_length(offset)
+
+    def ring_length(self, offset: int) -> int:
+        """KV ring entries a step reads when the furthest live slot's step counter is ``offset``: all of
+        them where each slot reads only its own length, else ``offset`` rounded up to a length bucket."""
         context = self.config.context
         if self.reads_own_lengths():
-            return batch, context
+            return context
         # Live slots write position offset - 1 and read up to it; joining slots' reads are dropped.
-        offset = max((self._offsets[slot] for slot in range(batch) if self.active[slot]), default=1)
-        length = min(context, -(-offset // LENGTH_BUCKET) * LENGTH_BUCKET) if offset <= context else context
-        return batch, length
+        return min(context, -(-offset // LENGTH_BUCKET) * LENGTH_BUCKET) if offset <= context else context
 
     def reads_own_lengths(self) -> bool:
         """Whether steps skip ring-length buckets: FP8 rings on a GPU, read by the
@@ -391,7 +395,10 @@ class Engine:
                 forced[:, user] = codes
             temporal = self.generator.step_temporal(gen_state, lm_state, used_length=length)
             join(forced)
-            result = self.generator.step_tokens(gen_state, temporal, forced, sampling=sampling)
+            # The user's codes are always forced: their depth predictions would be overridden, skip them.
+            result = self.generator.step_tokens(
+                gen_state, temporal, forced, depth_steps=self.config.agent_codebooks, sampling=sampling
+            )
             # Slots that are idle or still joining step too (their results are dropped); their token
             # state is put back. Their one KV write lands on the position the slot writes next (its
             # next prefill block, or 0 when idle), which is rewritten before anyone reads it.

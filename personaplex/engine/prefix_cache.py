@@ -16,7 +16,7 @@ import torch
 @dataclass
 class PromptSnapshot:
     kv: list[torch.Tensor]  # keys, values (and their FP8 scales): [layers, 1, heads, P, ...]
-    cache: torch.Tensor  # [1, channels, 4] token buffer
+    cache: torch.Tensor  # [1, channels, max_delay + 3] token buffer
     provided: torch.Tensor
     offset: torch.Tensor  # [1]
 

@@ -100,9 +100,12 @@ if triton is not None:
                         other=0.0)
             if WRITE:
                 k = tl.where((keys_at == at)[:, None], new_k[None, :], k)
-            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-            if PINNED:
-                scores = tl.where(keys_at < pinned, tl.sum(k.to(tl.float32) * q_pinned[None, :], axis=1), scores)
+            if PINNED and first < pinned:
+                # Only the few blocks that hold prompt entries pay for the choice of query.
+                queries = tl.where((keys_at < pinned)[:, None], q_pinned[None, :], q[None, :])
+                scores = tl.sum(k.to(tl.float32) * queries, axis=1)
+            else:
+                scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             if SCALED:
                 key_scale = tl.load(ks_base + keys_at * ks_sl, mask=inside, other=0.0)
                 if WRITE:

@@ -1,10 +1,11 @@
 """Frame-by-frame generation with per-channel delays: the reference ``LMGen.step`` semantics.
 
-Each slot keeps a small circular token buffer (``cache``, 4 frames) with flags saying which entries
-the caller forced (``provided``), and an ``offset`` counting its steps since reset. A step writes the
-caller's tokens at their delayed positions, runs the model on the previous column, fills the free
-channels of the current column with chosen tokens, and returns the column that is complete (each
-channel read at its own delay). The first ``1 + max_delay`` steps return nothing.
+Each slot keeps a small circular token buffer (``cache``, ``max_delay + 3`` frames: 4 for PersonaPlex)
+with flags saying which entries the caller forced (``provided``), and an ``offset`` counting its steps
+since reset. A step writes the caller's tokens at their delayed positions, runs the model on the
+previous column, fills the free channels of the current column with chosen tokens, and returns the
+frame that is complete (each channel read at its own delay, ``max_delay`` frames back). The first
+``1 + max_delay`` steps return nothing.
 
 All slots of a batch step together, each at its own offset; nothing here loops over slots or
 synchronises with the host.
@@ -19,14 +20,14 @@ import torch
 from .fused import StepKernels, step_kernels
 from .model import LMModel, LMState
 from .sampling import SamplingParams
-from .token_buffer import CACHE_FRAMES, column_index, prefill_block
+from .token_buffer import cache_columns, column_index, prefill_block
 
 PREFILL_READ_ROUNDING = 256  # a prefill block reads the ring up to its last position rounded up to this
 
 
 @dataclass
 class GeneratorState:
-    """Token buffers of a batch of slots: cache/provided [B, channels, 4], offset [B]."""
+    """Token buffers of a batch of slots: cache/provided [B, channels, max_delay + 3], offset [B]."""
 
     cache: torch.Tensor  # int64
     provided: torch.Tensor  # bool
@@ -104,11 +105,11 @@ class Generator:
 
     def new_state(self, batch_size: int, device: torch.device | str | None = None) -> GeneratorState:
         """Buffers for ``batch_size`` slots, each as after ``reset`` (offset 1, see ``reset``)."""
-        channels = self.config.num_channels
+        channels, columns = self.config.num_channels, cache_columns(self.config.max_delay)
         device = self.model.device if device is None else torch.device(device)
         state = GeneratorState(
-            cache=torch.zeros(batch_size, channels, CACHE_FRAMES, dtype=torch.long, device=device),
-            provided=torch.zeros(batch_size, channels, CACHE_FRAMES, dtype=torch.bool, device=device),
+            cache=torch.zeros(batch_size, channels, columns, dtype=torch.long, device=device),
+            provided=torch.zeros(batch_size, channels, columns, dtype=torch.bool, device=device),
             offset=torch.zeros(batch_size, dtype=torch.long, device=device),
         )
         self.reset(state, torch.ones(batch_size, dtype=torch.bool, device=device))
@@ -119,8 +120,9 @@ class Generator:
 
         The reference's first step after a reset runs no model and overwrites everything it was given
         with initial tokens, so it is folded into the reset. ``forced`` [B, channels] (-1 = not given)
-        only marks the delayed channels as provided one frame ahead, as that step did; those values are
-        overwritten by the next step, so they never reach the model.
+        only marks the delayed channels as provided at their delay's column ahead, as that step did; those
+        values are overwritten by initial tokens when the slot's counter reaches that column, so they
+        never reach the model.
         """
         delays, initial = self._constants(state.cache.device)
         slots = slots.to(device=state.cache.device, dtype=torch.bool)
@@ -131,10 +133,10 @@ class Generator:
         provided[:, :, 0] = True
         if forced is not None:
             forced = forced.to(state.cache.device)
-            ahead = delays > 0
-            given = (forced >= 0) & ahead
-            cache[:, :, 1] = torch.where(given, forced, 0)
-            provided[:, :, 1] = given
+            given = (forced >= 0) & (delays > 0)
+            ahead = (delays % cache.shape[2])[None, :, None].expand(cache.shape[0], -1, 1)  # [B, K, 1]
+            cache.scatter_(2, ahead, torch.where(given, forced, cache.gather(2, ahead)[..., 0])[..., None])
+            provided.scatter_(2, ahead, (given | provided.gather(2, ahead)[..., 0])[..., None])
         state.cache.copy_(torch.where(keep, state.cache, cache))
         state.provided.copy_(torch.where(keep, state.provided, provided))
         state.offset.copy_(torch.where(slots, torch.ones_like(state.offset), state.offset))
@@ -155,8 +157,12 @@ class Generator:
 
         forced: [B, channels] int64 tokens the caller imposes for this frame (-1 = let the model choose),
         text first, then agent codebooks, then user codebooks. Each is stored at its channel's delay.
-        depth_steps: how many codebooks the depformer computes; defaults to the agent codebooks only,
-        which is exact whenever all user codebooks are forced (their predictions would be discarded).
+        depth_steps: how many audio codebooks the depformer computes, in order; by default all ``dep_q``
+        of them (the agent's, then the user's), as the reference does, so that a free user codebook is
+        predicted too. Codebooks past ``depth_steps`` must be forced (they are -1 in the frame
+        otherwise). A caller that forces every user codebook may pass ``config.agent_codebooks``: the
+        result is the same (the user's predictions would be overridden) at half the depth work; the
+        engine does.
         input_embeddings: [B, dim] to feed the temporal transformer instead of the embedded tokens
         (replay of saved voice-prompt embeddings).
         used_length: read only the first ``used_length`` KV ring entries; valid while every slot's
@@ -194,7 +200,7 @@ class Generator:
     ) -> StepResult:
         """Second half of ``step``: store the forced tokens, choose the free ones, advance."""
         cfg = self.config
-        depth_steps = cfg.agent_codebooks if depth_steps is None else depth_steps
+        depth_steps = cfg.dep_q if depth_steps is None else depth_steps
         counter, transformer_out, text_logits = temporal.counter, temporal.transformer_out, temporal.text_logits
         kernels = self.kernels
         target, target_forced = self._write_given(state, forced)
@@ -284,7 +290,7 @@ class Generator:
     def _model_input(self, state: GeneratorState) -> torch.Tensor:
         """The column the temporal transformer reads [B, K]: the previous one. Nothing a step forces lands
         there (delays are >= 0), so it can be read before or after ``_write_given``."""
-        return state.cache.gather(2, column_index(state.offset - 1, state.cache.shape[1]))[..., 0]
+        return state.cache.gather(2, column_index(state.offset - 1, *state.cache.shape[1:]))[..., 0]
 
     def _write_given(self, state: GeneratorState, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the given tokens, apply initial tokens; returns (target column [B, K], its forced flags [B, K])."""

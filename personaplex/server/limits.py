@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from .security import OriginPolicy
 
-# Descriptors kept free beyond those open at start: the event loop accepts up to a backlog (128) of
-# sockets in one go before the first of them reaches the cap's check, while up to as many dropped ones
-# wait to be closed; plus uploads, workers' pipes, logs.
-FD_RESERVE = 2 * 128 + 64
+# Descriptors kept free beyond those open at start and the connections' own (the cap counts every
+# accepted socket until it is closed: listener.py): uploads, voice files, workers' pipes, logs, and the
+# one of a connection accepted only to be refused.
+FD_RESERVE = 128
 MAX_DEFAULT_CONNECTIONS = 4096
 
 
@@ -73,7 +73,7 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
                             "sending no event, a Twilio stream without an authenticated 'start' (default 30)")
     group.add_argument("--max-connections", type=int, default=None,
                        help="open connections at most; at the limit the oldest idle or unauthenticated one is "
-                            "dropped (default: the file descriptors left free at start less 320, at most 4096)")
+                            "dropped (default: the file descriptors left free at start less 128, at most 4096)")
     group.add_argument("--input-burst", type=float, default=3.0, dest="input_burst_seconds",
                        help="seconds of audio a client may send ahead of real time; a client further ahead is "
                             "ended (default 3)")

@@ -176,7 +176,8 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
     from aiohttp import web
 
     from .app import build_app
-    from .connections import ConnectionGuard, GuardedSite, quiet_accept_errors
+    from .connections import ConnectionGuard, quiet_accept_errors
+    from .listener import GuardedSite
     from .opus_pool import OpusEncoderPool
 
     limits = limits or ServerLimits()
