@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -143,6 +144,14 @@ class Delivery:
         if self.percent(self.late) > max_late_percent:
             broken.append(f"late {self.percent(self.late):.1f}% > --max-late {max_late_percent:g}%")
         return ", ".join(broken) or None
+
+    def warn_and_judge(self, args, scope: str = "") -> str | None:
+        """Print the warning line (stderr) when frames were missing or late; return why the delivery fails the
+        command's ``--max-missing``/``--max-late``, or None."""
+        problem = self.describe()
+        if problem is not None:
+            print(f"warning: {scope}{problem}", file=sys.stderr, flush=True)
+        return self.failure(args.max_missing, args.max_late)
 
 
 @dataclass

@@ -148,10 +148,7 @@ def run(args: argparse.Namespace) -> None:
     print(summary(exchange), flush=True)
     print(f"wrote {output_wav} ({length / rate:.2f} s at {rate} Hz) and {output_text}", flush=True)
     delivery = Delivery(exchange.sent_frames, max(0, exchange.sent_frames - exchange.frames), exchange.late_frames)
-    problem = delivery.describe()
-    if problem is not None:
-        print(f"warning: {problem}", file=sys.stderr, flush=True)
-    failure = delivery.failure(args.max_missing, args.max_late)
+    failure = delivery.warn_and_judge(args)
     if failure is not None:
         raise ChatClientError(f"the call did not come through whole ({failure})")
 

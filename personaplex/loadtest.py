@@ -193,11 +193,7 @@ def run(args: argparse.Namespace) -> None:
         ], indent=1), encoding="utf-8")
     if all(r.error is not None for r in reports):
         raise LoadTestError(f"every client failed; first error: {reports[0].error}")
-    delivery = total_delivery(reports)
-    problem = delivery.describe()
-    if problem is not None:
-        print(f"warning: over all clients, {problem}", file=sys.stderr, flush=True)
-    failure = delivery.failure(args.max_missing, args.max_late)
+    failure = total_delivery(reports).warn_and_judge(args, "over all clients, ")
     if failure is not None:
         raise LoadTestError(f"the calls did not come through whole ({failure})")
 
