@@ -4,7 +4,7 @@ Compatible with the reference server and its web client: every message is binary
 
 | kind | direction | payload |
 | --- | --- | --- |
-| ``0x00`` handshake | server -> client | none; sent once the persona's system prompt is applied |
+| ``0x00`` handshake | server -> client | none; sent once the persona's system prompt is applied (the reference web client: paced, below) |
 | ``0x01`` audio | both ways | exactly one Ogg page of an Ogg/Opus stream, 24 kHz mono |
 | ``0x02`` text | server -> client | UTF-8 piece of the agent's words (padding is not sent) |
 | ``0x04`` metadata | server -> client | UTF-8 JSON: model, persona, limits; queue position while waiting |
