@@ -115,6 +115,15 @@ def require_triton_kernels() -> None:
             pytest.skip(f"Triton {triton.__version__}'s CPU interpreter fails with numpy 2: pip install 'triton>=3.8'")
 
 
+@pytest.fixture(scope="module")
+def demo_model():
+    """The built-in demo model on the CPU, loaded once per test module (its servers' hubs are the module's own)."""
+    from personaplex.demo import demo_assets
+    from personaplex.loading import load_model
+
+    return load_model(demo_assets(), "cpu")
+
+
 SHORT_CONTEXT_FRAMES = 200  # 16 s: room for a short persona's prompt and 10 s of talk, then the rings wrap
 
 

@@ -35,14 +35,6 @@ class TlsServerThread(ServerThread):
 
 
 @pytest.fixture(scope="module")
-def demo_model():
-    from personaplex.demo import demo_assets
-    from personaplex.loading import load_model
-
-    return load_model(demo_assets(), "cpu")
-
-
-@pytest.fixture(scope="module")
 def server(demo_model):
     running = ServerThread(demo_model, max_conversations=2, input_timeout_seconds=None, auth_token=TOKEN)
     yield running

@@ -26,55 +26,21 @@ import numpy as np
 import pytest
 import sphn
 
+from test_server_protocol import ServerThread as ProtocolServerThread
+
 from personaplex.server.ogg import parse_pages
 
 FRAME = 1920
 REPO = Path(__file__).resolve().parents[1]
 
 
-class ServerThread:
-    """A hub and the aiohttp server on their own event loop in a thread, as in production."""
-
-    def __init__(self, model, **options):
-        from personaplex.serving import ConversationHub, HubOptions
-
-        self.hub = ConversationHub(model, HubOptions(**options))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = self.call(self._start())
-        self.http = f"http://127.0.0.1:{self.server.port}"
-        self.url = f"ws://127.0.0.1:{self.server.port}/api/chat"
-        self.stopped = False
-
-    async def _start(self):
-        from personaplex.server.serve import start_server
-
-        return await start_server(self.hub, host="127.0.0.1", port=0, static_dir=None)
-
-    def call(self, coroutine, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+class ServerThread(ProtocolServerThread):
+    """The protocol tests' server thread, with what these tests look at."""
 
     @property
     def builds(self):
         return self.hub._builds
 
-    def stop(self) -> None:
-        from personaplex.server.serve import stop_server
-
-        if not self.stopped:
-            self.stopped = True
-            self.call(stop_server(self.server, self.hub))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def demo_model():
-    from personaplex.demo import demo_assets
-    from personaplex.loading import load_model
-
-    return load_model(demo_assets(), "cpu")
 
 
 def opus_pages(seconds: float, seed: int = 0) -> list[bytes]:

@@ -68,14 +68,6 @@ def metric_value(text: str, name: str, **labels) -> float:
 
 
 @pytest.fixture(scope="module")
-def demo_model():
-    from personaplex.demo import demo_assets
-    from personaplex.loading import load_model
-
-    return load_model(demo_assets(), "cpu")
-
-
-@pytest.fixture(scope="module")
 def server(demo_model):
     running = ServerThread(demo_model, max_conversations=3, max_queue=0, input_timeout_seconds=None)
     yield running

@@ -38,14 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo_model():
-    from personaplex.demo import demo_assets
-    from personaplex.loading import load_model
-
-    return load_model(demo_assets(), "cpu")
-
-
-@pytest.fixture(scope="module")
 def server(demo_model):
     limits = ServerLimits(request_timeout=1.5, idle_timeout=1.5, max_connections=24,
                           allowed_origins=OriginPolicy(["https://app.example.com"]))

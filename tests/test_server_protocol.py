@@ -42,29 +42,24 @@ class ServerThread:
         self.server = self.call(self._start(server_kwargs))
         self.url = f"ws://127.0.0.1:{self.server.port}/api/chat"
         self.http = f"http://127.0.0.1:{self.server.port}"
+        self.stopped = False
 
     async def _start(self, kwargs):
         from personaplex.server.serve import start_server
 
         return await start_server(self.hub, host="127.0.0.1", port=0, **kwargs)
 
-    def call(self, coroutine, timeout: float = 60):
+    def call(self, coroutine, timeout: float = 120):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def stop(self) -> None:
         from personaplex.server.serve import stop_server
 
-        self.call(stop_server(self.server, self.hub))
+        if not self.stopped:  # a test may stop it before its fixture does
+            self.stopped = True
+            self.call(stop_server(self.server, self.hub))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def demo_model():
-    from personaplex.demo import demo_assets
-    from personaplex.loading import load_model
-
-    return load_model(demo_assets(), "cpu")
 
 
 @pytest.fixture(scope="module")

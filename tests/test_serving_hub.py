@@ -25,14 +25,6 @@ from personaplex.text import SpokenText
 FRAME = 1920
 
 
-@pytest.fixture(scope="module")
-def demo_model():
-    from personaplex.demo import demo_assets
-    from personaplex.loading import load_model
-
-    return load_model(demo_assets(), "cpu")
-
-
 def run_hub(model, scenario, **options):
     """Start a hub with ``options``, run ``scenario(hub)``, close the hub; returns the scenario's result."""
 

@@ -43,14 +43,6 @@ CALL_SID = "CA0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def demo_model():
-    from personaplex.demo import demo_assets
-    from personaplex.loading import load_model
-
-    return load_model(demo_assets(), "cpu")
-
-
-@pytest.fixture(scope="module")
 def server(demo_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("phone") / "personas.json"
     path.write_text(json.dumps(PERSONAS))

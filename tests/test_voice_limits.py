@@ -12,7 +12,6 @@ import io
 import json
 import struct
 import tempfile
-import threading
 import wave
 from pathlib import Path
 from urllib.parse import urlencode
@@ -21,6 +20,8 @@ import aiohttp
 import numpy as np
 import pytest
 import sphn
+
+from test_server_protocol import ServerThread as ProtocolServerThread
 
 from personaplex.server.ogg import OggPage, parse_pages
 
@@ -31,46 +32,13 @@ BLOCK = 4096  # FLAC block size of the crafted files
 # --- a real server in a background thread ------------------------------------------------------------------
 
 
-class ServerThread:
-    """A hub and the aiohttp server on their own event loop in a thread, as in production."""
-
-    def __init__(self, model, **options):
-        from personaplex.serving import ConversationHub, HubOptions
-
-        self.hub = ConversationHub(model, HubOptions(**options))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = self.call(self._start())
-        self.http = f"http://127.0.0.1:{self.server.port}"
-        self.url = f"ws://127.0.0.1:{self.server.port}/api/chat"
-
-    async def _start(self):
-        from personaplex.server.serve import start_server
-
-        return await start_server(self.hub, host="127.0.0.1", port=0, static_dir=None)
-
-    def call(self, coroutine, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+class ServerThread(ProtocolServerThread):
+    """The protocol tests' server thread, with what these tests look at."""
 
     @property
     def upload_files(self) -> list[str]:
         return sorted(p.name for p in Path(self.hub._upload_dir.name).iterdir())
 
-    def stop(self) -> None:
-        from personaplex.server.serve import stop_server
-
-        self.call(stop_server(self.server, self.hub))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def demo_model():
-    from personaplex.demo import demo_assets
-    from personaplex.loading import load_model
-
-    return load_model(demo_assets(), "cpu")
 
 
 @pytest.fixture(scope="module")
