@@ -24,13 +24,12 @@ from urllib.parse import urlencode
 import aiohttp
 import numpy as np
 import pytest
-import sphn
 
 from test_server_protocol import ServerThread as ProtocolServerThread
+from test_server_protocol import opus_pages
 
 from personaplex.server.ogg import parse_pages
 
-FRAME = 1920
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,14 +40,6 @@ class ServerThread(ProtocolServerThread):
     def builds(self):
         return self.hub._builds
 
-
-
-def opus_pages(seconds: float, seed: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    writer = sphn.OpusStreamWriter(24000)
-    data = b"".join(writer.append_pcm((0.1 * rng.standard_normal(FRAME)).astype(np.float32))
-                    for _ in range(int(seconds * 12.5)))
-    return [page.to_bytes() for page in parse_pages(data)]
 
 
 def long_voice(name: str, seconds: float = 29.0) -> bytes:
