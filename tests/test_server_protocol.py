@@ -767,11 +767,16 @@ def test_neighbour_unaffected_by_bad_clients(demo_model):
     times = [t for t, kind, _ in together.messages if kind == 0x01][2:]
     gaps = np.diff(times)
     # No stall: no gap of more than 1 s (12.5 frames) on a machine that keeps real time; where a loaded
-    # machine steps slower (this run's own pace), the same 12.5 frames of it.
+    # machine steps slower (this run's own pace), the same 12.5 frames of it. On top of that, one tick's
+    # engine work: a join that waited too long runs one prefill block anyway (one late tick, by design),
+    # and on a starved machine that block alone can outlast 12.5 steps. A bad client cannot lengthen a
+    # tick otherwise (the engine thread does no I/O), so a stalled event loop still fails this.
     frame_seconds = (times[-1] - times[0]) / (len(times) - 1)
-    allowed = max(1.0, 12.5 * frame_seconds)
+    longest_tick = shared.hub.longest_tick_seconds
+    allowed = max(1.0, 12.5 * frame_seconds) + longest_tick
     assert len(times) >= frames - 2 and gaps.max() < allowed, \
-        f"longest gap between agent pages {gaps.max():.2f} s ({frame_seconds:.3f} s per frame on average)"
+        f"longest gap between agent pages {gaps.max():.2f} s ({frame_seconds:.3f} s per frame on average, " \
+        f"longest engine tick {longest_tick:.2f} s)"
 
 
 @pytest.mark.slow

@@ -295,6 +295,7 @@ class ConversationHub:
         self._waiting_for_audio: dict[int, Conversation] = {}  # persona applied, clock not started
         self.late_ticks = 0
         self.ticks = 0
+        self.longest_tick_seconds = 0.0  # engine work of the longest tick so far (a forced join block shows here)
         self._join_block_seconds = 0.0  # moving average of one prefill block
         self._join_waited = 0  # ticks the pending joins found no room
 
@@ -785,6 +786,7 @@ class ConversationHub:
                     self._end_from_engine(conversation, "internal engine error; please reconnect")
             finished = time.perf_counter()
             self.metrics.tick_seconds.observe(finished - started)
+            self.longest_tick_seconds = max(self.longest_tick_seconds, finished - started)
             self.ticks += 1
             if period <= 0:
                 continue
