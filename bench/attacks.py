@@ -54,7 +54,7 @@ TOKEN = "bench-token"
 
 def start_server(log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, int]:
     log = open(log_path, "wb")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen([sys.executable, "-m", "personaplex.cli", "serve", "--model", "demo", "--device", "cpu",
                                 "--host", "127.0.0.1", "--port", "0", "--static", "none", "--auth-token", TOKEN,
                                 "--max-conversations", "3", "--input-timeout", "0", *extra],

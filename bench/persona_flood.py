@@ -54,7 +54,7 @@ FRAME = 1920
 
 
 def start_server(pythonpath: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(pythonpath), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "personaplex.server", "--model", "demo", "--host", "127.0.0.1", "--port", "0",
                "--allow-voice-upload", "--static", "none", *extra]
     # cwd: "python -m" puts the working directory first on the import path.

@@ -16,6 +16,7 @@ from personaplex.engine import Engine, SamplingConfig
 from personaplex.engine import engine as engine_module
 from personaplex.engine import prefill_graphs
 from personaplex.engine.prefill_graphs import padded_size
+from personaplex.lm.fused import step_kernels
 from personaplex.lm.model import LMModel
 from personaplex.persona import VoicePrompt, build_system_prompt
 from personaplex.random_weights import random_mimi_state_dict, randomize_
@@ -235,6 +236,17 @@ def test_a_held_join_starts_as_if_it_had_joined_at_its_start(models, kv_dtype, c
 def test_padded_size_doubles_from_the_smallest_block_up_to_the_largest():
     assert [padded_size(n, 256) for n in (1, 64, 65, 125, 128, 129, 197, 256)] == [64, 64, 128, 128, 128, 256, 256, 256]
     assert padded_size(3, 4) == 4 and padded_size(150, 192) == 192
+
+
+def test_no_prefill_block_is_captured_when_no_prompt_fits_the_scratch_ring():
+    """A context shorter than a block (a short test model): every join prefills in place, so capturing
+    blocks that could never run (and overflow the ring when captured) is skipped."""
+    short = LMModel(dataclasses.replace(DEMO_LM, num_layers=1, context=64)).eval()
+    graphs = prefill_graphs.PrefillGraphs(short, step_kernels(short), "model", 128, graphs=False)
+    assert graphs.capturable_sizes() == [] and not graphs.fits(1)
+    roomy = LMModel(dataclasses.replace(DEMO_LM, num_layers=1, context=400)).eval()
+    graphs = prefill_graphs.PrefillGraphs(roomy, step_kernels(roomy), "model", 128, graphs=False)
+    assert graphs.capturable_sizes() == [64, 128] and graphs.fits(200)
 
 
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])

@@ -60,6 +60,11 @@ class PrefillGraphs:
             sizes.append(padded_size(sizes[-1] + 1, self.block_frames))
         return sizes
 
+    def capturable_sizes(self) -> list[int]:
+        """The block sizes worth capturing: none when no prompt fits the scratch slot (a short context: every
+        join then prefills in place), else those of ``block_sizes``."""
+        return self.block_sizes() if self.fits(1) else []
+
     def capture_all(self) -> int:
         """Capture every block size at every ring length a prompt in the scratch slot can read, so that
         no join of a live server waits for a capture. Returns how many were captured."""
@@ -69,7 +74,7 @@ class PrefillGraphs:
         lengths = range(PREFILL_READ_ROUNDING, self.capacity + PREFILL_READ_ROUNDING, PREFILL_READ_ROUNDING)
         positions = torch.zeros(1, dtype=torch.long, device=self.scratch.keys.device)
         captured = 0
-        for size in self.block_sizes():
+        for size in self.capturable_sizes():
             x = torch.zeros(1, size, dim, dtype=self.model.dtype, device=positions.device)
             for used_length in sorted({min(length, self.capacity) for length in lengths}):
                 if (size, used_length) not in self._graphs:
