@@ -282,7 +282,8 @@ def main() -> None:
                 print(f"{name}: failed: {type(exc).__name__}: {exc}", flush=True)
                 continue
             rows.append({"path": name, "description": spec.describe(cuda), **compare(outputs, reference)})
-            print(f"{name} in {time.perf_counter() - started:.1f} s", flush=True)
+            # Each path's numbers as soon as they exist: a run cut short still reports what it measured.
+            print(f"{name} in {time.perf_counter() - started:.1f} s: {json.dumps(rows[-1])}", flush=True)
 
     codebooks = preset.lm.agent_codebooks
     print("\nReference: float32 weights, eager kernels, float32 KV rings, prompt frame by frame.")
