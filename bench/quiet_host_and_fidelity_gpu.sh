@@ -7,7 +7,7 @@ if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 cores=$(nproc)
 ( taskset -c 0-$((cores - 5)) env OUT="$OUT" bash bench/hardening_quiet_host.sh > "$OUT/hardening.log" 2>&1 ) &
-taskset -c $((cores - 4))-$((cores - 1)) timeout 540 python3 bench/fidelity.py --steps 200 ${FIDELITY_PATHS:+--paths $FIDELITY_PATHS} \
+taskset -c $((cores - 4))-$((cores - 1)) timeout 500 python3 bench/fidelity.py --steps 200 ${FIDELITY_PATHS:+--paths $FIDELITY_PATHS} \
   --json "$OUT/fidelity.json" > "$OUT/fidelity.txt" 2>&1
 wait
 PERSONAPLEX_GOLDEN_DIR=$PWD/.golden timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k pinned \
