@@ -104,7 +104,10 @@ def choose_tokens(
         ids = torch.arange(vocab, device=logits.device).expand(batch, vocab)
         kept = torch.where(rank_in_row(probs) < top_k, probs, torch.zeros_like(probs))
     else:
-        kept, ids = probs.topk(k, dim=-1)
+        # A stable sort, not ``topk``: entries equal to the k-th value are kept by token id, as the ranking
+        # and the fused kernel keep them (``topk`` leaves the order of equal values unspecified).
+        kept, ids = probs.sort(dim=-1, descending=True, stable=True)
+        kept, ids = kept[:, :k], ids[:, :k]
         ranks = torch.arange(k, device=logits.device)
         kept = torch.where(ranks < top_k, kept, torch.zeros_like(kept))
     noise = exponential_noise(seed, counter, stream, ids)
