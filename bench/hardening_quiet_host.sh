@@ -9,6 +9,6 @@ if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 echo "cores $(nproc), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/host.txt"
 timeout 240 python3 bench/attacks.py --duration 12 --log "$OUT/attacks_server.log" 2>&1 | tee "$OUT/attacks.txt"
-timeout 200 python3 bench/persona_flood.py --phase-seconds 15 --attackers 4 \
+timeout 290 python3 bench/persona_flood.py --phase-seconds 15 --attackers 4 \
   --server-args --max-conversations 2 --max-queue 0 2>&1 | tee "$OUT/persona_flood.txt"
 echo "load after $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/host.txt"
