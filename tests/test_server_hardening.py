@@ -569,6 +569,23 @@ def test_an_address_reconnecting_in_a_loop_is_reset_at_once_while_others_are_ser
     assert ATTACKER in lines[0].getMessage()
 
 
+def test_the_default_limit_serves_a_load_test_from_one_host(demo_model):
+    """``personaplex loadtest -n 150`` opens its connections nearly at once from one address: the default
+    burst takes them all (here 150 health checks at once, from an address no other test uses)."""
+    running = ServerThread(demo_model, {}, max_conversations=1, max_queue=0, input_timeout_seconds=None)
+
+    async def load_test_host(count: int = 150) -> list[bytes]:
+        return await asyncio.gather(*(_raw_health(running.server.port, "127.0.0.3") for _ in range(count)))
+
+    try:
+        answers = asyncio.run(asyncio.wait_for(load_test_host(), 120))
+        refused = metric(running, "personaplex_connections_refused_total", reason="new_connection_rate")
+    finally:
+        running.stop()
+    assert sum(answer.startswith(b"HTTP/1.1 200") for answer in answers) == 150
+    assert refused == 0
+
+
 # --- 7. a client that stops reading -------------------------------------------------------------------------
 
 
