@@ -14,36 +14,41 @@ recently used bucket is forgotten for a new one.
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-# Addresses remembered at most (about 150 bytes each); only as many as connect within burst / rate seconds
-# are ever kept, so the cap matters only when a great many addresses connect at once.
+# Addresses remembered at most (about 250 bytes each: 4 MB in all); only as many as connect within
+# burst / rate seconds are ever kept, so the cap matters only when a great many addresses connect at once.
 MAX_ADDRESSES = 16384
 # IPv6 addresses are keyed by their /64 network: one host (a home line, a cloud VM) is usually handed a
 # whole /64 and may pick any of its 2**64 addresses for each connection (privacy addresses), so a limit
 # per full address would limit nothing. Hosts that share a /64 share a budget, as hosts behind one IPv4
-# NAT share theirs.
+# NAT share theirs. (A multiple of 8: the key keeps whole bytes.)
 IPV6_PREFIX = 64
+_IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 
 
-def address_key(address) -> object:
+def address_key(address) -> str:
     """The bucket key of a peer address as ``accept()`` returns it: ``(host, port[, flow, scope])``.
 
     IPv4 (and IPv4-mapped IPv6, ``::ffff:a.b.c.d``, as a dual-stack socket reports IPv4 peers) -> the
-    IPv4 address; other IPv6 -> its /64 network; anything else (a Unix socket) -> the address as given."""
+    dotted IPv4 address; other IPv6 -> its /64 network (``2001:db8:1:2::/64``); anything else (a Unix
+    socket) -> the address as given. Socket calls, not ``ipaddress``: this runs for every connection."""
     host = address[0] if isinstance(address, tuple) and address else address
+    if not isinstance(host, str):
+        return str(host)
+    if ":" not in host:
+        return host  # accept() reports IPv4 in its one canonical spelling
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0] if isinstance(host, str) else host)
-    except ValueError:
+        packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])  # a link-local scope is no part of it
+    except OSError:
         return host
-    if ip.version == 6:
-        if ip.ipv4_mapped is not None:
-            return ip.ipv4_mapped
-        return ipaddress.IPv6Network((int(ip) >> (128 - IPV6_PREFIX) << (128 - IPV6_PREFIX), IPV6_PREFIX))
-    return ip
+    if packed[:12] == _IPV4_MAPPED_PREFIX:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    prefix_bytes = IPV6_PREFIX // 8
+    return socket.inet_ntop(socket.AF_INET6, packed[:prefix_bytes] + bytes(16 - prefix_bytes)) + f"/{IPV6_PREFIX}"
 
 
 class NewConnectionLimit:
@@ -60,7 +65,7 @@ class NewConnectionLimit:
         self.max_addresses = max_addresses
         self._clock = clock
         # key -> (tokens left, when they were counted); in order of last use, oldest first
-        self._buckets: OrderedDict[object, tuple[float, float]] = OrderedDict()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.refused = 0
 
     @property
