@@ -1,6 +1,7 @@
 """Attacks on a real running server (demo model, loopback, bounded loops) and the behaviour that answers
 them: authentication before any work (Twilio included), budgets on what one client may send, timeouts on
-idle and half-open connections, a connection cap that never locks out real callers, slow readers ended
+idle and half-open connections, a connection cap that never locks out real callers, a limit on new
+connections per remote address (an attacker on 127.0.0.2, callers on 127.0.0.1), slow readers ended
 and their connection reset, the Origin allow-list, and short, clear refusals for malformed input.
 
 Where an attack runs next to an ordinary caller, the test asserts that the caller completes without an
