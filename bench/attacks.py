@@ -1,12 +1,16 @@
 """How an ordinary caller fares while a hostile client attacks the server (demo model, CPU, loopback).
 
     python bench/attacks.py [--duration 12] [--nice 19] [--attacks twilio_flood idle_sockets opus_flood realtime_flood]
+        [--attacker-address 127.0.0.2] [--server-args --max-new-connections-per-address 0 ...]
 
 Starts the real ``personaplex serve --model demo`` (with an access token) in a child process. For each
 attack: a *quiet* phase (the ordinary caller alone), then an *attack* phase (the same caller while the
 attack runs in another process). The caller streams real Ogg/Opus at real time on ``/api/chat`` and reads
 everything; it reports its **real-time factor** (agent audio received / wall time, over the phase) and
-its **worst gap** between two agent audio pages. The server's own counters (``/metrics``) say how much
+its **worst gap** between two agent audio pages. The attacker connects from ``--attacker-address``
+(127.0.0.2: another machine, as far as the server's limit on new connections per address goes; Linux
+routes all of 127/8 to the loopback), the caller from 127.0.0.1; ``--attacker-address 127.0.0.1`` puts
+both on one address. The server's own counters (``/metrics``) say how much
 work the attacker got: audio decoded for it, messages refused undecoded, connections dropped; and the
 server process's CPU use (cores, from /proc) compares the phases.
 
@@ -164,19 +168,26 @@ async def _time_health(http, port: int, results: list[float]) -> None:
 # --- the attacks (each in its own process) -------------------------------------------------------------------
 
 
-def run_attack(name: str, port: int, seconds: float, report, nice: int) -> None:
+def run_attack(name: str, port: int, seconds: float, report, nice: int, source: str) -> None:
     os.nice(nice)  # a remote attacker's CPU is not the server's: on one small machine it would compete for it
-    stats = asyncio.run(ATTACKS[name](port, time.monotonic() + seconds))
+    stats = asyncio.run(ATTACKS[name](port, time.monotonic() + seconds, source))
     report.put(stats)
 
 
-async def twilio_flood(port: int, until: float) -> dict:
+def attacker_session(source: str):
+    """An aiohttp session whose connections come from ``source`` (the attacker's address)."""
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0)))
+
+
+async def twilio_flood(port: int, until: float, source: str) -> dict:
     import aiohttp
 
     media = json.dumps({"event": "media", "streamSid": "MZ1", "media": {"payload": base64.b64encode(
         b"\xff" * 160).decode()}})
-    sent = connections = 0
-    async with aiohttp.ClientSession() as http:
+    sent = connections = refused = 0
+    async with attacker_session(source) as http:
         while time.monotonic() < until:
             try:
                 async with http.ws_connect(f"ws://127.0.0.1:{port}/twilio/media-stream") as ws:
@@ -188,16 +199,17 @@ async def twilio_flood(port: int, until: float) -> dict:
                         await asyncio.sleep(0)
                     closed.cancel()
             except (aiohttp.ClientError, ConnectionError):
+                refused += 1
                 await asyncio.sleep(0.01)
-    return {"messages sent": sent, "connections": connections}
+    return {"messages sent": sent, "connections": connections, "refused": refused}
 
 
-async def idle_sockets(port: int, until: float, count: int = 1500) -> dict:
+async def idle_sockets(port: int, until: float, source: str, count: int = 1500) -> dict:
     kinds = [b"", b"GET /api/voices HTTP/1.1\r\nHost: x\r\n",
              b"GET /twilio/media-stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"]
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    opened = dropped = 0
+    opened = dropped = refused = 0
     while time.monotonic() < until:
         alive = []
         for reader, writer in held:
@@ -209,8 +221,9 @@ async def idle_sockets(port: int, until: float, count: int = 1500) -> dict:
         held = alive
         while len(held) < count and time.monotonic() < until:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
             except OSError:
+                refused += 1
                 break
             writer.write(kinds[opened % len(kinds)])
             opened += 1
@@ -221,7 +234,7 @@ async def idle_sockets(port: int, until: float, count: int = 1500) -> dict:
         await asyncio.sleep(0.5)
     for _, writer in held:
         writer.close()
-    return {"sockets opened": opened, "dropped by the server": dropped}
+    return {"sockets opened": opened, "dropped by the server": dropped, "refused at connect": refused}
 
 
 async def _until_closed(ws) -> None:
@@ -238,13 +251,13 @@ async def _drain(reader: asyncio.StreamReader) -> None:
         pass
 
 
-async def opus_flood(port: int, until: float) -> dict:
+async def opus_flood(port: int, until: float, source: str) -> dict:
     import aiohttp
 
     pages = opus_pages(30.0, seed=7)
     url = f"ws://127.0.0.1:{port}/api/chat?" + urlencode({"token": TOKEN, "text_prompt": "You are kind."})
-    sent = connections = 0
-    async with aiohttp.ClientSession() as http:
+    sent = connections = refused = 0
+    async with attacker_session(source) as http:
         while time.monotonic() < until:
             try:
                 async with http.ws_connect(url, max_msg_size=0) as ws:
@@ -262,16 +275,17 @@ async def opus_flood(port: int, until: float) -> dict:
                         await asyncio.sleep(0.05)
                     closed.cancel()
             except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, TypeError):
+                refused += 1
                 await asyncio.sleep(0.05)
-    return {"pages sent": sent, "connections": connections}
+    return {"pages sent": sent, "connections": connections, "failed": refused}
 
 
-async def realtime_flood(port: int, until: float) -> dict:
+async def realtime_flood(port: int, until: float, source: str) -> dict:
     import aiohttp
 
     chunk = base64.b64encode(b"\x00" * 48000).decode()  # 1 s of PCM16 per event
-    sent = connections = 0
-    async with aiohttp.ClientSession() as http:
+    sent = connections = refused = 0
+    async with attacker_session(source) as http:
         while time.monotonic() < until:
             try:
                 async with http.ws_connect(f"ws://127.0.0.1:{port}/v1/realtime",
@@ -284,21 +298,24 @@ async def realtime_flood(port: int, until: float) -> dict:
                         await asyncio.sleep(0)
                     closed.cancel()
             except (aiohttp.ClientError, ConnectionError):
+                refused += 1
                 await asyncio.sleep(0.05)
-    return {"events sent": sent, "connections": connections}
+    return {"events sent": sent, "connections": connections, "refused": refused}
 
 
 ATTACKS = {"twilio_flood": twilio_flood, "idle_sockets": idle_sockets, "opus_flood": opus_flood,
            "realtime_flood": realtime_flood}
+RATE_REFUSED = 'personaplex_connections_refused_total{reason="new_connection_rate"}'
 COUNTERS = {
     "twilio_flood": ['personaplex_input_decoded_seconds_total{front_end="twilio"}',
                      'personaplex_input_refused_messages_total{reason="before_start"}',
-                     'personaplex_errors_total{kind="twilio_no_start"}'],
-    "idle_sockets": ["personaplex_connections_refused_total"],
+                     'personaplex_errors_total{kind="twilio_no_start"}', RATE_REFUSED],
+    "idle_sockets": ['personaplex_connections_refused_total{reason="idle_dropped"}',
+                     'personaplex_connections_refused_total{reason="all_busy"}', RATE_REFUSED],
     "opus_flood": ['personaplex_input_decoded_seconds_total{front_end="chat"}',
-                   'personaplex_input_refused_messages_total{reason="input_rate"}'],
+                   'personaplex_input_refused_messages_total{reason="input_rate"}', RATE_REFUSED],
     "realtime_flood": ['personaplex_input_decoded_seconds_total{front_end="realtime"}',
-                       'personaplex_input_refused_messages_total{reason="input_rate_exceeded"}'],
+                       'personaplex_input_refused_messages_total{reason="input_rate_exceeded"}', RATE_REFUSED],
 }
 
 
@@ -310,11 +327,17 @@ def main() -> None:
                         help="CPU niceness of the attacking process (default 19: it stands in for a client on another "
                              "machine; 0: it competes with the server for this machine's CPU)")
     parser.add_argument("--max-connections", type=int, default=1000, help="the server's cap (default 1000)")
+    parser.add_argument("--attacker-address", default="127.0.0.2",
+                        help="local address the attacks connect from (default 127.0.0.2: another machine to the "
+                             "server's limit on new connections per address; 127.0.0.1: the caller's own address)")
     parser.add_argument("--log", type=Path, default=Path("/tmp/personaplex-attacks-server.log"))
+    parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                        help="more flags for personaplex serve (last on the line), e.g. "
+                             "--max-new-connections-per-address 0")
     args = parser.parse_args()
 
     # A connection cap of 1000: the report's server had a 1024 descriptor limit.
-    process, port = start_server(args.log, ["--max-connections", str(args.max_connections)])
+    process, port = start_server(args.log, ["--max-connections", str(args.max_connections), *args.server_args])
     rows = []
     try:
         context = multiprocessing.get_context("spawn")
@@ -324,7 +347,8 @@ def main() -> None:
             quiet["server_cpu"] = (cpu_seconds(process.pid) - cpu) / (time.monotonic() - wall)
             before = metrics(port)
             report = context.Queue()
-            attacker = context.Process(target=run_attack, args=(name, port, args.duration + 4, report, args.nice))
+            attacker = context.Process(target=run_attack, args=(name, port, args.duration + 4, report, args.nice,
+                                                                args.attacker_address))
             attacker.start()
             time.sleep(2.0)  # the attack is under way before the caller starts
             cpu, wall = cpu_seconds(process.pid), time.monotonic()
@@ -353,7 +377,7 @@ def main() -> None:
               f"| {quiet['server_cpu']:.2f} / {loud['server_cpu']:.2f} | {loud['health_worst']:.2f} | {attacker} "
               f"| {server} |")
     print(f"\nmachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; attacker niceness "
-          f"{args.nice}")
+          f"{args.nice}, attacker address {args.attacker_address}, server flags {' '.join(args.server_args) or '-'}")
     print(f"\nserver log: {args.log} ({args.log.stat().st_size} bytes)")
 
 

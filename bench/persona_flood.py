@@ -1,6 +1,7 @@
 """An ordinary caller's real time while attackers flood the server with persona work.
 
     python bench/persona_flood.py --phase-seconds 20 [--attackers 8] [--server-pythonpath DIR]
+        [--attacker-address 127.0.0.2]
 
 Starts the real ``personaplex serve --model demo --allow-voice-upload`` (a separate process, loopback)
 and caller A, a real-time /api/chat client streaming Ogg/Opus from this process. Then, one phase after
@@ -16,7 +17,11 @@ another, while A talks:
   encode) and open /api/chat with them;
 - ``bomb``: attackers upload a FLAC that claims 5 s and holds 300 s.
 
-Per phase: A's real-time factor (agent audio received, from the Ogg granule positions, over wall time),
+The attackers connect from ``--attacker-address`` (127.0.0.2: another machine to the server's limit on
+new connections per address; Linux routes all of 127/8 to the loopback), caller A from 127.0.0.1;
+``--attacker-address 127.0.0.1`` puts them on one address.
+
+Per phase (its table row is printed as soon as the phase ends): A's real-time factor (agent audio received, from the Ogg granule positions, over wall time),
 the longest gap between two of A's agent pages, p99 gap, and what the attackers got (attempts, refused as
 busy, other refusals, accepted). The target (issue: hardening) is >= 0.9x real time and no gap over 0.5 s.
 ``--server-pythonpath`` runs another checkout's server (e.g. the code before the fix) for comparison.
@@ -136,11 +141,16 @@ class Tally:
         return f"{self.attempts} | {self.busy} | {self.refused} | {self.accepted} | {self.failed}"
 
 
-async def chat_once(base: str, query: dict, tally: Tally) -> None:
+def attacker_session(source: str) -> aiohttp.ClientSession:
+    """A session whose connections come from ``source`` (the attacker's address)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0)))
+
+
+async def chat_once(base: str, query: dict, tally: Tally, source: str) -> None:
     url = base.replace("http", "ws") + "/api/chat?" + urlencode(query)
     tally.attempts += 1
     try:
-        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        async with attacker_session(source) as session, session.ws_connect(url) as ws:
             async for message in ws:
                 if message.type != aiohttp.WSMsgType.BINARY:
                     break
@@ -156,22 +166,24 @@ async def chat_once(base: str, query: dict, tally: Tally) -> None:
                     break
     except (aiohttp.ClientError, asyncio.TimeoutError):
         tally.failed += 1
+        await asyncio.sleep(0.01)  # refused at connect: try again soon, not in a busy loop beside caller A
 
 
-async def chat_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int, unique: bool = True) -> None:
+async def chat_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int, source: str,
+                     unique: bool = True) -> None:
     count = 0
     while not stop.is_set():
         count += 1
         prompt = f"attacker {worker} prompt {count} {time.time_ns()}" if unique else "the same prompt each time"
-        await chat_once(base, {"text_prompt": prompt, "voice_prompt": "NATF2"}, tally)
+        await chat_once(base, {"text_prompt": prompt, "voice_prompt": "NATF2"}, tally, source)
 
 
-async def realtime_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int) -> None:
+async def realtime_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int, source: str) -> None:
     url = base.replace("http", "ws") + "/v1/realtime"
     count = 0
     while not stop.is_set():
         try:
-            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            async with attacker_session(source) as session, session.ws_connect(url) as ws:
                 while not stop.is_set():
                     count += 1
                     tally.attempts += 1
@@ -204,11 +216,13 @@ async def realtime_flood(base: str, stop: asyncio.Event, tally: Tally, worker: i
                         break  # this connection takes no more persona changes: open another
         except (aiohttp.ClientError, asyncio.TimeoutError):
             tally.failed += 1
+            await asyncio.sleep(0.01)  # refused at connect: try again soon, not in a busy loop
 
 
-async def upload_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int, payload=None) -> None:
+async def upload_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int, source: str,
+                       payload=None) -> None:
     count = 0
-    async with aiohttp.ClientSession() as session:
+    async with attacker_session(source) as session:
         while not stop.is_set():
             count += 1
             data = payload if payload is not None else unique_voice(worker, count)
@@ -218,7 +232,7 @@ async def upload_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int
                     body = json.loads(await response.text())
                     if response.status == 200:
                         tally.accepted += 1
-                        await chat_once(base, {"text_prompt": "hi", "voice_prompt": body["voice"]}, Tally())
+                        await chat_once(base, {"text_prompt": "hi", "voice_prompt": body["voice"]}, Tally(), source)
                     elif response.status == 503:
                         tally.busy += 1
                         await asyncio.sleep(0.2)
@@ -226,6 +240,7 @@ async def upload_flood(base: str, stop: asyncio.Event, tally: Tally, worker: int
                         tally.refused += 1
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 tally.failed += 1
+                await asyncio.sleep(0.01)
 
 
 _VOICE = None
@@ -258,6 +273,15 @@ def flac_bomb() -> bytes:
 # --- the run -----------------------------------------------------------------------------------------------
 
 
+TABLE_HEADER = ("| phase | A real time | A longest gap s | A p99 gap s | attempts | busy | other refusals | accepted "
+                "| failed |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(name: str, a: dict, tally: Tally) -> str:
+    verdict = "" if a["rt"] >= 0.9 and a["max_gap"] <= 0.5 else " (below target)"
+    return f"| {name} | {a['rt']:.2f}x{verdict} | {a['max_gap']:.2f} | {a['p99_gap']:.2f} | {tally.row()} |"
+
+
 async def run(args) -> list[tuple[str, dict, Tally]]:
     unique_voice(0, 0)  # synthesised now, not while caller A talks
     bomb = flac_bomb()
@@ -269,14 +293,16 @@ async def run(args) -> list[tuple[str, dict, Tally]]:
         talking = asyncio.create_task(caller.run(stop_a))
         await asyncio.wait_for(caller.joined.wait(), 120)
         await asyncio.sleep(3)  # settle
+        source = args.attacker_address
         phases = [
             ("quiet", None),
-            ("chat flood, one prompt", lambda stop, tally, i: chat_flood(base, stop, tally, i, unique=False)),
-            ("chat flood", lambda stop, tally, i: chat_flood(base, stop, tally, i)),
-            ("realtime flood", lambda stop, tally, i: realtime_flood(base, stop, tally, i)),
-            ("upload flood", lambda stop, tally, i: upload_flood(base, stop, tally, i)),
-            ("bomb", lambda stop, tally, i: upload_flood(base, stop, tally, i, payload=bomb)),
+            ("chat flood, one prompt", lambda stop, tally, i: chat_flood(base, stop, tally, i, source, unique=False)),
+            ("chat flood", lambda stop, tally, i: chat_flood(base, stop, tally, i, source)),
+            ("realtime flood", lambda stop, tally, i: realtime_flood(base, stop, tally, i, source)),
+            ("upload flood", lambda stop, tally, i: upload_flood(base, stop, tally, i, source)),
+            ("bomb", lambda stop, tally, i: upload_flood(base, stop, tally, i, source, payload=bomb)),
         ]
+        print(TABLE_HEADER, flush=True)
         for name, attack in phases:
             if args.phases and name not in args.phases:
                 continue
@@ -291,7 +317,7 @@ async def run(args) -> list[tuple[str, dict, Tally]]:
                 task.cancel()
             await asyncio.gather(*attackers, return_exceptions=True)
             rows.append((name, caller.window(start, end), tally))
-            print(f"{name}: {rows[-1][1]} attempts {tally.row()}", flush=True)
+            print(table_row(*rows[-1]), flush=True)  # now: a run cut short still reports the phases it ran
             await asyncio.sleep(3)  # let the server settle between phases
         stop_a.set()
         await asyncio.wait_for(talking, 30)
@@ -316,17 +342,17 @@ def main() -> None:
     parser.add_argument("--attackers", type=int, default=8, help="concurrent attacking clients per phase")
     parser.add_argument("--phases", nargs="*", default=None, help="only these phases (names as in the table)")
     parser.add_argument("--server-pythonpath", default=None, help="checkout whose server runs (default: this one)")
+    parser.add_argument("--attacker-address", default="127.0.0.2",
+                        help="local address the attackers connect from (default 127.0.0.2; 127.0.0.1: caller A's)")
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                         help="more flags for personaplex serve (last on the line)")
     args = parser.parse_args()
     rows = asyncio.run(run(args))
-    print()
-    print("| phase | A real time | A longest gap s | A p99 gap s | attempts | busy | other refusals | accepted "
-          "| failed |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, a, tally in rows:
-        verdict = "" if a["rt"] >= 0.9 and a["max_gap"] <= 0.5 else " (below target)"
-        print(f"| {name} | {a['rt']:.2f}x{verdict} | {a['max_gap']:.2f} | {a['p99_gap']:.2f} | {tally.row()} |")
+    print()  # the whole table again, together
+    print(TABLE_HEADER)
+    for row in rows:
+        print(table_row(*row))
+    print(f"\nattackers from {args.attacker_address}, caller A from 127.0.0.1", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Attacks on a real running server (demo model, loopback, bounded loops) and the behaviour that answers
 them: authentication before any work (Twilio included), budgets on what one client may send, timeouts on
-idle and half-open connections, a connection cap that never locks out real callers, slow readers ended
+idle and half-open connections, a connection cap that never locks out real callers, a limit on new
+connections per remote address (an attacker on 127.0.0.2, callers on 127.0.0.1), slow readers ended
 and their connection reset, the Origin allow-list, and short, clear refusals for malformed input.
 
 Where an attack runs next to an ordinary caller, the test asserts that the caller completes without an
@@ -34,6 +35,9 @@ from personaplex.server.security import OriginPolicy, token_matches
 from personaplex.serving.input_budget import InputBudget, InputRateExceeded
 
 TOKEN = "s3cret"
+# Attackers connect from here, standing for another machine (Linux routes all of 127/8 to the loopback):
+# the ordinary callers, on 127.0.0.1, keep their own budget of new connections per address.
+ATTACKER = "127.0.0.2"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -311,13 +315,13 @@ def test_an_idle_realtime_session_is_closed(server):
 
 def test_idle_sockets_at_the_connection_cap_never_lock_out_callers(server):
     guard = server.server.guard
-    refused_before = metric(server, "personaplex_connections_refused_total")
+    refused_before = metric(server, "personaplex_connections_refused_total", reason="idle_dropped")
 
     async def scenario():
         idle = []
         for _ in range(3 * guard.max_connections):  # three times the cap of silent sockets and idle /twilio
-            idle.append(await asyncio.open_connection("127.0.0.1", server.server.port))
-        http = aiohttp.ClientSession()
+            idle.append(await asyncio.open_connection("127.0.0.1", server.server.port, local_addr=(ATTACKER, 0)))
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ATTACKER, 0)))
         streams = [await http.ws_connect(f"{server.ws}/twilio/media-stream") for _ in range(guard.max_connections)]
         async with aiohttp.ClientSession() as fresh, fresh.get(f"{server.http}/api/health") as response:
             health = response.status
@@ -335,7 +339,7 @@ def test_idle_sockets_at_the_connection_cap_never_lock_out_callers(server):
     assert caller.error is None and len(caller.of(0x01)) >= 15
     assert open_now <= guard.max_connections
     assert guard.peak_descriptors <= guard.max_connections  # counted from accept() to close
-    assert metric(server, "personaplex_connections_refused_total") > refused_before
+    assert metric(server, "personaplex_connections_refused_total", reason="idle_dropped") > refused_before
 
 
 def test_tls_handshakes_never_sent_count_against_the_cap_and_are_dropped_first(demo_model, tmp_path):
@@ -349,7 +353,8 @@ def test_tls_handshakes_never_sent_count_against_the_cap_and_are_dropped_first(d
                            max_conversations=1, max_queue=0, input_timeout_seconds=None)
     guard = running.server.guard
     try:
-        silent = [socket.create_connection(("127.0.0.1", running.server.port), timeout=5) for _ in range(24)]
+        silent = [socket.create_connection(("127.0.0.1", running.server.port), timeout=5, source_address=(ATTACKER, 0))
+                  for _ in range(24)]
         client = ssl.create_default_context(cafile=str(tmp_path / "tls" / "cert.pem"))
         client.check_hostname = False
 
@@ -389,18 +394,21 @@ def _serve_subprocess(tmp_path, nofile: int, *flags: str):
     raise AssertionError((tmp_path / "server.log").read_text(errors="replace")[-2000:])
 
 
-def _flood_sockets(port: int, count: int, threads: int = 4) -> list[socket.socket]:
-    """``count`` connections opened as fast as ``threads`` clients can (bursts fill the listen backlog)."""
+def _flood_sockets(port: int, count: int, threads: int = 8) -> list[socket.socket]:
+    """``count`` connections opened as fast as ``threads`` clients can (bursts fill the listen backlog),
+    each client from its own address (127.0.0.2, .3, ...): many machines, each within its budget of new
+    connections per address, which only the connection cap answers."""
     sockets = []
 
-    def connect(share: int) -> None:
+    def connect(share: int, source: str) -> None:
         for _ in range(share):
             try:
-                sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                sockets.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)))
             except OSError:
                 return
 
-    clients = [threading.Thread(target=connect, args=(count // threads,)) for _ in range(threads)]
+    clients = [threading.Thread(target=connect, args=(count // threads, f"127.0.0.{2 + index}"))
+               for index in range(threads)]
     for client in clients:
         client.start()
     for client in clients:
@@ -480,6 +488,103 @@ def test_descriptor_exhaustion_is_avoided_by_default_and_never_floods_the_log(tm
     allowed = 1 + int((time.monotonic() - flooded) / 10)  # one line per 10 s at most
     assert 1 <= text.count(b"cannot accept connections") <= allowed, text[-3000:]
     assert len(text) < 20_000 and b"Traceback" not in text
+
+
+# --- connection churn from one address ----------------------------------------------------------------------
+
+
+async def _raw_health(port: int, source: str) -> bytes:
+    """One new connection from ``source`` asking for /api/health; everything the server sent back (b"": the
+    connection was closed or reset without an HTTP answer)."""
+    try:  # a reset can come before the client's connect() has even returned
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    except ConnectionError:
+        return b""
+    answer = b""
+    try:
+        writer.write(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        while chunk := await asyncio.wait_for(reader.read(65536), 20):
+            answer += chunk
+    except (ConnectionError, OSError):
+        pass
+    writer.close()
+    return answer
+
+
+def test_an_address_reconnecting_in_a_loop_is_reset_at_once_while_others_are_served(demo_model, caplog):
+    caplog.set_level(logging.WARNING, logger="personaplex.server")
+    rate, burst = 2.0, 5
+    running = ServerThread(demo_model, {"limits": ServerLimits(new_connections_per_address=rate,
+                                                               new_connection_burst=burst)},
+                           max_conversations=2, max_queue=0, input_timeout_seconds=None)
+    port = running.server.port
+
+    async def attacker(count: int = 40) -> tuple[list[bytes], float]:
+        started = time.monotonic()
+        answers = [await _raw_health(port, ATTACKER) for _ in range(count)]
+        return answers, time.monotonic() - started
+
+    async def websocket_attacker(count: int = 20) -> int:
+        """A Twilio flood's reconnect loop, as bench/attacks.py runs it: how many upgrades were refused."""
+        refused = 0
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(ATTACKER, 0))) as http:
+            for _ in range(count):
+                try:
+                    async with http.ws_connect(f"{running.ws}/twilio/media-stream") as ws:
+                        await ws.send_str(twilio_media())
+                except (aiohttp.ClientError, ConnectionError):
+                    refused += 1
+        return refused
+
+    async def scenario():
+        caller = asyncio.create_task(ordinary_caller(running, 3.0))
+        answers, seconds = await attacker()
+        refused_websockets = await websocket_attacker()
+        # Right after the flood: the attacker is still refused, the ordinary address is not.
+        still_refused = await _raw_health(port, ATTACKER)
+        async with aiohttp.ClientSession() as http, http.get(f"{running.http}/api/health") as response:
+            health = response.status
+        return answers, seconds, refused_websockets, still_refused, health, await caller
+
+    try:
+        refused_before = metric(running, "personaplex_connections_refused_total", reason="new_connection_rate")
+        answers, seconds, refused_websockets, still_refused, health, received = \
+            asyncio.run(asyncio.wait_for(scenario(), 120))
+        refused_after = metric(running, "personaplex_connections_refused_total", reason="new_connection_rate")
+    finally:
+        running.stop()
+
+    served = [answer for answer in answers if answer]
+    refused = len(answers) - len(served)
+    assert all(answer.startswith(b"HTTP/1.1 200") for answer in served)
+    assert answers[:burst] == served[:burst]  # the burst is served, in full
+    # Past the burst, no more than the rate allows over the time the loop took (+1: a token in the making).
+    assert burst <= len(served) <= burst + rate * seconds + 1, (len(served), seconds)
+    assert refused >= 1 and refused_websockets >= 1 and still_refused == b""
+    assert refused_after - refused_before >= refused + refused_websockets + 1
+    assert health == 200
+    assert received.error is None and len(received.of(0x01)) >= 20  # the caller on 127.0.0.1 kept talking
+    lines = [record for record in caplog.records if "--max-new-connections-per-address" in record.getMessage()]
+    assert 1 <= len(lines) <= 1 + (seconds + 60) / 10  # once per 10 s, with a count, not once per refusal
+    assert ATTACKER in lines[0].getMessage()
+
+
+def test_the_default_limit_serves_a_load_test_from_one_host(demo_model):
+    """``personaplex loadtest -n 150`` opens its connections nearly at once from one address: the default
+    burst takes them all (here 150 health checks at once, from an address no other test uses)."""
+    running = ServerThread(demo_model, {}, max_conversations=1, max_queue=0, input_timeout_seconds=None)
+
+    async def load_test_host(count: int = 150) -> list[bytes]:
+        return await asyncio.gather(*(_raw_health(running.server.port, "127.0.0.3") for _ in range(count)))
+
+    try:
+        answers = asyncio.run(asyncio.wait_for(load_test_host(), 120))
+        refused = metric(running, "personaplex_connections_refused_total", reason="new_connection_rate")
+    finally:
+        running.stop()
+    assert sum(answer.startswith(b"HTTP/1.1 200") for answer in answers) == 150
+    assert refused == 0
 
 
 # --- 7. a client that stops reading -------------------------------------------------------------------------
@@ -687,12 +792,12 @@ def test_limit_flags_are_documented():
     from personaplex.server.serve import build_parser
 
     text = build_parser().format_help()
-    for flag in ("--request-timeout", "--idle-timeout", "--max-connections", "--input-burst",
-                 "--max-messages-per-second", "--allowed-origins"):
+    flags = ("--request-timeout", "--idle-timeout", "--max-connections", "--max-new-connections-per-address",
+             "--new-connection-burst", "--input-burst", "--max-messages-per-second", "--allowed-origins")
+    for flag in flags:
         assert flag in text
     readme = (REPO / "README.md").read_text()
-    for flag in ("--request-timeout", "--idle-timeout", "--max-connections", "--input-burst",
-                 "--max-messages-per-second", "--allowed-origins"):
+    for flag in flags:
         assert flag in readme, flag
 
 
@@ -704,6 +809,14 @@ def test_limit_flags_are_checked_before_loading_anything():
     limits = limits_from_args(parser.parse_args(["--allowed-origins", "https://app.example.com",
                                                  "--max-connections", "100"]))
     assert limits.max_connections == 100 and limits.allowed_origins.allows("https://app.example.com", "x")
-    for flags in (["--request-timeout", "0"], ["--idle-timeout", "-1"], ["--max-connections", "1"]):
+    # The flags' defaults are those of a server started from Python without limits (start_server).
+    defaults, python = limits_from_args(parser.parse_args([])), ServerLimits()
+    assert (defaults.new_connections_per_address, defaults.new_connection_burst) == \
+        (python.new_connections_per_address, python.new_connection_burst) == (20.0, 256)
+    limits = limits_from_args(parser.parse_args(["--max-new-connections-per-address", "0",
+                                                 "--new-connection-burst", "3"]))
+    assert (limits.new_connections_per_address, limits.new_connection_burst) == (0.0, 3)
+    for flags in (["--request-timeout", "0"], ["--idle-timeout", "-1"], ["--max-connections", "1"],
+                  ["--max-new-connections-per-address", "-1"], ["--new-connection-burst", "0"]):
         with pytest.raises(ValueError, match=flags[0]):
             limits_from_args(parser.parse_args(flags))

@@ -7,8 +7,10 @@ TLS handshake, between keep-alive requests, or a WebSocket that has not authenti
 authorised request or conversation in progress; ``mark_busy``). At ``max_connections`` a new connection
 drops the oldest idle one and is accepted once that one's socket is closed, so that sockets opened and
 left silent can never lock out ``/api/health`` or real callers; when every connection is busy the new
-one is accepted and closed at once. Both are counted (``personaplex_connections_refused_total``) and
-logged at most once per ``LOG_INTERVAL_SECONDS``.
+one is accepted and closed at once. Before either, a connection from an address that opens new ones
+faster than ``--max-new-connections-per-address`` allows (``address_limit.py``) is reset at once, before
+any TLS or HTTP work. All are counted (``personaplex_connections_refused_total{reason}``: ``idle_dropped``,
+``all_busy``, ``new_connection_rate``) and logged at most once per ``LOG_INTERVAL_SECONDS`` each, with a count.
 
 ``quiet_accept_errors`` turns the event loop's ``socket.accept() out of system resource`` messages (one
 per retry, with a traceback) into one line per ``LOG_INTERVAL_SECONDS`` with a count.
@@ -19,9 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+
+from .address_limit import NewConnectionLimit
 
 log = logging.getLogger("personaplex.server")
 LOG_INTERVAL_SECONDS = 10.0
@@ -98,9 +103,11 @@ class _GuardedProtocol(asyncio.Protocol):
 
 
 class ConnectionGuard:
-    def __init__(self, max_connections: int, metrics=None):
+    def __init__(self, max_connections: int, metrics=None, new_connections: NewConnectionLimit | None = None):
         self.max_connections = max_connections
         self.metrics = metrics
+        self.new_connections = new_connections  # per remote address; None: no such limit
+        self._rate_log = RateLimitedLog()  # its own: address refusals must not hide the cap's messages
         self._open: OrderedDict[_Connection, None] = OrderedDict()  # oldest first
         self._by_transport: dict[asyncio.BaseTransport, _Connection] = {}
         self._closing = 0  # dropped connections whose descriptor is not closed yet
@@ -139,8 +146,7 @@ class ConnectionGuard:
         if idle is None:
             return "full"
         self.evicted += 1
-        if self.metrics is not None:
-            self.metrics.connections_refused.inc()
+        self._count_refusal("idle_dropped")
         self._log(logging.WARNING, "%d connections open (--max-connections): dropping the oldest idle ones",
                   len(self._open))
         self._drop(idle)
@@ -150,9 +156,29 @@ class ConnectionGuard:
         """Close a connection accepted while every other one is busy."""
         sock.close()
         self.refused += 1
-        if self.metrics is not None:
-            self.metrics.connections_refused.inc()
+        self._count_refusal("all_busy")
         self._log(logging.WARNING, "refusing connections: %d open, all busy (--max-connections)", len(self._open))
+
+    def admit_address(self, sock: socket.socket, address) -> bool:
+        """Asked right after ``accept()``: False when ``address`` opens new connections faster than its
+        limit allows; the socket is then reset at once (no TLS, no HTTP; a reset leaves no TIME_WAIT
+        behind on the server however many are refused)."""
+        if self.new_connections is None or self.new_connections.allow(address):
+            return True
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        sock.close()
+        self._count_refusal("new_connection_rate")
+        limit = self.new_connections
+        self._rate_log(logging.WARNING, "resetting new connections from %s: more than %g per second after a burst "
+                       "of %d (--max-new-connections-per-address)", _host(address), limit.rate, limit.burst)
+        return False
+
+    def _count_refusal(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connections_refused.labels(reason=reason).inc()
 
     def serve(self, sock: socket.socket, inner_factory, ssl_context=None) -> None:
         """Hand an accepted socket (counted from now on) to aiohttp's protocol, through TLS if given."""
@@ -207,6 +233,10 @@ class ConnectionGuard:
     def _room_changed(self) -> None:
         if self.on_room is not None:
             self.on_room()
+
+
+def _host(address) -> str:
+    return str(address[0]) if isinstance(address, tuple) and address else str(address)
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:

@@ -5,6 +5,8 @@
 | ``--request-timeout`` | 15 s | a connection with no complete request (fresh, half-sent headers, idle keep-alive) and the body of an upload |
 | ``--idle-timeout`` | 30 s | a WebSocket before its conversation starts: a Realtime session with no event, a Twilio stream without an authenticated ``start`` (counted from the upgrade) |
 | ``--max-connections`` | the descriptors left free at start less a reserve, at most 4096 | open connections; at the limit the oldest idle or unauthenticated one is dropped, else the new one |
+| ``--max-new-connections-per-address`` | 20 per second | new connections from one remote address (IPv6: one /64), after a burst; more are reset at once, before any HTTP work |
+| ``--new-connection-burst`` | 256 | new connections one address may open at once (``personaplex loadtest -n 150`` from one host fits) |
 | ``--input-burst`` | 3 s | user audio a client may send ahead of real time (then it is ended) |
 | ``--max-messages-per-second`` | 200 | messages a client may send per second, with the same burst |
 | ``--allowed-origins`` | same origin and localhost | browser origins that may open WebSockets and POST |
@@ -27,6 +29,11 @@ from .security import OriginPolicy
 # one of a connection accepted only to be refused.
 FD_RESERVE = 128
 MAX_DEFAULT_CONNECTIONS = 4096
+# New connections per remote address: far above what one host's real callers open (a call is one connection
+# for minutes; a load test from one host opens its N at once), far below a client reconnecting in a loop
+# (hundreds per second). Behind a reverse proxy every connection comes from the proxy: raise it or use 0.
+NEW_CONNECTIONS_PER_ADDRESS = 20.0
+NEW_CONNECTION_BURST = 256
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class ServerLimits:
     request_timeout: float = 15.0
     idle_timeout: float = 30.0
     max_connections: int | None = None  # None: from the file descriptor limit (default_max_connections)
+    new_connections_per_address: float = NEW_CONNECTIONS_PER_ADDRESS  # per second after the burst; 0: no limit
+    new_connection_burst: int = NEW_CONNECTION_BURST
     allowed_origins: OriginPolicy = OriginPolicy()
     ping_interval: float = 0.5  # seconds between the pings that measure how far behind a client reads
 
@@ -74,6 +83,14 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-connections", type=int, default=None,
                        help="open connections at most; at the limit the oldest idle or unauthenticated one is "
                             "dropped (default: the file descriptors left free at start less 128, at most 4096)")
+    group.add_argument("--max-new-connections-per-address", type=float, default=NEW_CONNECTIONS_PER_ADDRESS,
+                       metavar="PER_SECOND",
+                       help="new connections one remote address (an IPv6 /64) may open per second after a burst; "
+                            "more are reset at once, before any HTTP work (default %(default)g; 0: no limit). Behind "
+                            "a reverse proxy every connection comes from the proxy's address: raise it or use 0")
+    group.add_argument("--new-connection-burst", type=int, default=NEW_CONNECTION_BURST, metavar="N",
+                       help="new connections one address may open at once before the per-second limit applies "
+                            "(default %(default)d)")
     group.add_argument("--input-burst", type=float, default=3.0, dest="input_burst_seconds",
                        help="seconds of audio a client may send ahead of real time; a client further ahead is "
                             "ended (default 3)")
@@ -90,6 +107,12 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
         raise ValueError("--request-timeout and --idle-timeout must be positive")
     if args.max_connections is not None and args.max_connections < 2:
         raise ValueError("--max-connections must be at least 2")
+    if args.max_new_connections_per_address < 0:
+        raise ValueError("--max-new-connections-per-address must be 0 (no limit) or more")
+    if args.new_connection_burst < 1:
+        raise ValueError("--new-connection-burst must be at least 1")
     return ServerLimits(request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
                         max_connections=args.max_connections,
+                        new_connections_per_address=args.max_new_connections_per_address,
+                        new_connection_burst=args.new_connection_burst,
                         allowed_origins=OriginPolicy.parse(args.allowed_origins))

@@ -4,7 +4,9 @@ asyncio's own loop (``loop.create_server``) accepts up to a backlog (128) of soc
 and hands each to its protocol a few loop iterations later, so a burst of connections can hold several
 backlogs of descriptors before the cap sees the first of them, however low the cap. Here the guard is
 asked before every ``accept()``: at the cap a connection waits in the kernel's backlog until a descriptor
-is really closed, and the descriptors held by connections never exceed ``--max-connections``.
+is really closed, and the descriptors held by connections never exceed ``--max-connections``. Right
+after ``accept()`` the guard also checks the new connection's remote address against its limit on new
+connections per address, so that a refused one costs an ``accept()`` and a ``close()``, nothing more.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class GuardedListener:
                 self._pause()  # the guard calls on_room when a descriptor is closed or an idle one appears
                 return
             try:
-                sock, _ = listening.accept()
+                sock, address = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -145,6 +147,8 @@ class GuardedListener:
                                                    "exception": exc, "socket": listening})
                 self._retry_later()
                 return
+            if not self._guard.admit_address(sock, address):  # reset at once: no TLS, no HTTP
+                continue
             if room == "full":
                 self._guard.refuse(sock)
                 continue

@@ -172,9 +172,11 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
                        opus_workers: int = 0, limits: ServerLimits | None = None) -> RunningServer:
     """Start the hub and listen; returns where. ``host`` is really bound (every interface only for
     0.0.0.0 / ::). ``opus_workers``: processes that encode the agent's audio (0: this process does).
-    ``limits``: timeouts, connection cap, Origin allow-list (``limits.py``; default: the flags' defaults)."""
+    ``limits``: timeouts, connection cap, new connections per address, Origin allow-list (``limits.py``;
+    default: the flags' defaults)."""
     from aiohttp import web
 
+    from .address_limit import NewConnectionLimit
     from .app import build_app
     from .connections import ConnectionGuard, quiet_accept_errors
     from .listener import GuardedSite
@@ -188,8 +190,15 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
         encoders = OpusEncoderPool(opus_workers)
         await encoders.start()
     # Counted once everything else is open: the cap leaves descriptors free for what comes later.
-    guard = ConnectionGuard(limits.max_connections or default_max_connections(), hub.metrics)
+    new_connections = None
+    if limits.new_connections_per_address > 0:
+        new_connections = NewConnectionLimit(limits.new_connections_per_address, limits.new_connection_burst)
+    guard = ConnectionGuard(limits.max_connections or default_max_connections(), hub.metrics, new_connections)
     log.info("accepting at most %d connections at once (--max-connections)", guard.max_connections)
+    if new_connections is not None:
+        log.info("new connections from one address: %g per second after %d at once "
+                 "(--max-new-connections-per-address, --new-connection-burst)", new_connections.rate,
+                 new_connections.burst)
     app = build_app(hub, static_dir=static_dir, auth_token=auth_token, send_buffer_bytes=send_buffer_bytes,
                     phone_personas=phone_personas, encoders=encoders, limits=limits, guard=guard)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)

@@ -65,8 +65,12 @@ class HubMetrics:
                                      "Client messages refused without being decoded, per reason", ["reason"],
                                      registry=r)
         self.connections_refused = Counter(f"{PREFIX}_connections_refused",
-                                           "Connections closed at once or evicted at the connection limit",
+                                           "Connections refused or dropped, per reason: idle_dropped (the oldest idle "
+                                           "one, at the connection limit), all_busy (the new one, at the limit), "
+                                           "new_connection_rate (an address opening them too fast)", ["reason"],
                                            registry=r)
+        for reason in ("idle_dropped", "all_busy", "new_connection_rate"):  # shown from the start, at 0
+            self.connections_refused.labels(reason=reason)
         self.persona_builds = Gauge(f"{PREFIX}_persona_builds_in_progress",
                                     "Persona builds (voice decoding and encoding) queued or running", registry=r)
         self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hits", "Joins served from the persona prefix cache",
