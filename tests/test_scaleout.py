@@ -448,7 +448,10 @@ def test_autoscaling_adds_a_replica_under_load_and_new_sessions_use_it(cluster):
         newcomer = Caller(cluster, 50)
         newcomer.start()
         await asyncio.wait_for(newcomer.handshake.wait(), DEADLINE)
-        assert newcomer.replica not in first
+        # Serve never routes to a replica whose slots are all taken: landing on the first one means a slot
+        # of it was freed, which none of these callers should have done (their states say why if one did).
+        assert newcomer.replica not in first, \
+            f"the newcomer went to the first replica; its callers: {[(c.closed.is_set(), c.error) for c in callers]}"
         for caller in callers + [newcomer]:
             await caller.close()
         return added
