@@ -306,6 +306,7 @@ async def run(args) -> list[tuple[str, dict, Tally]]:
         for name, attack in phases:
             if args.phases and name not in args.phases:
                 continue
+            print(f"{name}: started", file=sys.stderr, flush=True)  # a run cut short says where it was
             stop = asyncio.Event()
             tally = Tally()
             attackers = [asyncio.create_task(attack(stop, tally, i)) for i in range(args.attackers)] if attack else []
@@ -315,7 +316,10 @@ async def run(args) -> list[tuple[str, dict, Tally]]:
             stop.set()
             for task in attackers:
                 task.cancel()
-            await asyncio.gather(*attackers, return_exceptions=True)
+            # Bounded: an attacker stuck in a connection's close must not hold up the report.
+            _, stuck = await asyncio.wait(attackers, timeout=10) if attackers else (set(), set())
+            if stuck:
+                print(f"{name}: {len(stuck)} attacker(s) still closing after 10 s", file=sys.stderr, flush=True)
             rows.append((name, caller.window(start, end), tally))
             print(table_row(*rows[-1]), flush=True)  # now: a run cut short still reports the phases it ran
             await asyncio.sleep(3)  # let the server settle between phases
