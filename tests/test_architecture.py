@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "personaplex.serving",
     )),
     ("front ends: framework-neutral protocol handlers and their codecs", (
-        "personaplex.frontends", "personaplex.integrations",
+        "personaplex.frontends",
     )),
     ("servers, clients, evaluation: aiohttp, Ray Serve, protocol clients, benchmarks", (
         "personaplex.server", "personaplex.scaleout", "personaplex.chat_client", "personaplex.realtime_client",
@@ -51,6 +51,15 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "personaplex.cli", "personaplex.__main__", "personaplex.server.__main__",
     )),
 )
+
+
+# Known exceptions, each with its reason; every one must still exist (see the test below), so that a fixed one
+# leaves this list. ``personaplex scale serve`` takes the flags of ``personaplex serve`` and its replicas read their
+# defaults from the same parser: until those flags live below the commands, the scale-out imports the serve command.
+ALLOWED = {
+    ("personaplex.scaleout.cli", "personaplex.server.serve"): "scale serve: serve's flags and helpers",
+    ("personaplex.scaleout.deployment", "personaplex.server.serve"): "a replica's defaults: serve's flags",
+}
 
 
 @dataclass(frozen=True)
@@ -191,7 +200,8 @@ def test_no_import_cycle_between_parts_of_the_package():
 
 
 def test_no_import_from_a_lower_layer_to_a_higher_one():
-    upward = [e for e in import_graph() if layer_of(e.target) > layer_of(e.source)]
+    upward = [e for e in import_graph() if layer_of(e.target) > layer_of(e.source)
+              and (e.source, e.target) not in ALLOWED]
     assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(
         f"    {e}   [{LAYERS[layer_of(e.source)][0].split(':')[0]} -> {LAYERS[layer_of(e.target)][0].split(':')[0]}]"
         for e in upward)
@@ -199,8 +209,15 @@ def test_no_import_from_a_lower_layer_to_a_higher_one():
 
 def test_nothing_but_an_entry_point_imports_a_command():
     entry = len(LAYERS) - 1
-    into_commands = [e for e in import_graph() if e.target in COMMANDS and layer_of(e.source) != entry]
+    into_commands = [e for e in import_graph() if e.target in COMMANDS and layer_of(e.source) != entry
+                     and (e.source, e.target) not in ALLOWED]
     assert not into_commands, "commands imported by other modules:\n" + "\n".join(f"    {e}" for e in into_commands)
+
+
+def test_every_known_exception_is_still_needed():
+    edges = {(e.source, e.target) for e in import_graph()}
+    stale = [f"{a} -> {b}" for a, b in ALLOWED if (a, b) not in edges]
+    assert not stale, "no longer imported: remove from ALLOWED: " + ", ".join(stale)
 
 
 @pytest.mark.parametrize("source, expected", [

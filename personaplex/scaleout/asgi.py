@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketState
 
 from ..server.limits import ServerLimits
-from ..server.security import TOKEN_COOKIE, cookie_matches, cookie_value, token_from, token_matches
+from ..frontends.security import TOKEN_COOKIE, cookie_matches, cookie_value, token_from, token_matches
 
 log = logging.getLogger("personaplex.scaleout")
 
@@ -78,9 +78,9 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
     in ``/api/health``. ``encoders``: an ``OpusEncoderPool`` for /api/chat, started at the first conversation
     (on the loop that serves it); None: this process encodes. ``limits``: the idle timeout and the Origin
     allow-list of WebSocket upgrades (default: the server's defaults)."""
-    from ..integrations.realtime import run_realtime
-    from ..integrations.twilio import PhonePersonas, run_twilio
-    from ..server.chat_protocol import run_chat
+    from ..frontends.realtime import run_realtime
+    from ..frontends.twilio import PhonePersonas, run_twilio
+    from ..frontends.chat_protocol import run_chat
 
     limits = limits or ServerLimits()
 

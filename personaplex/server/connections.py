@@ -8,7 +8,7 @@ authorised request or conversation in progress; ``mark_busy``). At ``max_connect
 drops the oldest idle one and is accepted once that one's socket is closed, so that sockets opened and
 left silent can never lock out ``/api/health`` or real callers; when every connection is busy the new
 one is accepted and closed at once. Both are counted (``personaplex_connections_refused_total``) and
-logged at most once per ``LOG_INTERVAL_SECONDS``.
+logged at most once per ``frontends.logs.LOG_INTERVAL_SECONDS``.
 
 ``quiet_accept_errors`` turns the event loop's ``socket.accept() out of system resource`` messages (one
 per retry, with a traceback) into one line per ``LOG_INTERVAL_SECONDS`` with a count.
@@ -19,33 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from ..frontends.logs import RateLimitedLog
+
 log = logging.getLogger("personaplex.server")
-LOG_INTERVAL_SECONDS = 10.0
-
-
-class RateLimitedLog:
-    """Log a recurring event at most once per interval, saying how many were not logged: what a client can
-    trigger at will must not be able to fill the disk."""
-
-    def __init__(self, logger: logging.Logger = log, interval: float = LOG_INTERVAL_SECONDS):
-        self.logger = logger
-        self.interval = interval
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def __call__(self, level: int, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            message += f" ({self._suppressed} more since the last message)"
-        self._last, self._suppressed = now, 0
-        self.logger.log(level, message, *args)
 
 
 class _Connection:

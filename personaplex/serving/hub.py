@@ -56,10 +56,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import startup
+from ..app import model as model_flags
 from ..config import FRAME_RATE, FRAME_SIZE
 from ..engine import SamplingConfig
 from ..engine.engine import CONTEXT_POLICIES
-from ..errors import PersonaplexError
+from ..errors import PersonaplexError, UsageError
 from ..text import SpokenText
 from .jitter import InputJitterBuffer
 from .metrics import HubMetrics
@@ -306,8 +307,6 @@ class ConversationHub:
         """A hub from command-line arguments: the model flags of ``personaplex offline`` plus the server's
         limits (``max_conversations``, ``max_queue``, ``max_conversation_seconds``, ``allow_voice_upload``...)
         and the default ``context_policy``."""
-        from ..offline import UsageError, load_model_for_args, resolve_model_assets
-
         options = HubOptions()
         for name in ("max_conversations", "max_queue", "max_conversation_seconds", "allow_voice_upload",
                      "input_timeout_seconds", "tick_seconds", "kv_dtype", "input_burst_seconds",
@@ -339,10 +338,10 @@ class ConversationHub:
                                  ("--max-persona-changes", options.max_persona_changes, 0)):
             if value < low:
                 raise UsageError(f"{flag} must be at least {low}")
-        # The same loading as the offline tool: device, --quantize, --cpu-offload, with its advice printed.
+        # The same loading as every command: device, --quantize, --cpu-offload, with its advice printed.
         with startup.phase("load model (read weights, build)", announce=True):
             slots = getattr(args, "max_conversations", None) or 1
-            model = load_model_for_args(args, resolve_model_assets(args), slots=slots)
+            model = model_flags.load_model_for_args(args, model_flags.resolve_model_assets(args), slots=slots)
         if getattr(args, "max_conversations", None) is None:
             from ..engine import slots_that_fit
 
