@@ -1,4 +1,4 @@
-"""The client side of the ``/api/chat`` protocol (``server/chat_protocol.py``): one conversation streamed
+"""The client side of the ``/api/chat`` protocol (``frontends/chat_protocol.py``): one conversation streamed
 as real Ogg/Opus, shared by ``personaplex client`` and ``personaplex loadtest``.
 
 ``run_exchange`` connects, waits for the handshake, then sends one 80 ms frame per ``0x01`` message

@@ -1,7 +1,7 @@
 """``personaplex eval fdb run``: every sample's ``input.wav`` through the batched engine into ``output.wav``.
 
-Each sample runs as the offline tool runs a file (same code: continuous batching, the input streamed frame by
-frame after the persona's prompt). ``output.wav`` has the input's origin and duration, at the model's 24 kHz by
+Each sample runs as the offline tool runs a file (the same code, ``app/recordings.py``: continuous batching, the
+input streamed frame by frame after the persona's prompt). ``output.wav`` has the input's origin and duration, at the model's 24 kHz by
 default, as the reference pipeline wrote the outputs behind the published rows (the official backchannel scorer
 reads a 24 kHz file's times x1.5, so the rate changes its numbers); ``--output-rate input`` writes it at the
 input's rate with exactly its number of samples instead. Samples whose outputs exist at the asked rate are

@@ -6,9 +6,9 @@ protocol handlers (``run_chat``, ``run_realtime``, ``run_twilio``); only the fra
 
 | route | what |
 | --- | --- |
-| ``GET /api/chat`` | the WebSocket conversation protocol (``personaplex/server/chat_protocol.py``) |
-| ``GET /v1/realtime`` | the Realtime-style WebSocket (``personaplex/integrations/realtime.py``) |
-| ``GET /twilio/media-stream`` | the Twilio Media Streams WebSocket (``personaplex/integrations/twilio.py``) |
+| ``GET /api/chat`` | the WebSocket conversation protocol (``personaplex/frontends/chat_protocol.py``) |
+| ``GET /v1/realtime`` | the Realtime-style WebSocket (``personaplex/frontends/realtime.py``) |
+| ``GET /twilio/media-stream`` | the Twilio Media Streams WebSocket (``personaplex/frontends/twilio.py``) |
 | ``GET /api/health`` | JSON of this replica: ok, model, slots busy/free, ``replica`` |
 | ``GET /api/voices`` | the voice presets; uploads are refused (an upload would live in one replica only) |
 | ``GET /metrics`` | this replica's Prometheus metrics |
@@ -40,7 +40,7 @@ UPLOAD_REFUSED = ("uploaded voices are not available when serving with replicas 
 
 
 class StarletteTransport:
-    """``MessageTransport`` (see ``personaplex/server/chat_protocol.py``) over a Starlette WebSocket."""
+    """``MessageTransport`` (see ``personaplex/frontends/chat_protocol.py``) over a Starlette WebSocket."""
 
     def __init__(self, ws: WebSocket):
         self.ws = ws
