@@ -20,8 +20,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "personaplex"
 COMMANDS = ("personaplex.offline", "personaplex.client", "personaplex.loadtest", "personaplex.server.serve",
             "personaplex.scaleout.cli", "personaplex.eval.cli")
 
-# Lowest first. A module belongs to the layer of the longest prefix below that names it; a module may import
-# from its own layer and any layer before it, never from a later one.
+# Lowest first. A module belongs to the layer of the longest prefix below that names it (the package's own
+# ``__init__``, "personaplex", names only itself); a module may import from its own layer and any layer before it,
+# never from a later one.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation: errors, presets, text, Ogg pages", (
         "personaplex", "personaplex.errors", "personaplex.config", "personaplex.text", "personaplex.startup",
@@ -33,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "personaplex.random_weights", "personaplex.demo", "personaplex.audio", "personaplex.persona",
         "personaplex.engine", "personaplex.deploy", "personaplex.loading",
     )),
-    ("application: the model, sampling and recordings from flags; logging; usage errors", (
+    ("application: the model, sampling and recordings from flags; logging and exit status", (
         "personaplex.app",
     )),
     ("live serving: the conversation hub", (
@@ -123,7 +124,8 @@ def layer_of(module: str) -> int:
     best, best_length = None, -1
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_length:
+            inside = module.startswith(prefix + ".") and prefix != "personaplex"
+            if (module == prefix or inside) and len(prefix) > best_length:
                 best, best_length = index, len(prefix)
     if best is None:
         raise AssertionError(f"{module} is in no layer: add it to LAYERS in {Path(__file__).name}")
@@ -212,6 +214,12 @@ def test_nothing_but_an_entry_point_imports_a_command():
     into_commands = [e for e in import_graph() if e.target in COMMANDS and layer_of(e.source) != entry
                      and (e.source, e.target) not in ALLOWED]
     assert not into_commands, "commands imported by other modules:\n" + "\n".join(f"    {e}" for e in into_commands)
+
+
+def test_a_new_module_must_be_given_a_layer():
+    with pytest.raises(AssertionError, match="personaplex.newcomer is in no layer"):
+        layer_of("personaplex.newcomer")
+    assert layer_of("personaplex.server.app") < layer_of("personaplex.server.serve") < layer_of("personaplex.cli")
 
 
 def test_every_known_exception_is_still_needed():

@@ -57,10 +57,22 @@ import numpy as np
 
 from .. import startup
 from ..app import model as model_flags
+from ..audio import AudioLimits
 from ..config import FRAME_RATE, FRAME_SIZE
-from ..engine import SamplingConfig
+from ..engine import Engine, SamplingConfig, slots_that_fit
 from ..engine.engine import CONTEXT_POLICIES
 from ..errors import PersonaplexError, UsageError
+from ..persona import (
+    AUDIO_SUFFIXES,
+    SAVED_VOICE_SUFFIXES,
+    BuildCancelled,
+    PromptTooLongError,
+    VoicePromptError,
+    available_voices,
+    build_system_prompt,
+    load_voice,
+    resolve_voice,
+)
 from ..text import SpokenText
 from .jitter import InputJitterBuffer
 from .metrics import HubMetrics
@@ -260,8 +272,6 @@ class ConversationHub:
     """Owns the Engine and one engine thread that ticks every 80 ms (GPU work never on the event loop)."""
 
     def __init__(self, model, options: HubOptions | None = None, *, engine=None):
-        from ..engine import Engine
-
         self.model = model
         self.options = options or HubOptions()
         if self.options.max_conversations < 1 or self.options.max_queue < 0:
@@ -343,8 +353,6 @@ class ConversationHub:
             slots = getattr(args, "max_conversations", None) or 1
             model = model_flags.load_model_for_args(args, model_flags.resolve_model_assets(args), slots=slots)
         if getattr(args, "max_conversations", None) is None:
-            from ..engine import slots_that_fit
-
             options.max_conversations = min(64, slots_that_fit(model.lm, model.mimi, options.kv_dtype))
         with startup.phase(f"engine state for {options.max_conversations} slots"):
             return cls(model, options)
@@ -434,8 +442,6 @@ class ConversationHub:
 
     def voices(self) -> list[str]:
         """Available voice presets (names to pass as ``PersonaRequest.voice``)."""
-        from ..persona import available_voices
-
         return available_voices(self.model.voices_dir)
 
     def _context_seconds(self) -> float:
@@ -587,8 +593,6 @@ class ConversationHub:
         return self._build_prompt(self._voice_path(request), request.text_prompt, None)
 
     def _build_prompt(self, voice_path: Path | None, text_prompt: str, cancelled):
-        from ..persona import PromptTooLongError, build_system_prompt
-
         key = (str(voice_path), text_prompt)
         with self._prompts_lock:
             prompt = self._prompts.get(key)
@@ -610,9 +614,6 @@ class ConversationHub:
     def _voice(self, path: Path, cancelled, label: str | None = None):
         """The ``VoicePrompt`` of a voice file, decoded and encoded once per file version (a new text
         prompt with a known voice costs no audio work)."""
-        from ..audio import AudioLimits
-        from ..persona import BuildCancelled, load_voice
-
         try:
             stat = path.stat()
         except OSError:
@@ -653,8 +654,6 @@ class ConversationHub:
         return PersonaError(message)
 
     def _voice_path(self, request: PersonaRequest) -> Path | None:
-        from ..persona import AUDIO_SUFFIXES, SAVED_VOICE_SUFFIXES, VoicePromptError, resolve_voice
-
         name = request.voice if request.voice else self.options.default_voice
         if not name:
             return None
