@@ -175,10 +175,10 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
     ``limits``: timeouts, connection cap, Origin allow-list (``limits.py``; default: the flags' defaults)."""
     from aiohttp import web
 
+    from ..frontends.opus_pool import OpusEncoderPool
     from .app import build_app
     from .connections import ConnectionGuard, quiet_accept_errors
     from .listener import GuardedSite
-    from ..frontends.opus_pool import OpusEncoderPool
 
     limits = limits or ServerLimits()
     quiet_accept_errors(asyncio.get_running_loop())
