@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .. import startup
 from ..config import FRAME_SIZE, SAMPLE_RATE
 from ..errors import UsageError
 from . import model as model_flags
@@ -42,15 +45,12 @@ def run_recordings(jobs: list[Job], args: argparse.Namespace, *, context_policy:
 
     ``args``: the flags of ``flags.add_model_arguments`` and ``flags.add_sampling_arguments``, ``batch_size``
     (conversations at once; None: as many as fit) and ``context_policy`` (what ``context_policy`` overrides).
-    Every input is read and every persona built before the first frame runs: a bad file fails fast.
+    Every input is read before the model loads and every persona built before the first frame runs: a bad file
+    fails fast.
     """
-    import time
-    from collections import deque
-
     import torch
     from tqdm import tqdm
 
-    from .. import startup
     from ..audio import read_audio
     from ..engine import Engine, slots_that_fit
     from ..persona import build_system_prompt, load_voice, resolve_voice

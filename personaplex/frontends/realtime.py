@@ -79,7 +79,7 @@ from .codecs import (
 )
 from .session_loop import receive_until_over
 
-log = logging.getLogger("personaplex.integrations.realtime")
+log = logging.getLogger("personaplex.integrations.realtime")  # the log name operators filter on, kept
 
 FRONT_END = "realtime"
 MAX_EVENT_BYTES = 1 << 20  # one client event; base64 PCM16 at 24 kHz: about 16 s of audio

@@ -58,7 +58,7 @@ from .logs import RateLimitedLog
 from .security import token_matches
 from .session_loop import receive_until_over
 
-log = logging.getLogger("personaplex.integrations.twilio")
+log = logging.getLogger("personaplex.integrations.twilio")  # the log name operators filter on, kept
 # Streams refused before they authenticate: anyone can open them, so they are logged at most every 10 s.
 refusal_log = RateLimitedLog(log)
 
