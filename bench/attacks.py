@@ -97,7 +97,7 @@ def metrics(port: int) -> dict[str, float]:
 def opus_pages(seconds: float, seed: int = 0) -> list[bytes]:
     import sphn
 
-    from personaplex.server.ogg import parse_pages
+    from personaplex.ogg import parse_pages
 
     rng = np.random.default_rng(seed)
     writer = sphn.OpusStreamWriter(24000)

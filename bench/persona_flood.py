@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from personaplex.demo import synthesize_voice  # noqa: E402
-from personaplex.server.ogg import parse_pages  # noqa: E402
+from personaplex.ogg import parse_pages  # noqa: E402
 
 FRAME = 1920
 

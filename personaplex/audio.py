@@ -12,6 +12,7 @@ import sphn
 
 from .config import FRAME_SIZE, SAMPLE_RATE
 from .errors import PersonaplexError
+from .ogg import FLAG_BOS, FLAG_CONTINUED, OggError, OggPage, iter_pages
 
 
 class AudioError(PersonaplexError):
@@ -138,8 +139,6 @@ def _read_ogg_opus(path: Path, label: str, limits: AudioLimits | None) -> np.nda
     The packets are handed to sphn's stream decoder in small pages of their own (a file's page may hold
     255 packets, which that decoder cannot take at once); packets continued across pages are joined first.
     """
-    from .server.ogg import FLAG_BOS, FLAG_CONTINUED, OggError, OggPage, iter_pages
-
     data = path.read_bytes()
     decoder = sphn.OpusStreamReader(OPUS_DECODE_RATE)
     limit = None if limits is None else int(limits.max_seconds * OPUS_DECODE_RATE)

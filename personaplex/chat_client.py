@@ -1,4 +1,4 @@
-"""The client side of the ``/api/chat`` protocol (``server/chat_protocol.py``): one conversation streamed
+"""The client side of the ``/api/chat`` protocol (``frontends/chat_protocol.py``): one conversation streamed
 as real Ogg/Opus, shared by ``personaplex client`` and ``personaplex loadtest``.
 
 ``run_exchange`` connects, waits for the handshake, then sends one 80 ms frame per ``0x01`` message
@@ -36,6 +36,7 @@ import numpy as np
 
 from .config import FRAME_SIZE, SAMPLE_RATE
 from .errors import PersonaplexError
+from .ogg import OpusPageWriter
 
 FRAME_SECONDS = FRAME_SIZE / SAMPLE_RATE
 FRAMES_AHEAD = 2  # without a clock: user frames sent beyond the agent's replies (the server's buffer target)
@@ -155,6 +156,31 @@ class Delivery:
 
 
 @dataclass
+class ClientReport:
+    """What one caller of the load test measured (``personaplex loadtest``, over either protocol)."""
+
+    index: int
+    join_seconds: float | None = None
+    sent_frames: int = 0
+    received_samples: int = 0
+    text_pieces: int = 0
+    late_frames: int = 0
+    latencies: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def frames(self) -> int:
+        return self.received_samples // FRAME_SIZE
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.sent_frames - self.frames)
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies, q)) if self.latencies else None
+
+
+@dataclass
 class TextPiece:
     frame: int  # the agent frame this piece came with: its place on the conversation's timeline
     text: str
@@ -219,8 +245,6 @@ async def run_exchange(url: str, frames: Iterable[np.ndarray], *, ssl_context: s
     or the network does: failures are in ``error``."""
     import aiohttp
     import sphn
-
-    from .server.ogg import OpusPageWriter
 
     exchange = Exchange()
     started = time.monotonic()

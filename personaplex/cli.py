@@ -8,20 +8,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .app.console import run_command
+from .app.flags import add_model_arguments
 from .errors import PersonaplexError
-
-
-def run_command(action: Callable[[], None]) -> int:
-    """Run a command; a user-facing error becomes one line on stderr and exit status 2, never a traceback."""
-    try:
-        action()
-    except PersonaplexError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
@@ -58,7 +47,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _cmd_voice_build(args: argparse.Namespace) -> None:
     from .lm.generator import Generator
-    from .offline import load_model_for_args, resolve_model_assets
+    from .app.model import load_model_for_args, resolve_model_assets
     from .persona import load_voice, record_voice, save_voice_file
 
     assets = resolve_model_assets(args, need_voices=False)  # building a voice needs no presets
@@ -71,8 +60,6 @@ def _cmd_voice_build(args: argparse.Namespace) -> None:
 
 
 def _build_voice(voice: argparse.ArgumentParser) -> None:
-    from . import offline
-
     voice_commands = voice.add_subparsers(dest="voice_command", required=True, metavar="ACTION")
     build = voice_commands.add_parser(
         "build", help="encode a recording into a voice file (embeddings + token state) for this model",
@@ -81,7 +68,7 @@ def _build_voice(voice: argparse.ArgumentParser) -> None:
     )
     build.add_argument("audio", type=Path, help="recording of the voice: wav, flac, ogg or mp3 (a few seconds)")
     build.add_argument("-o", "--output", type=Path, help="voice file to write (.safetensors; default: beside the audio)")
-    offline.add_model_arguments(build)
+    add_model_arguments(build)
     build.set_defaults(run=_cmd_voice_build)
 
 

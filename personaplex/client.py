@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .app.console import run_command
+from .app.flags import DEFAULT_TEXT_PROMPT
 from .chat_client import (
     DEFAULT_URL, ChatClientError, Delivery, Exchange, add_delivery_arguments, chat_url, client_ssl_context,
     run_exchange,
 )
 from .config import SAMPLE_RATE
-from .offline import DEFAULT_TEXT_PROMPT
 
 TAIL_SECONDS = 3.0  # after the last frame: how long the last answers may take
 
@@ -154,8 +155,6 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_command
-
     args = build_parser().parse_args(argv)
     return run_command(lambda: run(args))
 

@@ -9,3 +9,7 @@ class PersonaplexError(Exception):
 
 class CheckpointError(PersonaplexError):
     """A weights file is missing, unreadable, or does not match the model it is loaded into."""
+
+
+class UsageError(PersonaplexError):
+    """Command-line arguments that do not fit together."""

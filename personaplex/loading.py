@@ -10,6 +10,7 @@ import torch
 from .checkpoint import detect_lm_preset, load_lm, load_mimi
 from .codec import Mimi
 from .config import get_preset
+from .devices import default_device, default_dtype
 from .errors import CheckpointError
 from .lm.model import LMModel
 from .text import TextTokenizer
@@ -27,15 +28,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.lm.device
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bfloat16 on GPUs (what the weights are trained and shipped in), float32 on CPUs (faster there)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def preset_of(assets):

@@ -21,44 +21,23 @@ import argparse
 import asyncio
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 
+from .app.console import run_command
 from .chat_client import (
-    DEFAULT_URL, FRAME_SECONDS, Delivery, add_delivery_arguments, chat_url, client_ssl_context, run_exchange,
+    DEFAULT_URL, FRAME_SECONDS, ClientReport, Delivery, add_delivery_arguments, chat_url, client_ssl_context,
+    run_exchange,
 )
 from .config import FRAME_SIZE, SAMPLE_RATE
 from .errors import PersonaplexError
+from .realtime_client import run_realtime_client
 
 
 class LoadTestError(PersonaplexError):
     """The load test cannot run with these settings."""
-
-
-@dataclass
-class ClientReport:
-    index: int
-    join_seconds: float | None = None
-    sent_frames: int = 0
-    received_samples: int = 0
-    text_pieces: int = 0
-    late_frames: int = 0
-    latencies: list[float] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def frames(self) -> int:
-        return self.received_samples // FRAME_SIZE
-
-    @property
-    def missing(self) -> int:
-        return max(0, self.sent_frames - self.frames)
-
-    def percentile(self, q: float) -> float | None:
-        return float(np.percentile(self.latencies, q)) if self.latencies else None
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -117,7 +96,7 @@ async def run_clients(args: argparse.Namespace, indices: list[int] | None = None
     indices = list(range(args.clients)) if indices is None else indices
     client = run_client
     if urlsplit(args.url).path.rstrip("/").endswith("/v1/realtime"):  # the Realtime-style endpoint
-        from .integrations.loadtest_realtime import run_realtime_client as client
+        client = run_realtime_client
     tasks = [client(i, client_url(args, i), audio, args.duration, ssl_context) for i in indices]
     return list(await asyncio.gather(*tasks))
 
@@ -205,8 +184,6 @@ def total_delivery(reports: list[ClientReport]) -> Delivery:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import run_command
-
     args = build_parser().parse_args(argv)
     return run_command(lambda: run(args))
 

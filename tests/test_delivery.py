@@ -17,7 +17,7 @@ from personaplex import client, loadtest
 from personaplex.chat_client import Delivery
 from personaplex.config import FRAME_SIZE, SAMPLE_RATE
 from personaplex.loadtest import synthetic_voice
-from personaplex.server.ogg import OpusPageWriter
+from personaplex.ogg import OpusPageWriter
 
 ANSWERED_FRAMES = 5  # what the server sends back, whatever it hears
 

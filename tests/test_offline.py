@@ -241,11 +241,11 @@ def test_an_input_longer_than_the_context_is_processed_whole(demo_cache, tmp_pat
     """No length cap: an input as long as the model's context (the demo with a 200-frame context, the same code
     as 4 minutes of the 7B), which with its system prompt runs well past the context, comes out whole under
     either ``--context-policy``, which reaches the engine."""
-    import personaplex.offline as offline
+    import personaplex.app.model as model_flags
     from personaplex.engine.engine import Engine
 
     context = short_context_demo.lm.config.context
-    monkeypatch.setattr(offline, "load_model_for_args", lambda *args, **kwargs: short_context_demo)
+    monkeypatch.setattr(model_flags, "load_model_for_args", lambda *args, **kwargs: short_context_demo)
     joined = []
     real_join = Engine.join
 

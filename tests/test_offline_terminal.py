@@ -68,8 +68,9 @@ def test_lines_go_above_the_progress_bar_on_a_terminal(tmp_path):
 
 def test_the_rate_measured_on_the_run_follows_the_estimate(tmp_path, monkeypatch, capsys):
     from personaplex import offline
+    from personaplex.app import recordings
 
-    monkeypatch.setattr(offline, "RATE_REPORT_AFTER_SECONDS", 0.0)  # report after the first step
+    monkeypatch.setattr(recordings, "RATE_REPORT_AFTER_SECONDS", 0.0)  # report after the first step
     t = np.arange(24_000) / 24_000
     sphn.write_wav(str(tmp_path / "in.wav"), (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24_000)
     code = offline.main(["--model", "demo", "--device", "cpu", "--input-wav", str(tmp_path / "in.wav"),
@@ -85,7 +86,7 @@ def test_the_rate_measured_on_the_run_follows_the_estimate(tmp_path, monkeypatch
 
 
 def test_rate_line_counts_what_is_left():
-    from personaplex.offline import measured_rate
+    from personaplex.app.recordings import measured_rate
 
     assert measured_rate(25, 125, 10.0) == ("measured: 2.5 frames/s (0.2x real time) over the first 10 s; "
                                             "about 40 s left at this rate")

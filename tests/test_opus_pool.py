@@ -8,8 +8,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from personaplex.server.ogg import OpusPageWriter, parse_pages
-from personaplex.server.opus_pool import OpusEncoderPool, OpusWorkerError, PooledPageWriter
+from personaplex.ogg import OpusPageWriter, parse_pages
+from personaplex.frontends.opus_pool import OpusEncoderPool, OpusWorkerError, PooledPageWriter
 
 
 def voice_like(seed: int, frames: int) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ import pytest
 from test_server_protocol import ServerThread as ProtocolServerThread
 from test_server_protocol import opus_pages
 
-from personaplex.server.ogg import parse_pages
+from personaplex.ogg import parse_pages
 
 REPO = Path(__file__).resolve().parents[1]
 

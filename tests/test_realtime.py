@@ -379,7 +379,7 @@ def test_beta_client_gets_beta_event_names_and_mulaw_audio(server):
 
 
 def test_mulaw_both_ways(server):
-    from personaplex.integrations.codecs import float_to_pcm16, pcm16_to_mulaw
+    from personaplex.frontends.codecs import float_to_pcm16, pcm16_to_mulaw
 
     rng = np.random.default_rng(4)
     t = np.arange(8000 * 2) / 8000

@@ -193,7 +193,7 @@ class Caller:
     async def _send(self) -> None:
         import sphn
 
-        from personaplex.server.ogg import split_pages
+        from personaplex.ogg import split_pages
 
         await self.handshake.wait()
         writer = sphn.OpusStreamWriter(24000)
@@ -474,7 +474,7 @@ def test_replica_routes_check_the_token_and_name_the_replica():
     import uvicorn
 
     from personaplex.server.app import DEFAULT_STATIC
-    from personaplex.server.security import TOKEN_COOKIE, cookie_value
+    from personaplex.frontends.security import TOKEN_COOKIE, cookie_value
 
     from personaplex.demo import demo_assets
     from personaplex.loading import load_model

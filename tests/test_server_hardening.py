@@ -31,7 +31,7 @@ from test_realtime import ServerThread, metric_value
 from test_server_protocol import Received, opus_pages, read_all
 
 from personaplex.server.limits import ServerLimits
-from personaplex.server.security import OriginPolicy, token_matches
+from personaplex.frontends.security import OriginPolicy, token_matches
 from personaplex.serving.input_budget import InputBudget, InputRateExceeded
 
 TOKEN = "s3cret"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sphn
 
-from personaplex.server.ogg import (
+from personaplex.ogg import (
     FLAG_BOS,
     FLAG_EOS,
     OggError,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import sphn
 
-from personaplex.server.ogg import FLAG_BOS, OggPage, opus_packet_samples, parse_pages
+from personaplex.ogg import FLAG_BOS, OggPage, opus_packet_samples, parse_pages
 
 FRAME = 1920
 
@@ -272,7 +272,7 @@ def test_the_reference_clients_pace_loses_no_agent_audio(demo_model):
     sending its first page 1.5 s after the handshake, it gets nothing before that page, then the agent's
     whole stream: OpusHead and OpusTags first, no page missing, and as many 80 ms of audio as frames the
     server stepped for it (up to the length limit, which ends the call)."""
-    from personaplex.server.chat_protocol import REFERENCE_CLIENT_HANDSHAKE_SECONDS
+    from personaplex.frontends.chat_protocol import REFERENCE_CLIENT_HANDSHAKE_SECONDS
 
     short = ServerThread(demo_model, max_conversations=1, max_conversation_seconds=2.0, input_timeout_seconds=None)
     t = np.arange(24000 * 8) / 24000
@@ -421,7 +421,7 @@ def test_page_cookie_carries_the_token(demo_model, tmp_path):
     work with the cookie alone, from the server's own origin only."""
     from http.cookies import SimpleCookie
 
-    from personaplex.server.security import TOKEN_COOKIE, cookie_value
+    from personaplex.frontends.security import TOKEN_COOKIE, cookie_value
     from personaplex.server.tls import tls_context
 
     secured = ServerThread(demo_model, max_conversations=1, auth_token="s3cret", input_timeout_seconds=None)

@@ -388,10 +388,10 @@ def test_a_conversation_runs_under_the_context_policy_it_asks_for(demo_model, de
 
 
 def test_serve_context_policy_flag_sets_the_hub_default(demo_model, monkeypatch):
-    import personaplex.offline as offline
+    import personaplex.app.model as model_flags
     from personaplex.server.serve import build_parser
 
-    monkeypatch.setattr(offline, "load_model_for_args", lambda *args, **kwargs: demo_model)
+    monkeypatch.setattr(model_flags, "load_model_for_args", lambda *args, **kwargs: demo_model)
     parser = build_parser()
     for flags, policy in (([], "sliding"), (["--context-policy", "pin-persona"], "pin-persona")):
         hub = ConversationHub.from_args(parser.parse_args(["--model", "demo", "--max-conversations", "1", *flags]))

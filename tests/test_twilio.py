@@ -27,8 +27,8 @@ from test_realtime import (
 )
 from test_twilio_codecs import speech_like
 
-from personaplex.integrations.codecs import float_to_pcm16, mulaw_to_pcm16, pcm16_to_mulaw
-from personaplex.integrations.twilio import PhonePersonaError, PhonePersonas
+from personaplex.frontends.codecs import float_to_pcm16, mulaw_to_pcm16, pcm16_to_mulaw
+from personaplex.frontends.twilio import PhonePersonaError, PhonePersonas
 
 PERSONAS = {
     "personas": {

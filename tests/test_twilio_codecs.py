@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from personaplex.audio import resample
-from personaplex.integrations.codecs import (
+from personaplex.frontends.codecs import (
     AudioFormatError,
     StreamResampler,
     decode_base64,

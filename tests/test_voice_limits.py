@@ -23,7 +23,7 @@ import sphn
 
 from test_server_protocol import ServerThread as ProtocolServerThread
 
-from personaplex.server.ogg import OggPage, parse_pages
+from personaplex.ogg import OggPage, parse_pages
 
 FRAME = 1920
 BLOCK = 4096  # FLAC block size of the crafted files

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import LMConfig
+from ..devices import default_dtype
 from ..errors import PersonaplexError
 from .quantize import check_mode, describe_mode
 from .realtime import (
@@ -66,8 +67,6 @@ def plan_load(
 ) -> LoadPlan:
     """Check the flags against the hardware and say what to expect. ``preset``: a ``ModelPreset``;
     ``slots``: conversations run at once; ``input_frames``: lengths of the inputs (for a CPU run's time)."""
-    from ..loading import default_dtype
-
     check_mode(quantize)
     device = torch.device(device)
     dtype = dtype or default_dtype(device)

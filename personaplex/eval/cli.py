@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from .. import offline
+from ..app.console import log
+from ..app.flags import add_model_arguments, add_sampling_arguments
+from ..errors import UsageError
 from . import layout
 
 FDB_TASKS = [t for t in layout.TASKS if t != layout.PERSONA]
@@ -36,8 +38,8 @@ def _add_run(parser: argparse.ArgumentParser, tasks: bool) -> None:
                              "pipeline wrote the outputs behind the published rows (the official backchannel scorer "
                              "reads its VAD times x1.5, as it did for them); input writes input.wav's rate and number "
                              "of samples. Both keep the input's duration")
-    offline.add_sampling_arguments(parser)
-    offline.add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    add_model_arguments(parser)
     parser.set_defaults(run=_cmd_run)
 
 
@@ -154,7 +156,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> None:
         tmp = sample.output_json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
         tmp.replace(sample.output_json)
-    offline.log(f"transcribed {len(todo)} sample(s), {len(samples) - len(todo)} already had {layout.OUTPUT_JSON}")
+    log(f"transcribed {len(todo)} sample(s), {len(samples) - len(todo)} already had {layout.OUTPUT_JSON}")
 
 
 def _judge(args: argparse.Namespace):
@@ -172,7 +174,7 @@ def _cmd_score(args: argparse.Namespace) -> None:
     samples = layout.discover(args.data, _tasks(args))
     judge = _judge(args)
     if judge is None and any(s.task == layout.INTERRUPTION for s in samples):
-        offline.log("note: no judge (--judge-url or $" + args.judge_key_env + "): user interruption relevance is skipped")
+        log("note: no judge (--judge-url or $" + args.judge_key_env + "): user interruption relevance is skipped")
     human_path = getattr(args, "human_distribution", None)
     if human_path is None and (Path(args.data) / "icc_gt_distribution.json").is_file():
         human_path = Path(args.data) / "icc_gt_distribution.json"
@@ -181,7 +183,7 @@ def _cmd_score(args: argparse.Namespace) -> None:
         # The JSD compares the run's backchannel timing with people's; without their distribution it is "–".
         jsd_note = ("JSD (backchannel) needs the benchmark's human distribution: pass --human-distribution "
                     "PATH/icc_gt_distribution.json (or put that file in the data folder)")
-        offline.log(f"note: {jsd_note}")
+        log(f"note: {jsd_note}")
     scores = score(samples, official=args.official, judge=judge, human=load_human_distribution(human_path))
     output = args.output or Path(args.data) / "scores.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +197,7 @@ def _cmd_score(args: argparse.Namespace) -> None:
                      others, notes=notes)
     output.with_suffix(".md").write_text(table, encoding="utf-8")
     print(table)
-    offline.log(f"wrote {output} and {output.with_suffix('.md')}")
+    log(f"wrote {output} and {output.with_suffix('.md')}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -203,20 +205,20 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     out = args.out or args.scores.parent
     for path in write_report(args.scores, out, args.title, args.compare, args.label, args.published):
-        offline.log(f"wrote {path}")
+        log(f"wrote {path}")
 
 
 def _cmd_persona_build(args: argparse.Namespace) -> None:
     from .persona_bench import build
 
     if args.limit is not None and args.limit < 1:
-        raise offline.UsageError("--limit must be at least 1")
+        raise UsageError("--limit must be at least 1")
     folders = build(args.data, limit=args.limit)
-    offline.log(f"wrote {len(folders)} question(s) under {Path(args.data) / layout.PERSONA}")
+    log(f"wrote {len(folders)} question(s) under {Path(args.data) / layout.PERSONA}")
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
     from .synthetic import build
 
     folders = build(args.data)
-    offline.log(f"wrote {len(folders)} synthetic sample(s) under {args.data}")
+    log(f"wrote {len(folders)} synthetic sample(s) under {args.data}")

@@ -1,7 +1,7 @@
 """``personaplex eval fdb run``: every sample's ``input.wav`` through the batched engine into ``output.wav``.
 
-Each sample runs as the offline tool runs a file (same code: continuous batching, the input streamed frame by
-frame after the persona's prompt). ``output.wav`` has the input's origin and duration, at the model's 24 kHz by
+Each sample runs as the offline tool runs a file (the same code, ``app/recordings.py``: continuous batching, the
+input streamed frame by frame after the persona's prompt). ``output.wav`` has the input's origin and duration, at the model's 24 kHz by
 default, as the reference pipeline wrote the outputs behind the published rows (the official backchannel scorer
 reads a 24 kHz file's times x1.5, so the rate changes its numbers); ``--output-rate input`` writes it at the
 input's rate with exactly its number of samples instead. Samples whose outputs exist at the asked rate are
@@ -17,15 +17,18 @@ import random
 import time
 from pathlib import Path
 
-from .. import offline
+from ..app.console import log
+from ..app.flags import DEFAULT_TEXT_PROMPT
+from ..app.recordings import Job, run_recordings
 from ..audio import audio_file_format
 from ..config import SAMPLE_RATE
+from ..errors import UsageError
 from . import layout
 from .layout import Sample
 
 CONVERSATION_PROMPT = "You enjoy having a good conversation."
 # The benchmark's recommendation for PersonaPlex: the assistant (teacher) role for interruptions.
-TASK_PROMPTS = {layout.INTERRUPTION: offline.DEFAULT_TEXT_PROMPT}
+TASK_PROMPTS = {layout.INTERRUPTION: DEFAULT_TEXT_PROMPT}
 MANIFEST = "run_manifest.json"
 MODEL_RATE, INPUT_RATE = "model", "input"  # --output-rate choices
 OUTPUT_RATES = (MODEL_RATE, INPUT_RATE)
@@ -74,30 +77,25 @@ def run(args: argparse.Namespace) -> None:
     overrides = parse_prompt_overrides(args.text_prompt)
     output_rate = getattr(args, "output_rate", MODEL_RATE)
     if output_rate not in OUTPUT_RATES:
-        raise offline.UsageError(f"--output-rate must be one of {', '.join(OUTPUT_RATES)}, not {output_rate!r}")
+        raise UsageError(f"--output-rate must be one of {', '.join(OUTPUT_RATES)}, not {output_rate!r}")
     todo = [s for s in samples if args.overwrite or not is_done(s, output_rate)]
-    offline.log(f"{len(samples)} sample(s) found, {len(samples) - len(todo)} already done, {len(todo)} to run")
+    log(f"{len(samples)} sample(s) found, {len(samples) - len(todo)} already done, {len(todo)} to run")
     if args.seed < 0:
         args.seed = random.randrange(2**31)  # recorded in the manifest so the run can be repeated
     manifest_path = Path(args.data) / MANIFEST
     if todo:
         for sample in todo:  # a half-written output from an interrupted run is redone
             (sample.path / layout.TEXT_TOKENS_JSON).unlink(missing_ok=True)
-        batch = argparse.Namespace(**vars(args))
-        batch.input_dir = batch.output_dir = batch.text_prompt_file = None
-        batch.input_wav = [s.input_wav for s in todo]
-        batch.output_wav = [s.output_wav for s in todo]
-        batch.output_text = [s.path / layout.TEXT_TOKENS_JSON for s in todo]
-        batch.text_prompt = [sample_prompt(s, overrides) for s in todo]
-        batch.voice_prompt = [args.voice_prompt]
-        batch.context_policy = "sliding"  # benchmark samples are shorter than the context: the reference's
-        offline.run(batch)
+        jobs = [Job(s.input_wav, s.output_wav, s.path / layout.TEXT_TOKENS_JSON, sample_prompt(s, overrides),
+                    args.voice_prompt) for s in todo]
+        # Benchmark samples are shorter than the context: the reference's policy.
+        run_recordings(jobs, args, context_policy="sliding")
     if output_rate == INPUT_RATE:
         for sample in samples:
             if is_done(sample, output_rate):
                 match_input_rate(sample)
     rates = write_manifest(manifest_path, args, samples, overrides, output_rate)
-    offline.log(f"output.wav sample rate(s): {', '.join(f'{r} Hz' for r in rates) or 'none written'} "
+    log(f"output.wav sample rate(s): {', '.join(f'{r} Hz' for r in rates) or 'none written'} "
                 + ("(the model's, as the published rows' outputs)" if output_rate == MODEL_RATE else "(input.wav's)"))
 
 

@@ -6,9 +6,9 @@ protocol handlers (``run_chat``, ``run_realtime``, ``run_twilio``); only the fra
 
 | route | what |
 | --- | --- |
-| ``GET /api/chat`` | the WebSocket conversation protocol (``personaplex/server/chat_protocol.py``) |
-| ``GET /v1/realtime`` | the Realtime-style WebSocket (``personaplex/integrations/realtime.py``) |
-| ``GET /twilio/media-stream`` | the Twilio Media Streams WebSocket (``personaplex/integrations/twilio.py``) |
+| ``GET /api/chat`` | the WebSocket conversation protocol (``personaplex/frontends/chat_protocol.py``) |
+| ``GET /v1/realtime`` | the Realtime-style WebSocket (``personaplex/frontends/realtime.py``) |
+| ``GET /twilio/media-stream`` | the Twilio Media Streams WebSocket (``personaplex/frontends/twilio.py``) |
 | ``GET /api/health`` | JSON of this replica: ok, model, slots busy/free, ``replica`` |
 | ``GET /api/voices`` | the voice presets; uploads are refused (an upload would live in one replica only) |
 | ``GET /metrics`` | this replica's Prometheus metrics |
@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketState
 
 from ..server.limits import ServerLimits
-from ..server.security import TOKEN_COOKIE, cookie_matches, cookie_value, token_from, token_matches
+from ..frontends.security import TOKEN_COOKIE, cookie_matches, cookie_value, token_from, token_matches
 
 log = logging.getLogger("personaplex.scaleout")
 
@@ -40,7 +40,7 @@ UPLOAD_REFUSED = ("uploaded voices are not available when serving with replicas 
 
 
 class StarletteTransport:
-    """``MessageTransport`` (see ``personaplex/server/chat_protocol.py``) over a Starlette WebSocket."""
+    """``MessageTransport`` (see ``personaplex/frontends/chat_protocol.py``) over a Starlette WebSocket."""
 
     def __init__(self, ws: WebSocket):
         self.ws = ws
@@ -78,9 +78,9 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
     in ``/api/health``. ``encoders``: an ``OpusEncoderPool`` for /api/chat, started at the first conversation
     (on the loop that serves it); None: this process encodes. ``limits``: the idle timeout and the Origin
     allow-list of WebSocket upgrades (default: the server's defaults)."""
-    from ..integrations.realtime import run_realtime
-    from ..integrations.twilio import PhonePersonas, run_twilio
-    from ..server.chat_protocol import run_chat
+    from ..frontends.realtime import run_realtime
+    from ..frontends.twilio import PhonePersonas, run_twilio
+    from ..frontends.chat_protocol import run_chat
 
     limits = limits or ServerLimits()
 

@@ -172,7 +172,7 @@ def run_serve(args: argparse.Namespace) -> None:
         folder = Path(args.ssl).expanduser().resolve()
         http_options.update(ssl_certfile=str(folder / CERT_FILE), ssl_keyfile=str(folder / KEY_FILE))
     if args.phone_personas is not None:
-        from ..integrations.twilio import PhonePersonas
+        from ..frontends.twilio import PhonePersonas
 
         PhonePersonas.load(args.phone_personas)  # a bad file fails here, before any replica loads weights
     check_flags(args)  # before starting Ray or loading anything

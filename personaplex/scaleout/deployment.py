@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ray import serve
 
-from ..server.opus_pool import OpusEncoderPool
+from ..frontends.opus_pool import OpusEncoderPool
 from .replica_hub import ReplicaHub
 
 log = logging.getLogger("personaplex.scaleout")

@@ -2,7 +2,7 @@
 
 | route | what |
 | --- | --- |
-| ``GET /api/chat`` | the WebSocket conversation protocol (``chat_protocol.py``) |
+| ``GET /api/chat`` | the WebSocket conversation protocol (``frontends/chat_protocol.py``) |
 | ``GET /api/health`` | JSON: ``ok``, model (``untrained``: the demo model), slots busy/free, queue length (never needs the token) |
 | ``GET /api/voices`` | JSON: the voice presets (``{"voices": [...], "default": ..., "upload": bool}``) |
 | ``POST /api/voices`` | body: an audio file (wav/flac/ogg/mp3), only with ``--allow-voice-upload``; returns ``{"voice": "upload-..."}`` to pass as ``voice_prompt`` |
@@ -13,7 +13,7 @@ With an auth token every ``/api/*`` route but ``/api/health`` needs ``Authorizat
 ``?token=<token>`` (browsers cannot set headers on WebSockets) or the page's cookie; others get 401.
 Opening ``/?token=<token>`` sets that cookie and redirects to the page without the token (a wrong token
 gets 401 and no cookie), so that a page that never adds ``?token=`` itself (the reference web client)
-works. WebSocket upgrades and POSTs from a browser page of another origin get 403 (``security.py``,
+works. WebSocket upgrades and POSTs from a browser page of another origin get 403 (``frontends/security.py``,
 ``--allowed-origins``); a request that only the cookie authenticates must come from the server's own
 origin or a listed one. Timeouts, the connection cap and the slow-reader check are in ``limits.py`` and
 ``connections.py``.
@@ -25,18 +25,18 @@ import asyncio
 import json
 import logging
 import socket
-import time
-from collections import deque
 from pathlib import Path
 from urllib.parse import urlencode
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import web
 
+from ..frontends.chat_protocol import KIND_ERROR, MAX_MESSAGE_BYTES, run_chat
+from ..frontends.security import TOKEN_COOKIE, OriginPolicy, cookie_matches, cookie_value, token_from, token_matches
 from ..serving.hub import HubBusy, HubClosed, PersonaError
-from .chat_protocol import KIND_ERROR, MAX_MESSAGE_BYTES, SEND_TIMEOUT, run_chat
 from .connections import ConnectionGuard
+from .integration_routes import TWILIO_PATH, add_integration_routes
 from .limits import ServerLimits
-from .security import TOKEN_COOKIE, OriginPolicy, cookie_matches, cookie_value, token_from, token_matches
+from .transport import AiohttpTransport, GuardedWebSocketResponse
 
 log = logging.getLogger("personaplex.server")
 
@@ -45,140 +45,6 @@ SESSIONS_KEY = web.AppKey("sessions", set)
 LIMITS_KEY = web.AppKey("limits", ServerLimits)
 DEFAULT_STATIC = Path(__file__).parent / "static"
 MAX_URL_BYTES = 64 << 10
-
-
-class GuardedWebSocketResponse(web.WebSocketResponse):
-    """A ``WebSocketResponse`` that tells the client why before aiohttp closes for an oversized message.
-
-    aiohttp refuses a message over ``max_msg_size`` while reading its header and closes at once (1009);
-    ``too_big_message`` (the protocol's error message: a ``0x05`` or a Realtime ``error`` event) goes out
-    just before that close frame.
-    """
-
-    too_big_message: bytes | str | None = None
-
-    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
-        notice = self.too_big_message
-        if code == WSCloseCode.MESSAGE_TOO_BIG and notice is not None and not self.closed:
-            self.too_big_message = None
-            try:
-                send = self.send_bytes(notice) if isinstance(notice, bytes) else self.send_str(notice)
-                await asyncio.wait_for(send, SEND_TIMEOUT)
-            except Exception:  # noqa: BLE001 - the client is gone: nothing to tell it
-                log.debug("could not send the message-too-big notice", exc_info=True)
-            message = message or b"message too big"
-        return await super().close(code=code, message=message, drain=drain)
-
-
-class AiohttpTransport:
-    """``MessageTransport`` over an aiohttp ``WebSocketResponse``.
-
-    ``reader_timeout`` (seconds): the client must answer the pings sent every ``ping_interval`` within
-    this time. A pong travels behind every frame still unread, so a late pong means a client that does
-    not take its audio, whatever its kernel buffers hold: its TCP connection is reset (``end_reason``
-    says why) and ``receive`` returns None.
-    """
-
-    def __init__(self, ws: web.WebSocketResponse, transport=None, max_buffered: int | None = None, *,
-                 reader_timeout: float | None = None, ping_interval: float = 0.5):
-        self.ws = ws
-        self._transport = transport
-        self._max_buffered = max_buffered
-        self.end_reason: str | None = None  # why the server dropped the connection, if it did
-        self._pings: deque[tuple[int, float]] = deque()  # (payload counter, time sent), oldest first
-        self._watchdog = None
-        # Started at the first message sent: a connection the server says nothing to (an unauthenticated
-        # phone stream) costs no pings.
-        self._watch = (reader_timeout, ping_interval) if reader_timeout and transport is not None else None
-
-    async def receive(self) -> bytes | str | None:
-        while True:
-            message = await self.ws.receive()
-            if message.type == WSMsgType.BINARY:
-                return message.data
-            if message.type == WSMsgType.TEXT:
-                return message.data
-            if message.type == WSMsgType.PING:
-                await self.ws.pong(message.data)
-                continue
-            if message.type == WSMsgType.PONG:
-                self._pong(message.data)
-                continue
-            self._stop_watchdog()
-            return None  # close, closing, closed or a transport error
-
-    async def send_bytes(self, data: bytes) -> None:
-        self._start_watchdog()
-        await self.ws.send_bytes(data)
-        await self._wait_for_room()
-
-    async def send_text(self, data: str) -> None:
-        self._start_watchdog()
-        await self.ws.send_str(data)
-        await self._wait_for_room()
-
-    def _start_watchdog(self) -> None:
-        if self._watch is not None:
-            self._watchdog = asyncio.ensure_future(self._watch_reader(*self._watch))
-            self._watch = None
-
-    async def _wait_for_room(self) -> None:
-        # aiohttp waits for the socket only now and then; wait here whenever more than the bound is
-        # still unsent, so that a client that does not read stops taking frames (and the hub notices).
-        transport = self._transport
-        while (self._max_buffered and transport is not None and not transport.is_closing()
-               and transport.get_write_buffer_size() > self._max_buffered):
-            await asyncio.sleep(0.02)
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        self._stop_watchdog()
-        try:
-            await self.ws.close(code=code, message=reason.encode("utf-8"))
-        finally:
-            self.drop_if_stuck()
-
-    def drop_if_stuck(self) -> None:
-        """Reset the TCP connection if bytes we sent are still waiting for the client: a client that does
-        not read must not keep the connection (and its buffers) open after its session ended."""
-        transport = self._transport
-        if transport is not None and not transport.is_closing() and transport.get_write_buffer_size():
-            transport.abort()
-
-    # --- how far behind the client reads ------------------------------------------------------------
-
-    def _pong(self, payload: bytes) -> None:
-        try:
-            answered = int(payload)
-        except ValueError:
-            return  # an unsolicited pong
-        while self._pings and self._pings[0][0] <= answered:
-            self._pings.popleft()
-
-    async def _watch_reader(self, timeout: float, interval: float) -> None:
-        counter = 0
-        while not self.ws.closed:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            if self._pings and now - self._pings[0][1] > timeout:
-                self.end_reason = f"the client is not taking the agent's audio ({timeout:.1f} s behind)"
-                log.info("dropping a client that reads nothing: no answer to a ping for %.1f s", timeout)
-                self._transport.abort()
-                return
-            if len(self._pings) < 8:
-                counter += 1
-                self._pings.append((counter, now))
-                try:
-                    await asyncio.wait_for(self.ws.ping(str(counter).encode()), interval)
-                except asyncio.TimeoutError:
-                    pass  # the socket is full: the next round decides
-                except Exception:  # noqa: BLE001 - closed meanwhile
-                    return
-
-    def _stop_watchdog(self) -> None:
-        self._watch = None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
 
 
 def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str | None = None,
@@ -258,9 +124,7 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
     app.router.add_get("/api/voices", voices)
     app.router.add_post("/api/voices", upload_voice)
     app.router.add_get("/metrics", metrics)
-    # /v1/realtime and /twilio/media-stream (personaplex.integrations): they check the token themselves.
-    from ..integrations.routes import add_integration_routes
-
+    # /v1/realtime and /twilio/media-stream (integration_routes.py): they check the token themselves.
     add_integration_routes(app, hub, auth_token=auth_token, sessions=app[SESSIONS_KEY],
                            phone_personas=phone_personas, limits=limits, guard=guard)
     if static_dir is not None:
@@ -283,9 +147,7 @@ def build_app(hub, *, static_dir: Path | None = DEFAULT_STATIC, auth_token: str 
 def _access_middleware(token: str | None, origins: OriginPolicy, guard: ConnectionGuard | None):
     """Before any work: the Origin of WebSocket upgrades and POSTs, then the token on ``/api/*`` (but
     ``/api/health``). A connection serving an allowed request is marked busy in ``guard`` meanwhile;
-    a phone stream only once it authenticates (``twilio.py``)."""
-    from ..integrations.routes import TWILIO_PATH
-
+    a phone stream only once it authenticates (``frontends/twilio.py``)."""
     @web.middleware
     async def check(request: web.Request, handler):
         path = request.path

@@ -10,10 +10,11 @@ left silent can never lock out ``/api/health`` or real callers; when every conne
 one is accepted and closed at once. Before either, a connection from an address that opens new ones
 faster than ``--max-new-connections-per-address`` allows (``address_limit.py``) is reset at once, before
 any TLS or HTTP work. All are counted (``personaplex_connections_refused_total{reason}``: ``idle_dropped``,
-``all_busy``, ``new_connection_rate``) and logged at most once per ``LOG_INTERVAL_SECONDS`` each, with a count.
+``all_busy``, ``new_connection_rate``) and logged at most once per ``frontends.logs.LOG_INTERVAL_SECONDS``
+each, with a count.
 
 ``quiet_accept_errors`` turns the event loop's ``socket.accept() out of system resource`` messages (one
-per retry, with a traceback) into one line per ``LOG_INTERVAL_SECONDS`` with a count.
+per retry, with a traceback) into one line per ``frontends.logs.LOG_INTERVAL_SECONDS`` with a count.
 """
 
 from __future__ import annotations
@@ -22,35 +23,13 @@ import asyncio
 import logging
 import socket
 import struct
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from ..frontends.logs import RateLimitedLog
 from .address_limit import NewConnectionLimit
 
 log = logging.getLogger("personaplex.server")
-LOG_INTERVAL_SECONDS = 10.0
-
-
-class RateLimitedLog:
-    """Log a recurring event at most once per interval, saying how many were not logged: what a client can
-    trigger at will must not be able to fill the disk."""
-
-    def __init__(self, logger: logging.Logger = log, interval: float = LOG_INTERVAL_SECONDS):
-        self.logger = logger
-        self.interval = interval
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def __call__(self, level: int, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self._suppressed += 1
-            return
-        if self._suppressed:
-            message += f" ({self._suppressed} more since the last message)"
-        self._last, self._suppressed = now, 0
-        self.logger.log(level, message, *args)
 
 
 class _Connection:

@@ -22,7 +22,7 @@ import argparse
 import resource
 from dataclasses import dataclass
 
-from .security import OriginPolicy
+from ..frontends.security import OriginPolicy
 
 # Descriptors kept free beyond those open at start and the connections' own (the cap counts every
 # accepted socket until it is closed: listener.py): uploads, voice files, workers' pipes, logs, and the

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import startup
+from ..app.console import run_command
+from ..app.flags import CONTEXT_POLICY_CHOICES, add_model_arguments
 from ..errors import PersonaplexError
 from .limits import ServerLimits, add_limit_arguments, default_max_connections, limits_from_args
 
@@ -35,8 +37,6 @@ class ServerError(PersonaplexError):
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    from ..offline import CONTEXT_POLICY_CHOICES, add_model_arguments
-
     parser = parser or argparse.ArgumentParser(prog="personaplex serve")
     parser.description = (
         "Serve live full-duplex conversations over WebSocket (/api/chat, compatible with the reference web "
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
             log.info("generated a self-signed certificate in %s (browsers will ask to accept it once)", args.ssl)
     phone_personas = None
     if getattr(args, "phone_personas", None) is not None:  # checked before loading weights, too
-        from ..integrations.twilio import PhonePersonas
+        from ..frontends.twilio import PhonePersonas
 
         phone_personas = PhonePersonas.load(args.phone_personas)
     hub = ConversationHub.from_args(args)
@@ -176,11 +176,11 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
     default: the flags' defaults)."""
     from aiohttp import web
 
+    from ..frontends.opus_pool import OpusEncoderPool
     from .address_limit import NewConnectionLimit
     from .app import build_app
     from .connections import ConnectionGuard, quiet_accept_errors
     from .listener import GuardedSite
-    from .opus_pool import OpusEncoderPool
 
     limits = limits or ServerLimits()
     quiet_accept_errors(asyncio.get_running_loop())
@@ -265,8 +265,6 @@ def access_host(host: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import run_command
-
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_command(lambda: run(args))

@@ -56,10 +56,23 @@ from pathlib import Path
 import numpy as np
 
 from .. import startup
+from ..app import model as model_flags
+from ..audio import AudioLimits
 from ..config import FRAME_RATE, FRAME_SIZE
-from ..engine import SamplingConfig
+from ..engine import Engine, SamplingConfig, slots_that_fit
 from ..engine.engine import CONTEXT_POLICIES
-from ..errors import PersonaplexError
+from ..errors import PersonaplexError, UsageError
+from ..persona import (
+    AUDIO_SUFFIXES,
+    SAVED_VOICE_SUFFIXES,
+    BuildCancelled,
+    PromptTooLongError,
+    VoicePromptError,
+    available_voices,
+    build_system_prompt,
+    load_voice,
+    resolve_voice,
+)
 from ..text import SpokenText
 from .jitter import InputJitterBuffer
 from .metrics import HubMetrics
@@ -259,8 +272,6 @@ class ConversationHub:
     """Owns the Engine and one engine thread that ticks every 80 ms (GPU work never on the event loop)."""
 
     def __init__(self, model, options: HubOptions | None = None, *, engine=None):
-        from ..engine import Engine
-
         self.model = model
         self.options = options or HubOptions()
         if self.options.max_conversations < 1 or self.options.max_queue < 0:
@@ -306,8 +317,6 @@ class ConversationHub:
         """A hub from command-line arguments: the model flags of ``personaplex offline`` plus the server's
         limits (``max_conversations``, ``max_queue``, ``max_conversation_seconds``, ``allow_voice_upload``...)
         and the default ``context_policy``."""
-        from ..offline import UsageError, load_model_for_args, resolve_model_assets
-
         options = HubOptions()
         for name in ("max_conversations", "max_queue", "max_conversation_seconds", "allow_voice_upload",
                      "input_timeout_seconds", "tick_seconds", "kv_dtype", "input_burst_seconds",
@@ -339,13 +348,11 @@ class ConversationHub:
                                  ("--max-persona-changes", options.max_persona_changes, 0)):
             if value < low:
                 raise UsageError(f"{flag} must be at least {low}")
-        # The same loading as the offline tool: device, --quantize, --cpu-offload, with its advice printed.
+        # The same loading as every command: device, --quantize, --cpu-offload, with its advice printed.
         with startup.phase("load model (read weights, build)", announce=True):
             slots = getattr(args, "max_conversations", None) or 1
-            model = load_model_for_args(args, resolve_model_assets(args), slots=slots)
+            model = model_flags.load_model_for_args(args, model_flags.resolve_model_assets(args), slots=slots)
         if getattr(args, "max_conversations", None) is None:
-            from ..engine import slots_that_fit
-
             options.max_conversations = min(64, slots_that_fit(model.lm, model.mimi, options.kv_dtype))
         with startup.phase(f"engine state for {options.max_conversations} slots"):
             return cls(model, options)
@@ -435,8 +442,6 @@ class ConversationHub:
 
     def voices(self) -> list[str]:
         """Available voice presets (names to pass as ``PersonaRequest.voice``)."""
-        from ..persona import available_voices
-
         return available_voices(self.model.voices_dir)
 
     def _context_seconds(self) -> float:
@@ -588,8 +593,6 @@ class ConversationHub:
         return self._build_prompt(self._voice_path(request), request.text_prompt, None)
 
     def _build_prompt(self, voice_path: Path | None, text_prompt: str, cancelled):
-        from ..persona import PromptTooLongError, build_system_prompt
-
         key = (str(voice_path), text_prompt)
         with self._prompts_lock:
             prompt = self._prompts.get(key)
@@ -611,9 +614,6 @@ class ConversationHub:
     def _voice(self, path: Path, cancelled, label: str | None = None):
         """The ``VoicePrompt`` of a voice file, decoded and encoded once per file version (a new text
         prompt with a known voice costs no audio work)."""
-        from ..audio import AudioLimits
-        from ..persona import BuildCancelled, load_voice
-
         try:
             stat = path.stat()
         except OSError:
@@ -654,8 +654,6 @@ class ConversationHub:
         return PersonaError(message)
 
     def _voice_path(self, request: PersonaRequest) -> Path | None:
-        from ..persona import AUDIO_SUFFIXES, SAVED_VOICE_SUFFIXES, VoicePromptError, resolve_voice
-
         name = request.voice if request.voice else self.options.default_voice
         if not name:
             return None

@@ -40,9 +40,9 @@ from pathlib import Path
 
 from ..config import FRAME_RATE, SAMPLE_RATE
 from ..errors import PersonaplexError
-from ..server.connections import RateLimitedLog
-from ..server.security import token_matches
 from ..serving.hub import Conversation, HubBusy, HubClosed, PersonaError, PersonaRequest
+from ..serving.input_budget import InputBudget, InputRateExceeded
+from .chat_protocol import ProtocolError, request_from_query
 from .codecs import (
     MULAW_RATE,
     AudioFormatError,
@@ -54,10 +54,11 @@ from .codecs import (
     pcm16_to_float,
     pcm16_to_mulaw,
 )
-from ..serving.input_budget import InputBudget, InputRateExceeded
+from .logs import RateLimitedLog
+from .security import token_matches
 from .session_loop import receive_until_over
 
-log = logging.getLogger("personaplex.integrations.twilio")
+log = logging.getLogger("personaplex.integrations.twilio")  # the log name operators filter on, kept
 # Streams refused before they authenticate: anyone can open them, so they are logged at most every 10 s.
 refusal_log = RateLimitedLog(log)
 
@@ -162,8 +163,6 @@ def _normalize_number(number: str) -> str:
 
 def _request(persona: Mapping) -> PersonaRequest:
     """A ``PersonaRequest`` from persona fields (strings or numbers), validated like ``/api/chat``."""
-    from ..server.chat_protocol import ProtocolError, request_from_query
-
     unknown = set(persona) - set(_PERSONA_KEYS)
     if unknown:
         raise PhonePersonaError(f"unknown fields {sorted(unknown)}; a persona has {', '.join(_PERSONA_KEYS)}")

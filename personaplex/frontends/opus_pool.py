@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from .ogg import OpusPageWriter, PageStream
+from ..ogg import OpusPageWriter, PageStream
 
 log = logging.getLogger("personaplex.server")
 

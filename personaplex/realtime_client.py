@@ -17,9 +17,9 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import numpy as np
 
-from ..config import FRAME_SIZE
-from ..loadtest import FRAME_SECONDS, ClientReport
-from .codecs import float_to_pcm16_bytes
+from .chat_client import FRAME_SECONDS, ClientReport
+from .config import FRAME_SIZE
+from .frontends.codecs import float_to_pcm16_bytes
 
 AUDIO_DELTAS = ("response.output_audio.delta", "response.audio.delta")
 TRANSCRIPT_DELTAS = ("response.output_audio_transcript.delta", "response.audio_transcript.delta")

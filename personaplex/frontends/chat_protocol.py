@@ -74,7 +74,7 @@ from ..serving.hub import (
     PersonaRequest,
 )
 from ..serving.input_budget import InputBudget, InputRateExceeded
-from .ogg import LivePageCheck, OpusPageWriter
+from ..ogg import LivePageCheck, OpusPageWriter
 from .opus_pool import OpusEncoderPool, OpusWorkerError
 
 log = logging.getLogger("personaplex.server")

@@ -63,6 +63,7 @@ from ..engine.engine import CONTEXT_POLICIES
 from ..errors import PersonaplexError
 from ..serving.hub import Conversation, HubBusy, HubClosed, NotSupported, PersonaError, PersonaRequest
 from ..serving.input_budget import InputBudget, InputRateExceeded
+from .chat_protocol import ProtocolError, request_from_query
 from .codecs import (
     MULAW_RATE,
     AudioFormatError,
@@ -78,7 +79,7 @@ from .codecs import (
 )
 from .session_loop import receive_until_over
 
-log = logging.getLogger("personaplex.integrations.realtime")
+log = logging.getLogger("personaplex.integrations.realtime")  # the log name operators filter on, kept
 
 FRONT_END = "realtime"
 MAX_EVENT_BYTES = 1 << 20  # one client event; base64 PCM16 at 24 kHz: about 16 s of audio
@@ -546,8 +547,6 @@ def _audio_format(value: object, param: str) -> str:
 
 def _sampling(session: Mapping, current):
     """The sampling settings a session update asks for (validated like ``/api/chat`` query parameters)."""
-    from ..server.chat_protocol import ProtocolError, request_from_query
-
     values = {"text_temperature": current.text_temperature, "text_topk": current.text_top_k,
               "audio_temperature": current.audio_temperature, "audio_topk": current.audio_top_k,
               "seed": -1 if current.seed is None else current.seed}

@@ -1,9 +1,9 @@
-"""aiohttp routes of the integrations, added to the server's application by ``build_app``.
+"""aiohttp routes of the Realtime and Twilio front ends, added to the server's application by ``build_app``.
 
 | route | what |
 | --- | --- |
-| ``GET /v1/realtime`` | the OpenAI-Realtime-style WebSocket (``realtime.py``); ``?model=`` is accepted and ignored |
-| ``GET /twilio/media-stream`` | the Twilio Media Streams WebSocket (``twilio.py``) |
+| ``GET /v1/realtime`` | the OpenAI-Realtime-style WebSocket (``frontends/realtime.py``); ``?model=`` is accepted and ignored |
+| ``GET /twilio/media-stream`` | the Twilio Media Streams WebSocket (``frontends/twilio.py``) |
 
 With an auth token the Realtime endpoint needs ``Authorization: Bearer <token>`` (what the ``openai`` SDK
 sends as its API key) or ``?token=<token>``; Twilio cannot send headers, so the phone bridge checks a
@@ -17,9 +17,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..server.security import token_from, token_matches
-from .realtime import MAX_EVENT_BYTES, event_too_large_notice, run_realtime
-from .twilio import MAX_MESSAGE_BYTES, PhonePersonas, run_twilio
+from ..frontends.realtime import MAX_EVENT_BYTES, event_too_large_notice, run_realtime
+from ..frontends.security import token_from, token_matches
+from ..frontends.twilio import MAX_MESSAGE_BYTES, PhonePersonas, run_twilio
+from .limits import ServerLimits
+from .transport import AiohttpTransport, GuardedWebSocketResponse
 
 REALTIME_PATH = "/v1/realtime"
 TWILIO_PATH = "/twilio/media-stream"
@@ -31,9 +33,6 @@ def add_integration_routes(app: web.Application, hub, *, auth_token: str | None 
     """Add the Realtime and Twilio WebSocket routes. ``sessions`` (the server's set of open WebSockets)
     lets a graceful shutdown wait for them; ``phone_personas`` is the persona file of the phone bridge;
     ``limits`` (``ServerLimits``) and ``guard`` (``ConnectionGuard``) come from the server."""
-    from ..server.app import AiohttpTransport, GuardedWebSocketResponse
-    from ..server.limits import ServerLimits
-
     limits = limits or ServerLimits()
     personas = phone_personas if isinstance(phone_personas, PhonePersonas) else \
         PhonePersonas.load(phone_personas) if phone_personas is not None else PhonePersonas()

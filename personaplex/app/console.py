@@ -1,0 +1,25 @@
+"""How a command talks to its user: progress on stderr, and a user-facing error as one line and an exit status."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from ..errors import PersonaplexError
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_command(action: Callable[[], None]) -> int:
+    """Run a command; a user-facing error becomes one line on stderr and exit status 2, never a traceback."""
+    try:
+        action()
+    except PersonaplexError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
