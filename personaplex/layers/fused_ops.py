@@ -263,31 +263,29 @@ if triton is not None:
                  mask=in_head)
 
 
-def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
-    if not x.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (the kernels read rows of the last dimension)")
-    return x
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x with contiguous rows, as the kernels read them (layer outputs are; anything else is copied)."""
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``rms_norm_reference`` in one kernel. x [..., dim] contiguous; weight [dim] or [1, 1, dim]."""
+    """``rms_norm_reference`` in one kernel. x [..., dim]; weight [dim] or [1, 1, dim]."""
+    x = _rows(x)
     dim = x.shape[-1]
     out = torch.empty_like(x)
-    _rms_norm_kernel[(x.numel() // dim,)](
-        _rows(x, "x"), x, weight, out, out, dim, eps, BLOCK=triton.next_power_of_2(dim), ADD=False,
-    )
+    _rms_norm_kernel[(x.numel() // dim,)](x, x, weight, out, out, dim, eps, BLOCK=triton.next_power_of_2(dim), ADD=False)
     return out
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``add_rms_norm_reference`` in one kernel: (x + delta, rms_norm(x + delta)); x, delta [..., dim] contiguous."""
+    """``add_rms_norm_reference`` in one kernel: (x + delta, rms_norm(x + delta)); x, delta [..., dim]."""
     if delta.shape != x.shape:
         raise ValueError(f"delta {tuple(delta.shape)} must have x's shape {tuple(x.shape)}")
+    x, delta = _rows(x), _rows(delta)
     dim = x.shape[-1]
     total, out = torch.empty_like(x), torch.empty_like(x)
     _rms_norm_kernel[(x.numel() // dim,)](
-        _rows(x, "x"), _rows(delta, "delta"), weight, total, out, dim, eps,
-        BLOCK=triton.next_power_of_2(dim), ADD=True,
+        x, delta, weight, total, out, dim, eps, BLOCK=triton.next_power_of_2(dim), ADD=True,
     )
     return total, out
 
@@ -296,12 +294,13 @@ SILU_BLOCK = 1024  # hidden units per program
 
 
 def silu_mul(gate_value: torch.Tensor) -> torch.Tensor:
-    """``silu_mul_reference`` in one kernel: gate_value [..., 2 * hidden] contiguous -> [..., hidden]."""
+    """``silu_mul_reference`` in one kernel: gate_value [..., 2 * hidden] -> [..., hidden]."""
+    gate_value = _rows(gate_value)
     hidden = gate_value.shape[-1] // 2
     out = gate_value.new_empty(*gate_value.shape[:-1], hidden)
     rows = gate_value.numel() // (2 * hidden)
     block = min(SILU_BLOCK, triton.next_power_of_2(hidden))
-    _silu_mul_kernel[(rows, triton.cdiv(hidden, block))](_rows(gate_value, "gate_value"), out, hidden, BLOCK=block)
+    _silu_mul_kernel[(rows, triton.cdiv(hidden, block))](gate_value, out, hidden, BLOCK=block)
     return out
 
 
@@ -309,6 +308,7 @@ def qkv_heads(
     qkv: torch.Tensor, num_heads: int, cos_sin: torch.Tensor, fp8_scale_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, ...]:
     """``qkv_heads_reference`` in one kernel; q, k, v (or k8, v8 and scales) come back contiguous."""
+    qkv = _rows(qkv)
     batch, steps, width = qkv.shape
     head_dim = width // 3 // num_heads
     if cos_sin.shape[-2:] != (head_dim // 2, 2) or cos_sin.stride(-1) != 1 or cos_sin.stride(-2) != 2:
@@ -325,7 +325,7 @@ def qkv_heads(
         v_scale = torch.empty(scale_shape, device=qkv.device, dtype=fp8_scale_dtype)
     cs_sb = cos_sin.stride(0) if cos_sin.shape[0] > 1 else 0  # one rotation may serve the whole batch
     _qkv_heads_kernel[(batch * steps, num_heads)](
-        _rows(qkv, "qkv"), cos_sin, q, k, v, k_scale, v_scale, steps, num_heads, head_dim, cs_sb, cos_sin.stride(2),
+        qkv, cos_sin, q, k, v, k_scale, v_scale, steps, num_heads, head_dim, cs_sb, cos_sin.stride(2),
         PAIRS=triton.next_power_of_2(head_dim // 2), FP8=fp8_scale_dtype is not None,
     )
     if fp8_scale_dtype is None:
@@ -337,6 +337,7 @@ def depth_attention(
     qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: int, first_visible: int, num_heads: int,
 ) -> torch.Tensor:
     """``depth_attention_reference`` in one kernel. keys/values [B, H, S, D] with a contiguous last dimension."""
+    qkv = _rows(qkv)
     batch, _, width = qkv.shape
     head_dim = width // 3 // num_heads
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
@@ -345,7 +346,7 @@ def depth_attention(
         raise ValueError(f"need 0 <= first_visible ({first_visible}) <= step ({step}) < {keys.shape[2]}")
     out = qkv.new_empty(batch, 1, num_heads * head_dim)
     _depth_attention_kernel[(batch, num_heads)](
-        _rows(qkv, "qkv"), keys, values, out, step, first_visible, num_heads, head_dim, head_dim ** -0.5,
+        qkv, keys, values, out, step, first_visible, num_heads, head_dim, head_dim ** -0.5,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         DIMS=triton.next_power_of_2(head_dim), ENTRIES=triton.next_power_of_2(keys.shape[2]),
     )
