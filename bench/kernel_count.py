@@ -61,8 +61,9 @@ def counting_triton(count: OperatorCount):
     """Counts every launch of the project's Triton kernels (as ``triton:<name>``); the interpreter's own
     tensor work inside a launch is not counted."""
     from personaplex.layers import decode_attention, fused_ops
+    from personaplex.lm import sampling_kernel
 
-    kernels = [(module, name) for module in (decode_attention, fused_ops) for name in dir(module)
+    kernels = [(module, name) for module in (decode_attention, fused_ops, sampling_kernel) for name in dir(module)
                if name.startswith("_") and name.endswith("_kernel") and hasattr(getattr(module, name), "run")]
     originals = []
     for module, name in kernels:

@@ -357,6 +357,7 @@ def test_kernel_sets_differ_where_they_should(models):
     from personaplex.lm.fused import (
         attention_input, attention_output_and_ffn, gpu_write_and_attend, step_kernels, write_and_attend_reference,
     )
+    from personaplex.lm.sampling_kernel import choose_tokens_fused
 
     lm, mimi = models
     eager = step_kernels(lm, "eager")
@@ -368,10 +369,11 @@ def test_kernel_sets_differ_where_they_should(models):
         same = [f.name for f in dataclasses.fields(eager) if getattr(eager, f.name) == getattr(triton, f.name)]
         others = [f.name for f in dataclasses.fields(eager) if f.name not in ("name",) + swapped]
         assert sorted(same) == sorted(others)
-        for name, function in [("attention_input", attention_input), ("attention_output_and_ffn", attention_output_and_ffn),
-                               ("forward_depth", lm.forward_depth)]:
+        for name, function in [("attention_input", attention_input), ("attention_output_and_ffn", attention_output_and_ffn)]:
             given = getattr(triton, name)  # the one implementation, given the Triton ops
             assert given.func == function and given.keywords == {"ops": TRITON_OPS}, name
+        assert triton.forward_depth.func == lm.forward_depth
+        assert triton.forward_depth.keywords == {"ops": TRITON_OPS, "choose": choose_tokens_fused}
     with pytest.raises(ValueError, match="CUDA"):
         step_kernels(lm, "compile")
     with pytest.raises(ValueError, match="kernel set"):
@@ -498,9 +500,10 @@ def test_an_unknown_context_policy_is_refused(models):
 def counted_launches(monkeypatch) -> dict:
     """Launches of every Triton kernel of the project, by kernel name, from now on."""
     from personaplex.layers import decode_attention, fused_ops
+    from personaplex.lm import sampling_kernel
 
     launches: dict = {}
-    for module in (decode_attention, fused_ops):
+    for module in (decode_attention, fused_ops, sampling_kernel):
         for name in dir(module):
             kernel = getattr(module, name)
             if name.endswith("_kernel") and hasattr(kernel, "run"):
@@ -514,7 +517,8 @@ def counted_launches(monkeypatch) -> dict:
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
 def test_the_triton_set_launches_its_kernels_in_every_step(models, kv_dtype, monkeypatch):
     """No silent fallback to PyTorch: every frame of a "triton" engine launches the fused kernels as often
-    as its layers need them (temporal layers, and depth layers per depth step); an eager engine none."""
+    as its layers need them (temporal layers, depth layers and the token choice per depth step); an eager
+    engine none."""
     from conftest import require_triton_kernels
 
     require_triton_kernels()
@@ -542,4 +546,5 @@ def test_the_triton_set_launches_its_kernels_in_every_step(models, kv_dtype, mon
         "_rms_norm_kernel": frames * (2 * layers + 2 * depth),
         "_silu_mul_kernel": frames * (layers + depth),
         "_depth_attention_kernel": frames * depth,
+        "_choose_kernel": frames * engine.config.agent_codebooks,  # one per depth step
     }

@@ -12,7 +12,8 @@ Kernel sets (``step_kernels``):
   and value in the same launch, reads FP8 bytes and their scales directly, and each slot only up to its
   own filled length), and the layers' element-wise groups (norms, residual adds, RoPE and FP8
   quantisation, the gated activation, the depth transformer's attention) are the kernels of
-  ``personaplex.layers.fused_ops`` (``TRITON_OPS``), a few launches a layer instead of dozens. On a CPU
+  ``personaplex.layers.fused_ops`` (``TRITON_OPS``), a few launches a layer instead of dozens, and the
+  depth transformer's token choice is one kernel (``personaplex.lm.sampling_kernel``). On a CPU
   they run in Triton's interpreter. Nothing is compiled by Inductor: a GPU engine starts in seconds
   (each kernel JIT-compiles in about a second), its CUDA graphs remove the launch overhead that is left.
 - "compile": the eager functions torch.compile'd, with the Triton decode attention (Inductor fuses
@@ -162,6 +163,7 @@ def step_kernels(model, name: str = "eager") -> StepKernels:
     (torch.compile's cache is per function, so this only saves re-wrapping).
     """
     from .sampling import choose_tokens
+    from .sampling_kernel import choose_tokens_fused
 
     if name not in KERNEL_SETS:
         raise ValueError(f"kernel set must be one of {', '.join(KERNEL_SETS)}, got {name!r}")
@@ -180,7 +182,8 @@ def step_kernels(model, name: str = "eager") -> StepKernels:
 
         return StepKernels(
             name, model.embed, triton_ops(attention_input), triton_ops(attention_output_and_ffn), attend,
-            triton_ops(model.forward_depth), choose_tokens, write_given, commit,
+            functools.partial(model.forward_depth, ops=TRITON_OPS, choose=choose_tokens_fused), choose_tokens,
+            write_given, commit,
         )
     if model.device.type != "cuda":
         raise ValueError("the 'compile' kernels need a CUDA device (Inductor's CPU code differs in rounding)")
