@@ -365,7 +365,7 @@ def test_kernel_sets_differ_where_they_should(models):
     if importlib.util.find_spec("triton") is not None:
         triton = step_kernels(lm, "triton")
         assert triton.write_and_attend is gpu_write_and_attend and triton.reads_own_lengths
-        swapped = ("write_and_attend", "attention_input", "attention_output_and_ffn", "forward_depth")
+        swapped = ("write_and_attend", "attention_input", "attention_output_and_ffn", "forward_depth", "embed")
         same = [f.name for f in dataclasses.fields(eager) if getattr(eager, f.name) == getattr(triton, f.name)]
         others = [f.name for f in dataclasses.fields(eager) if f.name not in ("name",) + swapped]
         assert sorted(same) == sorted(others)
@@ -547,4 +547,5 @@ def test_the_triton_set_launches_its_kernels_in_every_step(models, kv_dtype, mon
         "_silu_mul_kernel": frames * (layers + depth),
         "_depth_attention_kernel": frames * depth,
         "_choose_kernel": frames * engine.config.agent_codebooks,  # one per depth step
+        "_embedding_sum_kernel": frames,
     }

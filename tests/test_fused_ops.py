@@ -164,3 +164,27 @@ def test_bad_arguments_are_refused(ops):
         ops.add_rms_norm(randn(2, 4), randn(1, 4), randn(4), 1e-5)
     with pytest.raises(ValueError, match="step"):
         ops.depth_attention(randn(1, 1, 12), randn(1, 1, 4, 4), randn(1, 1, 4, 4), 4, 0, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_sum_equals_the_models_embed(ops, dtype):
+    """The LM's input embedding (17 lookups, -1 tokens left out, ids clamped into their tables) in one kernel."""
+    import dataclasses
+
+    from personaplex.config import TINY_LM
+    from personaplex.lm.model import LMModel
+    from personaplex.random_weights import randomize_
+
+    config = dataclasses.replace(TINY_LM, dim=40)  # not a multiple of the kernel's block
+    lm = randomize_(LMModel(config), seed=1).to(DEVICE, dtype)
+    embed = ops.EmbeddingSum([table.weight for table in lm.emb] + [lm.text_emb.weight],
+                             [1 + codebook for codebook in range(config.n_q)] + [0])
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(-1, config.card + 1, (3, 4, 1 + config.n_q), generator=generator)
+    tokens[0, 0, 0] = config.text_card + 5  # out of the text table: clamped
+    tokens[1, 2, 3] = 10**6
+    tokens[2, 1] = -1  # a frame with every channel left out
+    tokens = tokens.to(DEVICE)
+    got, want = embed(tokens), lm.embed(tokens)
+    assert got.dtype == dtype and got.shape == want.shape == (3, 4, config.dim)
+    assert torch.equal(got, want)  # the same lookups added in the same order, each sum rounded alike

@@ -9,7 +9,8 @@ bound by kernel launches, not by memory or arithmetic. These kernels do each gro
 - ``qkv_heads``: after the fused q/k/v projection, RoPE of q and k, the head layout, and for FP8 rings
   the per-vector quantisation of k and v (``kv_ring.quantize_fp8``);
 - ``depth_attention``: the depth transformer's store of this step's key/value and its attention over
-  the few entries of the step cache (``attend_few``).
+  the few entries of the step cache (``attend_few``);
+- ``EmbeddingSum``: the LM's input, a sum of 17 embedding lookups (``LMModel.embed``).
 
 Each ``*_reference`` function is the same computation op by op in PyTorch: what the "eager" kernel set
 runs (``EAGER_OPS``), the reference arithmetic; ``TRITON_OPS`` holds the kernels. Both compute in float32
@@ -262,6 +263,27 @@ if triton is not None:
         tl.store(out_ptr + slot.to(tl.int64) * dim + head * head_dim + dims, _cast(out, out_ptr.dtype.element_ty),
                  mask=in_head)
 
+    @triton.jit
+    def _embedding_sum_kernel(
+        tokens_ptr, tables_ptr, columns_ptr, rows_ptr, out_ptr, tables, dim, token_stride,
+        BLOCK: tl.constexpr,
+    ):
+        # Program (frame, block of dim): the sum over tables of table[token], tables given by address.
+        frame = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < dim
+        dtype = out_ptr.dtype.element_ty
+        total = tl.zeros((BLOCK,), tl.float32)
+        for table in range(tables):
+            ids = tl.load(tokens_ptr + frame * token_stride + tl.load(columns_ptr + table))
+            rows = tl.load(rows_ptr + table)
+            weights = tl.load(tables_ptr + table).to(tl.pointer_type(dtype))
+            row = tl.minimum(tl.maximum(ids, 0), rows - 1)  # clamped into the table, as the reference
+            present = inside & ((tl.zeros_like(cols) + ids) != -1)  # a token of -1 contributes nothing
+            found = tl.load(weights + row * dim + cols, mask=present, other=0.0).to(tl.float32)
+            total = _cast(total + found, dtype).to(tl.float32)  # each add rounded, as the reference's adds
+        tl.store(out_ptr + frame * dim + cols, total.to(dtype), mask=inside)
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x with contiguous rows, as the kernels read them (layer outputs are; anything else is copied)."""
@@ -353,6 +375,51 @@ def depth_attention(
     return out
 
 
+EMBED_BLOCK = 1024  # model dims per program
+
+
+class EmbeddingSum:
+    """The sum of embedding lookups over several tables in one kernel: ``LMModel.embed``'s work.
+
+    tables: embedding weights [rows_i, dim], all of one dtype and device, in the order the reference adds
+    them; columns: which token column feeds each table. A token of -1 contributes nothing, other ids are
+    clamped into their table. The kernel reads the tables by address (no copy of the weights); the
+    addresses are taken again if a table's storage moves.
+    """
+
+    def __init__(self, tables: list[torch.Tensor], columns: list[int]):
+        if len(tables) != len(columns) or not tables:
+            raise ValueError("one token column per table, at least one table")
+        if any(t.dtype != tables[0].dtype or t.shape[1] != tables[0].shape[1] or not t.is_contiguous() for t in tables):
+            raise ValueError("the tables must be contiguous, of one dtype and width")
+        self.tables = tables
+        device = tables[0].device
+        self.columns = torch.tensor(columns, dtype=torch.int32, device=device)
+        self.rows = torch.tensor([t.shape[0] for t in tables], dtype=torch.int64, device=device)
+        self._addresses: tuple[int, ...] = ()
+        self._pointers = None
+
+    def _table_pointers(self) -> torch.Tensor:
+        addresses = tuple(t.data_ptr() for t in self.tables)
+        if addresses != self._addresses:
+            self._pointers = torch.tensor(addresses, dtype=torch.int64, device=self.tables[0].device)
+            self._addresses = addresses
+        return self._pointers
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [..., channels] int64 -> [..., dim] in the tables' dtype."""
+        tokens = _rows(tokens)
+        dim = self.tables[0].shape[1]
+        frames = tokens.numel() // tokens.shape[-1]
+        out = torch.empty(*tokens.shape[:-1], dim, device=tokens.device, dtype=self.tables[0].dtype)
+        block = min(EMBED_BLOCK, triton.next_power_of_2(dim))
+        _embedding_sum_kernel[(frames, triton.cdiv(dim, block))](
+            tokens, self._table_pointers(), self.columns, self.rows, out, len(self.tables), dim, tokens.shape[-1],
+            BLOCK=block,
+        )
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # The two sets
 
@@ -375,7 +442,3 @@ EAGER_OPS = LayerOps(
     depth_attention_reference,
 )
 TRITON_OPS = LayerOps("triton", rms_norm, add_rms_norm, silu_mul, qkv_heads, depth_attention)
-TRITON_KERNELS = (
-    ("_rms_norm_kernel", "_silu_mul_kernel", "_qkv_heads_kernel", "_depth_attention_kernel") if triton is not None
-    else ()
-)  # names of this module's kernels (launch counts in the tests and benches)

@@ -13,7 +13,8 @@ Kernel sets (``step_kernels``):
   own filled length), and the layers' element-wise groups (norms, residual adds, RoPE and FP8
   quantisation, the gated activation, the depth transformer's attention) are the kernels of
   ``personaplex.layers.fused_ops`` (``TRITON_OPS``), a few launches a layer instead of dozens, and the
-  depth transformer's token choice is one kernel (``personaplex.lm.sampling_kernel``). On a CPU
+  depth transformer's token choice and the input embedding are one kernel each
+  (``personaplex.lm.sampling_kernel``, ``fused_ops.EmbeddingSum``). On a CPU
   they run in Triton's interpreter. Nothing is compiled by Inductor: a GPU engine starts in seconds
   (each kernel JIT-compiles in about a second), its CUDA graphs remove the launch overhead that is left.
 - "compile": the eager functions torch.compile'd, with the Triton decode attention (Inductor fuses
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from ..layers.attention import merge_heads, pinned_math_attention
 from ..layers.decode_attention import decode_attention, decode_attention_available
-from ..layers.fused_ops import EAGER_OPS, TRITON_OPS, LayerOps, rms_norm_reference
+from ..layers.fused_ops import EAGER_OPS, TRITON_OPS, EmbeddingSum, LayerOps, rms_norm_reference
 from ..layers.kv_ring import read_ring, write_quantized, write_ring
 from .token_buffer import commit, write_given
 
@@ -180,8 +181,11 @@ def step_kernels(model, name: str = "eager") -> StepKernels:
         def triton_ops(fn: Callable) -> Callable:
             return functools.partial(fn, ops=TRITON_OPS)
 
+        # ``LMModel.embed``'s lookups, in its order of addition.
+        embed = EmbeddingSum([table.weight for table in model.emb] + [model.text_emb.weight],
+                             [1 + codebook for codebook in range(len(model.emb))] + [0])
         return StepKernels(
-            name, model.embed, triton_ops(attention_input), triton_ops(attention_output_and_ffn), attend,
+            name, embed, triton_ops(attention_input), triton_ops(attention_output_and_ffn), attend,
             functools.partial(model.forward_depth, ops=TRITON_OPS, choose=choose_tokens_fused), choose_tokens,
             write_given, commit,
         )
