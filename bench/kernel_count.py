@@ -36,7 +36,8 @@ from personaplex.random_weights import random_mimi, randomize_  # noqa: E402
 # Operators that launch nothing: allocations, metadata, host reads.
 NO_KERNEL = {
     "aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.new_empty.default",
-    "aten.new_empty_strided.default", "aten.detach.default", "aten.lift_fresh.default", "aten._local_scalar_dense.default",
+    "aten.new_empty_strided.default", "aten.detach.default", "aten.lift_fresh.default",
+    "aten._local_scalar_dense.default",
     "aten.set_.source_Storage_storage_offset", "aten.resize_.default", "aten.is_nonzero.default",
     "aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default", "aten.sym_storage_offset.default",
 }
@@ -102,7 +103,8 @@ def build_engine(preset: str, kernels: str, slots: int, kv: str) -> Engine:
     from personaplex.persona import VoicePrompt, build_system_prompt
 
     generator = torch.Generator().manual_seed(0)
-    voice = VoicePrompt("random", codes=torch.randint(0, config.lm.card, (config.lm.dep_q // 2, 8), generator=generator))
+    codes = torch.randint(0, config.lm.card, (config.lm.dep_q // 2, 8), generator=generator)
+    voice = VoicePrompt("random", codes=codes)
     prompt = build_system_prompt(config.lm, voice, [5, 6, 7, 8])
     for slot in range(slots):
         engine.join(slot, slot + 1, prompt, SamplingConfig(seed=slot))
@@ -133,7 +135,8 @@ def parts_of_a_frame(engine: Engine) -> dict:
             kernels=kernels, pinned=lm_state.pinned),
         "out norm + text head": lambda: model.text_linear(model.out_norm(x)),
         f"depth ({depth_steps} steps) + sampling": lambda: kernels.forward_depth(
-            x[:, 0], tokens[:, 0], torch.full((batch, depth_steps), -1, device=device), depth_steps, sampling, seed, seed),
+            x[:, 0], tokens[:, 0], torch.full((batch, depth_steps), -1, device=device), depth_steps, sampling, seed,
+            seed),
         "Mimi decode": lambda: engine.mimi.decode_frame(tokens[:, 1:1 + depth_steps], decoder, engine.kernels.codec),
         "whole frame (all of the above + glue)": lambda: frame(pcm, active),
     }
@@ -145,7 +148,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["eager", "triton"])
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--kv", default="model", choices=["model", "fp8"])
-    parser.add_argument("--top", type=int, default=0, help="also list the N most frequent operators of each set's frame")
+    parser.add_argument("--top", type=int, default=0,
+                        help="also list the N most frequent operators of each set's frame")
     args = parser.parse_args()
     table: dict = {}
     frames: dict = {}
@@ -156,7 +160,8 @@ def main() -> None:
         for part, run in parts_of_a_frame(engine).items():
             run()  # once before counting (first calls may set things up)
             ops = count(run)
-            table.setdefault(part, {})[name] = (sum(ops.values()), sum(v for k, v in ops.items() if k.startswith("triton:")))
+            launched = sum(v for k, v in ops.items() if k.startswith("triton:"))
+            table.setdefault(part, {})[name] = (sum(ops.values()), launched)
             frames[name] = ops
     print(f"kernels per frame, {args.preset}, {args.slots} conversation(s), {args.kv} rings "
           "(CPU count of computing ATen operators + Triton launches; a proxy for GPU kernels)")

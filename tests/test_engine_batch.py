@@ -369,7 +369,8 @@ def test_kernel_sets_differ_where_they_should(models):
         same = [f.name for f in dataclasses.fields(eager) if getattr(eager, f.name) == getattr(triton, f.name)]
         others = [f.name for f in dataclasses.fields(eager) if f.name not in ("name",) + swapped]
         assert sorted(same) == sorted(others)
-        for name, function in [("attention_input", attention_input), ("attention_output_and_ffn", attention_output_and_ffn)]:
+        for name, function in [("attention_input", attention_input),
+                               ("attention_output_and_ffn", attention_output_and_ffn)]:
             given = getattr(triton, name)  # the one implementation, given the Triton ops
             assert given.func == function and given.keywords == {"ops": TRITON_OPS}, name
         assert triton.forward_depth.func == lm.forward_depth

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import merge_heads, split_heads
-from .kv_ring import FP8, FP8_MAX, quantize_fp8
+from .kv_ring import FP8, quantize_fp8
 from .rope import Rotation, apply_rope
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the references.
@@ -295,11 +295,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = _rows(x)
     dim = x.shape[-1]
     out = torch.empty_like(x)
-    _rms_norm_kernel[(x.numel() // dim,)](x, x, weight, out, out, dim, eps, BLOCK=triton.next_power_of_2(dim), ADD=False)
+    block = triton.next_power_of_2(dim)
+    _rms_norm_kernel[(x.numel() // dim,)](x, x, weight, out, out, dim, eps, BLOCK=block, ADD=False)
     return out
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``add_rms_norm_reference`` in one kernel: (x + delta, rms_norm(x + delta)); x, delta [..., dim]."""
     if delta.shape != x.shape:
         raise ValueError(f"delta {tuple(delta.shape)} must have x's shape {tuple(x.shape)}")

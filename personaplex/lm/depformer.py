@@ -57,7 +57,8 @@ class DepthTransformer(nn.Module):
         h = ops.rms_norm(x, self.layers[0].norm1.alpha, eps)
         for index, layer in enumerate(self.layers):
             qkv = F.linear(h, layer.self_attn.in_proj_weight[step * 3 * dim : (step + 1) * 3 * dim])
-            attended = ops.depth_attention(qkv, keys[index], values[index], step, first_visible, cfg.depformer_num_heads)
+            heads = cfg.depformer_num_heads
+            attended = ops.depth_attention(qkv, keys[index], values[index], step, first_visible, heads)
             out_weight = layer.self_attn.out_proj.weight[step * dim : (step + 1) * dim]
             x, h = ops.add_rms_norm(x, F.linear(attended, out_weight), layer.norm2.alpha, eps)
             gating = layer.gating[step]
