@@ -350,9 +350,14 @@ def test_engine_runs_the_kernels_it_was_given_and_no_other(models):
 
 
 def test_kernel_sets_differ_where_they_should(models):
-    """"triton" swaps the single-frame attention for the Triton kernel and Mimi's attention for plain
+    """"triton" swaps the single-frame attention for the Triton kernel, the layers' element-wise groups for
+    the fused Triton kernels (the same layer functions, given other ops) and Mimi's attention for plain
     matmuls, and only those; "compile" is refused without CUDA (Inductor's CPU code rounds otherwise)."""
-    from personaplex.lm.fused import gpu_write_and_attend, step_kernels, write_and_attend_reference
+    from personaplex.layers.fused_ops import TRITON_OPS
+    from personaplex.lm.fused import (
+        attention_input, attention_output_and_ffn, gpu_write_and_attend, step_kernels, write_and_attend_reference,
+    )
+    from personaplex.lm.sampling_kernel import choose_tokens_fused
 
     lm, mimi = models
     eager = step_kernels(lm, "eager")
@@ -360,9 +365,16 @@ def test_kernel_sets_differ_where_they_should(models):
     if importlib.util.find_spec("triton") is not None:
         triton = step_kernels(lm, "triton")
         assert triton.write_and_attend is gpu_write_and_attend and triton.reads_own_lengths
+        swapped = ("write_and_attend", "attention_input", "attention_output_and_ffn", "forward_depth", "embed")
         same = [f.name for f in dataclasses.fields(eager) if getattr(eager, f.name) == getattr(triton, f.name)]
-        others = [f.name for f in dataclasses.fields(eager) if f.name not in ("name", "write_and_attend")]
+        others = [f.name for f in dataclasses.fields(eager) if f.name not in ("name",) + swapped]
         assert sorted(same) == sorted(others)
+        for name, function in [("attention_input", attention_input),
+                               ("attention_output_and_ffn", attention_output_and_ffn)]:
+            given = getattr(triton, name)  # the one implementation, given the Triton ops
+            assert given.func == function and given.keywords == {"ops": TRITON_OPS}, name
+        assert triton.forward_depth.func == lm.forward_depth
+        assert triton.forward_depth.keywords == {"ops": TRITON_OPS, "choose": choose_tokens_fused}
     with pytest.raises(ValueError, match="CUDA"):
         step_kernels(lm, "compile")
     with pytest.raises(ValueError, match="kernel set"):
@@ -484,3 +496,57 @@ def test_an_unknown_context_policy_is_refused(models):
     with pytest.raises(ValueError, match="context policy"):
         engine.join(0, 1, persona(lm, 1), SamplingConfig(seed=1), context_policy="forever")
     assert engine.free_slots() == [0]
+
+
+def counted_launches(monkeypatch) -> dict:
+    """Launches of every Triton kernel of the project, by kernel name, from now on."""
+    from personaplex.layers import decode_attention, fused_ops
+    from personaplex.lm import sampling_kernel
+
+    launches: dict = {}
+    for module in (decode_attention, fused_ops, sampling_kernel):
+        for name in dir(module):
+            kernel = getattr(module, name)
+            if name.endswith("_kernel") and hasattr(kernel, "run"):
+                def run(*args, _name=name, _run=kernel.run, **kwargs):
+                    launches[_name] = launches.get(_name, 0) + 1
+                    return _run(*args, **kwargs)
+                monkeypatch.setattr(kernel, "run", run)
+    return launches
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
+def test_the_triton_set_launches_its_kernels_in_every_step(models, kv_dtype, monkeypatch):
+    """No silent fallback to PyTorch: every frame of a "triton" engine launches the fused kernels as often
+    as its layers need them (temporal layers, depth layers and the token choice per depth step); an eager
+    engine none."""
+    from conftest import require_triton_kernels
+
+    require_triton_kernels()
+    lm, mimi = models
+    launches = counted_launches(monkeypatch)
+    eager = Engine(lm, mimi, max_slots=2, kv_dtype=kv_dtype, kernels="eager")
+    eager.join(0, 1, persona(lm, 1), SamplingConfig(seed=3))
+    for _ in range(2):
+        eager.step(torch.zeros(2, 1920))
+    assert launches == {}
+    engine = Engine(lm, mimi, max_slots=2, kv_dtype=kv_dtype, kernels="triton")
+    engine.join(0, 1, persona(lm, 1), SamplingConfig(seed=3))
+    launches.clear()
+    frames = 3
+    for _ in range(frames):
+        engine.step(torch.zeros(2, 1920))
+    layers, depth_layers = lm.config.num_layers, lm.config.depformer_num_layers
+    depth = engine.config.agent_codebooks * depth_layers  # depth layers run per frame
+    assert launches == {
+        "_qkv_heads_kernel": frames * layers,
+        "_chunk_kernel": frames * layers,
+        "_merge_kernel": frames * layers,
+        # temporal: norm1 and the residual add + norm2; depth: the first norm, then two adds + norms a layer
+        # but the last layer's final residual add
+        "_rms_norm_kernel": frames * (2 * layers + 2 * depth),
+        "_silu_mul_kernel": frames * (layers + depth),
+        "_depth_attention_kernel": frames * depth,
+        "_choose_kernel": frames * engine.config.agent_codebooks,  # one per depth step
+        "_embedding_sum_kernel": frames,
+    }

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from conftest import require_triton_kernels
-
 from personaplex.lm.sampling import SamplingParams, choose_tokens, rank_in_row
 
 
@@ -93,28 +91,3 @@ def test_ranking_and_topk_sample_the_same_tokens():
     assert len(draws[0][:, 4].unique()) > 10  # a wide top-k really samples
     assert (draws[0][:, 0] == logits[0].argmax()).all()  # top-1 is greedy
 
-
-def test_fused_kernel_draws_the_same_tokens_as_the_ranking():
-    """The "triton" kernel set chooses audio tokens in one Triton kernel: the same draws as ``choose_tokens``
-    (ties at the top-k boundary kept by token id, greedy rows, top-k above the row's width)."""
-    require_triton_kernels()
-    from personaplex.lm import sampling_kernel
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = torch.Generator().manual_seed(4)
-    for vocab in (37, 300, 2048):
-        logits = torch.randn(6, vocab, generator=generator) * 3
-        logits[1, 3:11] = 9.0  # ties straddling the top-3 boundary
-        logits[4] = logits[4].to(torch.bfloat16).float()  # bf16 logits: many equal values
-        params = SamplingParams(torch.tensor([0.8, 1.0, 0.0, 0.5, 2.0, 0.7]), torch.tensor([250, 3, 250, 1, 5000, 20]))
-        seeds = torch.randint(0, 2**40, (6,), generator=generator)
-        counters = torch.randint(0, 10_000, (6,), generator=generator)
-        on = [t.to(device) for t in (logits, seeds, counters)]
-        params_on = SamplingParams(params.temperature.to(device), params.top_k.to(device))
-        for stream in (0, 5):
-            expected = choose_tokens(logits, params, seeds, counters, stream=stream, max_top_k=250, rank_top_k=True)
-            fused = sampling_kernel.choose_tokens_fused(on[0], params_on, on[1], on[2], stream=stream, max_top_k=250)
-            assert torch.equal(fused.cpu(), expected), (vocab, stream)
-            # The uncompiled path (a stable sort) keeps the same top-k: the same draws again.
-            assert torch.equal(choose_tokens(logits, params, seeds, counters, stream=stream, rank_top_k=False), expected)
-    assert sampling_kernel.MAX_VOCAB < 32_000  # the text vocabulary takes choose_tokens itself

@@ -2,9 +2,11 @@
 
 The sets (see ``personaplex.lm.fused``):
 - "eager": PyTorch op by op; the reference arithmetic (CPU default).
-- "triton": the LM's single-frame attention through the Triton decode kernel, Mimi's attention as
-  plain matmuls; nothing compiled, so a GPU engine's start-up is its CUDA graph captures alone.
-- "compile": the "triton" set with the element-wise-heavy functions torch.compile'd (fewer kernels a
+- "triton": the LM's single-frame attention through the Triton decode kernel and its layers' element-wise
+  groups through the fused Triton kernels of ``personaplex.layers.fused_ops``, Mimi's attention as plain
+  matmuls; nothing compiled by Inductor, so a GPU engine's start-up is a few Triton JITs (about a second
+  each) and its CUDA graph captures.
+- "compile": the eager functions torch.compile'd, with the Triton decode attention (fewer kernels a
   frame; compiling costs start-up time, the first time on a machine minutes).
 
 ``PERSONAPLEX_KERNELS`` chooses the set of engines built with ``"auto"`` (servers, the offline tool);

@@ -11,21 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LMConfig
-from ..layers.attention import merge_heads, split_heads
+from ..layers.fused_ops import EAGER_OPS, LayerOps
 from ..layers.norm import RMSNorm
 from .layers import GatedFeedForward, SelfAttentionWeights
-
-
-def attend_few(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Attention of q [B, H, 1, D] over a few (<= dep_q) keys/values [B, H, S, D], in float32.
-
-    Written as element-wise products and sums rather than scaled_dot_product_attention: compiled, it
-    fuses with the key/value store around it into a couple of kernels, where an attention kernel per
-    layer and depth step (48 a frame) cost more to launch than to run.
-    """
-    scores = (q.float() * keys.float()).sum(-1, keepdim=True) * q.shape[-1] ** -0.5  # [B, H, S, 1]
-    weights = torch.softmax(scores, dim=2)
-    return (weights * values.float()).sum(2, keepdim=True).to(q.dtype)
 
 
 class DepthLayer(nn.Module):
@@ -52,25 +40,31 @@ class DepthTransformer(nn.Module):
         shape = (cfg.depformer_num_layers, batch_size, cfg.depformer_num_heads, cfg.dep_q, cfg.depformer_head_dim)
         return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, step: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Run depth step ``step`` on x [B, 1, dim]; keys/values from ``new_cache``, written in place."""
+    def forward(
+        self, x: torch.Tensor, step: int, keys: torch.Tensor, values: torch.Tensor, *, ops: LayerOps = EAGER_OPS,
+    ) -> torch.Tensor:
+        """Run depth step ``step`` on x [B, 1, dim]; keys/values from ``new_cache``, written in place.
+
+        ``ops``: the element-wise groups' implementation (``personaplex.layers.fused_ops``: the PyTorch
+        references, or the Triton kernels of the "triton" kernel set).
+        """
         cfg = self.config
         dim = cfg.depformer_dim
         # The reference keeps a ring of dep_q entries and never attends to its oldest one once full:
         # the last depth step cannot see the first (kept for checkpoint parity).
         first_visible = max(0, step - cfg.dep_q + 2)
+        eps = cfg.norm_eps
+        h = ops.rms_norm(x, self.layers[0].norm1.alpha, eps)
         for index, layer in enumerate(self.layers):
-            h = layer.norm1(x)
-            qkv_weight = layer.self_attn.in_proj_weight[step * 3 * dim : (step + 1) * 3 * dim]
-            q, k, v = F.linear(h, qkv_weight).chunk(3, dim=-1)
-            keys[index, :, :, step] = split_heads(k, cfg.depformer_num_heads)[:, :, 0]
-            values[index, :, :, step] = split_heads(v, cfg.depformer_num_heads)[:, :, 0]
-            attended = attend_few(
-                split_heads(q, cfg.depformer_num_heads),
-                keys[index, :, :, first_visible : step + 1],
-                values[index, :, :, first_visible : step + 1],
-            )
+            qkv = F.linear(h, layer.self_attn.in_proj_weight[step * 3 * dim : (step + 1) * 3 * dim])
+            heads = cfg.depformer_num_heads
+            attended = ops.depth_attention(qkv, keys[index], values[index], step, first_visible, heads)
             out_weight = layer.self_attn.out_proj.weight[step * dim : (step + 1) * dim]
-            x = x + F.linear(merge_heads(attended), out_weight)
-            x = x + layer.gating[step](layer.norm2(x))
+            x, h = ops.add_rms_norm(x, F.linear(attended, out_weight), layer.norm2.alpha, eps)
+            gating = layer.gating[step]
+            delta = F.linear(ops.silu_mul(F.linear(h, gating.linear_in.weight)), gating.linear_out.weight)
+            if index + 1 < len(self.layers):  # the residual add with the next layer's norm
+                x, h = ops.add_rms_norm(x, delta, self.layers[index + 1].norm1.alpha, eps)
+            else:
+                x = x + delta
         return x

@@ -7,12 +7,17 @@ runs, given explicitly as a ``StepKernels`` by whoever builds the step (``Genera
 
 Kernel sets (``step_kernels``):
 - "eager": the functions as written, run by PyTorch op by op (CPU, tests, the reference arithmetic).
-- "triton": the same, except the single-frame ring update and attention, which is the split-K Triton
-  kernel of ``personaplex.layers.decode_attention`` (it stores this frame's key and value in the same
-  launch, reads FP8 bytes and their scales directly, and each slot only up to its own filled length;
-  on a CPU it runs in Triton's interpreter). Nothing is compiled: a GPU engine starts in seconds, its
-  CUDA graphs remove the launch overhead of the many small ops.
-- "compile": the "triton" set with the element-wise-heavy functions torch.compile'd (Inductor fuses
+- "triton": the same functions over hand-written Triton kernels: the single-frame ring update and
+  attention is the split-K kernel of ``personaplex.layers.decode_attention`` (it stores this frame's key
+  and value in the same launch, reads FP8 bytes and their scales directly, and each slot only up to its
+  own filled length), and the layers' element-wise groups (norms, residual adds, RoPE and FP8
+  quantisation, the gated activation, the depth transformer's attention) are the kernels of
+  ``personaplex.layers.fused_ops`` (``TRITON_OPS``), a few launches a layer instead of dozens, and the
+  depth transformer's token choice and the input embedding are one kernel each
+  (``personaplex.lm.sampling_kernel``, ``fused_ops.EmbeddingSum``). On a CPU
+  they run in Triton's interpreter. Nothing is compiled by Inductor: a GPU engine starts in seconds
+  (each kernel JIT-compiles in about a second), its CUDA graphs remove the launch overhead that is left.
+- "compile": the eager functions torch.compile'd, with the Triton decode attention (Inductor fuses
   norms, RoPE, residual adds, the gated activation, FP8 quantisation, the sampling hash and the token
   buffer's updates into a few kernels). Compiles at first use, which costs start-up time.
 
@@ -22,50 +27,45 @@ Run eagerly, every function computes what the reference computes, which the test
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..layers.attention import merge_heads, pinned_math_attention, split_heads
+from ..layers.attention import merge_heads, pinned_math_attention
 from ..layers.decode_attention import decode_attention, decode_attention_available
-from ..layers.kv_ring import quantize_fp8, read_ring, write_quantized, write_ring
-from ..layers.rope import Rotation, apply_rope
+from ..layers.fused_ops import EAGER_OPS, TRITON_OPS, EmbeddingSum, LayerOps, rms_norm_reference
+from ..layers.kv_ring import read_ring, write_quantized, write_ring
 from .token_buffer import commit, write_given
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``RMSNorm`` as a function (weight: the [1, 1, dim] ``alpha``)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.view(-1).float(), eps).to(x.dtype)
+    return rms_norm_reference(x, weight, eps)
 
 
 def attention_input(
     x: torch.Tensor, norm_weight: torch.Tensor, eps: float, in_proj_weight: torch.Tensor, num_heads: int,
-    cos_sin: torch.Tensor, fp8_scale_dtype: torch.dtype | None,
+    cos_sin: torch.Tensor, fp8_scale_dtype: torch.dtype | None, *, ops: LayerOps = EAGER_OPS,
 ) -> tuple[torch.Tensor, ...]:
     """Norm, fused q/k/v projection and RoPE of x [B, T, dim] -> q, k, v [B, H, T, head_dim].
 
     With ``fp8_scale_dtype`` k and v come back quantised for an FP8 ring: (q, k8, k_scale, v8, v_scale).
+    ``ops``: the element-wise groups' implementation (``personaplex.layers.fused_ops``).
     """
-    q, k, v = F.linear(rms_norm(x, norm_weight, eps), in_proj_weight).chunk(3, dim=-1)
-    rotation = Rotation(cos_sin)
-    q = apply_rope(split_heads(q, num_heads), rotation)
-    k = apply_rope(split_heads(k, num_heads), rotation)
-    v = split_heads(v, num_heads)
-    if fp8_scale_dtype is None:
-        return q, k, v
-    return (q, *quantize_fp8(k, fp8_scale_dtype), *quantize_fp8(v, fp8_scale_dtype))
+    return ops.qkv_heads(F.linear(ops.rms_norm(x, norm_weight, eps), in_proj_weight), num_heads, cos_sin,
+                         fp8_scale_dtype)
 
 
 def attention_output_and_ffn(
     x: torch.Tensor, attended: torch.Tensor, out_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-    ffn_in: torch.Tensor, ffn_out: torch.Tensor,
+    ffn_in: torch.Tensor, ffn_out: torch.Tensor, *, ops: LayerOps = EAGER_OPS,
 ) -> torch.Tensor:
     """The rest of a transformer layer: output projection and residual, then the gated feed-forward."""
-    x = x + F.linear(merge_heads(attended), out_weight)
-    gate, value = F.linear(rms_norm(x, norm_weight, eps), ffn_in).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * value, ffn_out)
+    x, h = ops.add_rms_norm(x, F.linear(merge_heads(attended), out_weight), norm_weight, eps)
+    return x + F.linear(ops.silu_mul(F.linear(h, ffn_in)), ffn_out)
 
 
 def fp8_ring_attention(
@@ -138,10 +138,10 @@ class StepKernels:
 
     name: str  # "eager", "triton" or "compile"
     embed: Callable  # ``LMModel.embed``: the sum of the 17 channel embeddings (~100 tiny kernels eagerly)
-    attention_input: Callable  # ``attention_input``
-    attention_output_and_ffn: Callable  # ``attention_output_and_ffn``
+    attention_input: Callable  # ``attention_input`` (given its ``ops``)
+    attention_output_and_ffn: Callable  # ``attention_output_and_ffn`` (given its ``ops``)
     write_and_attend: Callable  # one frame's ring update and attention: ``write_and_attend_reference``
-    forward_depth: Callable  # ``LMModel.forward_depth``
+    forward_depth: Callable  # ``LMModel.forward_depth`` (given its ``ops``)
     choose_tokens: Callable  # ``sampling.choose_tokens``
     write_given: Callable  # the token buffer's updates around the model (``token_buffer``)
     commit: Callable
@@ -164,16 +164,30 @@ def step_kernels(model, name: str = "eager") -> StepKernels:
     (torch.compile's cache is per function, so this only saves re-wrapping).
     """
     from .sampling import choose_tokens
+    from .sampling_kernel import choose_tokens_fused
 
     if name not in KERNEL_SETS:
         raise ValueError(f"kernel set must be one of {', '.join(KERNEL_SETS)}, got {name!r}")
     if name != "eager" and not decode_attention_available():
         raise ValueError(f"the {name!r} kernels need Triton, which is not installed")
     attend = write_and_attend_reference if name == "eager" else gpu_write_and_attend
-    if name != "compile":
+    if name == "eager":
         return StepKernels(
             name, model.embed, attention_input, attention_output_and_ffn, attend, model.forward_depth,
             choose_tokens, write_given, commit,
+        )
+    if name == "triton":
+        # The same layer functions over the Triton kernels of ``fused_ops``.
+        def triton_ops(fn: Callable) -> Callable:
+            return functools.partial(fn, ops=TRITON_OPS)
+
+        # ``LMModel.embed``'s lookups, in its order of addition.
+        embed = EmbeddingSum([table.weight for table in model.emb] + [model.text_emb.weight],
+                             [1 + codebook for codebook in range(len(model.emb))] + [0])
+        return StepKernels(
+            name, embed, triton_ops(attention_input), triton_ops(attention_output_and_ffn), attend,
+            functools.partial(model.forward_depth, ops=TRITON_OPS, choose=choose_tokens_fused), choose_tokens,
+            write_given, commit,
         )
     if model.device.type != "cuda":
         raise ValueError("the 'compile' kernels need a CUDA device (Inductor's CPU code differs in rounding)")

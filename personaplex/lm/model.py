@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import LMConfig
+from ..layers.fused_ops import EAGER_OPS, LayerOps
 from ..layers.norm import RMSNorm
 from .depformer import DepthTransformer
 from .fused import StepKernels, step_kernels
@@ -161,12 +163,17 @@ class LMModel(nn.Module):
         counter: torch.Tensor | None = None,
         return_logits: bool = False,
         max_top_k: int = 250,
+        *,
+        ops: LayerOps = EAGER_OPS,
+        choose: Callable = choose_tokens,
     ) -> DepthOutput:
         """Choose the first ``steps`` audio codebooks of one frame per slot.
 
         transformer_out: [B, dim]; text_token: [B] (the text token of this frame, forced or sampled);
         forced_audio: [B, >= steps] int64, -1 where the codebook is free. A forced codebook is used as
-        is (and feeds the next depth step); a free one is chosen from the logits.
+        is (and feeds the next depth step); a free one is chosen from the logits. ``ops``: the depth
+        layers' element-wise groups (``personaplex.layers.fused_ops``) and ``choose`` the token choice
+        (``sampling.choose_tokens`` or its kernel), given by the kernel set.
         """
         cfg = self.config
         batch = transformer_out.shape[0]
@@ -180,9 +187,9 @@ class LMModel(nn.Module):
         tokens, all_logits = [], []
         for step in range(steps):
             x = self.depformer_in[step](hidden) + previous
-            x = self.depformer(x, step, keys, values)
+            x = self.depformer(x, step, keys, values, ops=ops)
             logits = self.linears[step](x)[:, 0]
-            chosen = choose_tokens(logits, sampling, seed, counter, stream=1 + step, max_top_k=max_top_k)
+            chosen = choose(logits, sampling, seed, counter, stream=1 + step, max_top_k=max_top_k)
             token = torch.where(forced_audio[:, step] >= 0, forced_audio[:, step], chosen)
             tokens.append(token)
             if return_logits:
