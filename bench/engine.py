@@ -28,7 +28,7 @@ from personaplex.config import get_preset  # noqa: E402
 from personaplex.engine import Engine, SamplingConfig  # noqa: E402
 from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402
 from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
-from engine_timing import p99, time_steps  # noqa: E402
+from engine_timing import p99, parts_of_a_frame, time_steps  # noqa: E402
 
 GIB = 2**30
 TICK_MARGIN = 0.005  # seconds kept free at the end of a tick, as the serving hub keeps
@@ -233,35 +233,15 @@ def profile_frame(engine, pcm) -> None:
     print(f"N={batch}: one frame = {len(kernels)} kernels, {total:.2f} ms of kernel time")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     print(f"N={batch}: kernel time by phase (CUDA events around each part, outside a graph):")
-    for phase, ms, count in phase_times(engine, pcm[:batch].to(engine.device), batch, length):
+    for phase, ms, count in phase_times(engine, pcm[:batch].to(engine.device)):
         print(f"  {phase:<34} {ms:7.3f} ms  {count:5d} kernels")
 
 
-def phase_times(engine, pcm, batch, length):
+def phase_times(engine, pcm):
     """GPU time and kernel count of each part of a frame, each part run and profiled on its own."""
     from torch.profiler import profile
 
-    from personaplex.lm.sampling import SamplingParams
-
-    model, device = engine.generator.model, engine.device
-    gen_state, lm_state = engine.gen_state.slots(0, batch), engine.lm_state.slots(0, batch)
-    encoder, decoder = engine.encoder.slots(0, batch), engine.decoder.slots(0, batch)
-    positions = gen_state.offset.clamp(max=length - 1)
-    x = torch.randn(batch, 1, model.config.dim, device=device, dtype=model.dtype)
-    kernels = engine.kernels.lm
-    sampling = SamplingParams.fill(batch, 0.8, 250, device)
-    seed = torch.zeros(batch, dtype=torch.long, device=device)
-    tokens = torch.zeros(batch, model.config.dep_q + 1, dtype=torch.long, device=device)
-    parts = {
-        "Mimi encode": lambda: engine.mimi.encode_frame(pcm, encoder, engine.kernels.codec),
-        "LM embed": lambda: kernels.embed(torch.zeros(batch, 1, 1 + model.config.n_q, dtype=torch.long, device=device)),
-        f"temporal transformer ({model.config.num_layers} layers)": lambda: model.transformer(
-            x, positions, lm_state.keys, lm_state.values, length, lm_state.key_scales, lm_state.value_scales, kernels=kernels),
-        "out norm + text head": lambda: model.text_linear(model.out_norm(x)),
-        "depth transformer + sampling": lambda: kernels.forward_depth(
-            x[:, 0], tokens[:, 0], torch.full((batch, 8), -1, device=device), 8, sampling, seed, seed),
-        "Mimi decode": lambda: engine.mimi.decode_frame(tokens[:, 1:9], decoder, engine.kernels.codec),
-    }
+    parts = parts_of_a_frame(engine, pcm)
     results = []
     with torch.inference_mode():
         for phase, run in parts.items():

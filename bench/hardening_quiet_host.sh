@@ -4,9 +4,7 @@
 #   bash bench/hardening_quiet_host.sh
 set -o pipefail
 OUT=${OUT:-/tmp/hardening_out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1; fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source bench/gpu_host_env.sh
 echo "cores $(nproc), load $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/host.txt"
 timeout 240 python3 bench/attacks.py --duration 12 --log "$OUT/attacks_server.log" 2>&1 | tee "$OUT/attacks.txt"
 timeout 290 python3 bench/persona_flood.py --phase-seconds 15 --attackers 4 \

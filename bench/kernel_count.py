@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.engine import Engine, SamplingConfig  # noqa: E402
 from personaplex.lm.model import LMModel  # noqa: E402
-from personaplex.lm.sampling import SamplingParams  # noqa: E402
 from personaplex.random_weights import random_mimi, randomize_  # noqa: E402
+from engine_timing import parts_of_a_frame  # noqa: E402
 
 # Operators that launch nothing: allocations, metadata, host reads.
 NO_KERNEL = {
@@ -109,37 +109,6 @@ def build_engine(preset: str, kernels: str, slots: int, kv: str) -> Engine:
     for slot in range(slots):
         engine.join(slot, slot + 1, prompt, SamplingConfig(seed=slot))
     return engine
-
-
-def parts_of_a_frame(engine: Engine) -> dict:
-    """Each part of a frame as a function, on the engine's own state (as bench/engine.py's phase_times)."""
-    batch, length = engine._bucket()
-    model, device = engine.generator.model, engine.device
-    gen_state, lm_state = engine.gen_state.slots(0, batch), engine.lm_state.slots(0, batch)
-    encoder, decoder = engine.encoder.slots(0, batch), engine.decoder.slots(0, batch)
-    positions = gen_state.offset.clamp(max=length - 1)
-    x = torch.randn(batch, 1, model.config.dim, device=device, dtype=model.dtype)
-    kernels = engine.kernels.lm
-    sampling = SamplingParams.fill(batch, 0.8, 250, device)
-    seed = torch.zeros(batch, dtype=torch.long, device=device)
-    depth_steps = engine.config.agent_codebooks
-    tokens = torch.zeros(batch, model.config.dep_q + 1, dtype=torch.long, device=device)
-    pcm = torch.zeros(batch, 1920, device=device)
-    frame, _ = engine._frame_fn(batch, length)
-    active = torch.ones(batch, dtype=torch.bool, device=device)
-    return {
-        "Mimi encode": lambda: engine.mimi.encode_frame(pcm, encoder, engine.kernels.codec),
-        "LM embed": lambda: kernels.embed(torch.zeros(batch, 1, 1 + model.config.n_q, dtype=torch.long, device=device)),
-        f"temporal ({model.config.num_layers} layers)": lambda: model.transformer(
-            x, positions, lm_state.keys, lm_state.values, length, lm_state.key_scales, lm_state.value_scales,
-            kernels=kernels, pinned=lm_state.pinned),
-        "out norm + text head": lambda: model.text_linear(model.out_norm(x)),
-        f"depth ({depth_steps} steps) + sampling": lambda: kernels.forward_depth(
-            x[:, 0], tokens[:, 0], torch.full((batch, depth_steps), -1, device=device), depth_steps, sampling, seed,
-            seed),
-        "Mimi decode": lambda: engine.mimi.decode_frame(tokens[:, 1:1 + depth_steps], decoder, engine.kernels.codec),
-        "whole frame (all of the above + glue)": lambda: frame(pcm, active),
-    }
 
 
 def main() -> None:

@@ -7,9 +7,7 @@
 #   bash bench/long_context_gpu.sh pinned   # only the 64-conversation rows, both policies and ring types
 set -o pipefail
 OUT=${OUT:-/tmp/long_out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1; fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source bench/gpu_host_env.sh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 if [ "$1" = pinned ]; then
   for kv in fp8 model; do

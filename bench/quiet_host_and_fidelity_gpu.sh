@@ -2,9 +2,7 @@
 # One GPU-host call: the hardening benches on 12 of the host's cores (quiet: nothing else runs there) while
 # bench/fidelity.py uses the GPU and the other 4 cores; then the pinned CUDA-graph tests. Results in $OUT.
 OUT=${OUT:-/tmp/quiet_out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1; fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source bench/gpu_host_env.sh
 cores=$(nproc)
 ( taskset -c 0-$((cores - 5)) env OUT="$OUT" bash bench/hardening_quiet_host.sh > "$OUT/hardening.log" 2>&1 ) &
 taskset -c $((cores - 4))-$((cores - 1)) timeout 500 python3 bench/fidelity.py --steps 200 ${FIDELITY_PATHS:+--paths $FIDELITY_PATHS} \

@@ -5,9 +5,7 @@
 #   bash bench/startup_gpu.sh b   # "compile" kernels: cold and warm start, step speed; the CUDA tests
 set -o pipefail
 OUT=${OUT:-/tmp/startup_out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1; fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source bench/gpu_host_env.sh
 python3 -c "import torch, triton, sphn, aiohttp; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv
 free -g | head -2
