@@ -129,7 +129,7 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
                          auth_token=auth_token if query_token is None else None, idle_timeout=limits.idle_timeout)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"ok": not hub._closed, "model": hub.describe()["model"], "replica": replica,
+        return JSONResponse({"ok": hub.accepting, "model": hub.describe()["model"], "replica": replica,
                              **hub.load()})
 
     async def voices(request: Request) -> Response:

@@ -78,7 +78,7 @@ class ConversationReplica:
     async def check_health(self) -> None:
         """Serve's periodic probe: a replica whose engine thread died is replaced."""
         thread = self.hub._thread
-        if self.hub._closed or thread is None or not thread.is_alive():
+        if not self.hub.accepting or thread is None or not thread.is_alive():
             raise RuntimeError("the engine thread is not running")
 
     async def record_routing_stats(self) -> dict:
