@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import io
 import json
 import os
@@ -201,6 +202,7 @@ async def realtime_flood(base: str, stop: asyncio.Event, tally: Tally, worker: i
                             code = event["error"].get("code")
                             outcome = {"server_busy": "busy",
                                        "too_many_persona_changes": "limited"}.get(code, "refused")
+                            break  # refused: no session.updated follows (waiting for one held this attacker)
                         if event["type"] == "session.updated":
                             break
                     if outcome == "closed":
@@ -311,6 +313,8 @@ async def run(args) -> list[tuple[str, dict, Tally]]:
             tally = Tally()
             attackers = [asyncio.create_task(attack(stop, tally, i)) for i in range(args.attackers)] if attack else []
             start = time.monotonic()
+            # A phase that overruns its time by a minute prints every thread's stack (the event loop blocked?).
+            faulthandler.dump_traceback_later(args.phase_seconds + 60, repeat=True)
             await asyncio.sleep(args.phase_seconds)
             end = time.monotonic()
             stop.set()
@@ -320,6 +324,7 @@ async def run(args) -> list[tuple[str, dict, Tally]]:
             _, stuck = await asyncio.wait(attackers, timeout=10) if attackers else (set(), set())
             if stuck:
                 print(f"{name}: {len(stuck)} attacker(s) still closing after 10 s", file=sys.stderr, flush=True)
+            faulthandler.cancel_dump_traceback_later()
             rows.append((name, caller.window(start, end), tally))
             print(table_row(*rows[-1]), flush=True)  # now: a run cut short still reports the phases it ran
             await asyncio.sleep(3)  # let the server settle between phases

@@ -381,6 +381,8 @@ def test_kernel_sets_differ_where_they_should(models):
         step_kernels(lm, "fast")
     assert mimi.stream_kernels("eager").encoder == mimi.encoder_transformer.transformer.forward
     assert mimi.stream_kernels("math").encoder != mimi.stream_kernels("eager").encoder
+    with pytest.raises(ValueError, match="stream kind"):
+        mimi.stream_kernels("fast")
 
 
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
@@ -543,12 +545,12 @@ def test_the_triton_set_launches_its_kernels_in_every_step(models, kv_dtype, mon
         engine.step(torch.zeros(2, 1920))
     layers, depth_layers = lm.config.num_layers, lm.config.depformer_num_layers
     depth = engine.config.agent_codebooks * depth_layers  # depth layers run per frame
+    codec_layers = mimi.config.transformer.num_layers * 2  # Mimi's encoder and decoder transformers
     assert launches == {
-        "_qkv_heads_kernel": frames * layers,
+        "_qkv_heads_kernel": frames * (layers + codec_layers),  # one launch per layer call (Mimi's: 2 frames)
         "_chunk_kernel": frames * layers,
         "_merge_kernel": frames * layers,
-        # temporal: norm1 and the residual add + norm2; depth: the first norm, then two adds + norms a layer
-        # but the last layer's final residual add
+        # temporal and depth: the first norm, then two adds + norms a layer but the last layer's final add
         "_rms_norm_kernel": frames * (2 * layers + 2 * depth),
         "_silu_mul_kernel": frames * (layers + depth),
         "_depth_attention_kernel": frames * depth,

@@ -190,3 +190,35 @@ def test_embedding_sum_equals_the_models_embed(ops, dtype):
     got, want = embed(tokens), lm.embed(tokens)
     assert got.dtype == dtype and got.shape == want.shape == (3, 4, config.dim)
     assert torch.equal(got, want)  # the same lookups added in the same order, each sum rounded alike
+
+
+def test_scaled_add_equals_the_reference(ops):
+    x, scale, y = randn(2, 3, 64), randn(64, seed=1), randn(2, 3, 64, seed=2)
+    got = ops.TRITON_OPS.scaled_add(x, scale, y)
+    torch.testing.assert_close(got, ops.EAGER_OPS.scaled_add(x, scale, y), **tolerance(torch.float32))
+
+
+def test_mimi_transformer_streams_alike_with_the_triton_ops(ops):
+    """Mimi's streaming transformer with its RoPE and head layout in the Triton kernel (the engine's "triton"
+    codec kind) gives the eager outputs and leaves the same KV rings, call after call past a full ring."""
+    import dataclasses
+
+    from personaplex.codec.transformer import TransformerStack, stream_function
+    from personaplex.config import SMALL_MIMI
+
+    config = dataclasses.replace(SMALL_MIMI.transformer, context=8)  # a short ring: few calls wrap it
+    torch.manual_seed(0)
+    stack = TransformerStack(config).to(DEVICE).eval()
+    for layer in stack.layers:  # a visible residual branch (the default LayerScale is 0.01)
+        torch.nn.init.normal_(layer.layer_scale_1.scale, std=0.5)
+        torch.nn.init.normal_(layer.layer_scale_2.scale, std=0.5)
+    states = {kind: stack.new_state(2, DEVICE) for kind in ("eager", "triton")}
+    functions = {kind: stream_function(stack, kind) for kind in states}
+    calls = config.context // 2 + 3  # the ring wraps
+    with torch.no_grad():
+        for call in range(calls):
+            x = randn(2, 2, config.d_model, seed=100 + call)
+            out = {kind: functions[kind](x, states[kind]) for kind in states}
+            torch.testing.assert_close(out["triton"], out["eager"], atol=1e-4, rtol=1e-4)
+    for got, want in zip(states["triton"].tensors(), states["eager"].tensors()):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

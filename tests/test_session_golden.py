@@ -137,7 +137,7 @@ def step_kernels(request, models):
     kernels = engine_kernels(*models, request.param)
     assert kernels.name == request.param
     if request.param == "triton":
-        assert kernels.lm.write_and_attend is gpu_write_and_attend and kernels.codec.kind == "math"
+        assert kernels.lm.write_and_attend is gpu_write_and_attend and kernels.codec.kind == "triton"
     return kernels
 
 

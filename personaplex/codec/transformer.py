@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MimiTransformerConfig
-from ..layers.attention import math_attention, ring_self_attention
+from ..layers.attention import additive_mask, math_attention, merge_heads, ring_attention
+from ..layers.fused_ops import EAGER_OPS, TRITON_OPS, LayerOps
 from ..layers.kv_ring import reference_lowest_visible, ring_positions, ring_visibility
 from ..layers.rope import Rotation, rotation_for
 
@@ -92,19 +93,20 @@ class TransformerLayer(nn.Module):
         values: torch.Tensor,
         prefill: bool = False,
         attend=F.scaled_dot_product_attention,
+        ops: LayerOps = EAGER_OPS,
     ) -> torch.Tensor:
         """x: [B, T, dim] at positions ``start[b] + t`` (start: [B]); rings updated in place.
 
         Streaming: mask [B, 1, T, context]; ``prefill``: mask [B, 1, T, context + T], a block attending
-        over the old ring plus its own keys (see ``ring_self_attention``).
+        over the old ring plus its own keys (see ``layers.attention.ring_attention``). ``ops``: the
+        element-wise groups (RoPE and head layout, the scaled residual adds; ``layers.fused_ops``).
         """
-        attended = ring_self_attention(
-            self.norm1(x), self.self_attn.in_proj_weight, self.config.num_heads, rotation,
-            start, keys, values, mask, prefill=prefill, attend=attend,
-        )
-        x = x + self.layer_scale_1(self.self_attn.out_proj(attended))
+        qkv = F.linear(self.norm1(x), self.self_attn.in_proj_weight)
+        q, k, v = ops.qkv_heads(qkv, self.config.num_heads, rotation.cos_sin, None)
+        attended = merge_heads(ring_attention(q, k, v, start, keys, values, mask, prefill=prefill, attend=attend))
+        x = ops.scaled_add(x, self.layer_scale_1.scale, self.self_attn.out_proj(attended))
         update = self.linear2(F.gelu(self.linear1(self.norm2(x))))
-        return x + self.layer_scale_2(update)
+        return ops.scaled_add(x, self.layer_scale_2.scale, update)
 
 
 class TransformerStack(nn.Module):
@@ -133,9 +135,10 @@ class TransformerStack(nn.Module):
         """
         return self.stream(x, state, F.scaled_dot_product_attention)
 
-    def stream(self, x: torch.Tensor, state: TransformerState, attend=F.scaled_dot_product_attention) -> torch.Tensor:
-        """``forward`` with the attention function given (``scaled_dot_product_attention`` or
-        ``math_attention``, the same up to rounding)."""
+    def stream(self, x: torch.Tensor, state: TransformerState, attend=F.scaled_dot_product_attention,
+               ops: LayerOps = EAGER_OPS) -> torch.Tensor:
+        """``forward`` with the attention function (``scaled_dot_product_attention`` or ``math_attention``)
+        and the element-wise groups (``layers.fused_ops``) given; all the same up to rounding."""
         steps = x.shape[1]
         capacity = self.config.context
         query_positions = state.position[:, None] + torch.arange(steps, device=x.device)
@@ -146,8 +149,10 @@ class TransformerStack(nn.Module):
             ring_positions(last, capacity), query_positions, reference_lowest_visible(last, steps, capacity)
         )
         rotation = rotation_for(query_positions, self.config.head_dim, self.config.max_period)
+        if attend is math_attention:  # the mask as scores to add, made once for every layer
+            mask = additive_mask(mask, self.config.num_heads, x.dtype)
         for layer, keys, values in zip(self.layers, state.keys, state.values):
-            x = layer(x, state.position, rotation, mask, keys, values, attend=attend)
+            x = layer(x, state.position, rotation, mask, keys, values, attend=attend, ops=ops)
         state.position.add_(steps)
         return x
 
@@ -156,7 +161,7 @@ class TransformerStack(nn.Module):
 
         Outputs and final state (rings, position) equal the streaming ones up to float rounding, but the
         frames go through in blocks of up to C (ring capacity) rather than two at a time. Within a block,
-        queries attend over [ring before the block ; the block's own keys] (``ring_self_attention(prefill=True)``),
+        queries attend over [ring before the block ; the block's own keys] (``ring_attention(prefill=True)``),
         under the mask that streaming's call pattern implies: the query at position q, belonging to the
         2-frame call that starts at ``s = q - (q - position) % 2``, sees key p iff
         ``max(0, s + 3 - C) <= p <= q``. Every such p is either in the block or among the C positions
@@ -218,7 +223,7 @@ class MimiTransformer(nn.Module):
         return self.transformer.prefill(x.transpose(1, 2), state).transpose(1, 2)
 
 
-STREAM_KINDS = ("eager", "math", "compile")
+STREAM_KINDS = ("eager", "math", "triton", "compile")
 
 
 def stream_function(stack: TransformerStack, kind: str = "eager") -> Callable:
@@ -226,15 +231,21 @@ def stream_function(stack: TransformerStack, kind: str = "eager") -> Callable:
 
     "eager": ``forward`` (scaled-dot-product attention); "math": the attention as plain matmuls and a
     softmax (``math_attention``: on a GPU the generic float32 attention kernel costs ~30 us a call, these
-    few kernels less, and a CUDA graph removes their launches); "compile": "math" torch.compile'd (~16
-    kernels a layer become a few). All three compute the same up to float rounding.
+    few kernels less, and a CUDA graph removes their launches); "triton": "math" with the Triton kernels
+    of ``layers.fused_ops`` for RoPE and the head layout (one launch instead of about ten) and one kernel
+    per scaled residual add; "compile": "math" torch.compile'd (~16 kernels a layer become a few). All
+    compute the same up to float rounding.
     """
     if kind == "eager":
         return stack.forward
     if kind not in STREAM_KINDS:
         raise ValueError(f"stream kind must be one of {', '.join(STREAM_KINDS)}, got {kind!r}")
 
-    def with_math_attention(x: torch.Tensor, state: TransformerState) -> torch.Tensor:
-        return stack.stream(x, state, math_attention)
+    ops = TRITON_OPS if kind == "triton" else EAGER_OPS
 
-    return with_math_attention if kind == "math" else torch.compile(with_math_attention, fullgraph=True, dynamic=True)
+    def with_math_attention(x: torch.Tensor, state: TransformerState) -> torch.Tensor:
+        return stack.stream(x, state, math_attention, ops)
+
+    if kind == "compile":
+        return torch.compile(with_math_attention, fullgraph=True, dynamic=True)
+    return with_math_attention

@@ -4,7 +4,7 @@ The sets (see ``personaplex.lm.fused``):
 - "eager": PyTorch op by op; the reference arithmetic (CPU default).
 - "triton": the LM's single-frame attention through the Triton decode kernel and its layers' element-wise
   groups through the fused Triton kernels of ``personaplex.layers.fused_ops``, Mimi's attention as plain
-  matmuls; nothing compiled by Inductor, so a GPU engine's start-up is a few Triton JITs (about a second
+  matmuls with its RoPE and head layout through the same kernels; nothing compiled by Inductor, so a GPU engine's start-up is a few Triton JITs (about a second
   each) and its CUDA graph captures.
 - "compile": the eager functions torch.compile'd, with the Triton decode attention (fewer kernels a
   frame; compiling costs start-up time, the first time on a machine minutes).
@@ -32,7 +32,7 @@ log = logging.getLogger("personaplex.engine")
 # What "auto" picks on a CUDA device with Triton.
 GPU_DEFAULT = "compile"
 # Mimi's streaming transformers under each set (``personaplex.codec.transformer.stream_function``).
-CODEC_KIND = {"eager": "eager", "triton": "math", "compile": "compile"}
+CODEC_KIND = {"eager": "eager", "triton": "triton", "compile": "compile"}
 
 
 @dataclass(frozen=True)

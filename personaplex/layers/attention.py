@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from .kv_ring import dequantize_fp8, quantize_fp8, read_ring, write_ring
-from .rope import Rotation, apply_rope
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -22,14 +21,29 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-    """``scaled_dot_product_attention`` with a boolean mask, as plain matmuls and a softmax.
+    """``scaled_dot_product_attention`` as plain matmuls and a softmax.
 
-    For torch.compile'd float32 paths with a couple of queries (Mimi's streaming transformers): there
-    the generic float32 attention kernel costs ~30 us a call on an H100, these ops fuse into a few.
+    For float32 paths with a couple of queries (Mimi's streaming transformers): there the generic float32
+    attention kernel costs ~30 us a call on an H100, these few kernels less. ``attn_mask``: boolean
+    [B, 1, T, K] (True = visible), or the same visibility as an additive mask from ``additive_mask``
+    ([B * H, T, K], made once for all layers), with which scaling and masking ride in the score matmul.
     """
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    if attn_mask.dtype == torch.bool:
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+    batch, heads, steps, dim = q.shape
+    keys = k.reshape(batch * heads, -1, dim)
+    scores = torch.baddbmm(attn_mask, q.reshape(batch * heads, steps, dim), keys.transpose(1, 2), alpha=dim ** -0.5)
+    return (torch.softmax(scores, dim=-1) @ v.reshape(batch * heads, -1, dim)).view(batch, heads, steps, dim)
+
+
+def additive_mask(mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask [B, 1, T, K] as ``math_attention``'s additive one: [B * H, T, K], 0 where visible and
+    -inf elsewhere (so that adding it to the scaled scores masks exactly as ``masked_fill``)."""
+    batch, _, steps, keys = mask.shape
+    bias = torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return bias.expand(batch, num_heads, steps, keys).reshape(batch * num_heads, steps, keys)
 
 
 def pinned_math_attention(
@@ -42,50 +56,6 @@ def pinned_math_attention(
     scores = torch.where(pinned_keys, q_pinned @ k.transpose(-1, -2), q @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~attn_mask, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
-
-
-def _project(h: torch.Tensor, in_proj_weight: torch.Tensor, num_heads: int, rotation: Rotation):
-    # The fused projection gives q, k, v as rows [0, D), [D, 2D), [2D, 3D); q and k get RoPE.
-    q, k, v = F.linear(h, in_proj_weight).chunk(3, dim=-1)
-    q = apply_rope(split_heads(q, num_heads), rotation)
-    k = apply_rope(split_heads(k, num_heads), rotation)
-    return q, k, split_heads(v, num_heads)
-
-
-def ring_self_attention(
-    h: torch.Tensor,
-    in_proj_weight: torch.Tensor,
-    num_heads: int,
-    rotation: Rotation,
-    start: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    prefill: bool = False,
-    used_length: int | None = None,
-    key_scales: torch.Tensor | None = None,
-    value_scales: torch.Tensor | None = None,
-    attend=F.scaled_dot_product_attention,
-) -> torch.Tensor:
-    """Attention of the T new frames h [B, T, dim] (at positions ``start[b] + t``) over the ring.
-
-    Streaming (the reference's order): k and v are written to the rings [B, H, C, head_dim] in place,
-    then q attends under ``mask`` [B, 1, T, C]. ``prefill`` for a long block of T <= C frames: queries
-    attend over the ring as it was *before* the block plus the block's own keys (``mask`` [B, 1, T, C+T])
-    and only then are the new keys written, since a block longer than two frames would otherwise
-    overwrite keys its first queries still see when frames come one at a time.
-    ``used_length``: attend only over ring indices [0, used_length), valid when no slot has written a
-    position beyond it (short conversations need not read a 3000-frame ring); the mask covers those.
-    ``key_scales``/``value_scales`` [B, H, C, 1]: the rings hold FP8 values with per-vector scales.
-    ``attend``: the attention function (``scaled_dot_product_attention`` or ``math_attention``).
-    Returns merged heads [B, T, dim] (before the output projection).
-    """
-    q, k, v = _project(h, in_proj_weight, num_heads, rotation)
-    return merge_heads(ring_attention(
-        q, k, v, start, keys, values, mask, prefill=prefill, used_length=used_length, key_scales=key_scales,
-        value_scales=value_scales, attend=attend,
-    ))
 
 
 def ring_attention(
@@ -104,8 +74,20 @@ def ring_attention(
     attend=F.scaled_dot_product_attention,
     write_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The attention of ``ring_self_attention`` from projected q, k, v [B, H, T, head_dim]; returns
-    [B, H, T, head_dim] (heads not merged)."""
+    """Attention of T new frames' q, k, v [B, H, T, head_dim] (at positions ``start[b] + t``, q and k
+    rotated) over a KV ring; returns [B, H, T, head_dim] (heads not merged).
+
+    Streaming (the reference's order): k and v are written to the rings [B, H, C, head_dim] in place,
+    then q attends under ``mask`` [B, 1, T, C]. ``prefill`` for a long block of T <= C frames: queries
+    attend over the ring as it was *before* the block plus the block's own keys (``mask`` [B, 1, T, C+T])
+    and only then are the new keys written, since a block longer than two frames would otherwise
+    overwrite keys its first queries still see when frames come one at a time.
+    ``used_length``: attend only over ring indices [0, used_length), valid when no slot has written a
+    position beyond it (short conversations need not read a 3000-frame ring); the mask covers those.
+    ``key_scales``/``value_scales`` [B, H, C, 1]: the rings hold FP8 values with per-vector scales.
+    ``attend``: the attention function (``scaled_dot_product_attention`` or ``math_attention``).
+    ``write_index``: the ring indices to write instead of ``start``'s (``kv_ring.ring_index``).
+    """
     if prefill:
         if key_scales is not None:  # the block sees its own keys as a later step would: through FP8
             scale_dtype = key_scales.dtype

@@ -438,10 +438,17 @@ class LayerOps:
     silu_mul: Callable  # (gate_value) -> hidden
     qkv_heads: Callable  # (qkv, num_heads, cos_sin, fp8_scale_dtype) -> q, k, v (or quantised k, v)
     depth_attention: Callable  # (qkv, keys, values, step, first_visible, num_heads) -> merged heads
+    scaled_add: Callable  # (x, scale, y) -> x + scale * y (Mimi's LayerScale'd residual branches)
+
+
+def scaled_add_reference(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + scale * y, as the reference writes it (two kernels)."""
+    return x + scale * y
 
 
 EAGER_OPS = LayerOps(
     "eager", rms_norm_reference, add_rms_norm_reference, silu_mul_reference, qkv_heads_reference,
-    depth_attention_reference,
+    depth_attention_reference, scaled_add_reference,
 )
-TRITON_OPS = LayerOps("triton", rms_norm, add_rms_norm, silu_mul, qkv_heads, depth_attention)
+# ``torch.addcmul`` is one ATen kernel for x + scale * y (the product may be fused into the sum: rounding).
+TRITON_OPS = LayerOps("triton", rms_norm, add_rms_norm, silu_mul, qkv_heads, depth_attention, torch.addcmul)

@@ -47,25 +47,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def attention_input(
-    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, in_proj_weight: torch.Tensor, num_heads: int,
-    cos_sin: torch.Tensor, fp8_scale_dtype: torch.dtype | None, *, ops: LayerOps = EAGER_OPS,
+    x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, in_proj_weight: torch.Tensor,
+    num_heads: int, cos_sin: torch.Tensor, fp8_scale_dtype: torch.dtype | None, *, ops: LayerOps = EAGER_OPS,
 ) -> tuple[torch.Tensor, ...]:
-    """Norm, fused q/k/v projection and RoPE of x [B, T, dim] -> q, k, v [B, H, T, head_dim].
+    """The previous layer's pending residual add, then norm, fused q/k/v projection and RoPE of x [B, T, dim].
 
-    With ``fp8_scale_dtype`` k and v come back quantised for an FP8 ring: (q, k8, k_scale, v8, v_scale).
+    ``delta``: the previous layer's feed-forward output, added to x here (in one kernel with the norm), or
+    None for the first layer. Returns (x, q, k, v) with q, k, v [B, H, T, head_dim]; with ``fp8_scale_dtype``
+    k and v come back quantised for an FP8 ring: (x, q, k8, k_scale, v8, v_scale).
     ``ops``: the element-wise groups' implementation (``personaplex.layers.fused_ops``).
     """
-    return ops.qkv_heads(F.linear(ops.rms_norm(x, norm_weight, eps), in_proj_weight), num_heads, cos_sin,
-                         fp8_scale_dtype)
+    if delta is None:
+        h = ops.rms_norm(x, norm_weight, eps)
+    else:
+        x, h = ops.add_rms_norm(x, delta, norm_weight, eps)
+    return (x, *ops.qkv_heads(F.linear(h, in_proj_weight), num_heads, cos_sin, fp8_scale_dtype))
 
 
 def attention_output_and_ffn(
     x: torch.Tensor, attended: torch.Tensor, out_weight: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     ffn_in: torch.Tensor, ffn_out: torch.Tensor, *, ops: LayerOps = EAGER_OPS,
-) -> torch.Tensor:
-    """The rest of a transformer layer: output projection and residual, then the gated feed-forward."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rest of a transformer layer: output projection and residual, then the gated feed-forward.
+
+    Returns (x, delta): the feed-forward's output ``delta`` is not added to x here but by the next layer's
+    ``attention_input`` (with its norm) or the caller after the last layer.
+    """
     x, h = ops.add_rms_norm(x, F.linear(merge_heads(attended), out_weight), norm_weight, eps)
-    return x + F.linear(ops.silu_mul(F.linear(h, ffn_in)), ffn_out)
+    return x, F.linear(ops.silu_mul(F.linear(h, ffn_in)), ffn_out)
 
 
 def fp8_ring_attention(

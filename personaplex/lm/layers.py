@@ -115,12 +115,13 @@ class TemporalTransformer(nn.Module):
             pinned_counts = pinned.to(torch.int32)
             pinned_keys = ((key_positions >= 0) & (key_positions < pinned[:, None]))[:, None, None, :]  # [B, 1, 1, K]
             write_index = ring_index(positions, steps, capacity, pinned)
+        delta = None  # the previous layer's feed-forward output, added with the next norm
         for index, layer in enumerate(self.layers):
             layer_scales = (key_scales[index], value_scales[index]) if fp8 else (None, None)
             # A single frame's key and value are quantised with q (one fused kernel when compiled).
-            new = kernels.attention_input(
-                x, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads, rotation.cos_sin,
-                key_scales.dtype if fp8 and single else None,
+            x, *new = kernels.attention_input(
+                x, delta, layer.norm1.alpha, cfg.norm_eps, layer.self_attn.in_proj_weight, cfg.num_heads,
+                rotation.cos_sin, key_scales.dtype if fp8 and single else None,
             )
             if single:
                 rings = (keys[index], values[index]) + (layer_scales if fp8 else ())
@@ -135,8 +136,8 @@ class TemporalTransformer(nn.Module):
                     *new, positions, keys[index], values[index], mask, prefill=prefill, used_length=used,
                     key_scales=layer_scales[0], value_scales=layer_scales[1], attend=attend, write_index=write_index,
                 )
-            x = kernels.attention_output_and_ffn(
+            x, delta = kernels.attention_output_and_ffn(
                 x, attended, layer.self_attn.out_proj.weight, layer.norm2.alpha, cfg.norm_eps,
                 layer.gating.linear_in.weight, layer.gating.linear_out.weight,
             )
-        return x
+        return x + delta
