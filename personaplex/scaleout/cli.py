@@ -43,9 +43,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..server import serve
+    from ..server.flags import build_parser
 
-    serve.build_parser(parser)
+    build_parser(parser)
     parser.description = (
         "Serve live conversations from several engine replicas (one per GPU, on one machine or across the "
         "machines of a Ray cluster) behind one endpoint, with the same routes as 'personaplex serve': "
@@ -158,7 +158,7 @@ def _import_ray():
 def run_serve(args: argparse.Namespace) -> None:
     ray, serve = _import_ray()
 
-    from ..server.serve import access_host, static_folder
+    from ..server.flags import access_host, static_folder
     from .deployment import APP_NAME, ReplicaSettings, build_application
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

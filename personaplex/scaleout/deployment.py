@@ -95,7 +95,7 @@ class ConversationReplica:
 
 def replica_args(model_args: dict) -> argparse.Namespace:
     """The flags of ``personaplex serve`` with its defaults, overridden by ``model_args``."""
-    from ..server.serve import build_parser
+    from ..server.flags import build_parser
 
     args = build_parser().parse_args([])
     for name, value in model_args.items():
