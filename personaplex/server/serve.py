@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import startup
-from ..app.console import run_command
+from ..app.console import log_to_stderr, run_command
 # The flags live in flags.py (``personaplex scale serve`` takes them too). The server's modules (aiohttp, the
 # engine, torch) are imported only when it starts, so that --help and argument errors answer at once.
 from .flags import DEFAULT_STATIC, ServerError, access_host, build_parser, static_folder
@@ -30,7 +30,7 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 def run(args: argparse.Namespace) -> None:
     from ..serving.hub import ConversationHub
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     static_dir = static_folder(args.static)
     if args.opus_workers < 0:  # like every setting, checked before gigabytes of weights load
         raise ServerError("--opus-workers must be 0 or more (0: encode in the server process)")
@@ -45,11 +45,9 @@ def run(args: argparse.Namespace) -> None:
         ssl_context, generated = tls_context(args.ssl)
         if generated:
             log.info("generated a self-signed certificate in %s (browsers will ask to accept it once)", args.ssl)
-    phone_personas = None
-    if getattr(args, "phone_personas", None) is not None:  # checked before loading weights, too
-        from ..frontends.twilio import PhonePersonas
+    from ..frontends.twilio import PhonePersonas
 
-        phone_personas = PhonePersonas.load(args.phone_personas)
+    phone_personas = PhonePersonas.given(getattr(args, "phone_personas", None))  # checked before loading weights, too
     hub = ConversationHub.from_args(args)
     if hub.model.untrained:
         log.info("note: the demo model has random, untrained weights: it babbles")

@@ -29,11 +29,12 @@ def websocket_handlers(hub, *, sessions: set, auth_token: str | None, limits: Se
     ``send_buffer_bytes`` bounds what the kernel and aiohttp buffer for a client of /api/chat that does not
     read (so the hub notices it soon); ``encoders``: an ``OpusEncoderPool`` for /api/chat (None: this
     process encodes); ``guard``: the site's ``ConnectionGuard``."""
-    personas = phone_personas or PhonePersonas()
+    personas = phone_personas if phone_personas is not None else PhonePersonas()
     reader_timeout = hub.options.max_output_frames / 12.5  # the hub's own bound on a slow reader, in seconds
 
-    async def serve(ws: GuardedWebSocketResponse, request: web.Request, buffer_bytes: int | None, run,
-                    bound_send_buffer: bool = False) -> None:
+    async def run_socket(ws: GuardedWebSocketResponse, request: web.Request, buffer_bytes: int | None, run,
+                         bound_send_buffer: bool = False) -> None:
+        """Upgrade, then ``run(transport)`` (a protocol handler) until the conversation ends."""
         await ws.prepare(request)
         if bound_send_buffer:
             _bound_send_buffer(request, buffer_bytes)
@@ -53,16 +54,16 @@ def websocket_handlers(hub, *, sessions: set, auth_token: str | None, limits: Se
         ws.too_big_message = bytes([KIND_ERROR]) + (
             f"message of more than {4 * MAX_MESSAGE_BYTES} bytes; at most {MAX_MESSAGE_BYTES} are accepted "
             "(one Ogg page per message)").encode()
-        await serve(ws, request, send_buffer_bytes,
-                    lambda transport: run_chat(hub, request.query, transport, encoders=encoders), bound_send_buffer=True)
+        await run_socket(ws, request, send_buffer_bytes, bound_send_buffer=True,
+                         run=lambda transport: run_chat(hub, request.query, transport, encoders=encoders))
         return ws
 
     async def realtime(request: web.Request) -> web.StreamResponse:
         beta = "realtime=v1" in request.headers.get("OpenAI-Beta", "").replace(" ", "")
         ws = GuardedWebSocketResponse(max_msg_size=4 * MAX_EVENT_BYTES, compress=False, autoping=False)
         ws.too_big_message = event_too_large_notice(4 * MAX_EVENT_BYTES)
-        await serve(ws, request, 64 << 10,
-                    lambda transport: run_realtime(hub, transport, beta=beta, idle_timeout=limits.idle_timeout))
+        await run_socket(ws, request, 64 << 10,
+                         lambda transport: run_realtime(hub, transport, beta=beta, idle_timeout=limits.idle_timeout))
         return ws
 
     async def twilio(request: web.Request) -> web.StreamResponse:
@@ -74,7 +75,7 @@ def websocket_handlers(hub, *, sessions: set, auth_token: str | None, limits: Se
                 guard.mark_busy(request.transport)
 
         try:
-            await serve(ws, request, 64 << 10, lambda transport: run_twilio(
+            await run_socket(ws, request, 64 << 10, lambda transport: run_twilio(
                 hub, transport, personas=personas, auth_token=start_token, idle_timeout=limits.idle_timeout,
                 on_authenticated=on_authenticated))
         finally:
