@@ -7,7 +7,7 @@ transport-agnostic protocol handlers (``run_chat``, ``run_realtime``, ``run_twil
 (``replica``), and voice uploads are refused (an upload would live in one replica only).
 
 A refused WebSocket upgrade gets the same HTTP status and JSON body as from the single server where the ASGI
-server supports the WebSocket denial response (uvicorn, which Ray Serve's proxy runs, does); elsewhere the
+server offers the WebSocket denial response (uvicorn does, behind Ray Serve's proxy too); elsewhere the
 upgrade is closed with 1008, which the server answers with HTTP 403.
 """
 
