@@ -55,12 +55,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 # Known exceptions, each with its reason; every one must still exist (see the test below), so that a fixed one
-# leaves this list. ``personaplex scale serve`` takes the flags of ``personaplex serve`` and its replicas read their
-# defaults from the same parser: until those flags live below the commands, the scale-out imports the serve command.
-ALLOWED = {
-    ("personaplex.scaleout.cli", "personaplex.server.serve"): "scale serve: serve's flags and helpers",
-    ("personaplex.scaleout.deployment", "personaplex.server.serve"): "a replica's defaults: serve's flags",
-}
+# leaves this list.
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable
 
@@ -10,6 +11,11 @@ from ..errors import PersonaplexError
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def log_to_stderr(level: int | str = logging.INFO) -> None:
+    """The servers' log lines on stderr, from ``level`` up: time, level, logger, message."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run_command(action: Callable[[], None]) -> int:

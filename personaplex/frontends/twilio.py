@@ -100,6 +100,13 @@ class PhonePersonas:
     default: str | None = None
 
     @classmethod
+    def given(cls, value: str | Path | PhonePersonas | None) -> PhonePersonas:
+        """The personas a server was given: ready ones, a file to load, or None (no persona file)."""
+        if isinstance(value, PhonePersonas):
+            return value
+        return cls.load(value) if value is not None else cls()
+
+    @classmethod
     def load(cls, path: str | Path) -> PhonePersonas:
         path = Path(path)
         try:

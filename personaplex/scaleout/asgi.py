@@ -1,36 +1,34 @@
 """The single server's routes as an ASGI (Starlette) application over one ``ConversationHub``.
 
-A scale-out replica serves exactly what ``personaplex serve`` serves, through the same transport-agnostic
-protocol handlers (``run_chat``, ``run_realtime``, ``run_twilio``); only the framework differs
-(Starlette under Ray Serve's proxy instead of aiohttp):
+A scale-out replica serves exactly what ``personaplex serve`` serves: the routes of ``frontends/routes.py`` with
+the same access check before any work, the same plain HTTP endpoints (``frontends/http_api.py``) and the same
+transport-agnostic protocol handlers (``run_chat``, ``run_realtime``, ``run_twilio``); only the framework differs
+(Starlette under Ray Serve's proxy instead of aiohttp). What differs in a replica: ``/api/health`` names it
+(``replica``), and voice uploads are refused (an upload would live in one replica only).
 
-| route | what |
-| --- | --- |
-| ``GET /api/chat`` | the WebSocket conversation protocol (``personaplex/frontends/chat_protocol.py``) |
-| ``GET /v1/realtime`` | the Realtime-style WebSocket (``personaplex/frontends/realtime.py``) |
-| ``GET /twilio/media-stream`` | the Twilio Media Streams WebSocket (``personaplex/frontends/twilio.py``) |
-| ``GET /api/health`` | JSON of this replica: ok, model, slots busy/free, ``replica`` |
-| ``GET /api/voices`` | the voice presets; uploads are refused (an upload would live in one replica only) |
-| ``GET /metrics`` | this replica's Prometheus metrics |
-| ``GET /`` and files | the web page (``/?token=T`` sets the page's cookie, as in ``server/app.py``) |
+A refused WebSocket upgrade gets the same HTTP status and JSON body as from the single server where the ASGI
+server offers the WebSocket denial response (uvicorn does, behind Ray Serve's proxy too); elsewhere the
+upgrade is closed with 1008, which the server answers with HTTP 403.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from urllib.parse import urlencode
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.middleware import Middleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketState
 
+from ..frontends import http_api
+from ..frontends.http_api import Answer, json_answer
+from ..frontends.routes import AccessRequest, check_access, phone_stream_token, served_routes
+from ..frontends.security import TOKEN_COOKIE, OriginPolicy
 from ..server.limits import ServerLimits
-from ..frontends.security import TOKEN_COOKIE, cookie_matches, cookie_value, token_from, token_matches
 
 log = logging.getLogger("personaplex.scaleout")
 
@@ -77,111 +75,97 @@ def build_asgi_app(hub, *, static_dir: Path | None, auth_token: str | None = Non
     """Routes of the single server over ``hub`` (started by the caller). ``replica`` names this replica
     in ``/api/health``. ``encoders``: an ``OpusEncoderPool`` for /api/chat, started at the first conversation
     (on the loop that serves it); None: this process encodes. ``limits``: the idle timeout and the Origin
-    allow-list of WebSocket upgrades (default: the server's defaults)."""
+    allow-list (default: the server's defaults)."""
+    from ..frontends.chat_protocol import run_chat
     from ..frontends.realtime import run_realtime
     from ..frontends.twilio import PhonePersonas, run_twilio
-    from ..frontends.chat_protocol import run_chat
 
     limits = limits or ServerLimits()
-
-    personas = phone_personas if isinstance(phone_personas, PhonePersonas) else \
-        PhonePersonas.load(phone_personas) if phone_personas is not None else PhonePersonas()
-
-    def authorized(connection: Request | WebSocket, cookie: bool = True) -> bool:
-        """The token (header or ?token=), or the page's cookie from the server's own or a listed origin;
-        ``cookie=False``: the token only (the Realtime route, whose clients send it as their API key)."""
-        if not auth_token:
-            return True
-        given = token_from(connection.query_params.get("token"), connection.headers.get("authorization"))
-        if token_matches(given, auth_token):
-            return True
-        return cookie and cookie_matches(connection.cookies.get(TOKEN_COOKIE), auth_token) and \
-            limits.allowed_origins.allows_cookie(connection.headers.get("origin"), connection.headers.get("host"))
-
-    def origin_allowed(ws: WebSocket) -> bool:
-        return limits.allowed_origins.allows(ws.headers.get("origin"), ws.headers.get("host"))
+    personas = PhonePersonas.given(phone_personas)
 
     async def chat(ws: WebSocket) -> None:
-        if not origin_allowed(ws) or not authorized(ws):
-            await ws.close(code=CLOSE_POLICY)  # before accepting: the upgrade is refused (HTTP 403)
-            return
         await ws.accept()
         if encoders is not None and not encoders.started:
             await encoders.start()
         await run_chat(hub, ws.query_params, StarletteTransport(ws), encoders=encoders)
 
     async def realtime(ws: WebSocket) -> None:
-        if not origin_allowed(ws) or not authorized(ws, cookie=False):
-            await ws.close(code=CLOSE_POLICY)
-            return
         beta = "realtime=v1" in ws.headers.get("openai-beta", "").replace(" ", "")
         await ws.accept()
         await run_realtime(hub, StarletteTransport(ws), beta=beta, idle_timeout=limits.idle_timeout)
 
-    async def twilio(ws: WebSocket) -> None:  # Twilio sends no headers: the token is a stream parameter
-        query_token = ws.query_params.get("token")
-        if not origin_allowed(ws) or (auth_token and query_token is not None and not token_matches(query_token,
-                                                                                                  auth_token)):
-            await ws.close(code=CLOSE_POLICY)
-            return
+    async def twilio(ws: WebSocket) -> None:
         await ws.accept()
-        await run_twilio(hub, StarletteTransport(ws), personas=personas,
-                         auth_token=auth_token if query_token is None else None, idle_timeout=limits.idle_timeout)
+        await run_twilio(hub, StarletteTransport(ws), personas=personas, idle_timeout=limits.idle_timeout,
+                         auth_token=phone_stream_token(auth_token, ws.query_params.get("token")))
 
-    async def health(request: Request) -> Response:
-        return JSONResponse({"ok": hub.accepting, "model": hub.describe()["model"], "replica": replica,
-                             **hub.load()})
+    async def upload_voice(request: Request) -> Response:
+        return response_for(json_answer(403, {"error": UPLOAD_REFUSED}))
 
-    async def voices(request: Request) -> Response:
-        if not authorized(request):
-            return _unauthorized()
-        if request.method == "POST":
-            return JSONResponse({"error": UPLOAD_REFUSED}, status_code=403)
-        return JSONResponse({"voices": hub.voices(), "default": hub.options.default_voice, "upload": False})
-
-    async def metrics(request: Request) -> Response:
-        return Response(hub.metrics.render().encode("utf-8"), headers={"Content-Type": hub.metrics.content_type})
-
-    routes = [
-        WebSocketRoute("/api/chat", chat),
-        WebSocketRoute("/v1/realtime", realtime),
-        WebSocketRoute("/twilio/media-stream", twilio),
-        Route("/api/health", health),
-        Route("/api/voices", voices, methods=["GET", "POST"]),
-        Route("/metrics", metrics),
-    ]
+    index = Path(static_dir) / "index.html" if static_dir is not None else None
+    handlers = {
+        "chat": chat, "realtime": realtime, "twilio": twilio, "upload_voice": upload_voice,
+        "health": _endpoint(lambda request: http_api.health(hub, replica=replica)),
+        "voices": _endpoint(lambda request: http_api.voices(hub, uploads=False)),
+        "metrics": _endpoint(lambda request: http_api.metrics(hub)),
+        "home": _endpoint(lambda request: http_api.home(request.query_params.multi_items(), auth_token,
+                                                        secure=request.url.scheme == "https", index=index)),
+    }
+    routes = [WebSocketRoute(route.path, handlers[route.endpoint]) if route.websocket else
+              Route(route.path, handlers[route.endpoint], methods=[route.method])
+              for route in served_routes(with_page=static_dir is not None)]
     if static_dir is not None and Path(static_dir).is_dir():
-        index = Path(static_dir) / "index.html"
-
-        async def home(request: Request) -> Response:
-            if auth_token and "token" in request.query_params:
-                return _sign_in(request, auth_token)
-            if index.is_file():
-                return FileResponse(index)
-            return PlainTextResponse("personaplex server: the web page is not installed; /api/chat is ready\n")
-
-        routes.append(Route("/", home))
         routes.append(Mount("/", app=StaticFiles(directory=str(static_dir), html=True)))
-    elif static_dir is not None:
-        async def home(request: Request) -> Response:
-            return PlainTextResponse("personaplex server: the web page is not installed; /api/chat is ready\n")
-
-        routes.append(Route("/", home))
-    return Starlette(routes=routes)
+    access = Middleware(AccessCheck, token=auth_token, origins=limits.allowed_origins)
+    return Starlette(routes=routes, middleware=[access])
 
 
-def _sign_in(request: Request, token: str) -> Response:
-    """``GET /?token=T``: the page's cookie and a redirect without the token, or 401 (``server/app.py``)."""
-    if not token_matches(request.query_params.get("token"), token):
-        return JSONResponse({"error": "wrong token in ?token="}, status_code=401, headers={"Cache-Control": "no-store"})
-    rest = [(name, value) for name, value in request.query_params.multi_items() if name != "token"]
-    response = Response(status_code=303, headers={"Location": "./" + ("?" + urlencode(rest) if rest else ""),
-                                                  "Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
-    response.set_cookie(TOKEN_COOKIE, cookie_value(token), path="/", httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
-    return response
+def response_for(answer: Answer) -> Response:
+    """The Starlette response that sends ``answer``."""
+    if answer.file is not None:
+        return FileResponse(answer.file)
+    return Response(answer.body, status_code=answer.status, headers=answer.headers)
 
 
-def _unauthorized() -> Response:
-    return Response(json.dumps({"error": "missing or wrong token: send 'Authorization: Bearer <token>' or "
-                                         "?token=<token>"}), status_code=401, media_type="application/json")
+def _endpoint(answer_for):
+    """A Starlette endpoint that sends ``answer_for(request)`` (an endpoint of ``frontends/http_api.py``)."""
+    async def endpoint(request: Request) -> Response:
+        return response_for(answer_for(request))
+
+    return endpoint
+
+
+class AccessCheck:
+    """ASGI middleware: ``check_access`` on every request and WebSocket upgrade, before routing."""
+
+    def __init__(self, app, *, token: str | None, origins: OriginPolicy):
+        self.app = app
+        self.token = token
+        self.origins = origins
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        connection = HTTPConnection(scope)
+        websocket = scope["type"] == "websocket"
+        refusal = check_access(AccessRequest(
+            path=_route_path(scope), method=scope.get("method", "GET"), websocket=websocket,
+            origin=connection.headers.get("origin"), host=connection.headers.get("host"),
+            query_token=connection.query_params.get("token"), authorization=connection.headers.get("authorization"),
+            cookie=connection.cookies.get(TOKEN_COOKIE)), self.token, self.origins)
+        if refusal is None:
+            await self.app(scope, receive, send)
+        elif not websocket:
+            await response_for(refusal)(scope, receive, send)
+        elif "websocket.http.response" in scope.get("extensions", {}):
+            await WebSocket(scope, receive, send).send_denial_response(response_for(refusal))
+        else:  # before accepting: the server refuses the upgrade with HTTP 403
+            await WebSocket(scope, receive, send).close(code=CLOSE_POLICY)
+
+
+def _route_path(scope) -> str:
+    """The path the routes match: the request's path without the application's mount point (``root_path``,
+    which ASGI servers include in ``path`` too)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path

@@ -43,9 +43,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from ..server import serve
+    from ..server.flags import build_parser
 
-    serve.build_parser(parser)
+    build_parser(parser)
     parser.description = (
         "Serve live conversations from several engine replicas (one per GPU, on one machine or across the "
         "machines of a Ray cluster) behind one endpoint, with the same routes as 'personaplex serve': "
@@ -158,10 +158,12 @@ def _import_ray():
 def run_serve(args: argparse.Namespace) -> None:
     ray, serve = _import_ray()
 
-    from ..server.serve import access_host, static_folder
+    from ..app.console import log_to_stderr
+    from ..frontends.twilio import PhonePersonas
+    from ..server.flags import access_host, static_folder
     from .deployment import APP_NAME, ReplicaSettings, build_application
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_to_stderr()
     static_dir = static_folder(args.static)
     http_options: dict = {"host": args.host if args.host != "localhost" else "127.0.0.1", "port": args.port,
                           "location": args.proxy_location}
@@ -171,10 +173,7 @@ def run_serve(args: argparse.Namespace) -> None:
         tls_context(args.ssl)  # checks the folder, generating a self-signed certificate when empty
         folder = Path(args.ssl).expanduser().resolve()
         http_options.update(ssl_certfile=str(folder / CERT_FILE), ssl_keyfile=str(folder / KEY_FILE))
-    if args.phone_personas is not None:
-        from ..frontends.twilio import PhonePersonas
-
-        PhonePersonas.load(args.phone_personas)  # a bad file fails here, before any replica loads weights
+    PhonePersonas.given(args.phone_personas)  # a bad file fails here, before any replica loads weights
     check_flags(args)  # before starting Ray or loading anything
     started_here = args.address is None
     if started_here:  # every replica runs on this machine: its files must be here (on a cluster, on each node)

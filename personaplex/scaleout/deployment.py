@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ray import serve
 
+from ..app.console import log_to_stderr
 from ..frontends.opus_pool import OpusEncoderPool
 from .replica_hub import ReplicaHub
 
@@ -55,7 +56,7 @@ class ConversationReplica:
     """One engine on one device: a ``ReplicaHub`` and the single server's routes over it."""
 
     async def __init__(self, settings: ReplicaSettings):
-        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log_to_stderr(settings.log_level)
         self.settings = settings
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         args = replica_args(settings.model_args)
@@ -95,7 +96,7 @@ class ConversationReplica:
 
 def replica_args(model_args: dict) -> argparse.Namespace:
     """The flags of ``personaplex serve`` with its defaults, overridden by ``model_args``."""
-    from ..server.serve import build_parser
+    from ..server.flags import build_parser
 
     args = build_parser().parse_args([])
     for name, value in model_args.items():
