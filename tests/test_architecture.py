@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model: codec, LM, weights, personas, engine, loading", (
         "personaplex.layers", "personaplex.codec", "personaplex.lm", "personaplex.checkpoint", "personaplex.hub",
         "personaplex.random_weights", "personaplex.demo", "personaplex.audio", "personaplex.persona",
-        "personaplex.engine", "personaplex.deploy", "personaplex.loading",
+        "personaplex.persona_store", "personaplex.engine", "personaplex.deploy", "personaplex.loading",
     )),
     ("application: the model, sampling and recordings from flags; logging and exit status", (
         "personaplex.app",

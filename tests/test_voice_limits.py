@@ -37,7 +37,7 @@ class ServerThread(ProtocolServerThread):
 
     @property
     def upload_files(self) -> list[str]:
-        return sorted(p.name for p in Path(self.hub._upload_dir.name).iterdir())
+        return sorted(p.name for p in self.hub.personas.upload_dir.iterdir())
 
 
 
@@ -338,7 +338,7 @@ def test_upload_byte_total_is_capped(demo_model):
         for sample in samples:
             assert post_voice(capped, sample)[0] == 200
         kept = capped.upload_files
-        total = sum((Path(capped.hub._upload_dir.name) / name).stat().st_size for name in kept)
+        total = sum((capped.hub.personas.upload_dir / name).stat().st_size for name in kept)
     finally:
         capped.stop()
     assert len(kept) == 2 and total <= len(samples[1]) + len(samples[2])
@@ -361,7 +361,7 @@ def test_errors_name_no_server_folder(demo_model, tmp_path):
     model = dataclasses.replace(demo_model, voices_dir=voices)
     running = ServerThread(model, max_conversations=1, max_queue=0, input_timeout_seconds=None,
                            allow_voice_upload=True)
-    upload_dir = running.hub._upload_dir.name
+    upload_dir = running.hub.personas.upload_dir
     try:
         messages = {name: chat(running.url, voice_prompt=name) for name in ("NOBODY", "BOMB", "BROKEN")}
         upload = post_voice(running, b"RIFF$\x00\x00\x00WAVEfmt garbage")

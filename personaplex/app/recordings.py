@@ -53,7 +53,7 @@ def run_recordings(jobs: list[Job], args: argparse.Namespace, *, context_policy:
 
     from ..audio import read_audio
     from ..engine import Engine, slots_that_fit
-    from ..persona import build_system_prompt, load_voice, resolve_voice
+    from ..persona_store import PersonaStore
 
     context_policy = context_policy or args.context_policy
     if args.batch_size is not None and args.batch_size < 1:
@@ -74,28 +74,21 @@ def run_recordings(jobs: list[Job], args: argparse.Namespace, *, context_policy:
     slots = min(len(jobs), args.batch_size or min(64, slots_that_fit(model.lm, model.mimi)))
     log(f"model {model.name} on {model.device} ({model.lm.dtype}); {len(jobs)} input(s), {slots} at a time")
 
-    prompts: dict[tuple[str, str], object] = {}
-
-    def prompt_for(job: Job):
-        key = (job.voice, job.text_prompt)
-        if key not in prompts:
-            voice = load_voice(resolve_voice(job.voice, model.voices_dir), model.lm.config, model.mimi)
-            prompts[key] = build_system_prompt(model.lm.config, voice, model.tokenizer.encode_prompt(job.text_prompt))
-        return prompts[key]
-
-    for job in jobs:  # every persona is checked before the first frame runs
-        prompt_for(job)
+    # The command line's user may name voice files by path; each voice is encoded once, each persona built once
+    # (the same store as the live server's). Every persona is checked before the first frame runs.
+    personas = PersonaStore(model, allow_paths=True)
+    prompts = [personas.system_prompt(job.voice, job.text_prompt) for job in jobs]
 
     # Continuous batching: a slot freed by a finished input takes the next one at once; the engine
     # guarantees each conversation the same frames as if it ran alone.
     engine = Engine(model.lm, model.mimi, max_slots=slots)
-    longest = max(prompt.num_steps for prompt in prompts.values()) + max(-(-len(j.audio) // FRAME_SIZE) for j in jobs)
+    longest = max(prompt.num_steps for prompt in prompts) + max(-(-len(j.audio) // FRAME_SIZE) for j in jobs)
     capturing = time.perf_counter()
     # No capture pauses once conversations run; only the graphs of the run's context policy.
     if engine.capture_graphs(up_to_frames=longest, pinning=context_policy == "pin-persona"):
         log(f"start-up: CUDA graphs ({engine.kernels.name} kernels) in {time.perf_counter() - capturing:.2f} s")
     sampling = model_flags.sampling_from_args(args)
-    waiting = deque(jobs)
+    waiting = deque(zip(jobs, prompts))
     running: dict[int, Recording] = {}
     total_frames = sum(-(-len(job.audio) // FRAME_SIZE) for job in jobs)
     pcm = torch.zeros(slots, FRAME_SIZE)
@@ -111,8 +104,8 @@ def run_recordings(jobs: list[Job], args: argparse.Namespace, *, context_policy:
             for slot in engine.free_slots():
                 if not waiting:
                     break
-                job = waiting.popleft()
-                engine.join(slot, slot + 1, prompt_for(job), sampling, context_policy=context_policy)
+                job, prompt = waiting.popleft()
+                engine.join(slot, slot + 1, prompt, sampling, context_policy=context_policy)
                 running[slot] = Recording(job)
             pcm.zero_()
             for slot, recording in running.items():

@@ -44,34 +44,28 @@ import asyncio
 import logging
 import queue
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
 from .. import startup
 from ..app import model as model_flags
-from ..audio import AudioLimits
 from ..config import FRAME_RATE, FRAME_SIZE
 from ..engine import Engine, SamplingConfig, slots_that_fit
 from ..engine.engine import CONTEXT_POLICIES
 from ..errors import PersonaplexError, UsageError
-from ..persona import (
-    AUDIO_SUFFIXES,
-    SAVED_VOICE_SUFFIXES,
-    BuildCancelled,
-    PromptTooLongError,
-    VoicePromptError,
-    available_voices,
-    build_system_prompt,
-    load_voice,
-    resolve_voice,
+from ..persona import BuildCancelled
+from ..persona_store import (  # MAX_VOICE_NAME_BYTES and PersonaError: also part of the hub's interface
+    DEFAULT_VOICE,
+    MAX_VOICE_NAME_BYTES,
+    PersonaError,
+    PersonaStore,
+    UploadLimits,
 )
 from ..text import SpokenText
 from .jitter import InputJitterBuffer
@@ -81,13 +75,9 @@ from .persona_builds import BuildsBusy, BuildsClosed, PersonaBuilds
 log = logging.getLogger("personaplex.serving")
 
 TICK_SECONDS = 1.0 / FRAME_RATE  # 80 ms
-DEFAULT_VOICE = "NATF2"
-UPLOAD_PREFIX = "upload-"
 TICK_MARGIN_SECONDS = 0.005  # kept free at the end of a tick for the event loop's share of the GIL
 JOIN_PATIENCE_TICKS = 5
 ENGINE_SWITCH_INTERVAL_SECONDS = 0.001  # see ConversationHub.start
-MAX_VOICE_NAME_BYTES = 255  # a file name's limit: longer names are refused before touching the file system
-VOICE_CACHE_SIZE = 16  # decoded and encoded voices kept (a new text prompt with a known voice is cheap)
 
 
 @dataclass(frozen=True)
@@ -119,10 +109,6 @@ class HubClosed(PersonaplexError):
 
 class NotSupported(PersonaplexError):
     """The model or this server does not offer what was asked."""
-
-
-class PersonaError(PersonaplexError):
-    """The requested persona cannot be built (unknown voice, prompt too long, upload refused...)."""
 
 
 @dataclass
@@ -293,11 +279,12 @@ class ConversationHub:
         self._closed = True
         self._admitted: set[Conversation] = set()
         self._waiting: deque[tuple[asyncio.Future, Callable[[int], None] | None, Conversation]] = deque()
-        self._prompts: OrderedDict[tuple, object] = OrderedDict()
-        self._prompts_lock = threading.Lock()  # personas are built in worker threads
-        self._voice_cache: OrderedDict[tuple, object] = OrderedDict()  # voice file -> persona.VoicePrompt
-        self._uploads: OrderedDict[str, Path] = OrderedDict()  # accepted uploads, least recently used first
-        self._upload_dir = tempfile.TemporaryDirectory(prefix="personaplex-voices-")
+        o = self.options
+        # Personas, voices and uploads; the hub only runs their builds on threads of its own (admission, queue).
+        self.personas = PersonaStore(
+            model, allow_paths=False, default_voice=o.default_voice, max_voice_seconds=o.max_voice_seconds,
+            uploads=UploadLimits(o.max_voice_upload_bytes, o.max_voice_uploads, o.max_voice_upload_total_bytes)
+            if o.allow_voice_upload else None)
         self._builds = PersonaBuilds(self.options.persona_build_workers, self.options.max_persona_builds_waiting)
         self.metrics.persona_builds.set_function(lambda: self._builds.in_progress)
         # Engine-thread state.
@@ -385,7 +372,7 @@ class ConversationHub:
         costs (and its compilation on a GPU) are paid now, and that persona starts from the prefix cache."""
         started = time.perf_counter()
         try:
-            self.engine.warm_up_join(self._build_persona(PersonaRequest()))
+            self.engine.warm_up_join(self.personas.system_prompt(None, ""))
         except PersonaError as exc:
             log.warning("no warm-up join (%s): the first join pays its one-time costs", exc)
             return
@@ -408,7 +395,7 @@ class ConversationHub:
             self._wakeup.set()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        self._upload_dir.cleanup()
+        self.personas.close()
 
     # --- descriptions ------------------------------------------------------------------------------------
 
@@ -442,7 +429,7 @@ class ConversationHub:
 
     def voices(self) -> list[str]:
         """Available voice presets (names to pass as ``PersonaRequest.voice``)."""
-        return available_voices(self.model.voices_dir)
+        return self.personas.voices()
 
     def _context_seconds(self) -> float:
         return (self.model.lm.config.context - 1) / FRAME_RATE
@@ -562,22 +549,30 @@ class ConversationHub:
     # --- personas ----------------------------------------------------------------------------------------
 
     async def build_persona(self, request: PersonaRequest):
-        """The system prompt of a persona (cached per voice and text); raises ``PersonaError``, or
-        ``HubBusy`` when too many personas are being built, ``HubClosed`` when shutting down. The work
-        runs on the persona build threads (``persona_builds.py``), never on the event loop."""
+        """The system prompt of a persona (``PersonaStore``: cached per voice and text); raises ``PersonaError``,
+        or ``HubBusy`` when too many personas are being built, ``HubClosed`` when shutting down. The work runs on
+        the persona build threads (``persona_builds.py``), never on the event loop."""
         if request.voice_audio is not None:
             name = await self.add_voice_upload(request.voice_audio)
             request = replace(request, voice=name, voice_audio=None)
-        voice_path = self._voice_path(request)
-        key = (str(voice_path), request.text_prompt)
-        with self._prompts_lock:
-            prompt = self._prompts.get(key)
-            if prompt is not None:
-                self._prompts.move_to_end(key)
-                return prompt
+        voice_path = self.personas.voice_path(request.voice)
         text = request.text_prompt
-        return await self._run_build(("prompt", *key),
-                                     lambda cancelled: self._build_prompt(voice_path, text, cancelled))
+        prompt = self.personas.cached(voice_path, text)
+        if prompt is not None:
+            return prompt
+        return await self._run_build(("prompt", str(voice_path), text),
+                                     lambda cancelled: self.personas.build(voice_path, text, cancelled))
+
+    async def add_voice_upload(self, data: bytes) -> str:
+        """Check an uploaded voice sample and keep it; returns the preset-like name (``upload-<digest>``)
+        that ``PersonaRequest.voice`` then accepts. Raises ``PersonaError`` when uploads are off or the
+        sample is unusable (nothing of a refused sample stays on disk), ``HubBusy`` when too many personas
+        are being built. At most ``max_voice_uploads`` samples of ``max_voice_upload_total_bytes``
+        together are kept: past that the least recently used ones are forgotten."""
+        name = self.personas.upload_name(data)
+        if self.personas.has_upload(name):
+            return name
+        return await self._run_build(("upload", name), lambda cancelled: self.personas.add_upload(data, cancelled))
 
     async def _run_build(self, key: tuple, work):
         try:
@@ -587,168 +582,8 @@ class ConversationHub:
             raise HubBusy(str(exc)) from None
         except BuildsClosed as exc:
             raise HubClosed(str(exc)) from None
-
-    def _build_persona(self, request: PersonaRequest):
-        """``build_persona`` in the calling thread (the warm-up join); no uploads."""
-        return self._build_prompt(self._voice_path(request), request.text_prompt, None)
-
-    def _build_prompt(self, voice_path: Path | None, text_prompt: str, cancelled):
-        key = (str(voice_path), text_prompt)
-        with self._prompts_lock:
-            prompt = self._prompts.get(key)
-            if prompt is not None:
-                self._prompts.move_to_end(key)
-                return prompt
-        lm_config = self.model.lm.config
-        voice = self._voice(voice_path, cancelled) if voice_path is not None else None
-        try:
-            prompt = build_system_prompt(lm_config, voice, self.model.tokenizer.encode_prompt(text_prompt))
-        except PromptTooLongError as exc:
-            raise self._persona_error(exc) from None
-        with self._prompts_lock:
-            self._prompts[key] = prompt
-            while len(self._prompts) > 32:
-                self._prompts.popitem(last=False)
-        return prompt
-
-    def _voice(self, path: Path, cancelled, label: str | None = None):
-        """The ``VoicePrompt`` of a voice file, decoded and encoded once per file version (a new text
-        prompt with a known voice costs no audio work)."""
-        try:
-            stat = path.stat()
-        except OSError:
-            raise PersonaError(f"voice {path.stem[:60]!r} is no longer available") from None
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        with self._prompts_lock:
-            voice = self._voice_cache.get(key)
-            if voice is not None:
-                self._voice_cache.move_to_end(key)
-                return voice
-        try:
-            voice = load_voice(path, self.model.lm.config, self.model.mimi,
-                               limits=AudioLimits(max_seconds=self.options.max_voice_seconds), cancelled=cancelled)
         except BuildCancelled:
-            raise BuildsClosed("the persona build was abandoned") from None
-        except PersonaplexError as exc:  # an unreadable, too long or silent voice, a malformed voice file
-            error = self._persona_error(exc, prefix="cannot use this voice: ")
-            if label:
-                error = PersonaError(str(error).replace(path.name, label))
-            raise error from None
-        with self._prompts_lock:
-            self._voice_cache[key] = voice
-            while len(self._voice_cache) > VOICE_CACHE_SIZE:
-                self._voice_cache.popitem(last=False)
-        return voice
-
-    def _persona_error(self, exc: Exception, prefix: str = "") -> PersonaError:
-        """A ``PersonaError`` whose message names no server folder (voices, uploads, temporary files)."""
-        message = str(exc)
-        folders = {str(Path(self._upload_dir.name)), str(Path(self._upload_dir.name).resolve()),
-                   tempfile.gettempdir()}
-        if self.model.voices_dir is not None:
-            folders |= {str(self.model.voices_dir), str(Path(self.model.voices_dir).resolve())}
-        for folder in sorted(folders, key=len, reverse=True):
-            message = message.replace(folder + "/", "").replace(folder, "<server folder>")
-        if prefix and not message.startswith(prefix):
-            message = prefix + message
-        return PersonaError(message)
-
-    def _voice_path(self, request: PersonaRequest) -> Path | None:
-        name = request.voice if request.voice else self.options.default_voice
-        if not name:
-            return None
-        if len(name.encode("utf-8", "surrogateescape")) > MAX_VOICE_NAME_BYTES:
-            raise PersonaError(f"invalid voice name ({len(name.encode('utf-8', 'surrogateescape'))} bytes): preset "
-                               f"names are at most {MAX_VOICE_NAME_BYTES} bytes (see GET /api/voices)")
-        if name.startswith(UPLOAD_PREFIX):
-            with self._prompts_lock:
-                path = self._uploads.get(name)
-                if path is not None:
-                    self._uploads.move_to_end(name)
-            if path is None:
-                raise PersonaError(f"unknown uploaded voice {name[:60]!r}: upload the sample again")
-            return path
-        if request.voice is None and name not in self.voices():
-            return None  # the default voice is absent from this server: no voice prompt
-        try:
-            return resolve_voice(name, self.model.voices_dir, allow_paths=False)
-        except VoicePromptError as exc:
-            # The reference web client asks for "NATF0.pt"; a server whose presets are audio files
-            # (the demo model) holds "NATF0.wav": accept the preset name with another suffix.
-            stem, dot, suffix = name.rpartition(".")
-            if dot and "." + suffix.lower() in SAVED_VOICE_SUFFIXES + AUDIO_SUFFIXES and stem:
-                try:
-                    return resolve_voice(stem, self.model.voices_dir, allow_paths=False)
-                except VoicePromptError:
-                    pass
-            raise self._persona_error(exc) from None
-
-    async def add_voice_upload(self, data: bytes) -> str:
-        """Check an uploaded voice sample and keep it; returns the preset-like name (``upload-<digest>``)
-        that ``PersonaRequest.voice`` then accepts. Raises ``PersonaError`` when uploads are off or the
-        sample is unusable (nothing of a refused sample stays on disk), ``HubBusy`` when too many personas
-        are being built. At most ``max_voice_uploads`` samples of ``max_voice_upload_total_bytes``
-        together are kept: past that the least recently used ones are forgotten."""
-        import hashlib
-
-        self._check_upload_size(data)
-        name = UPLOAD_PREFIX + hashlib.sha256(data).hexdigest()[:32]
-        with self._prompts_lock:
-            if name in self._uploads:
-                self._uploads.move_to_end(name)
-                return name
-        return await self._run_build(("upload", name), lambda cancelled: self._accept_upload(name, data, cancelled))
-
-    def _check_upload_size(self, data: bytes) -> None:
-        if not self.options.allow_voice_upload:
-            raise PersonaError("this server does not accept uploaded voices (start it with --allow-voice-upload)")
-        if not data:
-            raise PersonaError("the uploaded voice sample is empty")
-        if len(data) > self.options.max_voice_upload_bytes:
-            raise PersonaError(
-                f"the uploaded voice sample has {len(data)} bytes; at most {self.options.max_voice_upload_bytes} "
-                "are accepted (a few seconds of speech is enough)"
-            )
-
-    def _accept_upload(self, name: str, data: bytes, cancelled) -> str:
-        """On a build thread: decode and encode the sample under the voice limits; keep it only if usable."""
-        suffix = ".ogg" if data[:4] == b"OggS" else ".flac" if data[:4] == b"fLaC" else \
-            ".mp3" if data[:3] == b"ID3" or data[:2] == b"\xff\xfb" else ".wav"
-        folder = Path(self._upload_dir.name)
-        digest = name[len(UPLOAD_PREFIX):]
-        checking = folder / f"{digest}.checking{suffix}"
-        checking.write_bytes(data)
-        try:
-            voice = self._voice(checking, cancelled, label="the uploaded sample")
-            path = folder / f"{digest}{suffix}"
-            checking.replace(path)
-        finally:
-            checking.unlink(missing_ok=True)  # a refused (or abandoned) sample leaves nothing behind
-        stat = path.stat()
-        with self._prompts_lock:
-            for key in [k for k in self._voice_cache if k[0] == str(checking)]:  # cached under its final path now
-                self._voice_cache.pop(key)
-            self._voice_cache[(str(path), stat.st_size, stat.st_mtime_ns)] = voice
-            self._uploads[name] = path
-            evicted = self._evict_uploads()
-        for old in evicted:
-            old.unlink(missing_ok=True)
-        return name
-
-    def _evict_uploads(self) -> list[Path]:
-        """Forget the least recently used uploads beyond the count and byte limits (lock held)."""
-        sizes = {name: path.stat().st_size for name, path in self._uploads.items() if path.exists()}
-        limit_count, limit_bytes = self.options.max_voice_uploads, self.options.max_voice_upload_total_bytes
-        evicted = []
-        while self._uploads and (len(self._uploads) > limit_count
-                                 or sum(sizes.get(n, 0) for n in self._uploads) > limit_bytes):
-            name, path = self._uploads.popitem(last=False)
-            evicted.append(path)
-            for key in [k for k in self._voice_cache if k[0] == str(path)]:
-                self._voice_cache.pop(key)
-            for key in [k for k in self._prompts if k[0] == str(path)]:
-                self._prompts.pop(key)
-        return evicted
+            raise HubClosed("the persona build was abandoned") from None
 
     # --- the engine thread -----------------------------------------------------------------------------
 
