@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.deploy.load import load_lm_deployed  # noqa: E402
-from personaplex.deploy.realtime import measure_host_to_device_bandwidth, offload_estimate  # noqa: E402
+from personaplex.deploy.estimates import measure_host_to_device_bandwidth, offload_estimate  # noqa: E402
 from personaplex.engine import Engine, SamplingConfig  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
 from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402

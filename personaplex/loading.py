@@ -39,7 +39,7 @@ def load_model(
     assets, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
     quantize: str = "none", offload_layers: int = 0,
 ) -> LoadedModel:
-    """Load everything ``assets`` (a ``hub.ModelAssets``) names. The LM preset comes from the assets or,
+    """Load everything ``assets`` (a ``model_assets.ModelAssets``) names. The LM preset comes from the assets or,
     for local files, from the weights file's layout. ``quantize`` ("none", "int8", "fp8") and
     ``offload_layers`` (temporal layers kept in host memory): see ``personaplex.deploy``."""
     device = torch.device(device or default_device())

@@ -164,7 +164,7 @@ def test_unknown_mode_and_missing_torchao_say_what_to_do(monkeypatch):
 
 def test_seven_b_int8_weights_fit_the_memory_goal():
     """PersonaPlex-7B with int8 weights: what the loader will allocate, from the real layout."""
-    from personaplex.deploy.realtime import lm_bytes
+    from personaplex.deploy.estimates import lm_bytes
 
     config = get_preset("personaplex-7b").lm
     assert 15.5 < lm_bytes(config, "none", torch.bfloat16) / 2**30 < 15.7

@@ -104,7 +104,7 @@ def check_mode(mode: str) -> None:
 
 def matmul_weight_names(module: nn.Module) -> list[str]:
     """Names (relative to ``module``) of the weights that multiply activations: what gets quantized."""
-    from ..lm.layers import SelfAttentionWeights
+    from ..lm.temporal_transformer import SelfAttentionWeights
 
     names = []
     for prefix, child in module.named_modules():

@@ -17,7 +17,7 @@ from ..layers.fused_ops import EAGER_OPS, LayerOps
 from ..layers.norm import RMSNorm
 from .depformer import DepthTransformer
 from .fused import StepKernels, step_kernels
-from .layers import TemporalTransformer
+from .temporal_transformer import TemporalTransformer
 from .sampling import SamplingParams, choose_tokens
 
 
