@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from personaplex.checkpoint import load_lm  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.cuda_graph import CapturedStep  # noqa: E402
 from personaplex.lm.generator import Generator, SamplingSettings  # noqa: E402
 from personaplex.lm.sampling import SamplingParams  # noqa: E402
+from personaplex.loading import load_lm  # noqa: E402
 from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaplex.checkpoint import load_lm, load_mimi
 from personaplex.config import LMConfig, MimiConfig
 from personaplex.lm.generator import Generator, SamplingSettings
 from personaplex.lm.sampling import SamplingParams
+from personaplex.loading import load_lm, load_mimi
 from personaplex.persona import apply_system_prompt, load_saved_voice, system_prompt_frames
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
