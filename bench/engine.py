@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from personaplex.checkpoint import load_lm  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.engine import Engine, SamplingConfig  # noqa: E402
+from personaplex.loading import load_lm  # noqa: E402
 from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402
 from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
 from engine_timing import p99, parts_of_a_frame, time_steps  # noqa: E402

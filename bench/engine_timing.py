@@ -36,7 +36,7 @@ def p99(samples: list[float]) -> float:
 def parts_of_a_frame(engine, pcm: torch.Tensor | None = None) -> dict:
     """Each part of a frame of the engine's live slots as a function of nothing, on the engine's own state
     (what the kernel count and the GPU profile time one by one); ``pcm`` [B, 1920]: the input (default silence)."""
-    from personaplex.lm.sampling import SamplingParams
+    from personaplex.lm.sampling import TokenSampling
 
     batch, length = engine._bucket()
     model, device = engine.generator.model, engine.device
@@ -45,7 +45,7 @@ def parts_of_a_frame(engine, pcm: torch.Tensor | None = None) -> dict:
     positions = gen_state.offset.clamp(max=length - 1)
     x = torch.randn(batch, 1, model.config.dim, device=device, dtype=model.dtype)
     kernels = engine.kernels.lm
-    sampling = SamplingParams.fill(batch, 0.8, 250, device)
+    sampling = TokenSampling.fill(batch, 0.8, 250, device)
     seed = torch.zeros(batch, dtype=torch.long, device=device)
     depth_steps = engine.config.agent_codebooks
     tokens = torch.zeros(batch, model.config.dep_q + 1, dtype=torch.long, device=device)

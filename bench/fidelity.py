@@ -219,9 +219,9 @@ def main() -> None:
         # Triton's kernels run in its interpreter on a CPU; read when Triton is first imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    from personaplex.checkpoint import load_lm
     from personaplex.config import get_preset
     from personaplex.engine.kernels import triton_available
+    from personaplex.loading import load_lm
     from personaplex.random_weights import random_mimi, write_random_lm_checkpoint
 
     preset = get_preset(args.preset)

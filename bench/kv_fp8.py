@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from personaplex.checkpoint import load_lm  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
+from personaplex.loading import load_lm  # noqa: E402
 from personaplex.persona import VoicePrompt, apply_system_prompt, build_system_prompt  # noqa: E402
 from personaplex.random_weights import write_random_lm_checkpoint  # noqa: E402
 

@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from personaplex.checkpoint import load_lm  # noqa: E402
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.cuda_graph import CapturedStep  # noqa: E402
-from personaplex.lm.generator import Generator, SamplingSettings  # noqa: E402
-from personaplex.lm.sampling import SamplingParams  # noqa: E402
+from personaplex.lm.generator import BatchSampling, Generator  # noqa: E402
+from personaplex.lm.sampling import TokenSampling  # noqa: E402
+from personaplex.loading import load_lm  # noqa: E402
 from personaplex.random_weights import random_mimi, write_random_lm_checkpoint  # noqa: E402
 
 
@@ -129,8 +129,8 @@ def main() -> None:
     user = torch.full((1, preset.lm.num_channels), -1, device=device)
     user[:, 1 + preset.lm.agent_codebooks :] = torch.randint(0, 2048, (1, preset.lm.agent_codebooks), device=device)
     pcm = 0.1 * torch.randn(1, preset.mimi.frame_size, device=device)
-    sampling = SamplingSettings(
-        text=SamplingParams.fill(1, 0.7, 25, device), audio=SamplingParams.fill(1, 0.8, 250, device),
+    sampling = BatchSampling(
+        text=TokenSampling.fill(1, 0.7, 25, device), audio=TokenSampling.fill(1, 0.8, 250, device),
         seed=torch.tensor([1234], device=device),
     )
 

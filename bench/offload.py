@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from personaplex.config import get_preset  # noqa: E402
-from personaplex.deploy.load import load_lm_deployed  # noqa: E402
-from personaplex.deploy.realtime import measure_host_to_device_bandwidth, offload_estimate  # noqa: E402
+from personaplex.deploy.estimates import measure_host_to_device_bandwidth, offload_estimate  # noqa: E402
 from personaplex.engine import Engine, SamplingConfig  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
+from personaplex.loading import load_lm  # noqa: E402
 from personaplex.persona import VoicePrompt, build_system_prompt  # noqa: E402
 from personaplex.random_weights import random_mimi, ensure_random_lm_checkpoint  # noqa: E402
 from engine_timing import p99, time_one_conversation  # noqa: E402
@@ -110,8 +110,8 @@ def measure(args, preset, dtype, device, mimi, prompt, quantize, offloaded) -> d
     cuda = device.type == "cuda"
     allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
     base = allocated()
-    lm = load_lm_deployed(args.checkpoint, preset.lm, device=device, dtype=dtype, quantize=quantize,
-                          offload_layers=offloaded, preset_name=preset.name)
+    lm = load_lm(args.checkpoint, preset.lm, device=device, dtype=dtype, quantize=quantize,
+                 offload_layers=offloaded, preset_name=preset.name)
     device_bytes = allocated() - base
     layers = lm.transformer.layers
     host_bytes = getattr(layers, "streamed_bytes", 0)

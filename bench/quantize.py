@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from personaplex.config import get_preset  # noqa: E402
 from personaplex.cuda_graph import CapturedStep  # noqa: E402
-from personaplex.deploy.load import load_lm_deployed  # noqa: E402
 from personaplex.deploy.quantize import describe_mode, summarize, torchao_version  # noqa: E402
 from personaplex.engine import Engine, SamplingConfig, slot_bytes  # noqa: E402
 from personaplex.lm.generator import Generator  # noqa: E402
+from personaplex.loading import load_lm  # noqa: E402
 from personaplex.persona import VoicePrompt, apply_system_prompt, build_system_prompt  # noqa: E402
 from personaplex.random_weights import random_mimi, ensure_random_lm_checkpoint  # noqa: E402
 from engine_timing import p99, time_one_conversation  # noqa: E402
@@ -126,7 +126,7 @@ def measure(mode, args, preset, dtype, device, mimi, prompt, forced):
         torch.cuda.reset_peak_memory_stats()
     base = allocated()
     t0 = time.perf_counter()
-    lm = load_lm_deployed(args.checkpoint, preset.lm, device=device, dtype=dtype, quantize=mode, preset_name=preset.name)
+    lm = load_lm(args.checkpoint, preset.lm, device=device, dtype=dtype, quantize=mode, preset_name=preset.name)
     load_s = time.perf_counter() - t0
     weights = allocated() - base
     load_peak = (torch.cuda.max_memory_allocated() - base) if cuda else 0

@@ -1,9 +1,9 @@
-"""Loading weights from safetensors files in the published (reference) key layout.
+"""Checkpoint layouts in the published (reference) key layout: what a safetensors file holds, what a model
+expects, and a strict comparison of the two.
 
-Models are built on the meta device, so no random weights are ever allocated, and each tensor is
-read straight to its target device and dtype, one at a time: host memory never holds a second copy
-of a 7B model. Loading is strict: the file must contain exactly the model's keys with the model's
-shapes, otherwise ``CheckpointError`` lists the differences and names the preset that fits.
+Models are built on the meta device, so no random weights are ever allocated. The file must contain exactly
+the model's keys with the model's shapes, otherwise ``CheckpointError`` lists the differences and names the
+preset that fits. Reading the weights is ``personaplex.loading``'s job.
 """
 
 from __future__ import annotations
@@ -111,7 +111,10 @@ def _layout_summary(found: Layout) -> str:
     return f"{len(found)} tensors of an unknown model"
 
 
-def _check_layout(module: nn.Module, found: Layout, path: Path, kind: str, wanted: str) -> None:
+def check_layout(module: nn.Module, found: Layout, path: Path, kind: str, wanted: str) -> None:
+    """CheckpointError unless ``found`` (the layout of the file at ``path``) is exactly ``module``'s; the error names
+    the differences and the preset the file fits. ``kind``: "lm" or "mimi"; ``wanted``: what was asked for, in words
+    ("preset 'personaplex-7b'")."""
     diff = compare_layouts(model_layout(module), found)
     if diff.ok:
         return
@@ -123,18 +126,6 @@ def _check_layout(module: nn.Module, found: Layout, path: Path, kind: str, wante
     raise CheckpointError(f"{path} does not fit {wanted}: {diff.describe()}. Hint: {hint}")
 
 
-def _load_into(module: nn.Module, path: Path, device: torch.device | str, dtype: torch.dtype | None) -> None:
-    tensors = {}
-    with safe_open(str(path), framework="pt", device=str(device) if str(device) != "meta" else "cpu") as f:
-        for name in f.keys():
-            tensor = f.get_tensor(name)
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            tensors[name] = tensor
-    module.load_state_dict(tensors, strict=True, assign=True)
-    module.requires_grad_(False)
-
-
 def detect_lm_preset(path: str | Path) -> str:
     """Name of the preset whose LM layout the file has; CheckpointError if none."""
     found = file_layout(path)
@@ -142,29 +133,3 @@ def detect_lm_preset(path: str | Path) -> str:
     if not fitting:
         raise CheckpointError(f"{path}: no known LM preset fits this file ({len(found)} tensors)")
     return fitting[0]
-
-
-def load_lm(
-    path: str | Path,
-    config: LMConfig,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    preset_name: str = "the requested LM config",
-) -> LMModel:
-    """Load an LM checkpoint strictly. Every tensor is cast to ``dtype`` (bfloat16 on GPU is the norm)."""
-    path = Path(path)
-    found = file_layout(path)
-    model = build_lm(config, "meta", dtype)
-    _check_layout(model, found, path, "lm", preset_name)
-    _load_into(model, path, device, dtype)
-    return model.eval()
-
-
-def load_mimi(path: str | Path, config: MimiConfig, device: torch.device | str = "cpu", preset_name: str = "the requested Mimi config") -> Mimi:
-    """Load a Mimi checkpoint strictly, in float32."""
-    path = Path(path)
-    found = file_layout(path)
-    model = build_mimi(config, "meta")
-    _check_layout(model, found, path, "mimi", preset_name)
-    _load_into(model, path, device, torch.float32)
-    return model.eval()

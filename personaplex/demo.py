@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import SAMPLE_RATE, get_preset
-from .hub import AssetError, ModelAssets
+from .model_assets import AssetError, ModelAssets
 
 DEMO_PRESET = "demo"
 # 2: the depformer's gated feed-forward width follows the reference's 21 * dim // 8 rule (336, was 341).

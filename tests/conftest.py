@@ -135,9 +135,9 @@ def short_context_demo():
     end is the same code as at 4 minutes with the real model."""
     import dataclasses
 
-    from personaplex.checkpoint import load_lm, load_mimi
     from personaplex.config import get_preset
     from personaplex.demo import DEMO_PRESET, demo_assets
+    from personaplex.loading import load_lm, load_mimi
     from personaplex.loading import LoadedModel
     from personaplex.text import TextTokenizer
 

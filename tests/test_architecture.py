@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "personaplex.devices",
     )),
     ("model: codec, LM, weights, personas, engine, loading", (
-        "personaplex.layers", "personaplex.codec", "personaplex.lm", "personaplex.checkpoint", "personaplex.hub",
+        "personaplex.layers", "personaplex.codec", "personaplex.lm", "personaplex.checkpoint", "personaplex.model_assets",
         "personaplex.random_weights", "personaplex.demo", "personaplex.audio", "personaplex.persona",
         "personaplex.persona_store", "personaplex.engine", "personaplex.deploy", "personaplex.loading",
     )),

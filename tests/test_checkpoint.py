@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from personaplex.checkpoint import build_lm, detect_lm_preset, load_lm, model_layout
+from personaplex.checkpoint import build_lm, detect_lm_preset, model_layout
 from personaplex.config import LMConfig, get_preset
 from personaplex.errors import CheckpointError
 from personaplex.lm.generator import Generator
+from personaplex.loading import load_lm
 
 
 @pytest.fixture(scope="module")

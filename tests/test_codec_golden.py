@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaplex.checkpoint import build_mimi, load_mimi
+from personaplex.checkpoint import build_mimi
 from personaplex.codec import Mimi
 from personaplex.config import MimiConfig
+from personaplex.loading import load_mimi
 
 FLOAT_TOLERANCE = 1e-6
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaplex.checkpoint import load_mimi
 from personaplex.codec import EncoderState, Mimi
 from personaplex.config import MimiConfig
+from personaplex.loading import load_mimi
 
 FLOAT_TOLERANCE = 1e-6
 CONTINUE_FRAMES = 5

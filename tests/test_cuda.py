@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaplex.checkpoint import load_lm, load_mimi
 from personaplex.config import LMConfig, MimiConfig
-from personaplex.lm.generator import Generator, SamplingSettings
-from personaplex.lm.sampling import SamplingParams
+from personaplex.lm.generator import BatchSampling, Generator
+from personaplex.lm.sampling import TokenSampling
+from personaplex.loading import load_lm, load_mimi
 from personaplex.persona import apply_system_prompt, load_saved_voice, system_prompt_frames
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -76,8 +76,8 @@ def test_lm_step_does_not_synchronise_with_host(golden, golden_config, configs):
     gen_state, lm_state = generator.new_state(3), lm.new_state(3)
     forced = torch.full((3, 17), -1, device="cuda")
     forced[:, 9:] = 5
-    sampling = SamplingSettings(
-        text=SamplingParams.fill(3, 0.7, 25, "cuda"), audio=SamplingParams.fill(3, 0.8, 250, "cuda"),
+    sampling = BatchSampling(
+        text=TokenSampling.fill(3, 0.7, 25, "cuda"), audio=TokenSampling.fill(3, 0.8, 250, "cuda"),
         seed=torch.tensor([1, 2, 3], device="cuda"),
     )
     generator.step(gen_state, lm_state, forced, sampling=sampling)
@@ -110,8 +110,8 @@ def test_captured_frame_equals_eager(golden, golden_config, configs, kernels):
         generator = Generator(lm, chosen.lm)
         gen_state, lm_state = generator.new_state(2), lm.new_state(2)
         enc, dec = mimi.new_encoder_state(2, "cuda"), mimi.new_decoder_state(2, "cuda")
-        sampling = SamplingSettings(
-            text=SamplingParams.fill(2, 0.7, 25, "cuda"), audio=SamplingParams.fill(2, 0.8, 250, "cuda"),
+        sampling = BatchSampling(
+            text=TokenSampling.fill(2, 0.7, 25, "cuda"), audio=TokenSampling.fill(2, 0.8, 250, "cuda"),
             seed=torch.tensor([5, 6], device="cuda"),
         )
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from personaplex.audio import normalize_loudness, read_audio
-from personaplex.checkpoint import detect_lm_preset, load_lm, load_mimi
+from personaplex.checkpoint import detect_lm_preset
 from personaplex.config import SAMPLE_RATE, get_preset
 from personaplex.demo import DEMO_PRESET, DEMO_VERSION, VOICE_NAMES, default_cache_dir, demo_assets, demo_corpus
-from personaplex.hub import AssetError
+from personaplex.loading import load_lm, load_mimi
+from personaplex.model_assets import AssetError
 from personaplex.persona import available_voices, load_voice, resolve_voice
 from personaplex.text import EPAD, PAD, SYSTEM_TAG, TextTokenizer, wrap_system_tags
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaplex.checkpoint import load_lm, load_mimi
 from personaplex.config import LMConfig, MimiConfig
 from personaplex.engine import Engine
+from personaplex.loading import load_lm, load_mimi
 
 
 @pytest.fixture(scope="module")

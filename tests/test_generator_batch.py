@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from personaplex.checkpoint import load_lm
 from personaplex.config import LMConfig
 from personaplex.lm.generator import Generator
+from personaplex.loading import load_lm
 
 
 def user_frames(seed: int, n: int) -> torch.Tensor:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaplex.checkpoint import load_lm
 from personaplex.config import LMConfig
 from personaplex.lm.generator import Generator
+from personaplex.loading import load_lm
 
 LOGIT_TOL = 1e-5
 

@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from personaplex.checkpoint import load_lm
 from personaplex.config import LMConfig
 from personaplex.layers.rope import apply_rope, rotation_for
 from personaplex.lm.generator import Generator
+from personaplex.loading import load_lm
 
 
 def windowed_reference(model, inputs: torch.Tensor, window: int | None, pinned: int = 0) -> torch.Tensor:

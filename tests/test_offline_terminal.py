@@ -19,7 +19,7 @@ import pytest
 import sphn
 
 from personaplex.config import get_preset
-from personaplex.deploy.realtime import CpuEstimate
+from personaplex.deploy.estimates import CpuEstimate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,12 +14,11 @@ import dataclasses
 import pytest
 import torch
 
-from personaplex.checkpoint import load_lm
 from personaplex.config import TINY_LM
-from personaplex.deploy.load import load_lm_deployed
 from personaplex.deploy.offload import StreamedLayers, enable_offload
 from personaplex.deploy.quantize import tensor_parts
 from personaplex.lm.generator import Generator
+from personaplex.loading import load_lm
 from personaplex.persona import VoicePrompt, apply_system_prompt, build_system_prompt
 from personaplex.random_weights import write_random_lm_checkpoint
 
@@ -57,11 +56,8 @@ def session(model, frames: int = 8) -> torch.Tensor:
 def test_offloaded_layers_give_identical_outputs(checkpoint, quantize, offloaded):
     if quantize != "none":
         pytest.importorskip("torchao", reason="--quantize needs torchao: pip install -e '.[quantize]'")
-    if quantize == "none":
-        reference = session(load_lm(checkpoint, CONFIG, dtype=torch.float32))
-    else:
-        reference = session(load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, quantize=quantize))
-    model = load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, quantize=quantize, offload_layers=offloaded)
+    reference = session(load_lm(checkpoint, CONFIG, dtype=torch.float32, quantize=quantize))
+    model = load_lm(checkpoint, CONFIG, dtype=torch.float32, quantize=quantize, offload_layers=offloaded)
     layers = model.transformer.layers
     assert isinstance(layers, StreamedLayers) and layers.offloaded == list(range(5 - offloaded, 5))
     assert torch.equal(session(model), reference)
@@ -78,7 +74,7 @@ def test_any_number_of_staging_buffers_gives_identical_outputs(checkpoint, buffe
 
 def test_offloaded_weights_live_in_host_tensors_apart_from_the_staging_buffers(checkpoint):
     pytest.importorskip("torchao", reason="--quantize needs torchao: pip install -e '.[quantize]'")
-    model = load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, quantize="int8", offload_layers=3)
+    model = load_lm(checkpoint, CONFIG, dtype=torch.float32, quantize="int8", offload_layers=3)
     streamed = model.transformer.layers
     host_pointers = {t.data_ptr() for host in streamed._host for t in host}
     staging_pointers = {t.data_ptr() for staging in streamed._staging for t in staging}
@@ -114,7 +110,7 @@ def test_a_broken_schedule_is_detected(checkpoint, monkeypatch):
 
 def test_state_dict_names_are_unchanged(checkpoint):
     plain = load_lm(checkpoint, CONFIG, dtype=torch.float32)
-    model = load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, offload_layers=2)
+    model = load_lm(checkpoint, CONFIG, dtype=torch.float32, offload_layers=2)
     assert [n for n, _ in model.named_parameters(remove_duplicate=False)] == [n for n, _ in plain.named_parameters()]
 
 
@@ -136,8 +132,8 @@ def test_offloaded_step_captured_as_cuda_graph_equals_the_resident_model(checkpo
             )
             return [captured(forced=forced).clone() for _ in range(5)]
 
-    resident = run(load_lm_deployed(checkpoint, CONFIG, device="cuda", dtype=torch.bfloat16, quantize=quantize))
-    model = load_lm_deployed(checkpoint, CONFIG, device="cuda", dtype=torch.bfloat16, quantize=quantize, offload_layers=4)
+    resident = run(load_lm(checkpoint, CONFIG, device="cuda", dtype=torch.bfloat16, quantize=quantize))
+    model = load_lm(checkpoint, CONFIG, device="cuda", dtype=torch.bfloat16, quantize=quantize, offload_layers=4)
     host_parts = [t for host in model.transformer.layers._host for t in host]
     assert all(t.device.type == "cpu" and t.is_pinned() for t in host_parts)
     for found, expected in zip(run(model), resident):

@@ -11,7 +11,7 @@ import torch
 from personaplex.checkpoint import build_lm
 from personaplex.config import get_preset
 from personaplex.deploy import plan as plan_module
-from personaplex.deploy import realtime
+from personaplex.deploy import estimates
 from personaplex.deploy.plan import DeploymentError, plan_load
 from personaplex.deploy.quantize import matmul_weight_names
 
@@ -37,39 +37,39 @@ def test_values_read_per_frame_are_the_weights_a_step_multiplies():
                 depth += weights[n].numel() if int(n.split(".")[4]) < steps else 0
             elif n.startswith("depformer."):
                 depth += weights[n].numel() * steps // config.dep_q  # stacked per codebook: the used slices
-        assert realtime.values_read_per_frame(config) == (temporal, temporal + depth)
+        assert estimates.values_read_per_frame(config) == (temporal, temporal + depth)
 
 
 def test_offload_verdicts():
-    fast = realtime.offload_estimate(SEVEN_B, 4, "none", torch.bfloat16, bandwidth=50e9)
-    assert fast.streamed_bytes == 4 * realtime.layer_bytes(SEVEN_B, "none", torch.bfloat16)
+    fast = estimates.offload_estimate(SEVEN_B, 4, "none", torch.bfloat16, bandwidth=50e9)
+    assert fast.streamed_bytes == 4 * estimates.layer_bytes(SEVEN_B, "none", torch.bfloat16)
     assert fast.real_time and "should keep real time" in fast.describe()
-    half = realtime.offload_estimate(SEVEN_B, 16, "none", torch.bfloat16, bandwidth=50e9)
+    half = estimates.offload_estimate(SEVEN_B, 16, "none", torch.bfloat16, bandwidth=50e9)
     assert not half.real_time and 125 < half.transfer_ms < 140
     assert "will NOT keep real time (1.6x slower)" in half.describe() and "--quantize int8" in half.describe()
-    half_int8 = realtime.offload_estimate(SEVEN_B, 16, "int8", torch.bfloat16, bandwidth=50e9)
+    half_int8 = estimates.offload_estimate(SEVEN_B, 16, "int8", torch.bfloat16, bandwidth=50e9)
     assert 60 < half_int8.transfer_ms < 80 and "at the edge of real time" in half_int8.describe()
 
 
 def test_layers_to_offload_fit_the_free_memory():
     other = 3 * GIB
-    per_layer = realtime.layer_bytes(SEVEN_B, "none", torch.bfloat16)
-    assert realtime.layers_to_offload(SEVEN_B, "none", torch.bfloat16, 80 * GIB, other) == 0
-    assert realtime.layers_to_offload(SEVEN_B, "int8", torch.bfloat16, 12 * GIB, other) == 0
-    count = realtime.layers_to_offload(SEVEN_B, "none", torch.bfloat16, 12 * GIB, other)
+    per_layer = estimates.layer_bytes(SEVEN_B, "none", torch.bfloat16)
+    assert estimates.layers_to_offload(SEVEN_B, "none", torch.bfloat16, 80 * GIB, other) == 0
+    assert estimates.layers_to_offload(SEVEN_B, "int8", torch.bfloat16, 12 * GIB, other) == 0
+    count = estimates.layers_to_offload(SEVEN_B, "none", torch.bfloat16, 12 * GIB, other)
     resident = SEVEN_B.num_layers - count
-    rest = realtime.lm_bytes(SEVEN_B, "none", torch.bfloat16) - SEVEN_B.num_layers * per_layer
+    rest = estimates.lm_bytes(SEVEN_B, "none", torch.bfloat16) - SEVEN_B.num_layers * per_layer
     used = rest + (resident + 2) * per_layer + other  # two staging buffers
     assert used <= 12 * GIB < used + per_layer
-    assert realtime.layers_to_offload(SEVEN_B, "none", torch.bfloat16, 3 * GIB, other) == SEVEN_B.num_layers + 1
+    assert estimates.layers_to_offload(SEVEN_B, "none", torch.bfloat16, 3 * GIB, other) == SEVEN_B.num_layers + 1
 
 
 def test_cpu_estimate_scales_with_the_model_and_says_how_long():
-    tiny = realtime.cpu_estimate(get_preset("tiny").lm, "tiny", torch.float32, "none", slots=1, prompt_frames=200)
+    tiny = estimates.cpu_estimate(get_preset("tiny").lm, "tiny", torch.float32, "none", slots=1, prompt_frames=200)
     assert 0 < tiny.seconds_per_frame < 0.08 and tiny.slowdown < 1
-    big = realtime.cpu_estimate(SEVEN_B, "personaplex-7b", torch.float32, "none", slots=2, prompt_frames=200)
+    big = estimates.cpu_estimate(SEVEN_B, "personaplex-7b", torch.float32, "none", slots=2, prompt_frames=200)
     assert big.seconds_per_frame > 1000 * tiny.seconds_per_frame and big.prefill_seconds > 0
-    estimate = realtime.CpuEstimate("personaplex-7b", seconds_per_frame=2.0, prefill_seconds=30.0, slots=2)
+    estimate = estimates.CpuEstimate("personaplex-7b", seconds_per_frame=2.0, prefill_seconds=30.0, slots=2)
     assert estimate.slowdown == pytest.approx(25)
     assert estimate.total_seconds([100, 100, 50]) == pytest.approx(3 * 30 + 125 * 2.0)
     text = estimate.describe([100, 100, 50])

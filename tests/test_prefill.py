@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex.checkpoint import load_lm
 from personaplex.config import LMConfig
 from personaplex.lm.generator import Generator
+from personaplex.loading import load_lm
 
 
 @pytest.fixture(scope="module")

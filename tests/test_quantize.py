@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 
-from personaplex.checkpoint import load_lm
 from personaplex.config import TINY_LM, get_preset
-from personaplex.deploy.load import load_lm_deployed
+from personaplex.loading import load_lm
 from personaplex.deploy.quantize import (
     QuantizationError,
     check_mode,
@@ -64,7 +63,7 @@ def relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_every_matmul_weight_is_quantized_and_nothing_else(checkpoint, mode):
-    model = load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, quantize=mode)
+    model = load_lm(checkpoint, CONFIG, dtype=torch.float32, quantize=mode)
     matmul = set(matmul_weight_names(model))
     # The depformer's per-codebook stacks and the fused attention projections are among them.
     assert "depformer.layers.0.self_attn.in_proj_weight" in matmul
@@ -85,7 +84,7 @@ def test_every_matmul_weight_is_quantized_and_nothing_else(checkpoint, mode):
 @pytest.mark.parametrize("mode,tolerance", [("int8", 0.02), ("fp8", 0.08)])
 def test_logits_stay_close_to_the_unquantized_model(checkpoint, mode, tolerance):
     text_ref, audio_ref = teacher_forced(load_lm(checkpoint, CONFIG, dtype=torch.float32))
-    text, audio = teacher_forced(load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, quantize=mode))
+    text, audio = teacher_forced(load_lm(checkpoint, CONFIG, dtype=torch.float32, quantize=mode))
     assert 0 < relative_error(text, text_ref) < tolerance
     assert 0 < relative_error(audio, audio_ref) < tolerance
     assert (text.argmax(-1) == text_ref.argmax(-1)).float().mean() > 0.8
@@ -96,7 +95,7 @@ def test_triton_kernels_take_quantized_weights(checkpoint):
     from conftest import require_triton_kernels
 
     require_triton_kernels()
-    model = load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, quantize="int8")
+    model = load_lm(checkpoint, CONFIG, dtype=torch.float32, quantize="int8")
     text, audio = teacher_forced(model)
     text_fused, audio_fused = teacher_forced(model, kernels="triton")
     torch.testing.assert_close(text_fused, text, rtol=1e-5, atol=1e-5)
@@ -120,7 +119,7 @@ def test_loading_quantizes_unit_by_unit_without_a_full_precision_copy(checkpoint
 
     torch.nn.Module.load_state_dict = recording_load_state_dict
     try:
-        model = load_lm_deployed(checkpoint, CONFIG, dtype=torch.float32, quantize="int8", progress=progress)
+        model = load_lm(checkpoint, CONFIG, dtype=torch.float32, quantize="int8", progress=progress)
     finally:
         torch.nn.Module.load_state_dict = original
     units = model_units(model)
@@ -141,7 +140,7 @@ def test_quantized_model_runs_in_the_engine(checkpoint):
     mimi = build_mimi(mimi_config, "cpu")
     mimi.load_state_dict(random_mimi_state_dict(mimi_config), strict=True)
     mimi = mimi.eval().requires_grad_(False)
-    lm = load_lm_deployed(checkpoint, dataclasses.replace(CONFIG), dtype=torch.float32, quantize="int8")
+    lm = load_lm(checkpoint, dataclasses.replace(CONFIG), dtype=torch.float32, quantize="int8")
     long_context = dataclasses.replace(CONFIG, context=3000)  # the prompt-length guard wants room for a prompt
     voice = VoicePrompt("random", codes=torch.randint(0, 2048, (6, 8), generator=torch.Generator().manual_seed(1)))
     prompt = build_system_prompt(long_context, voice, [5, 6, 7])
@@ -164,7 +163,7 @@ def test_unknown_mode_and_missing_torchao_say_what_to_do(monkeypatch):
 
 def test_seven_b_int8_weights_fit_the_memory_goal():
     """PersonaPlex-7B with int8 weights: what the loader will allocate, from the real layout."""
-    from personaplex.deploy.realtime import lm_bytes
+    from personaplex.deploy.estimates import lm_bytes
 
     config = get_preset("personaplex-7b").lm
     assert 15.5 < lm_bytes(config, "none", torch.bfloat16) / 2**30 < 15.7
@@ -178,7 +177,7 @@ def test_seven_b_int8_weights_fit_the_memory_goal():
 def test_quantized_step_captured_as_cuda_graph_replays_the_eager_step(checkpoint, mode):
     from personaplex.cuda_graph import CapturedStep
 
-    model = load_lm_deployed(checkpoint, CONFIG, device="cuda", dtype=torch.bfloat16, quantize=mode)
+    model = load_lm(checkpoint, CONFIG, device="cuda", dtype=torch.bfloat16, quantize=mode)
     assert summarize(model).declined == []
     generator = Generator(model)
     forced = torch.randint(0, CONFIG.card, (2, CONFIG.num_channels), device="cuda")

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from personaplex.lm.sampling import SamplingParams, choose_tokens, rank_in_row
+from personaplex.lm.sampling import TokenSampling, choose_tokens, rank_in_row
 
 
 def draw(logits: torch.Tensor, temperature: float, top_k: int, n: int, seed: int = 7) -> torch.Tensor:
     """n draws for one row of logits, each at its own counter value, as n frames would."""
     rows = logits.expand(n, -1)
-    params = SamplingParams.fill(n, temperature, top_k)
+    params = TokenSampling.fill(n, temperature, top_k)
     return choose_tokens(rows, params, torch.full((n,), seed), torch.arange(n), stream=0, max_top_k=logits.shape[-1])
 
 
 def test_greedy_without_params_or_with_zero_temperature():
     logits = torch.tensor([[0.1, 2.0, 2.0, -1.0], [3.0, 0.0, 1.0, 2.9]])
     assert choose_tokens(logits, None).tolist() == [1, 0]  # first index on ties
-    params = SamplingParams(torch.tensor([0.0, 0.0]), torch.tensor([4, 4]))
+    params = TokenSampling(torch.tensor([0.0, 0.0]), torch.tensor([4, 4]))
     assert choose_tokens(logits, params, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)).tolist() == [1, 0]
 
 
@@ -44,13 +44,13 @@ def test_temperature_sharpens_and_top_k_truncates():
 def test_per_slot_settings_and_streams_are_independent_of_the_batch():
     torch.manual_seed(0)
     logits = torch.randn(3, 100)
-    params = SamplingParams(torch.tensor([0.8, 0.0, 1.2]), torch.tensor([10, 50, 3]))
+    params = TokenSampling(torch.tensor([0.8, 0.0, 1.2]), torch.tensor([10, 50, 3]))
     seeds, counters = torch.tensor([1, 2, 3]), torch.tensor([5, 5, 9])
     together = choose_tokens(logits, params, seeds, counters, max_top_k=50)
     for slot in range(3):
         alone = choose_tokens(
             logits[slot : slot + 1],
-            SamplingParams(params.temperature[slot : slot + 1], params.top_k[slot : slot + 1]),
+            TokenSampling(params.temperature[slot : slot + 1], params.top_k[slot : slot + 1]),
             seeds[slot : slot + 1], counters[slot : slot + 1], max_top_k=50,
         )
         assert alone.item() == together[slot].item()
@@ -80,7 +80,7 @@ def test_ranking_and_topk_sample_the_same_tokens():
     torch.manual_seed(1)
     logits = torch.randn(6, 3000)
     logits[1, 100:108] = 4.0  # eight equal values around the top-5 boundary: kept by token id by both
-    params = SamplingParams(torch.tensor([0.9, 0.9, 1.3, 0.7, 1.0, 0.0]), torch.tensor([1, 5, 25, 250, 2000, 3000]))
+    params = TokenSampling(torch.tensor([0.9, 0.9, 1.3, 0.7, 1.0, 0.0]), torch.tensor([1, 5, 25, 250, 2000, 3000]))
     seeds, counters = torch.arange(6), torch.arange(6) + 3
     draws = []
     for rank in (True, False):

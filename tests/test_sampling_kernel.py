@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import require_triton_kernels
 
-from personaplex.lm.sampling import SamplingParams, choose_tokens
+from personaplex.lm.sampling import TokenSampling, choose_tokens
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,7 +27,7 @@ def case(batch, vocab, seed):
     logits = 3 * torch.randn(batch, vocab, generator=generator)
     temperature = torch.tensor([0.0, 0.8, 1.0, 0.3, 2.0, 0.7, 1.2, 0.05])[:batch]
     top_k = torch.tensor([1, 250, 5, 1, 2048, 40, 7, 250])[:batch]
-    params = SamplingParams(temperature.to(DEVICE), top_k.to(DEVICE))
+    params = TokenSampling(temperature.to(DEVICE), top_k.to(DEVICE))
     seeds = torch.randint(0, 2**40, (batch,), generator=generator).to(DEVICE)
     counters = torch.randint(0, 10_000, (batch,), generator=generator).to(DEVICE)
     return logits.to(DEVICE), params, seeds, counters
@@ -48,7 +48,7 @@ def test_ties_at_the_kth_value_keep_the_lowest_ids(kernel):
     over many draws it picks only among them."""
     logits = torch.zeros(1, 64, device=DEVICE)
     logits[0, 10:20] = 5.0  # ten tied best entries; a top-4 keeps ids 10..13
-    params = SamplingParams(torch.ones(1, device=DEVICE), torch.tensor([4], device=DEVICE))
+    params = TokenSampling(torch.ones(1, device=DEVICE), torch.tensor([4], device=DEVICE))
     picked = {
         kernel.choose_tokens_fused(logits, params, torch.tensor([s], device=DEVICE), torch.zeros(1, dtype=torch.long,
                                    device=DEVICE), 1).item()

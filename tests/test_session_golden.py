@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from personaplex.audio import normalize_loudness, read_audio, split_frames
-from personaplex.checkpoint import load_lm, load_mimi
 from personaplex.config import LMConfig, MimiConfig
 from personaplex.lm.generator import Generator
+from personaplex.loading import load_lm, load_mimi
 from personaplex.persona import (
     SILENCE_FRAMES,
     SILENCE_TOKENS,

@@ -14,7 +14,7 @@ def resolve_model_assets(args: argparse.Namespace, need_voices: bool = True):
         from ..demo import demo_assets
 
         return demo_assets()
-    from ..hub import DEFAULT_REPO, resolve_assets
+    from ..model_assets import DEFAULT_REPO, resolve_assets
 
     return resolve_assets(
         args.hf_repo or DEFAULT_REPO, moshi_weight=args.moshi_weight, mimi_weight=args.mimi_weight,

@@ -139,7 +139,7 @@ RATE_REPORT_AFTER_SECONDS = 10.0
 
 def measured_rate(done_frames: int, total_frames: int, elapsed: float) -> str:
     """One line: the frame rate measured so far (all conversations together) and the time left at that rate."""
-    from ..deploy.realtime import format_duration
+    from ..deploy.estimates import format_duration
 
     per_second = done_frames / max(elapsed, 1e-9)
     speed = per_second * FRAME_SIZE / SAMPLE_RATE  # seconds of audio per second of wall time

@@ -13,7 +13,7 @@ model code is unchanged; the state dict of offloaded layers is not meaningful on
 parameters are the shared staging buffers).
 
 Every frame streams all offloaded weights again, so the frame time is at least
-``streamed bytes / host-to-device bandwidth`` (see ``personaplex.deploy.realtime``): the offloaded
+``streamed bytes / host-to-device bandwidth`` (see ``personaplex.deploy.estimates``): the offloaded
 layers are the *last* ones, so that the first copies overlap the resident layers' compute.
 """
 

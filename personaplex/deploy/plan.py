@@ -11,7 +11,7 @@ from ..config import LMConfig
 from ..devices import default_dtype
 from ..errors import PersonaplexError
 from .quantize import check_mode, describe_mode
-from .realtime import (
+from .estimates import (
     cpu_estimate,
     layers_to_offload,
     lm_bytes,

@@ -104,7 +104,7 @@ def check_mode(mode: str) -> None:
 
 def matmul_weight_names(module: nn.Module) -> list[str]:
     """Names (relative to ``module``) of the weights that multiply activations: what gets quantized."""
-    from ..lm.layers import SelfAttentionWeights
+    from ..lm.temporal_transformer import SelfAttentionWeights
 
     names = []
     for prefix, child in module.named_modules():
@@ -191,7 +191,7 @@ def summarize(model: nn.Module) -> QuantizedSummary:
 
 def quantize_lm_(model: nn.Module, mode: str) -> QuantizedSummary:
     """Quantize a loaded LM in place, one transformer layer at a time (the transient extra memory is one
-    layer's weights). Prefer ``personaplex.deploy.load.load_lm_deployed``, which quantizes while loading."""
+    layer's weights). Prefer ``personaplex.loading.load_lm(quantize=...)``, which quantizes while loading."""
     check_mode(mode)
     for unit in model_units(model):
         quantize_module_(model.get_submodule(unit), mode)

@@ -26,9 +26,9 @@ import torch
 
 from .. import startup
 from ..cuda_graph import CapturedStep
-from ..lm.generator import Generator, GeneratorState, SamplingSettings
+from ..lm.generator import BatchSampling, Generator, GeneratorState
 from ..lm.model import LMState
-from ..lm.sampling import SamplingParams
+from ..lm.sampling import TokenSampling
 from ..persona import SystemPrompt, system_prompt_work
 from .kernels import EngineKernels, engine_kernels
 from .prefill_graphs import SCRATCH_FRAMES, PrefillGraphs
@@ -40,7 +40,8 @@ log = logging.getLogger("personaplex.engine")
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How one conversation chooses its tokens (reference defaults)."""
+    """How one conversation chooses its tokens (reference defaults), in plain numbers: what flags and clients
+    set. The engine writes it into its slot of the frame step's ``lm.generator.BatchSampling``."""
 
     text_temperature: float = 0.7
     text_top_k: int = 25
@@ -135,9 +136,9 @@ class Engine:
         self._pinned = [0] * max_slots  # host mirror: steps of slots that slide skip the pinning work
         self.encoder = mimi.new_encoder_state(max_slots, self.device)
         self.decoder = mimi.new_decoder_state(max_slots, self.device)
-        self.sampling = SamplingSettings(
-            text=SamplingParams.fill(max_slots, 0.0, 1, self.device),
-            audio=SamplingParams.fill(max_slots, 0.0, 1, self.device),
+        self.sampling = BatchSampling(
+            text=TokenSampling.fill(max_slots, 0.0, 1, self.device),
+            audio=TokenSampling.fill(max_slots, 0.0, 1, self.device),
             seed=torch.zeros(max_slots, dtype=torch.long, device=self.device),
             max_text_top_k=MAX_TEXT_TOP_K,
             max_audio_top_k=MAX_AUDIO_TOP_K,

@@ -13,7 +13,7 @@ from torch import nn
 from ..config import LMConfig
 from ..layers.fused_ops import EAGER_OPS, LayerOps
 from ..layers.norm import RMSNorm
-from .layers import GatedFeedForward, SelfAttentionWeights
+from .temporal_transformer import GatedFeedForward, SelfAttentionWeights
 
 
 class DepthLayer(nn.Module):

@@ -19,7 +19,7 @@ import torch
 
 from .fused import StepKernels, step_kernels
 from .model import LMModel, LMState
-from .sampling import SamplingParams
+from .sampling import TokenSampling
 from .token_buffer import cache_columns, column_index, prefill_block
 
 PREFILL_READ_ROUNDING = 256  # a prefill block reads the ring up to its last position rounded up to this
@@ -67,21 +67,23 @@ class TemporalOutput:
 
 
 @dataclass
-class SamplingSettings:
-    """Per-slot sampling for text and audio, and the per-slot seeds. None => greedy everywhere."""
+class BatchSampling:
+    """How a batch of slots samples a frame: text and audio ``TokenSampling`` and the per-slot seeds, as
+    tensors on the model's device. None => greedy everywhere. The engine fills it from each conversation's
+    ``engine.SamplingConfig``."""
 
-    text: SamplingParams
-    audio: SamplingParams
+    text: TokenSampling
+    audio: TokenSampling
     seed: torch.Tensor  # [B] int64
     max_text_top_k: int = 25
     max_audio_top_k: int = 250
 
-    def slots(self, first: int, stop: int) -> "SamplingSettings":
+    def slots(self, first: int, stop: int) -> "BatchSampling":
         """A view of slots ``first..stop-1``."""
-        def part(p: SamplingParams) -> SamplingParams:
-            return SamplingParams(p.temperature[first:stop], p.top_k[first:stop])
+        def part(p: TokenSampling) -> TokenSampling:
+            return TokenSampling(p.temperature[first:stop], p.top_k[first:stop])
 
-        return SamplingSettings(part(self.text), part(self.audio), self.seed[first:stop], self.max_text_top_k, self.max_audio_top_k)
+        return BatchSampling(part(self.text), part(self.audio), self.seed[first:stop], self.max_text_top_k, self.max_audio_top_k)
 
 
 class Generator:
@@ -148,7 +150,7 @@ class Generator:
         forced: torch.Tensor,
         *,
         depth_steps: int | None = None,
-        sampling: SamplingSettings | None = None,
+        sampling: BatchSampling | None = None,
         input_embeddings: torch.Tensor | None = None,
         return_audio_logits: bool = False,
         used_length: int | None = None,
@@ -196,7 +198,7 @@ class Generator:
 
     def step_tokens(
         self, state: GeneratorState, temporal: TemporalOutput, forced: torch.Tensor, *, depth_steps: int | None = None,
-        sampling: SamplingSettings | None = None, return_audio_logits: bool = False,
+        sampling: BatchSampling | None = None, return_audio_logits: bool = False,
     ) -> StepResult:
         """Second half of ``step``: store the forced tokens, choose the free ones, advance."""
         cfg = self.config

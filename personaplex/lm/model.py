@@ -17,8 +17,8 @@ from ..layers.fused_ops import EAGER_OPS, LayerOps
 from ..layers.norm import RMSNorm
 from .depformer import DepthTransformer
 from .fused import StepKernels, step_kernels
-from .layers import TemporalTransformer
-from .sampling import SamplingParams, choose_tokens
+from .temporal_transformer import TemporalTransformer
+from .sampling import TokenSampling, choose_tokens
 
 
 @dataclass
@@ -158,7 +158,7 @@ class LMModel(nn.Module):
         text_token: torch.Tensor,
         forced_audio: torch.Tensor,
         steps: int,
-        sampling: SamplingParams | None = None,
+        sampling: TokenSampling | None = None,
         seed: torch.Tensor | None = None,
         counter: torch.Tensor | None = None,
         return_logits: bool = False,

@@ -20,14 +20,15 @@ _MASK32 = 0xFFFFFFFF
 
 
 @dataclass
-class SamplingParams:
-    """Per-slot sampling settings, [B] tensors. temperature <= 0 means greedy."""
+class TokenSampling:
+    """How one kind of token (text tokens, or audio codes) is chosen in each slot of a batch: [B] tensors.
+    temperature <= 0 means greedy. ``BatchSampling`` (the frame step) holds one for text and one for audio."""
 
     temperature: torch.Tensor  # float32
     top_k: torch.Tensor  # int64, >= 1
 
     @classmethod
-    def fill(cls, batch_size: int, temperature: float, top_k: int, device: torch.device | str = "cpu") -> "SamplingParams":
+    def fill(cls, batch_size: int, temperature: float, top_k: int, device: torch.device | str = "cpu") -> "TokenSampling":
         return cls(
             torch.full((batch_size,), float(temperature), device=device),
             torch.full((batch_size,), int(top_k), dtype=torch.long, device=device),
@@ -72,7 +73,7 @@ def rank_in_row(probs: torch.Tensor) -> torch.Tensor:
 
 def choose_tokens(
     logits: torch.Tensor,
-    params: SamplingParams | None,
+    params: TokenSampling | None,
     seed: torch.Tensor | None = None,
     counter: torch.Tensor | None = None,
     stream: int = 0,

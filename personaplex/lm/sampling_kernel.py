@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import SamplingParams, choose_tokens
+from .sampling import TokenSampling, choose_tokens
 
 try:  # Triton ships with CUDA builds of torch
     import triton
@@ -83,7 +83,7 @@ if triton is not None:
 
 def choose_tokens_fused(
     logits: torch.Tensor,
-    params: SamplingParams | None,
+    params: TokenSampling | None,
     seed: torch.Tensor | None = None,
     counter: torch.Tensor | None = None,
     stream: int = 0,

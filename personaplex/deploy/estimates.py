@@ -28,7 +28,7 @@ OFFLOAD_SAFE_SHARE = 0.75
 
 def layer_bytes(config: LMConfig, quantize: str, dtype: torch.dtype) -> int:
     """Device bytes of one temporal layer with ``quantize`` ("none", "int8", "fp8")."""
-    from ..lm.layers import TemporalLayer
+    from ..lm.temporal_transformer import TemporalLayer
 
     with torch.device("meta"):
         layer = TemporalLayer(config)

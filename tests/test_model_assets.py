@@ -29,7 +29,7 @@ import huggingface_hub.constants
 import huggingface_hub.utils._http
 import pytest
 
-from personaplex.hub import (
+from personaplex.model_assets import (
     DEFAULT_REPO,
     LM_FILE,
     MIMI_FILE,
@@ -192,7 +192,7 @@ def test_environment_variables_are_honoured_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1",
                PYTHONPATH=str(REPO_ROOT))
-    script = "from personaplex.hub import resolve_assets; print(resolve_assets(progress=False).lm_weights)"
+    script = "from personaplex.model_assets import resolve_assets; print(resolve_assets(progress=False).lm_weights)"
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
     )
