@@ -55,6 +55,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     net.add_argument("--auth-token", default=os.environ.get("PERSONAPLEX_AUTH_TOKEN"),
                      help="require this token on /api/* (header 'Authorization: Bearer T' or ?token=T); "
                           "default: $PERSONAPLEX_AUTH_TOKEN, unset = no auth")
+    net.add_argument("--front-end-processes", type=int, default=1, metavar="N",
+                     help="processes that serve the connections (WebSocket, Opus, Realtime, Twilio) on the one port, "
+                          "exchanging audio with the engine, which runs in this process, through shared memory "
+                          "(default 1: one process does everything). Use N > 1 when one process's CPU limits the "
+                          "callers before the GPU does (many tens of callers on a big GPU): about one per 32 "
+                          "callers, at most the CPU cores left. A front-end process that fails ends only its own "
+                          "calls and is restarted; the connection limits are divided over the processes")
     limits = parser.add_argument_group("conversations")
     limits.add_argument("--max-conversations", type=int, default=None,
                         help="conversations served at once (engine slots; default: what fits the GPU, at most 64; "
@@ -132,12 +139,36 @@ def run(args: argparse.Namespace) -> None:
         from ..frontends.twilio import PhonePersonas
 
         phone_personas = PhonePersonas.load(args.phone_personas)
+    front_ends = getattr(args, "front_end_processes", 1)
+    if front_ends < 1:
+        raise ServerError("--front-end-processes must be at least 1")
+    if front_ends > 1:  # the engine here, the connections in other processes (front_end_processes.py)
+        return run_front_end_processes(args, ssl_context is not None)
     hub = ConversationHub.from_args(args)
     if hub.model.untrained:
         log.info("note: the demo model has random, untrained weights: it babbles")
     asyncio.run(serve(hub, host=args.host, port=args.port, static_dir=static_dir, ssl_context=ssl_context,
                       auth_token=args.auth_token, phone_personas=phone_personas, opus_workers=args.opus_workers,
                       limits=limits))
+
+
+def run_front_end_processes(args: argparse.Namespace, tls: bool) -> None:
+    from ..serving.hub import ConversationHub
+    from .front_end_processes import prepare, serve_with_front_ends
+
+    try:
+        work, reserved, port = prepare(args)  # before the hub: its metrics are shared, the port fails fast
+    except OSError as exc:
+        raise ServerError(f"{exc.strerror or exc}; pick another --port or --host") from None
+    try:
+        hub = ConversationHub.from_args(args)
+        if hub.model.untrained:
+            log.info("note: the demo model has random, untrained weights: it babbles")
+        url = f"{'https' if tls else 'http'}://{access_host(args.host)}:{port}"
+        asyncio.run(serve_with_front_ends(hub, args, work=work, port=port, url=url, opus_workers=args.opus_workers))
+    finally:
+        for sock in reserved:
+            sock.close()
 
 
 def default_opus_workers() -> int:
@@ -169,11 +200,12 @@ class RunningServer:
 async def start_server(hub, *, host: str = "localhost", port: int = 0, static_dir: Path | None = DEFAULT_STATIC,
                        ssl_context=None, auth_token: str | None = None,
                        send_buffer_bytes: int | None = 64 << 10, phone_personas=None,
-                       opus_workers: int = 0, limits: ServerLimits | None = None) -> RunningServer:
+                       opus_workers: int = 0, limits: ServerLimits | None = None,
+                       reuse_port: bool = False) -> RunningServer:
     """Start the hub and listen; returns where. ``host`` is really bound (every interface only for
     0.0.0.0 / ::). ``opus_workers``: processes that encode the agent's audio (0: this process does).
     ``limits``: timeouts, connection cap, new connections per address, Origin allow-list (``limits.py``;
-    default: the flags' defaults)."""
+    default: the flags' defaults). ``reuse_port``: share the port with other processes (SO_REUSEPORT)."""
     from aiohttp import web
 
     from ..frontends.opus_pool import OpusEncoderPool
@@ -203,7 +235,7 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
                     phone_personas=phone_personas, encoders=encoders, limits=limits, guard=guard)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
-    site = GuardedSite(runner, guard, host=host, port=port, ssl_context=ssl_context)
+    site = GuardedSite(runner, guard, host=host, port=port, ssl_context=ssl_context, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
