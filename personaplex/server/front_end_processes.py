@@ -224,6 +224,7 @@ async def serve_with_front_ends(hub, args, *, work: str, port: int, url: str, op
     await hub.start()
     host = EngineHost(hub, key=key, front_ends=count, config_for=config_for, on_listening=processes.listening)
     await host.start(socket_path)
+    log.info("front-end processes connect to %s", socket_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

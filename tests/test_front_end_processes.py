@@ -1,0 +1,384 @@
+"""``personaplex serve --front-end-processes N``: the engine in one process, the connections in N others.
+
+A real server (demo model, CPU, 2 front-end processes) with real aiohttp WebSocket callers sending real
+Ogg/Opus: callers spread over the processes (each call's metadata names its process, ``front_end_pid``)
+all converse; a front-end process killed mid-call ends only its own callers while a caller of the other
+process keeps receiving frames, and the process is restarted; ``/metrics`` of any process sums the
+counters of all; garbage on the control socket harms no call. In-process tests drive the engine host and
+remote hubs directly (a malformed message from one front end ends only that front end's calls) and the
+shared-memory rings (bounded, checked reads).
+
+Every wait is on a condition with a generous deadline: a loaded CI machine runs the demo model several
+times slower than real time, which only makes frames come later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlencode
+
+import aiohttp
+import numpy as np
+import pytest
+from test_realtime import metric_value
+from test_server_protocol import opus_pages
+
+from personaplex.serving.frame_channels import INPUT_RING_SAMPLES, OUTPUT_RING_FRAMES, ChannelBlock, ChannelBroken
+
+REPO = Path(__file__).resolve().parents[1]
+START_SECONDS = 300  # model load and two interpreters starting on a loaded 2-core machine
+SLOTS = 4
+
+
+# --- the shared-memory rings ---------------------------------------------------------------------------------
+
+
+def test_rings_carry_audio_and_frames_and_refuse_out_of_range_counters():
+    block = ChannelBlock.create(2)
+    try:
+        front = ChannelBlock.attach(block.name, 2)
+        try:
+            pcm = np.linspace(-0.5, 0.5, 3000, dtype=np.float32)
+            assert front.channels[1].input.put(pcm) == 0
+            np.testing.assert_array_equal(block.channels[1].input.take(), pcm)
+            assert block.channels[1].input.take() is None and block.channels[0].input.take() is None
+            # More than the ring holds: the newest samples are dropped and counted, never written past it.
+            assert front.channels[0].input.put(np.zeros(INPUT_RING_SAMPLES + 100, np.float32)) == 100
+            assert len(block.channels[0].input.take()) == INPUT_RING_SAMPLES
+            # Non-finite or out-of-range samples never reach the engine.
+            front.channels[0].input.put(np.array([np.nan, np.inf, -np.inf, 7.0], np.float32))
+            np.testing.assert_array_equal(block.channels[0].input.take(), [0.0, 1.0, -1.0, 1.0])
+            # A front end that writes a counter out of range: refused, the ring resynchronised.
+            front.channels[0].input._counters[0] = 10**12
+            with pytest.raises(ChannelBroken):
+                block.channels[0].input.take()
+            assert block.channels[0].input.take() is None
+            front.channels[0].input._counters[0] = -5
+            with pytest.raises(ChannelBroken):
+                block.channels[0].input.take()
+            # Agent frames, with and without a text piece; a reader too far behind is told so.
+            out = block.channels[1].output
+            for index in range(OUTPUT_RING_FRAMES + 3):
+                out.put(np.full(1920, index, np.float32), "é" * 200 if index % 2 else None)
+            reader = front.channels[1].output
+            pcm, text = reader.get(OUTPUT_RING_FRAMES + 2)
+            assert pcm[0] == OUTPUT_RING_FRAMES + 2 and text is None
+            pcm, text = reader.get(OUTPUT_RING_FRAMES + 1)
+            assert text == "é" * 126  # cut at a character within the piece's bytes
+            with pytest.raises(ChannelBroken):
+                reader.get(0)
+        finally:
+            front.close()
+    finally:
+        block.close()
+
+
+# --- engine host and remote hubs in one process -----------------------------------------------------------------
+
+
+def test_a_malformed_control_message_ends_only_that_front_ends_calls(demo_model, tmp_path):
+    from personaplex.serving.engine_host import EngineHost
+    from personaplex.serving.hub import ConversationHub, HubOptions, PersonaRequest
+    from personaplex.serving.remote_hub import RemoteHub
+
+    async def scenario():
+        hub = ConversationHub(demo_model, HubOptions(max_conversations=2, max_queue=0, input_timeout_seconds=None))
+        await hub.start()
+        host = EngineHost(hub, key="k", front_ends=2, config_for=lambda index: {"index": index})
+        path = str(tmp_path / "control.sock")
+        await host.start(path)
+        remotes = [RemoteHub(path, "k", index) for index in range(2)]
+        try:
+            for remote in remotes:
+                assert (await remote.connect()) == {"index": remote.index}
+                await remote.start()
+            calls = [await remote.open(PersonaRequest(), front_end="chat") for remote in remotes]
+            assert sorted(call.slot for call in calls) == [0, 1]
+            received = [0, 0]
+
+            async def listen(index):
+                async for _ in calls[index].frames():
+                    received[index] += 1
+                    calls[index].send_audio(np.zeros(1920, np.float32))
+
+            listeners = [asyncio.create_task(listen(i)) for i in range(2)]
+            await wait_until(lambda: min(received) >= 3)
+            remotes[0]._writer.write(b"\x00\x00\x00\x05\x00\x00\x00\x00{bad}")  # not a JSON object
+            assert await asyncio.wait_for(calls[0].ended(), 60)
+            await wait_until(lambda: hub.load()["slots_busy"] == 1)  # its slot is free at once
+            assert remotes[0].lost.is_set() and not remotes[1].lost.is_set()
+            before = received[1]
+            await wait_until(lambda: received[1] >= before + 5)  # the other front end's call goes on
+            assert calls[1].end_reason is None and host.protocol_errors == 1
+            # A connection that does not say hello with the key gets nothing and breaks nothing.
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(b"\xff" * 64)
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+            assert host.protocol_errors == 2 and calls[1].end_reason is None
+            await calls[1].close()
+            await wait_until(lambda: hub.load()["slots_busy"] == 0)
+            for task in listeners:
+                task.cancel()
+        finally:
+            for remote in remotes:
+                await remote.close()
+            await host.close()
+            await hub.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 240))
+
+
+async def wait_until(condition, deadline: float = 120.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+# --- a real server with two front-end processes -----------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, tmp_path: Path):
+        self.log_path = tmp_path / "server.log"
+        self.log = open(self.log_path, "w+b")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "personaplex.cli", "serve", "--model", "demo", "--device", "cpu", "--host",
+             "127.0.0.1", "--port", "0", "--static", "none", "--opus-workers", "0", "--max-conversations", str(SLOTS),
+             "--max-queue", "0", "--input-timeout", "0", "--front-end-processes", "2"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            found = re.search(rb"directly at http://127\.0\.0\.1:(\d+)", self.log_path.read_bytes())
+            if found:
+                self.port = int(found.group(1))
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(self.text()[-3000:])
+            time.sleep(0.2)
+        self.control = re.search(r"front-end processes connect to (\S+)", self.text()).group(1)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.url("/metrics"), timeout=30) as response:
+            return response.read().decode()
+
+    def health(self) -> dict:
+        import json
+
+        with urllib.request.urlopen(self.url("/api/health"), timeout=30) as response:
+            return json.loads(response.read())
+
+    def front_end_pids(self) -> list[int]:
+        return [int(pid) for pid in re.findall(r"front-end process \d+ started \(pid (\d+)\)", self.text())]
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = Server(tmp_path_factory.mktemp("front_ends"))
+    yield running
+    code = running.stop()
+    assert code == 0, running.text()[-3000:]
+    assert "stopped" in running.text()
+
+
+class Caller:
+    """A real /api/chat caller: real Opus pages at real time, reading everything."""
+
+    def __init__(self, server: Server, seed: int):
+        self.url = f"ws://127.0.0.1:{server.port}/api/chat?" + urlencode({"text_prompt": "Hello.", "seed": seed})
+        self.pages = opus_pages(60, seed=seed)
+        self.pid: int | None = None
+        self.handshake = asyncio.Event()
+        self.audio_pages = 0
+        self.error: str | None = None
+        self.closed = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self.ws = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self.ws = await self._session.ws_connect(self.url, max_msg_size=0)
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._send())]
+        await asyncio.wait_for(self.handshake.wait(), 120)
+
+    async def _read(self) -> None:
+        import json
+
+        try:
+            async for message in self.ws:
+                if message.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                kind, payload = message.data[0], message.data[1:]
+                if kind == 0x04 and self.pid is None:
+                    self.pid = json.loads(payload)["front_end_pid"]
+                elif kind == 0x00:
+                    self.handshake.set()
+                elif kind == 0x01:
+                    self.audio_pages += 1
+                elif kind == 0x05:
+                    self.error = payload.decode()
+        except Exception:  # noqa: BLE001 - a reset connection: the call is over
+            pass
+        finally:
+            self.closed.set()
+            self.handshake.set()
+
+    async def _send(self) -> None:
+        await self.handshake.wait()
+        start = time.monotonic()
+        try:
+            for index, page in enumerate(self.pages):
+                if self.closed.is_set():
+                    return
+                await self.ws.send_bytes(b"\x01" + page)
+                await asyncio.sleep(max(0.0, start + index * 0.08 - time.monotonic()))
+        except Exception:  # noqa: BLE001 - the server went away
+            pass
+
+    async def turn_text(self) -> None:
+        """A user text turn (0x06): refused (these models hear only audio), counted, the call ends."""
+        await self.ws.send_bytes(b"\x06hello")
+        await asyncio.wait_for(self.closed.wait(), 60)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.ws is not None:
+            await self.ws.close()
+        if self._session is not None:
+            await self._session.close()
+
+
+async def callers_on_both_processes(server: Server, count: int, seed: int) -> list[Caller]:
+    """``count`` callers, at least one on each front-end process (the kernel picks a process per connection:
+    a caller that lands where enough are already is replaced by a new connection)."""
+    callers: list[Caller] = []
+    for attempt in range(40):
+        caller = Caller(server, seed + attempt)
+        await caller.start()
+        assert caller.pid is not None and caller.error is None, caller.error
+        pids = {c.pid for c in callers}
+        if len(callers) == count - 1 and pids == {caller.pid}:
+            await caller.close()  # all would be on one process: try another connection
+            await asyncio.sleep(0.2)
+            continue
+        callers.append(caller)
+        if len(callers) == count:
+            return callers
+    raise AssertionError("no connection reached the second front-end process in 40 attempts")
+
+
+def test_callers_on_both_processes_converse_and_metrics_sum_over_processes(server):
+    async def scenario():
+        errors_before = metric_value(server.metrics(), "personaplex_errors_total", kind="not_supported")
+        sessions_before = metric_value(server.metrics(), "personaplex_sessions_total", front_end="chat")
+        callers = await callers_on_both_processes(server, 3, seed=1)
+        try:
+            assert len({c.pid for c in callers}) == 2 and {c.pid for c in callers} <= set(server.front_end_pids())
+            await wait_until(lambda: all(c.audio_pages >= 12 for c in callers), 180)
+            assert all(c.error is None for c in callers)
+            # Each caller ends with a refused text turn: counted by the process that serves it, summed in /metrics.
+            for caller in callers:
+                await caller.turn_text()
+                assert "text turns are not supported" in (caller.error or "")
+            text = server.metrics()
+            assert metric_value(text, "personaplex_errors_total", kind="not_supported") - errors_before == len(callers)
+            # Opened in the engine process, once per caller whatever its front end (the replaced tries too).
+            assert metric_value(text, "personaplex_sessions_total", front_end="chat") - sessions_before >= len(callers)
+            assert metric_value(text, "personaplex_input_decoded_seconds_total", front_end="chat") > 0
+            assert metric_value(text, "personaplex_slots") == SLOTS  # a gauge of the engine process, not doubled
+        finally:
+            for caller in callers:
+                await caller.close()
+        await wait_until(lambda: server.health()["slots_busy"] == 0, 60)
+
+    asyncio.run(asyncio.wait_for(scenario(), 600))
+
+
+def test_a_killed_front_end_process_ends_only_its_calls_and_is_restarted(server):
+    async def scenario():
+        callers = await callers_on_both_processes(server, 2, seed=50)
+        victim, survivor = callers
+        try:
+            await wait_until(lambda: victim.audio_pages >= 5 and survivor.audio_pages >= 5, 180)
+            os.kill(victim.pid, signal.SIGKILL)
+            await asyncio.wait_for(victim.closed.wait(), 60)
+            # The engine freed the victim's slot at once; the survivor's call goes on.
+            await wait_until(lambda: server.health()["slots_busy"] == 1, 60)
+            before = survivor.audio_pages
+            await wait_until(lambda: survivor.audio_pages >= before + 10, 180)
+            assert not survivor.closed.is_set() and survivor.error is None
+            # The engine process restarts the killed one, which then serves new connections.
+            await wait_until(lambda: f"(pid {victim.pid}) exited with code -9" in server.text(), 60)
+            await wait_until(lambda: len(server.front_end_pids()) == 3, 60)
+            restarted = server.front_end_pids()[-1]
+            seen = set()
+
+            def restarted_serves() -> bool:
+                try:
+                    seen.add(server.health()["front_end_pid"])
+                except OSError:
+                    pass
+                return restarted in seen
+
+            await wait_until(restarted_serves, 240)
+            assert victim.pid not in seen
+        finally:
+            for caller in callers:
+                await caller.close()
+        await wait_until(lambda: server.health()["slots_busy"] == 0, 60)
+
+    asyncio.run(asyncio.wait_for(scenario(), 600))
+
+
+def test_garbage_on_the_control_socket_harms_no_call(server):
+    async def scenario():
+        caller = Caller(server, seed=90)
+        await caller.start()
+        errors_before = metric_value(server.metrics(), "personaplex_errors_total", kind="front_end_protocol")
+        try:
+            await wait_until(lambda: caller.audio_pages >= 3, 180)
+            for garbage in (b"\xff" * 100, b"\x7f\xff\xff\xff\x00\x00\x00\x00", b"\x00\x00\x00\x02\x00\x00\x00\x00[]"):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(30)
+                    sock.connect(server.control)
+                    sock.sendall(garbage)
+                    assert sock.recv(100) == b""  # closed without an answer
+            before = caller.audio_pages
+            await wait_until(lambda: caller.audio_pages >= before + 10, 180)
+            assert caller.error is None and not caller.closed.is_set()
+            assert metric_value(server.metrics(), "personaplex_errors_total",
+                                kind="front_end_protocol") - errors_before == 3
+            assert server.process.poll() is None
+        finally:
+            await caller.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 600))
