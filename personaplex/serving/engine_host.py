@@ -129,6 +129,7 @@ class EngineHost:
         self._state_task: asyncio.Task | None = None
         self._connections: set[asyncio.Task] = set()
         self.protocol_errors = 0
+        self._closing = False
 
     async def start(self, socket_path: str) -> None:
         self._loop = asyncio.get_running_loop()
@@ -138,6 +139,7 @@ class EngineHost:
         self._state_task = asyncio.create_task(self._send_states())
 
     async def close(self, reason: str = "the server is shutting down") -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
         if self._state_task is not None:
@@ -364,8 +366,8 @@ class EngineHost:
         for task in list(link.tasks):
             task.cancel()
         await asyncio.gather(*link.tasks, return_exceptions=True)
-        log.warning("front-end process %d (pid %d) is gone (%s): %d of its calls ended", link.index, link.pid,
-                    reason, len(calls))
+        log.log(logging.INFO if self._closing else logging.WARNING, "front-end process %d (pid %d) is gone (%s): "
+                "%d of its calls ended", link.index, link.pid, reason, len(calls))
         link.calls.clear()
         link.block.close()
 
