@@ -400,3 +400,46 @@ def test_garbage_on_the_control_socket_harms_no_call(server):
             await caller.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 600))
+
+
+def test_a_realtime_session_gets_every_frame_the_engine_stepped(server):
+    """The Realtime front end on a front-end process: a persona checked over the control socket, audio in,
+    and one audio delta per frame the engine process stepped for it (none lost between the processes)."""
+    from test_realtime import AUDIO_DELTA, client_for, collect, of_type, voice_like_pcm16
+    from test_realtime import stream_audio as stream_realtime_audio
+
+    class Address:
+        http = server.url("")
+        ws = http.replace("http://", "ws://")
+
+    def stepped() -> int:
+        return int(metric_value(server.metrics(), "personaplex_agent_frames_total", front_end="realtime"))
+
+    async def scenario():
+        async with client_for(Address).realtime.connect(model="personaplex") as connection:
+            assert (await asyncio.wait_for(connection.recv(), 60)).type == "session.created"
+            await connection.session.update(session={"type": "realtime", "instructions": "You sell bread.",
+                                                     "audio": {"output": {"voice": "NATM1"}}})
+            assert (await asyncio.wait_for(connection.recv(), 60)).type == "session.updated"
+            await connection.session.update(session={"type": "realtime", "audio": {"output": {"voice": "nobody"}}})
+            refused = await asyncio.wait_for(connection.recv(), 60)
+            assert refused.type == "error" and "nobody" in refused.error.message  # answered by the engine process
+            events: list = []
+            stop = asyncio.Event()
+            receiver = asyncio.create_task(collect(connection, events, stop))
+            before = stepped()
+            await stream_realtime_audio(connection, voice_like_pcm16(2.4),
+                                        until=lambda: len(of_type(events, AUDIO_DELTA)) >= 20, deadline=300)
+            # Every frame the engine process stepped for this session so far reaches the client (the call goes
+            # on meanwhile: no input timeout on this server).
+            target = stepped() - before
+            await wait_until(lambda: len(of_type(events, AUDIO_DELTA)) >= target, 120)
+            received = len(of_type(events, AUDIO_DELTA))
+            await connection.close()
+            stop.set()
+            await asyncio.wait_for(receiver, 60)
+            return target, received, stepped() - before, of_type(events, "error")
+
+    target, received, stepped_at_end, errors = asyncio.run(asyncio.wait_for(scenario(), 600))
+    assert not errors
+    assert 20 <= target <= received <= stepped_at_end, (target, received, stepped_at_end)

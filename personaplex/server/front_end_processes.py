@@ -249,6 +249,7 @@ async def serve_with_front_ends(hub, args, *, work: str, port: int, url: str, op
             await stop.wait()
         print("shutting down: ending conversations", flush=True)
     finally:
+        host.stopping = True
         await processes.stop()
         await host.close()
         await hub.close()

@@ -129,7 +129,7 @@ class EngineHost:
         self._state_task: asyncio.Task | None = None
         self._connections: set[asyncio.Task] = set()
         self.protocol_errors = 0
-        self._closing = False
+        self.stopping = False  # set when the server shuts down: front ends leaving is expected
 
     async def start(self, socket_path: str) -> None:
         self._loop = asyncio.get_running_loop()
@@ -139,7 +139,7 @@ class EngineHost:
         self._state_task = asyncio.create_task(self._send_states())
 
     async def close(self, reason: str = "the server is shutting down") -> None:
-        self._closing = True
+        self.stopping = True
         if self._server is not None:
             self._server.close()
         if self._state_task is not None:
@@ -366,7 +366,7 @@ class EngineHost:
         for task in list(link.tasks):
             task.cancel()
         await asyncio.gather(*link.tasks, return_exceptions=True)
-        log.log(logging.INFO if self._closing else logging.WARNING, "front-end process %d (pid %d) is gone (%s): "
+        log.log(logging.INFO if self.stopping else logging.WARNING, "front-end process %d (pid %d) is gone (%s): "
                 "%d of its calls ended", link.index, link.pid, reason, len(calls))
         link.calls.clear()
         link.block.close()
