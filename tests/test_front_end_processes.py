@@ -157,7 +157,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "personaplex.cli", "serve", "--model", "demo", "--device", "cpu", "--host",
              "127.0.0.1", "--port", "0", "--static", "none", "--opus-workers", "0", "--max-conversations", str(SLOTS),
-             "--max-queue", "0", "--input-timeout", "0", "--front-end-processes", "2"],
+             "--max-queue", "0", "--input-timeout", "0", "--allow-voice-upload", "--front-end-processes", "2"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + START_SECONDS
         while True:
@@ -443,3 +443,43 @@ def test_a_realtime_session_gets_every_frame_the_engine_stepped(server):
     target, received, stepped_at_end, errors = asyncio.run(asyncio.wait_for(scenario(), 600))
     assert not errors
     assert 20 <= target <= received <= stepped_at_end, (target, received, stepped_at_end)
+
+
+def test_a_voice_uploaded_through_one_process_serves_calls_on_every_process(server):
+    """Uploads are kept by the engine process: the name one front-end process returns works on all."""
+    import io
+    import json
+    import wave
+
+    from test_realtime import voice_like_pcm16
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(24000)
+        file.writeframes(voice_like_pcm16(3.0, seed=4))
+    request = urllib.request.Request(server.url("/api/voices"), data=buffer.getvalue(), method="POST")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        voice = json.loads(response.read())["voice"]
+    assert voice.startswith("upload-")
+
+    async def scenario():
+        pids = set()
+        for attempt in range(30):
+            caller = Caller(server, seed=200 + attempt)
+            caller.url += "&" + urlencode({"voice_prompt": voice})
+            await caller.start()
+            try:
+                assert caller.error is None, caller.error
+                if caller.pid not in pids:
+                    await wait_until(lambda: caller.audio_pages >= 3, 180)
+                    pids.add(caller.pid)
+            finally:
+                await caller.close()
+            if len(pids) == 2:
+                return pids
+            await asyncio.sleep(0.2)
+        raise AssertionError("no connection reached the second front-end process in 30 attempts")
+
+    assert len(asyncio.run(asyncio.wait_for(scenario(), 600))) == 2
