@@ -483,3 +483,75 @@ def test_a_voice_uploaded_through_one_process_serves_calls_on_every_process(serv
         raise AssertionError("no connection reached the second front-end process in 30 attempts")
 
     assert len(asyncio.run(asyncio.wait_for(scenario(), 600))) == 2
+
+
+def test_tls_and_token_reach_every_process_and_an_engine_gone_stops_them(tmp_path):
+    """TLS (certificate generated once, by the engine process) and the token (never on a command line) hold
+    on every front-end process; a port in use fails before the model loads; when the engine process dies
+    the front-end processes stop by themselves."""
+    import ssl
+
+    log_path = tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PERSONAPLEX_AUTH_TOKEN": "s3cret"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([sys.executable, "-m", "personaplex.cli", "serve", "--model", "demo", "--device", "cpu",
+                               "--host", "127.0.0.1", "--port", str(taken.getsockname()[1]),
+                               "--front-end-processes", "2"], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+    assert busy.returncode != 0 and "pick another --port" in busy.stderr + busy.stdout
+    assert "load model" not in busy.stderr + busy.stdout
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "personaplex.cli", "serve", "--model", "demo", "--device", "cpu", "--host",
+             "127.0.0.1", "--port", "0", "--static", "none", "--opus-workers", "0", "--max-conversations", "1",
+             "--ssl", str(tmp_path / "tls"), "--front-end-processes", "2"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        while not (found := re.search(rb"directly at https://127\.0\.0\.1:(\d+)", log_path.read_bytes())):
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        port = int(found.group(1))
+        text = log_path.read_text()
+        assert "PERSONAPLEX_AUTH_TOKEN" not in text and "s3cret" not in text
+        pids = [int(p) for p in re.findall(r"front-end process \d+ started \(pid (\d+)\)", text)]
+        for pid in pids:
+            assert b"s3cret" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "cert.pem"))
+        seen, statuses = set(), set()
+        for _ in range(60):  # until both processes answered
+            for token in (None, "s3cret"):
+                request = urllib.request.Request(f"https://127.0.0.1:{port}/api/voices",
+                                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+                try:
+                    with urllib.request.urlopen(request, timeout=30, context=context) as response:
+                        statuses.add((token, response.status))
+                except urllib.error.HTTPError as error:
+                    statuses.add((token, error.code))
+            import json
+
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/api/health", timeout=30, context=context) as r:
+                seen.add(json.loads(r.read())["front_end_pid"])
+            if seen == set(pids):
+                break
+        assert seen == set(pids) and statuses == {(None, 401), ("s3cret", 200)}
+        process.kill()  # the engine process dies without a word: its front-end processes must not linger
+        process.wait(30)
+        end = time.monotonic() + 120
+        while any(b"front_end_worker" in command_line(pid) for pid in pids):
+            assert time.monotonic() < end, "front-end processes still running after the engine process died"
+            time.sleep(0.2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def command_line(pid: int) -> bytes:
+    """The command line of a running process; empty once it is gone (a zombie's is empty too)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -190,7 +190,19 @@ class FrontEndProcesses:
         await asyncio.gather(*self._watchers, return_exceptions=True)
 
 
-def prepare(args) -> tuple[str, list[socket.socket], int]:
+class Prepared:
+    """What ``prepare`` set up: the working folder, the reserved port and its sockets."""
+
+    def __init__(self, work: str, sockets: list[socket.socket], port: int):
+        self.work, self.sockets, self.port = work, sockets, port
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def prepare(args) -> Prepared:
     """Before the model loads: a private working folder (control socket, shared metrics) and the port.
     Shared metrics are switched on here, before the hub creates its metrics."""
     from ..serving.metrics import enable_shared_metrics
@@ -204,7 +216,7 @@ def prepare(args) -> tuple[str, list[socket.socket], int]:
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
         raise OSError(exc.errno, f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
-    return work, sockets, port
+    return Prepared(work, sockets, port)
 
 
 async def serve_with_front_ends(hub, args, *, work: str, port: int, url: str, opus_workers: int) -> None:

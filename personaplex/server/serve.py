@@ -157,18 +157,18 @@ def run_front_end_processes(args: argparse.Namespace, tls: bool) -> None:
     from .front_end_processes import prepare, serve_with_front_ends
 
     try:
-        work, reserved, port = prepare(args)  # before the hub: its metrics are shared, the port fails fast
+        prepared = prepare(args)  # before the hub: its metrics are shared, the port fails fast
     except OSError as exc:
         raise ServerError(f"{exc.strerror or exc}; pick another --port or --host") from None
     try:
         hub = ConversationHub.from_args(args)
         if hub.model.untrained:
             log.info("note: the demo model has random, untrained weights: it babbles")
-        url = f"{'https' if tls else 'http'}://{access_host(args.host)}:{port}"
-        asyncio.run(serve_with_front_ends(hub, args, work=work, port=port, url=url, opus_workers=args.opus_workers))
+        url = f"{'https' if tls else 'http'}://{access_host(args.host)}:{prepared.port}"
+        asyncio.run(serve_with_front_ends(hub, args, work=prepared.work, port=prepared.port, url=url,
+                                          opus_workers=args.opus_workers))
     finally:
-        for sock in reserved:
-            sock.close()
+        prepared.close()
 
 
 def default_opus_workers() -> int:
