@@ -555,3 +555,54 @@ def command_line(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_one_notice_per_tick_per_process_and_a_broken_ring_ends_only_its_process(demo_model, tmp_path):
+    """Two calls on one front-end process get one tick notice per engine tick between them (system calls
+    grow with processes, not callers); a process that writes an impossible counter into its shared memory
+    loses its calls, the other process's call goes on."""
+    from personaplex.serving.engine_host import EngineHost
+    from personaplex.serving.hub import ConversationHub, HubOptions, PersonaRequest
+    from personaplex.serving.remote_hub import RemoteHub
+
+    async def scenario():
+        hub = ConversationHub(demo_model, HubOptions(max_conversations=3, max_queue=0, input_timeout_seconds=None))
+        await hub.start()
+        host = EngineHost(hub, key="k", front_ends=2, config_for=lambda index: {})
+        path = str(tmp_path / "control.sock")
+        await host.start(path)
+        busy, other = RemoteHub(path, "k", 0), RemoteHub(path, "k", 1)
+        try:
+            for remote in (busy, other):
+                await remote.connect()
+                await remote.start()
+            calls = [await busy.open(PersonaRequest(), front_end="chat") for _ in range(2)]
+            calls.append(await other.open(PersonaRequest(), front_end="chat"))
+            received = [0, 0, 0]
+
+            async def listen(index):
+                async for _ in calls[index].frames():
+                    received[index] += 1
+
+            listeners = [asyncio.create_task(listen(i)) for i in range(3)]
+            await wait_until(lambda: min(received[:2]) >= 10)
+            notices, frames = busy.tick_notices, received[0] + received[1]
+            assert notices <= max(received[:2]) + 2 < frames, (notices, received)
+            # An impossible input counter in the busy process's shared memory.
+            calls[0]._channel.input._counters[0] = 10**15
+            await asyncio.wait_for(calls[0].ended(), 60)
+            await asyncio.wait_for(calls[1].ended(), 60)
+            assert busy.lost.is_set() and host.protocol_errors == 1
+            await wait_until(lambda: hub.load()["slots_busy"] == 1)
+            before = received[2]
+            await wait_until(lambda: received[2] >= before + 5)
+            assert calls[2].end_reason is None
+            for task in listeners:
+                task.cancel()
+        finally:
+            for remote in (busy, other):
+                await remote.close()
+            await host.close()
+            await hub.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 240))

@@ -159,6 +159,7 @@ class RemoteHub:
         self._next_id = 0
         self._pending: dict[int, tuple[asyncio.Future, Callable[[int], None] | None]] = {}
         self._conversations: dict[str, RemoteConversation] = {}
+        self.tick_notices = 0  # per-tick messages received: one per engine tick with frames, whatever the calls
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 
@@ -280,6 +281,7 @@ class RemoteHub:
     def _dispatch(self, message: dict) -> None:
         kind = message["t"]
         if kind == "tick":
+            self.tick_notices += 1
             for conversation in list(self._conversations.values()):
                 conversation._take_frames()
         elif kind == "ended":
