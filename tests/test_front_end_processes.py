@@ -89,7 +89,7 @@ def test_rings_carry_audio_and_frames_and_refuse_out_of_range_counters():
 
 def test_a_malformed_control_message_ends_only_that_front_ends_calls(demo_model, tmp_path):
     from personaplex.serving.engine_host import EngineHost
-    from personaplex.serving.hub import ConversationHub, HubOptions, PersonaRequest
+    from personaplex.serving.hub import ConversationHub, HubOptions, PersonaError, PersonaRequest
     from personaplex.serving.remote_hub import RemoteHub
 
     async def scenario():
@@ -114,6 +114,10 @@ def test_a_malformed_control_message_ends_only_that_front_ends_calls(demo_model,
 
             listeners = [asyncio.create_task(listen(i)) for i in range(2)]
             await wait_until(lambda: min(received) >= 3)
+            # What the engine process would refuse is refused to its caller, before it is sent.
+            with pytest.raises(PersonaError, match="far longer"):
+                await remotes[0].build_persona(PersonaRequest(text_prompt="é" * (3 << 20)))
+            assert not remotes[0].lost.is_set() and host.protocol_errors == 0
             remotes[0]._writer.write(b"\x00\x00\x00\x05\x00\x00\x00\x00{bad}")  # not a JSON object
             assert await asyncio.wait_for(calls[0].ended(), 60)
             await wait_until(lambda: hub.load()["slots_busy"] == 1)  # its slot is free at once

@@ -15,7 +15,10 @@ import struct
 from ..errors import PersonaplexError
 
 _HEADER = struct.Struct("!II")
-MAX_JSON_BYTES = 1 << 20  # a persona's text prompt travels here: far above the longest that fits the context
+# A persona's text prompt travels here: above the largest client message that can carry one (a 1 MiB Realtime
+# event), far above the longest prompt that fits the context. The sender checks it too (a message it may
+# not send is refused to its caller, not sent to end the connection).
+MAX_JSON_BYTES = 4 << 20
 
 
 class ControlProtocolError(PersonaplexError):
@@ -51,7 +54,7 @@ async def read_message(reader: asyncio.StreamReader, max_raw_bytes: int) -> tupl
 
 def encode_message(message: dict, raw: bytes = b"") -> bytes:
     """One message ready to write (``message`` must hold JSON types only)."""
-    text = json.dumps(message, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    text = json.dumps(message, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
     return _HEADER.pack(len(text), len(raw)) + text + raw
 
 

@@ -24,7 +24,7 @@ from dataclasses import fields
 import numpy as np
 
 from ..config import FRAME_RATE, FRAME_SIZE
-from .control_wire import ControlProtocolError, encode_message, read_message
+from .control_wire import MAX_JSON_BYTES, ControlProtocolError, encode_message, read_message
 from .frame_channels import ChannelBlock, ChannelBroken
 from .hub import AgentFrame, HubBusy, HubClosed, HubOptions, NotSupported, PersonaError, PersonaRequest
 from .metrics import HubMetrics
@@ -254,10 +254,17 @@ class RemoteHub:
     def _request(self, message: dict, raw: bytes, on_queue_position=None) -> tuple[int, asyncio.Future]:
         if self._closed or self.lost.is_set():
             raise HubClosed(ENGINE_GONE if self.lost.is_set() else "the server is shutting down")
+        if len(raw) > self.options.max_voice_upload_bytes:  # the engine process would drop this connection
+            raise PersonaError(f"the voice sample has {len(raw)} bytes; at most {self.options.max_voice_upload_bytes} "
+                               "are accepted")
         self._next_id += 1
+        data = encode_message({**message, "id": self._next_id}, raw)
+        if len(data) - len(raw) > MAX_JSON_BYTES:
+            raise PersonaError("the persona's text prompt is far longer than the model's context")
         future = asyncio.get_running_loop().create_future()
         self._pending[self._next_id] = (future, on_queue_position)
-        self._write({**message, "id": self._next_id}, raw)
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
         return self._next_id, future
 
     def _write(self, message: dict, raw: bytes = b"") -> None:
