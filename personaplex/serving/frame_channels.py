@@ -14,7 +14,7 @@ process uses one channel from its join until both sides are done with it. Each c
 The counters that the engine reads are written by the front end, which the engine does not trust: every
 read is checked (``InputRing.take``) and a counter out of range resynchronises the ring, drops what it held
 and is reported; nothing a front end writes here can make the engine read outside the block. Samples are
-copied out and made finite before they reach the engine.
+copied out, made finite and bounded before they reach the engine.
 
 Layout of a channel (bytes): input counters [16] · input samples [4 x INPUT_RING_SAMPLES] · output counter [8]
 · output frames [OUTPUT_RING_FRAMES x (4 x FRAME_SIZE)] · text lengths [4 x OUTPUT_RING_FRAMES] · text
@@ -32,6 +32,9 @@ from ..config import FRAME_SIZE
 
 INPUT_RING_SAMPLES = 1 << 15  # 1.37 s at 24 kHz: the engine empties it every 80 ms tick
 OUTPUT_RING_FRAMES = 32  # 2.56 s of agent frames: more than a slow reader may fall behind (2 s) before it is ended
+# Samples reach the engine within +-MAX_SAMPLE: decoded audio stays within about +-1.2 (unchanged here, as in
+# one process), whatever a broken front end writes.
+MAX_SAMPLE = 2.0
 MAX_TEXT_BYTES = 252  # one frame's text piece (a token: a few characters); longer pieces are cut at a character
 
 _INPUT_COUNTERS = 16
@@ -71,7 +74,7 @@ class InputRing:
         return len(pcm) - count
 
     def take(self) -> np.ndarray | None:
-        """Engine: every sample written since the last call (a copy, finite, within [-1, 1]); None when empty.
+        """Engine: every sample written since the last call (a copy, finite, within +-MAX_SAMPLE); None when empty.
         Raises ``ChannelBroken`` (after resynchronising) when the front end's counter is out of range."""
         written, read = int(self._counters[0]), int(self._counters[1])
         available = written - read
@@ -84,8 +87,9 @@ class InputRing:
         first = min(available, INPUT_RING_SAMPLES - start)
         pcm = np.concatenate((self._samples[start:start + first], self._samples[:available - first]))
         self._counters[1] = written
-        np.nan_to_num(pcm, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
-        np.clip(pcm, -1.0, 1.0, out=pcm)
+        if not np.isfinite(pcm).all():
+            np.nan_to_num(pcm, copy=False, nan=0.0, posinf=MAX_SAMPLE, neginf=-MAX_SAMPLE)
+        np.clip(pcm, -MAX_SAMPLE, MAX_SAMPLE, out=pcm)
         return pcm
 
     @property
@@ -143,6 +147,9 @@ def _cut_utf8(data: bytes, limit: int) -> bytes:
     return data[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
+_CREATED_HERE: set[str] = set()  # blocks this process created (and registered with its resource tracker)
+
+
 @dataclass
 class Channel:
     input: InputRing
@@ -178,6 +185,7 @@ class ChannelBlock:
     @classmethod
     def create(cls, count: int) -> ChannelBlock:
         memory = shared_memory.SharedMemory(create=True, size=max(1, count) * CHANNEL_BYTES)
+        _CREATED_HERE.add(memory._name)  # noqa: SLF001 - see attach
         block = cls(memory, count, owner=True)
         for channel in block.channels:
             channel.reset()
@@ -187,7 +195,10 @@ class ChannelBlock:
     def attach(cls, name: str, count: int) -> ChannelBlock:
         memory = shared_memory.SharedMemory(name=name, create=False)
         # Python < 3.13 registers an attached block with this process's resource tracker, which would unlink
-        # it when this process exits: the engine process owns it (and unlinks it), so it is unregistered here.
+        # it when this process exits: the engine process owns it (and unlinks it), so it is unregistered here
+        # (unless this process created it: one registration, which its unlink removes).
+        if memory._name in _CREATED_HERE:  # noqa: SLF001
+            return cls(memory, count, owner=False)
         try:
             from multiprocessing import resource_tracker
 
@@ -208,3 +219,4 @@ class ChannelBlock:
                 self.memory.unlink()
             except FileNotFoundError:
                 pass
+            _CREATED_HERE.discard(self.memory._name)  # noqa: SLF001
