@@ -15,7 +15,9 @@ times slower than real time, which only makes frames come later.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import json
 import os
 import re
 import signal
@@ -158,10 +160,15 @@ class Server:
         self.log_path = tmp_path / "server.log"
         self.log = open(self.log_path, "w+b")
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        from test_twilio import PERSONAS
+
+        personas = tmp_path / "personas.json"
+        personas.write_text(json.dumps(PERSONAS))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "personaplex.cli", "serve", "--model", "demo", "--device", "cpu", "--host",
              "127.0.0.1", "--port", "0", "--static", "none", "--opus-workers", "0", "--max-conversations", str(SLOTS),
-             "--max-queue", "0", "--input-timeout", "0", "--allow-voice-upload", "--front-end-processes", "2"],
+             "--max-queue", "0", "--input-timeout", "0", "--allow-voice-upload", "--phone-personas", str(personas),
+             "--front-end-processes", "2"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         deadline = time.monotonic() + START_SECONDS
         while True:
@@ -188,7 +195,6 @@ class Server:
     def health(self) -> dict:
         """``/api/health`` of whichever process the kernel picks. A connection that the kernel queued for a
         process as it was killed is reset: asked again, another process answers."""
-        import json
 
         for attempt in range(10):
             try:
@@ -251,7 +257,6 @@ class Caller:
         await asyncio.wait_for(self.handshake.wait(), 120)
 
     async def _read(self) -> None:
-        import json
 
         try:
             async for message in self.ws:
@@ -534,8 +539,6 @@ def test_tls_and_token_reach_every_process_and_an_engine_gone_stops_them(tmp_pat
                         statuses.add((token, response.status))
                 except urllib.error.HTTPError as error:
                     statuses.add((token, error.code))
-            import json
-
             with urllib.request.urlopen(f"https://127.0.0.1:{port}/api/health", timeout=30, context=context) as r:
                 seen.add(json.loads(r.read())["front_end_pid"])
             if seen == set(pids):
@@ -610,3 +613,24 @@ def test_one_notice_per_tick_per_process_and_a_broken_ring_ends_only_its_process
             await hub.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 240))
+
+
+def test_a_phone_call_gets_every_frame_the_engine_stepped(server):
+    """The Twilio bridge on a front-end process: the called number's persona, G.711 audio both ways, one
+    media message per frame the engine process stepped for the call."""
+    from test_twilio import Call, caller_audio
+
+    def stepped() -> int:
+        return int(metric_value(server.metrics(), "personaplex_agent_frames_total", front_end="twilio"))
+
+    before = stepped()
+    call = Call(f"ws://127.0.0.1:{server.port}/twilio/media-stream", {"to": "+15551230002"})
+    seen = {}
+    asyncio.run(asyncio.wait_for(call.run(
+        caller_audio(2.0), linger=0.1, until=lambda: len(call.of("media")) >= 16,
+        streamed=lambda: seen.update(stepped=stepped() - before), stepped=lambda: stepped() - before,
+        deadline=300), 600))
+    media = call.of("media")
+    assert 16 <= seen["stepped"] <= len(media) <= stepped() - before, (seen, len(media))
+    assert all(len(base64.b64decode(m["media"]["payload"])) == 640 for m in media)  # 80 ms at 8 kHz
+    assert call.close_code == 1000
