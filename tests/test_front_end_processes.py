@@ -193,8 +193,8 @@ class Server:
             return response.read().decode()
 
     def health(self) -> dict:
-        """``/api/health`` of whichever process the kernel picks. A connection that the kernel queued for a
-        process as it was killed is reset: asked again, another process answers."""
+        """``/api/health`` of whichever process accepts it. A connection that a process had accepted as it
+        was killed is reset: asked again, another process answers."""
 
         for attempt in range(10):
             try:
@@ -305,7 +305,7 @@ class Caller:
 
 
 async def callers_on_both_processes(server: Server, count: int, seed: int) -> list[Caller]:
-    """``count`` callers, at least one on each front-end process (the kernel picks a process per connection:
+    """``count`` callers, at least one on each front-end process (whichever process is free first accepts a connection:
     a caller that lands where enough are already is replaced by a new connection)."""
     callers: list[Caller] = []
     for attempt in range(40):

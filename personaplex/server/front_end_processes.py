@@ -4,12 +4,15 @@ One server process runs every WebSocket, Ogg/Opus codec and jitter buffer on one
 next to the engine thread's host work: past some tens of callers that process, not the GPU, is the limit.
 With N > 1 this process loads the model and runs the ``ConversationHub`` and an ``EngineHost``
 (``serving/engine_host.py``); it starts N front-end processes (``front_end_worker.py``, fresh interpreters,
-never forks of a process that initialised CUDA) that each run the whole HTTP server on the one port
-(``SO_REUSEPORT``: the kernel spreads new connections over them) and exchange audio with the engine through
-shared memory.
+never forks of a process that initialised CUDA) that each run the whole HTTP server and exchange audio
+with the engine through shared memory.
 
-- The port is bound here first (``reserve_port``, bound but not listening, so that it receives nothing):
-  a port in use fails before the weights load, and ``--port 0`` picks one port for all processes.
+- One port: the listening sockets are made here (``listen_on``), before the weights load (a port in use
+  fails at once; ``--port 0`` picks one port for all), and every front-end process inherits them and
+  accepts on them: whichever process is free first takes a new connection, and connections waiting in
+  the backlog are not lost when a front-end process dies. (``SO_REUSEPORT`` would spread connections
+  blindly, reset those queued for a process that dies, and let a second server started on the same port
+  silently take half the connections.)
 - A front-end process that exits is restarted (at most ``MAX_RESTARTS`` in ``RESTART_WINDOW_SECONDS`` each,
   then it is left stopped and the others serve); only its own calls end, at once.
 - SIGINT/SIGTERM: the front-end processes stop (each ends its calls with a reason), then the engine; exit 0.
@@ -36,6 +39,7 @@ from ..errors import PersonaplexError
 
 log = logging.getLogger("personaplex.server")
 
+LISTEN_BACKLOG = 128  # as a single-process server's
 START_TIMEOUT_SECONDS = 120.0  # for a front-end process to listen (imports, the Opus workers, TLS)
 STOP_GRACE_SECONDS = 10.0  # for a front-end process to end its calls after SIGTERM, before SIGKILL
 MAX_RESTARTS = 5
@@ -48,10 +52,10 @@ class FrontEndStartError(PersonaplexError):
     """A front-end process could not start."""
 
 
-def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
-    """Bind (without listening) every address of ``host`` on ``port`` with ``SO_REUSEPORT``; returns the
-    sockets (keep them open while serving) and the port (the one picked, for port 0). A socket that does
-    not listen gets no connections; the front-end processes bind the same addresses and listen."""
+def listen_on(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> tuple[list[socket.socket], int]:
+    """Listening sockets for every address of ``host`` on ``port``; returns them and the port (the one
+    picked, for port 0). Made here, before the model loads (a port in use fails at once), and inherited by
+    the front-end processes, which accept on them; this process never accepts."""
     infos = socket.getaddrinfo(host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
@@ -60,12 +64,13 @@ def reserve_port(host: str, port: int) -> tuple[list[socket.socket], int]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, True)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, True)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, True)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, True)  # "::" must not take IPv4's port
             if port == 0 and len(sockets) > 1:  # every address on the port the first one got
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
             sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -95,8 +100,9 @@ class _FrontEnd:
 class FrontEndProcesses:
     """Starts, watches, restarts and stops the front-end processes of one server."""
 
-    def __init__(self, count: int, socket_path: str, key: str, metrics_folder: str):
+    def __init__(self, count: int, socket_path: str, key: str, metrics_folder: str, listening: list[socket.socket]):
         self.count = count
+        self.listen_fds = [sock.fileno() for sock in listening]
         self.socket_path = socket_path
         self.key = key
         self.metrics_folder = metrics_folder
@@ -137,7 +143,8 @@ class FrontEndProcesses:
         front_end.listening.clear()
         front_end.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "personaplex.server.front_end_worker", "--control", self.socket_path,
-            "--index", str(front_end.index), env=env, stdin=asyncio.subprocess.DEVNULL)
+            "--index", str(front_end.index), "--listen-fds", ",".join(map(str, self.listen_fds)), env=env,
+            stdin=asyncio.subprocess.DEVNULL, pass_fds=self.listen_fds)
         log.info("front-end process %d started (pid %d)", front_end.index, front_end.process.pid)
 
     def _watch(self, front_end: _FrontEnd) -> None:
@@ -191,7 +198,7 @@ class FrontEndProcesses:
 
 
 class Prepared:
-    """What ``prepare`` set up: the working folder, the reserved port and its sockets."""
+    """What ``prepare`` set up: the working folder, the listening sockets and their port."""
 
     def __init__(self, work: str, sockets: list[socket.socket], port: int):
         self.work, self.sockets, self.port = work, sockets, port
@@ -203,8 +210,8 @@ class Prepared:
 
 
 def prepare(args) -> Prepared:
-    """Before the model loads: a private working folder (control socket, shared metrics) and the port.
-    Shared metrics are switched on here, before the hub creates its metrics."""
+    """Before the model loads: a private working folder (control socket, shared metrics) and the listening
+    sockets. Shared metrics are switched on here, before the hub creates its metrics."""
     from ..serving.metrics import enable_shared_metrics
 
     work = tempfile.mkdtemp(prefix="personaplex-serve-")  # mode 0700: only this user reaches the socket
@@ -212,14 +219,15 @@ def prepare(args) -> Prepared:
     metrics.mkdir()
     enable_shared_metrics(str(metrics))
     try:
-        sockets, port = reserve_port(args.host, args.port)
+        sockets, port = listen_on(args.host, args.port)
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
         raise OSError(exc.errno, f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
     return Prepared(work, sockets, port)
 
 
-async def serve_with_front_ends(hub, args, *, work: str, port: int, url: str, opus_workers: int) -> None:
+async def serve_with_front_ends(hub, args, *, work: str, listening: list[socket.socket], url: str,
+                                opus_workers: int) -> None:
     """Run the engine here and ``args.front_end_processes`` front-end processes until SIGINT/SIGTERM."""
     from ..serving.engine_host import EngineHost
 
@@ -227,11 +235,11 @@ async def serve_with_front_ends(hub, args, *, work: str, port: int, url: str, op
     flags = serve_flags(args)
     key = secrets.token_hex(32)
     socket_path = str(Path(work) / "control.sock")
-    processes = FrontEndProcesses(count, socket_path, key, str(Path(work) / "metrics"))
+    processes = FrontEndProcesses(count, socket_path, key, str(Path(work) / "metrics"), listening)
     per_process_workers = opus_workers // count  # 0: each process encodes its callers' audio itself
 
     def config_for(index: int) -> dict:
-        return {"flags": flags, "port": port, "processes": count, "opus_workers": per_process_workers}
+        return {"flags": flags, "processes": count, "opus_workers": per_process_workers}
 
     await hub.start()
     host = EngineHost(hub, key=key, front_ends=count, config_for=config_for, on_listening=processes.listening)

@@ -1,14 +1,14 @@
 """One front-end process of ``personaplex serve --front-end-processes N`` (started by ``front_end_processes.py``).
 
-It connects to the engine process's control socket, receives the server's settings (the serve flags, the
-port to share), and runs the same aiohttp server as a single-process ``personaplex serve`` (every route,
-the web page, TLS, the token, the limits) on a ``serving.remote_hub.RemoteHub``, listening with
-``SO_REUSEPORT`` on the port all front-end processes share: the kernel spreads new connections over them.
+It connects to the engine process's control socket, receives the server's settings (the serve flags), and
+runs the same aiohttp server as a single-process ``personaplex serve`` (every route, the web page, TLS, the
+token, the limits) on a ``serving.remote_hub.RemoteHub``, accepting on the listening sockets it inherited
+from the engine process (every front-end process accepts on them).
 
-Run as ``python -m personaplex.server.front_end_worker --control SOCKET --index I`` with the key in
-``PERSONAPLEX_FRONT_END_KEY`` (not on the command line, where other users could read it). SIGTERM stops it
-gracefully (every call ended with a reason); SIGINT is left to the engine process, which stops every
-process of the server; it stops by itself when the engine process goes away.
+Run as ``python -m personaplex.server.front_end_worker --control SOCKET --index I --listen-fds FD,...`` with
+the key in ``PERSONAPLEX_FRONT_END_KEY`` (not on the command line, where other users could read it).
+SIGTERM stops it gracefully (every call ended with a reason); SIGINT is left to the engine process, which
+stops every process of the server; it stops by itself when the engine process goes away.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +39,8 @@ def settings_namespace(flags: dict) -> argparse.Namespace:
 
 def share_of_limits(limits, processes: int):
     """Each process's share of the connection limits: every process enforces them on the connections it
-    accepts, and the kernel spreads connections evenly but at random, so the per-address burst gets twice
-    an even share (one address's connections rarely land evenly)."""
+    accepts, and whichever process is free first accepts a new connection, so the per-address burst gets
+    twice an even share (one address's connections do not land evenly)."""
     if processes <= 1:
         return limits
     max_connections = limits.max_connections
@@ -51,7 +52,7 @@ def share_of_limits(limits, processes: int):
                                                    math.ceil(2 * limits.new_connection_burst / processes))))
 
 
-async def run_front_end(socket_path: str, index: int, key: str) -> int:
+async def run_front_end(socket_path: str, index: int, key: str, listen_fds: list[int]) -> int:
     from ..serving.remote_hub import RemoteHub
     from .limits import limits_from_args
     from .serve import start_server, static_folder, stop_server
@@ -70,9 +71,12 @@ async def run_front_end(socket_path: str, index: int, key: str) -> int:
         from ..frontends.twilio import PhonePersonas
 
         phone_personas = PhonePersonas.load(args.phone_personas)
-    server = await start_server(hub, host=args.host, port=config["port"], static_dir=static_folder(args.static),
+    sockets = [socket.socket(fileno=fd) for fd in listen_fds]  # the engine process's, inherited
+    for sock in sockets:
+        sock.setblocking(False)
+    server = await start_server(hub, host=args.host, static_dir=static_folder(args.static),
                                 ssl_context=ssl_context, auth_token=args.auth_token, phone_personas=phone_personas,
-                                opus_workers=config["opus_workers"], limits=limits, reuse_port=True)
+                                opus_workers=config["opus_workers"], limits=limits, sockets=sockets)
     hub.report_listening(server.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -92,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="one front-end process of personaplex serve --front-end-processes")
     parser.add_argument("--control", required=True, help="the engine process's control socket")
     parser.add_argument("--index", type=int, required=True, help="this process's number, from 0")
+    parser.add_argument("--listen-fds", required=True, help="the inherited listening sockets' descriptors, by commas")
     args = parser.parse_args(argv)
     key = os.environ.pop(KEY_VARIABLE, None)
     if not key:
@@ -106,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if folder:
         enable_shared_metrics(folder)
     try:
-        return asyncio.run(run_front_end(args.control, args.index, key))
+        listen_fds = [int(fd) for fd in args.listen_fds.split(",")]
+        return asyncio.run(run_front_end(args.control, args.index, key, listen_fds))
     except (ConnectionError, OSError) as exc:
         logging.getLogger("personaplex.server").error("front-end process %d stops: %s", args.index, exc)
         return 1

@@ -157,16 +157,19 @@ class GuardedListener:
 
 
 class GuardedSite(web.TCPSite):
-    """``TCPSite`` whose connections are accepted by a ``GuardedListener`` and counted by a ``ConnectionGuard``."""
+    """``TCPSite`` whose connections are accepted by a ``GuardedListener`` and counted by a ``ConnectionGuard``.
+    ``sockets``: listening sockets made elsewhere (another process's, shared with this one) instead of new ones."""
 
-    def __init__(self, runner: web.AppRunner, guard: ConnectionGuard, *args, **kwargs):
+    def __init__(self, runner: web.AppRunner, guard: ConnectionGuard, *args,
+                 sockets: list[socket.socket] | None = None, **kwargs):
         super().__init__(runner, *args, **kwargs)
         self.guard = guard
+        self._given_sockets = sockets
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        sockets = await listening_sockets(self._host, self._port, self._backlog, self._reuse_address,
-                                          self._reuse_port)
+        sockets = self._given_sockets or await listening_sockets(self._host, self._port, self._backlog,
+                                                                 self._reuse_address, self._reuse_port)
         listener = GuardedListener(sockets, self.guard, self._runner.server, self._ssl_context, self._backlog)
         listener.start()
         self._server = listener

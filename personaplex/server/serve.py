@@ -165,7 +165,7 @@ def run_front_end_processes(args: argparse.Namespace, tls: bool) -> None:
         if hub.model.untrained:
             log.info("note: the demo model has random, untrained weights: it babbles")
         url = f"{'https' if tls else 'http'}://{access_host(args.host)}:{prepared.port}"
-        asyncio.run(serve_with_front_ends(hub, args, work=prepared.work, port=prepared.port, url=url,
+        asyncio.run(serve_with_front_ends(hub, args, work=prepared.work, listening=prepared.sockets, url=url,
                                           opus_workers=args.opus_workers))
     finally:
         prepared.close()
@@ -201,11 +201,12 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
                        ssl_context=None, auth_token: str | None = None,
                        send_buffer_bytes: int | None = 64 << 10, phone_personas=None,
                        opus_workers: int = 0, limits: ServerLimits | None = None,
-                       reuse_port: bool = False) -> RunningServer:
+                       sockets: list | None = None) -> RunningServer:
     """Start the hub and listen; returns where. ``host`` is really bound (every interface only for
     0.0.0.0 / ::). ``opus_workers``: processes that encode the agent's audio (0: this process does).
     ``limits``: timeouts, connection cap, new connections per address, Origin allow-list (``limits.py``;
-    default: the flags' defaults). ``reuse_port``: share the port with other processes (SO_REUSEPORT)."""
+    default: the flags' defaults). ``sockets``: listening sockets shared with other processes (instead of
+    binding ``host``:``port``)."""
     from aiohttp import web
 
     from ..frontends.opus_pool import OpusEncoderPool
@@ -235,7 +236,7 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
                     phone_personas=phone_personas, encoders=encoders, limits=limits, guard=guard)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
-    site = GuardedSite(runner, guard, host=host, port=port, ssl_context=ssl_context, reuse_port=reuse_port or None)
+    site = GuardedSite(runner, guard, host=host, port=port, ssl_context=ssl_context, sockets=sockets)
     try:
         await site.start()
     except OSError as exc:
