@@ -305,8 +305,8 @@ class Caller:
 
 
 async def callers_on_both_processes(server: Server, count: int, seed: int) -> list[Caller]:
-    """``count`` callers, at least one on each front-end process (whichever process is free first accepts a connection:
-    a caller that lands where enough are already is replaced by a new connection)."""
+    """``count`` callers, at least one on each front-end process (whichever process is free first accepts a
+    connection: a caller that lands where all the others are is replaced by a new connection)."""
     callers: list[Caller] = []
     for attempt in range(40):
         caller = Caller(server, seed + attempt)
