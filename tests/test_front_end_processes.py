@@ -634,3 +634,20 @@ def test_a_phone_call_gets_every_frame_the_engine_stepped(server):
     assert 16 <= seen["stepped"] <= len(media) <= stepped() - before, (seen, len(media))
     assert all(len(base64.b64decode(m["media"]["payload"])) == 640 for m in media)  # 80 ms at 8 kHz
     assert call.close_code == 1000
+
+
+def test_a_burst_of_connections_is_spread_over_the_processes(server):
+    """40 connections opened at once: both processes accept some (each takes one per wake-up, so the one
+    that woke first does not take the whole burst)."""
+    async def burst() -> list[int]:
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async def one() -> int:
+                async with http.get(server.url("/api/health")) as response:
+                    return (await response.json())["front_end_pid"]
+
+            return await asyncio.gather(*(one() for _ in range(40)))
+
+    pids = asyncio.run(asyncio.wait_for(burst(), 300))
+    counts = sorted(pids.count(pid) for pid in set(pids))
+    assert len(counts) == 2 and counts[0] >= 4, counts
