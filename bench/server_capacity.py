@@ -3,7 +3,7 @@
     python bench/server_capacity.py [--clients 8,max,24,32] [--duration 20] [--kv-dtype fp8 --clients max,48]
     python bench/server_capacity.py --model demo --device cpu --clients 1,2 --duration 3   # quick CPU check
     python bench/server_capacity.py --kv-dtype fp8 --max-conversations 160 --clients 150,160 \
-        --front-end-processes 6 --duration 60                                               # several front-end processes
+        --front-end-processes 6 --duration 60                                         # several front-end processes
     python bench/server_capacity.py --preset demo --checkpoint /tmp/demo_random.safetensors --device cpu \
         --clients 1,max --duration 3 --processes 1                                          # the random-weights path
 

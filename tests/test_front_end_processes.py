@@ -323,6 +323,7 @@ async def callers_on_both_processes(server: Server, count: int, seed: int) -> li
     raise AssertionError("no connection reached the second front-end process in 40 attempts")
 
 
+@pytest.mark.slow
 def test_callers_on_both_processes_converse_and_metrics_sum_over_processes(server):
     async def scenario():
         errors_before = metric_value(server.metrics(), "personaplex_errors_total", kind="not_supported")
@@ -350,6 +351,7 @@ def test_callers_on_both_processes_converse_and_metrics_sum_over_processes(serve
     asyncio.run(asyncio.wait_for(scenario(), 600))
 
 
+@pytest.mark.slow
 def test_a_killed_front_end_process_ends_only_its_calls_and_is_restarted(server):
     async def scenario():
         callers = await callers_on_both_processes(server, 2, seed=50)
@@ -386,6 +388,7 @@ def test_a_killed_front_end_process_ends_only_its_calls_and_is_restarted(server)
     asyncio.run(asyncio.wait_for(scenario(), 600))
 
 
+@pytest.mark.slow
 def test_garbage_on_the_control_socket_harms_no_call(server):
     async def scenario():
         caller = Caller(server, seed=90)
@@ -411,6 +414,7 @@ def test_garbage_on_the_control_socket_harms_no_call(server):
     asyncio.run(asyncio.wait_for(scenario(), 600))
 
 
+@pytest.mark.slow
 def test_a_realtime_session_gets_every_frame_the_engine_stepped(server):
     """The Realtime front end on a front-end process: a persona checked over the control socket, audio in,
     and one audio delta per frame the engine process stepped for it (none lost between the processes)."""
@@ -454,6 +458,7 @@ def test_a_realtime_session_gets_every_frame_the_engine_stepped(server):
     assert 20 <= target <= received <= stepped_at_end, (target, received, stepped_at_end)
 
 
+@pytest.mark.slow
 def test_a_voice_uploaded_through_one_process_serves_calls_on_every_process(server):
     """Uploads are kept by the engine process: the name one front-end process returns works on all."""
     import io
@@ -494,6 +499,7 @@ def test_a_voice_uploaded_through_one_process_serves_calls_on_every_process(serv
     assert len(asyncio.run(asyncio.wait_for(scenario(), 600))) == 2
 
 
+@pytest.mark.slow
 def test_tls_and_token_reach_every_process_and_an_engine_gone_stops_them(tmp_path):
     """TLS (certificate generated once, by the engine process) and the token (never on a command line) hold
     on every front-end process; a port in use fails before the model loads; when the engine process dies
@@ -615,6 +621,7 @@ def test_one_notice_per_tick_per_process_and_a_broken_ring_ends_only_its_process
     asyncio.run(asyncio.wait_for(scenario(), 240))
 
 
+@pytest.mark.slow
 def test_a_phone_call_gets_every_frame_the_engine_stepped(server):
     """The Twilio bridge on a front-end process: the called number's persona, G.711 audio both ways, one
     media message per frame the engine process stepped for the call."""
@@ -636,6 +643,7 @@ def test_a_phone_call_gets_every_frame_the_engine_stepped(server):
     assert call.close_code == 1000
 
 
+@pytest.mark.slow
 def test_a_burst_of_connections_is_spread_over_the_processes(server):
     """40 connections opened at once: both processes accept some (each takes one per wake-up, so the one
     that woke first does not take the whole burst)."""
