@@ -275,3 +275,23 @@ async def serve_with_front_ends(hub, args, *, work: str, listening: list[socket.
         await hub.close()
         shutil.rmtree(work, ignore_errors=True)
     print("stopped", flush=True)
+
+
+def run_with_front_ends(args, url_for) -> None:
+    """``personaplex serve`` with ``args.front_end_processes`` > 1 (flags checked): the listening sockets
+    first, then the model and the hub here, then the front-end processes; returns once stopped.
+    ``url_for(port)``: the URL to print."""
+    from ..serving.hub import ConversationHub
+
+    try:
+        prepared = prepare(args)  # before the hub: its metrics are shared, and a port in use fails fast
+    except OSError as exc:
+        raise FrontEndStartError(f"{exc.strerror or exc}; pick another --port or --host") from None
+    try:
+        hub = ConversationHub.from_args(args)
+        if hub.model.untrained:
+            log.info("note: the demo model has random, untrained weights: it babbles")
+        asyncio.run(serve_with_front_ends(hub, args, work=prepared.work, listening=prepared.sockets,
+                                          url=url_for(prepared.port), opus_workers=args.opus_workers))
+    finally:
+        prepared.close()

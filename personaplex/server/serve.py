@@ -144,32 +144,16 @@ def run(args: argparse.Namespace) -> None:
     if front_ends < 1:
         raise ServerError("--front-end-processes must be at least 1")
     if front_ends > 1:  # the engine here, the connections in other processes (front_end_processes.py)
-        return run_front_end_processes(args, ssl_context is not None)
+        from .front_end_processes import run_with_front_ends
+
+        scheme = "https" if ssl_context is not None else "http"
+        return run_with_front_ends(args, url_for=lambda port: f"{scheme}://{access_host(args.host)}:{port}")
     hub = ConversationHub.from_args(args)
     if hub.model.untrained:
         log.info("note: the demo model has random, untrained weights: it babbles")
     asyncio.run(serve(hub, host=args.host, port=args.port, static_dir=static_dir, ssl_context=ssl_context,
                       auth_token=args.auth_token, phone_personas=phone_personas, opus_workers=args.opus_workers,
                       limits=limits))
-
-
-def run_front_end_processes(args: argparse.Namespace, tls: bool) -> None:
-    from ..serving.hub import ConversationHub
-    from .front_end_processes import prepare, serve_with_front_ends
-
-    try:
-        prepared = prepare(args)  # before the hub: its metrics are shared, the port fails fast
-    except OSError as exc:
-        raise ServerError(f"{exc.strerror or exc}; pick another --port or --host") from None
-    try:
-        hub = ConversationHub.from_args(args)
-        if hub.model.untrained:
-            log.info("note: the demo model has random, untrained weights: it babbles")
-        url = f"{'https' if tls else 'http'}://{access_host(args.host)}:{prepared.port}"
-        asyncio.run(serve_with_front_ends(hub, args, work=prepared.work, listening=prepared.sockets, url=url,
-                                          opus_workers=args.opus_workers))
-    finally:
-        prepared.close()
 
 
 def default_opus_workers() -> int:
