@@ -380,6 +380,9 @@ def test_a_killed_front_end_process_ends_only_its_calls_and_is_restarted(server)
 
             await wait_until(restarted_serves, 240)
             assert victim.pid not in seen
+            text = server.metrics()
+            assert metric_value(text, "personaplex_front_end_restarts_total") == 1
+            assert metric_value(text, "personaplex_front_end_processes_connected") == 2
         finally:
             for caller in callers:
                 await caller.close()

@@ -109,6 +109,10 @@ class FrontEndProcesses:
         self.front_ends = [_FrontEnd(index) for index in range(count)]
         self.stopping = False
         self._watchers: set[asyncio.Task] = set()
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.restarts = Counter("personaplex_front_end_restarts", "Front-end processes restarted after they exited",
+                                registry=CollectorRegistry())
 
     def listening(self, index: int, pid: int, port: int) -> None:
         """``EngineHost.on_listening``."""
@@ -170,6 +174,7 @@ class FrontEndProcesses:
                       RESTART_WINDOW_SECONDS)
             return
         front_end.restarts.append(now)
+        self.restarts.inc()
         log.warning("front-end process %d (pid %d) exited with code %s: its calls ended; restarting it",
                     front_end.index, process.pid, code)
         await self._spawn(front_end)

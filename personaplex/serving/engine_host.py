@@ -129,6 +129,13 @@ class EngineHost:
         self._state_task: asyncio.Task | None = None
         self._connections: set[asyncio.Task] = set()
         self.protocol_errors = 0
+        from prometheus_client import CollectorRegistry, Gauge
+
+        from .metrics import GAUGE_MODE, PREFIX
+
+        # Its own registry (several hosts in one process, as in tests); with shared metrics it is summed anyway.
+        self.connected = Gauge(f"{PREFIX}_front_end_processes_connected", "Front-end processes connected to the "
+                               "engine process", registry=CollectorRegistry(), multiprocess_mode=GAUGE_MODE)
         self.stopping = False  # set when the server shuts down: front ends leaving is expected
 
     async def start(self, socket_path: str) -> None:
@@ -195,9 +202,11 @@ class EngineHost:
             writer.transport.abort()
             return
         log.info("front-end process %d (pid %d) connected", link.index, link.pid)
+        self.connected.inc()
         try:
             await self._serve(link, reader)
         finally:
+            self.connected.dec()
             await self._drop(link)
 
     def _introduce(self, hello, writer: asyncio.StreamWriter) -> FrontEndLink:
