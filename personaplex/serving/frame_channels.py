@@ -76,7 +76,7 @@ class InputRing:
     def take(self) -> np.ndarray | None:
         """Engine: every sample written since the last call (a copy, finite, within +-MAX_SAMPLE); None when empty.
         Raises ``ChannelBroken`` (after resynchronising) when the front end's counter is out of range."""
-        written, read = int(self._counters[0]), int(self._counters[1])
+        written, read = self._counters.tolist()
         available = written - read
         if available == 0:
             return None
@@ -84,12 +84,15 @@ class InputRing:
             self._counters[1] = written
             raise ChannelBroken(f"input counter out of range ({available} samples)")
         start = read % INPUT_RING_SAMPLES
-        first = min(available, INPUT_RING_SAMPLES - start)
-        pcm = np.concatenate((self._samples[start:start + first], self._samples[:available - first]))
+        if start + available <= INPUT_RING_SAMPLES:
+            pcm = self._samples[start:start + available].copy()
+        else:
+            pcm = np.concatenate((self._samples[start:], self._samples[:start + available - INPUT_RING_SAMPLES]))
         self._counters[1] = written
-        if not np.isfinite(pcm).all():
+        # Two reductions in the common case (NaN fails both comparisons), the repair only when needed.
+        if not (-MAX_SAMPLE <= pcm.min() and pcm.max() <= MAX_SAMPLE):
             np.nan_to_num(pcm, copy=False, nan=0.0, posinf=MAX_SAMPLE, neginf=-MAX_SAMPLE)
-        np.clip(pcm, -MAX_SAMPLE, MAX_SAMPLE, out=pcm)
+            np.clip(pcm, -MAX_SAMPLE, MAX_SAMPLE, out=pcm)
         return pcm
 
     @property
