@@ -82,10 +82,18 @@ def serve_flags(args) -> dict:
     """The serve flags a front-end process runs with (JSON types; paths as strings)."""
     flags = {}
     for name, value in vars(args).items():
-        if name in _LOCAL_FLAGS or callable(value):
+        if isinstance(value, Path):
+            value = str(value)
+        if name in _LOCAL_FLAGS or not _plain(value):  # e.g. the command's function: nothing a front end reads
             continue
-        flags[name] = str(value) if isinstance(value, Path) else value
+        flags[name] = value
     return flags
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 class _FrontEnd:
