@@ -2,6 +2,8 @@
 
     python bench/server_capacity.py [--clients 8,max,24,32] [--duration 20] [--kv-dtype fp8 --clients max,48]
     python bench/server_capacity.py --model demo --device cpu --clients 1,2 --duration 3   # quick CPU check
+    python bench/server_capacity.py --kv-dtype fp8 --max-conversations 160 --clients 150,160 \
+        --front-end-processes 6 --duration 60                                         # several front-end processes
     python bench/server_capacity.py --preset demo --checkpoint /tmp/demo_random.safetensors --device cpu \
         --clients 1,max --duration 3 --processes 1                                          # the random-weights path
 
@@ -253,6 +255,12 @@ def main() -> None:
     parser.add_argument("--max-conversations", type=int, default=None,
                         help="server slots (default: what fits the GPU; callers past it are refused and counted)")
     parser.add_argument("--processes", type=int, default=min(8, os.cpu_count() or 1), help="load test processes")
+    parser.add_argument("--front-end-processes", type=int, default=1, metavar="N",
+                        help="the server's --front-end-processes: the engine in one process, the connections in N "
+                             "others (default 1: one server process)")
+    parser.add_argument("--opus-workers", type=int, default=None,
+                        help="the server's --opus-workers (default: the server's; with N front-end processes they "
+                             "are divided among them)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--checkpoint", type=Path, default=Path("/tmp/personaplex_random_lm.safetensors"))
     parser.add_argument("--port", type=int, default=8998)
@@ -268,6 +276,7 @@ def main() -> None:
 
     result = {"model": args.model, "preset": args.preset if args.model == "random" else args.model,
               "kv_dtype": args.kv_dtype, "device": args.device, "duration": args.duration,
+              "front_end_processes": args.front_end_processes,
               "clients": ",".join(args.clients), "slots": None, "server_ready_seconds": None, "status": "starting",
               "rows": [], "skipped": [], "largest_sustained": None}
 
@@ -283,8 +292,12 @@ def main() -> None:
     else:
         model_flags = ["--model", args.model]
     slots = ["--max-conversations", str(args.max_conversations)] if args.max_conversations else []
+    front_ends = ["--front-end-processes", str(args.front_end_processes)]
+    if args.opus_workers is not None:
+        front_ends += ["--opus-workers", str(args.opus_workers)]
     command = [sys.executable, "-m", "personaplex", "serve", "--host", "127.0.0.1", "--port", str(args.port),
-               "--device", args.device, *slots, "--kv-dtype", args.kv_dtype, "--max-queue", "0", "--static", "none",
+               "--device", args.device, *slots, *front_ends, "--kv-dtype", args.kv_dtype, "--max-queue", "0",
+               "--static", "none",
                *model_flags]
     print("server:", " ".join(command[2:]), flush=True)
     started = time.perf_counter()

@@ -50,6 +50,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("commands: one module per subcommand, imported by nothing but the entry points", COMMANDS),
     ("entry points: the command table and python -m", (
         "personaplex.cli", "personaplex.__main__", "personaplex.server.__main__",
+        "personaplex.server.front_end_worker",  # a front-end process of personaplex serve --front-end-processes
     )),
 )
 

@@ -48,6 +48,7 @@ DEADLINE = 90.0
     (["--max-conversations", "2", "--allow-voice-upload"], "--allow-voice-upload is not available"),
     (["--max-conversations", "2", "--max-queue", "0"], "--max-queue must be at least 1"),
     (["--max-conversations", "2", "--opus-workers", "-1"], "--opus-workers must be 0 or more"),
+    (["--max-conversations", "2", "--front-end-processes", "2"], "Ray Serve's proxy accepts them"),
 ])
 def test_scale_serve_refuses_bad_flags_before_starting(flags, message, capsys):
     assert cli_main(["scale", "serve", "--model", "demo", *flags]) == 2

@@ -69,6 +69,8 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                           "in the replica's process)"
         elif action.dest == "max_queue":
             action.help = "callers that may wait in each proxy while every slot is busy (default 16); more get HTTP 503"
+        elif action.dest == "front_end_processes":  # Ray Serve's proxy accepts the connections (see run_serve)
+            action.help = argparse.SUPPRESS
     group = parser.add_argument_group("replicas (Ray Serve)")
     group.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                        help="Ray cluster to deploy on: 'auto' (the cluster this machine joined with 'ray start') or "
@@ -107,6 +109,10 @@ def check_flags(args: argparse.Namespace) -> None:
     if getattr(args, "cpu_offload", False):
         raise ScaleOutError("--cpu-offload is not supported with replicas; give each replica a GPU that holds the "
                             "model (or use --quantize int8)")
+    if getattr(args, "front_end_processes", 1) != 1:
+        raise ScaleOutError("--front-end-processes is for 'personaplex serve', whose front-end processes accept "
+                            "connections themselves; here Ray Serve's proxy accepts them and hands each to a "
+                            "replica: add replicas (--replicas) instead")
     if args.opus_workers < 0:
         raise ScaleOutError("--opus-workers must be 0 or more (0: encode in each replica's process)")
     if args.max_queue < 1:  # Serve bounds its queue at 1 or more

@@ -44,6 +44,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     net.add_argument("--auth-token", default=os.environ.get("PERSONAPLEX_AUTH_TOKEN"),
                      help="require this token on /api/* (header 'Authorization: Bearer T' or ?token=T); "
                           "default: $PERSONAPLEX_AUTH_TOKEN, unset = no auth")
+    net.add_argument("--front-end-processes", type=int, default=1, metavar="N",
+                     help="processes that serve the connections (WebSocket, Opus, Realtime, Twilio) on the one port, "
+                          "exchanging audio with the engine, which runs in this process, through shared memory "
+                          "(default 1: one process does everything). Use N > 1 when one process's CPU limits the "
+                          "callers before the GPU does (many tens of callers on a big GPU); as a start one per 32 "
+                          "callers, at most the CPU cores left, then measure (bench/server_capacity.py). A "
+                          "front-end process that fails ends only its own calls and is restarted; the connection "
+                          "limits are divided over the processes")
     limits = parser.add_argument_group("conversations")
     limits.add_argument("--max-conversations", type=int, default=None,
                         help="conversations served at once (engine slots; default: what fits the GPU, at most 64; "

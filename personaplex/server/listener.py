@@ -65,13 +65,14 @@ class GuardedListener:
     ``asyncio.Server`` it uses: ``sockets``, ``close``, ``wait_closed``, ``is_serving``)."""
 
     def __init__(self, sockets: list[socket.socket], guard: ConnectionGuard, protocol_factory, ssl_context=None,
-                 backlog: int = 128):
+                 backlog: int = 128, accepts_per_wakeup: int | None = None):
         self._loop = asyncio.get_running_loop()
         self._sockets = sockets
         self._guard = guard
         self._protocol_factory = protocol_factory
         self._ssl_context = ssl_context
         self._backlog = backlog
+        self._accepts_per_wakeup = accepts_per_wakeup or backlog
         self._reading = False
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
@@ -128,7 +129,7 @@ class GuardedListener:
         self._retry = self._loop.call_later(ACCEPT_RETRY_SECONDS, retry)
 
     def _accept(self, listening: socket.socket) -> None:
-        for _ in range(self._backlog):  # then let the loop run other work
+        for _ in range(self._accepts_per_wakeup):  # then let the loop run other work
             room = self._guard.make_room()
             if room == "wait":
                 self._pause()  # the guard calls on_room when a descriptor is closed or an idle one appears
@@ -157,17 +158,23 @@ class GuardedListener:
 
 
 class GuardedSite(web.TCPSite):
-    """``TCPSite`` whose connections are accepted by a ``GuardedListener`` and counted by a ``ConnectionGuard``."""
+    """``TCPSite`` whose connections are accepted by a ``GuardedListener`` and counted by a ``ConnectionGuard``.
+    ``sockets``: listening sockets made elsewhere (another process's, shared with this one) instead of new ones."""
 
-    def __init__(self, runner: web.AppRunner, guard: ConnectionGuard, *args, **kwargs):
+    def __init__(self, runner: web.AppRunner, guard: ConnectionGuard, *args,
+                 sockets: list[socket.socket] | None = None, **kwargs):
         super().__init__(runner, *args, **kwargs)
         self.guard = guard
+        self._given_sockets = sockets
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
-        sockets = await listening_sockets(self._host, self._port, self._backlog, self._reuse_address,
-                                          self._reuse_port)
-        listener = GuardedListener(sockets, self.guard, self._runner.server, self._ssl_context, self._backlog)
+        sockets = self._given_sockets or await listening_sockets(self._host, self._port, self._backlog,
+                                                                 self._reuse_address, self._reuse_port)
+        # Sockets shared with other processes: one connection per wake-up, then the other processes (woken by the
+        # same readiness) take the next ones; a burst of callers is spread instead of taken by whoever woke first.
+        listener = GuardedListener(sockets, self.guard, self._runner.server, self._ssl_context, self._backlog,
+                                   accepts_per_wakeup=1 if self._given_sockets else None)
         listener.start()
         self._server = listener
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

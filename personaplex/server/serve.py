@@ -48,6 +48,14 @@ def run(args: argparse.Namespace) -> None:
     from ..frontends.twilio import PhonePersonas
 
     phone_personas = PhonePersonas.given(getattr(args, "phone_personas", None))  # checked before loading weights, too
+    front_ends = getattr(args, "front_end_processes", 1)
+    if front_ends < 1:
+        raise ServerError("--front-end-processes must be at least 1")
+    if front_ends > 1:  # the engine here, the connections in other processes (front_end_processes.py)
+        from .front_end_processes import run_with_front_ends
+
+        scheme = "https" if ssl_context is not None else "http"
+        return run_with_front_ends(args, url_for=lambda port: f"{scheme}://{access_host(args.host)}:{port}")
     hub = ConversationHub.from_args(args)
     if hub.model.untrained:
         log.info("note: the demo model has random, untrained weights: it babbles")
@@ -69,11 +77,13 @@ class RunningServer:
 async def start_server(hub, *, host: str = "localhost", port: int = 0, static_dir: Path | None = DEFAULT_STATIC,
                        ssl_context=None, auth_token: str | None = None,
                        send_buffer_bytes: int | None = 64 << 10, phone_personas=None,
-                       opus_workers: int = 0, limits: ServerLimits | None = None) -> RunningServer:
+                       opus_workers: int = 0, limits: ServerLimits | None = None,
+                       sockets: list | None = None) -> RunningServer:
     """Start the hub and listen; returns where. ``host`` is really bound (every interface only for
     0.0.0.0 / ::). ``opus_workers``: processes that encode the agent's audio (0: this process does).
     ``limits``: timeouts, connection cap, new connections per address, Origin allow-list (``limits.py``;
-    default: the flags' defaults)."""
+    default: the flags' defaults). ``sockets``: listening sockets shared with other processes (instead of
+    binding ``host``:``port``)."""
     from aiohttp import web
 
     from ..frontends.opus_pool import OpusEncoderPool
@@ -103,7 +113,7 @@ async def start_server(hub, *, host: str = "localhost", port: int = 0, static_di
                     phone_personas=phone_personas, encoders=encoders, limits=limits, guard=guard)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
-    site = GuardedSite(runner, guard, host=host, port=port, ssl_context=ssl_context)
+    site = GuardedSite(runner, guard, host=host, port=port, ssl_context=ssl_context, sockets=sockets)
     try:
         await site.start()
     except OSError as exc:

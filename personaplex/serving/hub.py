@@ -287,6 +287,9 @@ class ConversationHub:
             if o.allow_voice_upload else None)
         self._builds = PersonaBuilds(self.options.persona_build_workers, self.options.max_persona_builds_waiting)
         self.metrics.persona_builds.set_function(lambda: self._builds.in_progress)
+        # Engine-thread callbacks at the start of every tick, before the frames are taken: front ends in other
+        # processes hand over their callers' audio here (engine_host.py). They must not raise.
+        self.before_tick: list[Callable[[], None]] = []
         # Engine-thread state.
         self._live: dict[int, Conversation] = {}
         self._joining: dict[int, tuple[Conversation, float]] = {}
@@ -605,6 +608,8 @@ class ConversationHub:
                 continue
             started = time.perf_counter()
             try:
+                for hook in self.before_tick:
+                    hook()
                 self._apply_commands()
                 self._start_on_audio()
                 if self._live:
