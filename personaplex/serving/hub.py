@@ -141,7 +141,46 @@ class HubOptions:
     max_messages_per_second: float = 200.0  # messages a client may send per second (see input_budget.py)
 
 
-class Conversation:
+class ConversationStream:
+    """What a front end does with a live conversation, beside sending audio: its agent frames (``_output``, woken
+    by ``_wake``), its end (``end_reason``, ``_ended``, ``_end``). Shared by the hub's ``Conversation`` and the
+    front-end processes' ``remote_hub.RemoteConversation``."""
+
+    end_reason: str | None
+    _output: deque
+    _wake: asyncio.Event
+    _ended: asyncio.Event
+
+    def _end(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def send_text(self, text: str) -> None:
+        """Inject a user text turn. The PersonaPlex models have no user text channel (the user speaks
+        only through audio, and the agent's text channel is the agent's own words), so this raises."""
+        raise NotSupported("text turns are not supported: this model hears the user only through audio")
+
+    async def frames(self) -> AsyncIterator[AgentFrame]:
+        """The agent's frames, one per 80 ms tick, until the conversation ends (``end_reason`` says why)."""
+        while True:
+            if self._output:
+                yield self._output.popleft()
+                continue
+            if self.end_reason is not None:
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def close(self, reason: str = "client closed") -> None:
+        """End the conversation and free its slot (or queue place) at once; idempotent."""
+        self._end(reason)
+
+    async def ended(self) -> str:
+        """Wait until the conversation ends (whoever ends it); returns ``end_reason``."""
+        await self._ended.wait()
+        return self.end_reason
+
+
+class Conversation(ConversationStream):
     """One live conversation; its methods are called on the event loop that opened it."""
 
     def __init__(self, hub: ConversationHub, front_end: str, input_timeout: float | None,
@@ -176,31 +215,6 @@ class Conversation:
         """User audio: float32 mono 24 kHz samples, any length (bounded jitter buffer, see jitter.py)."""
         if self.end_reason is None:
             self._input.push(pcm)
-
-    def send_text(self, text: str) -> None:
-        """Inject a user text turn. The PersonaPlex models have no user text channel (the user speaks
-        only through audio, and the agent's text channel is the agent's own words), so this raises."""
-        raise NotSupported("text turns are not supported: this model hears the user only through audio")
-
-    async def frames(self) -> AsyncIterator[AgentFrame]:
-        """The agent's frames, one per 80 ms tick, until the conversation ends (``end_reason`` says why)."""
-        while True:
-            if self._output:
-                yield self._output.popleft()
-                continue
-            if self.end_reason is not None:
-                return
-            self._wake.clear()
-            await self._wake.wait()
-
-    async def close(self, reason: str = "client closed") -> None:
-        """End the conversation and free its slot (or queue place) at once; idempotent."""
-        self._end(reason)
-
-    async def ended(self) -> str:
-        """Wait until the conversation ends (whoever ends it); returns ``end_reason``."""
-        await self._ended.wait()
-        return self.end_reason
 
     # --- statistics ----------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import fields
 
 import numpy as np
@@ -26,7 +26,9 @@ import numpy as np
 from ..config import FRAME_RATE, FRAME_SIZE
 from .control_wire import MAX_JSON_BYTES, ControlProtocolError, encode_message, read_message
 from .frame_channels import ChannelBlock, ChannelBroken
-from .hub import AgentFrame, HubBusy, HubClosed, HubOptions, NotSupported, PersonaError, PersonaRequest
+from .hub import (
+    AgentFrame, ConversationStream, HubBusy, HubClosed, HubOptions, NotSupported, PersonaError, PersonaRequest,
+)
 from .metrics import HubMetrics
 
 log = logging.getLogger("personaplex.serving")
@@ -44,7 +46,7 @@ def request_message(request: PersonaRequest) -> dict:
                          "greedy": s.greedy, "seed": s.seed}}
 
 
-class RemoteConversation:
+class RemoteConversation(ConversationStream):
     """One conversation served by the engine process; the same API as ``hub.Conversation``."""
 
     def __init__(self, hub: RemoteHub, opened: dict, channel, front_end: str, start_on_audio: bool):
@@ -77,28 +79,6 @@ class RemoteConversation:
             if dropped:
                 self.input_dropped_samples += dropped
                 self._hub.metrics.input_dropped.inc(dropped / 24000)
-
-    def send_text(self, text: str) -> None:
-        raise NotSupported("text turns are not supported: this model hears the user only through audio")
-
-    async def frames(self) -> AsyncIterator[AgentFrame]:
-        """The agent's frames, one per 80 ms tick, until the conversation ends (``end_reason`` says why)."""
-        while True:
-            if self._output:
-                yield self._output.popleft()
-                continue
-            if self.end_reason is not None:
-                return
-            self._wake.clear()
-            await self._wake.wait()
-
-    async def close(self, reason: str = "client closed") -> None:
-        """End the conversation and free its slot at once; idempotent."""
-        self._end(reason)
-
-    async def ended(self) -> str:
-        await self._ended.wait()
-        return self.end_reason
 
     def stats(self) -> dict:
         return {"frames": self.frames_sent, "output_waiting": len(self._output),
