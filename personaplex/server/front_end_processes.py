@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .. import startup
 from ..errors import PersonaplexError
+from .listener import bind_listening
 
 log = logging.getLogger("personaplex.server")
 
@@ -58,23 +59,7 @@ def listen_on(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> tuple[list
     the front-end processes, which accept on them; this process never accepts."""
     infos = socket.getaddrinfo(host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, True)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, True)  # "::" must not take IPv4's port
-            if port == 0 and len(sockets) > 1:  # every address on the port the first one got
-                address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
+    sockets = bind_listening(infos, port, backlog, reuse_address=True)
     return sockets, sockets[0].getsockname()[1]
 
 

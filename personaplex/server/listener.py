@@ -30,9 +30,15 @@ async def listening_sockets(host: str | None, port: int, backlog: int, reuse_add
                             reuse_port: bool | None = None) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for every address of ``host`` (every interface when None),
     as ``loop.create_server`` makes them; raises ``OSError`` naming the address that cannot be bound."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+    infos = await asyncio.get_running_loop().getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
+                                                         type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return bind_listening(infos, port, backlog, reuse_address, reuse_port)
+
+
+def bind_listening(infos: list, port: int, backlog: int, reuse_address: bool | None = None,
+                   reuse_port: bool | None = None) -> list[socket.socket]:
+    """``listening_sockets`` for the resolved addresses ``infos`` (``getaddrinfo``'s answer). With port 0 every
+    address gets the port the first one was given."""
     if reuse_address is None:
         reuse_address = os.name == "posix" and sys.platform != "cygwin"
     sockets: list[socket.socket] = []
@@ -46,6 +52,8 @@ async def listening_sockets(host: str | None, port: int, backlog: int, reuse_add
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, True)
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, True)  # "::" must not take IPv4's port
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
             try:
                 sock.bind(address)
             except OSError as exc:
