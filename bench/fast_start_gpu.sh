@@ -37,7 +37,7 @@ c)
   $GPU timeout 110 python3 bench/startup.py --kernels triton --runs cold --max-conversations 128 \
     --json "$OUT/startup_triton_128.json" > "$OUT/startup_triton_128.txt" 2>&1
   PERSONAPLEX_GOLDEN_DIR=$PWD/.golden $GPU timeout 150 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_fused_ops.py tests/test_sampling_kernel.py tests/test_cuda.py > "$OUT/gpu_tests.txt" 2>&1
+    tests/test_fused_ops.py tests/test_sampling_kernel.py tests/test_cuda.py -k "not compile" > "$OUT/gpu_tests.txt" 2>&1
   wait
   ;;
 esac
