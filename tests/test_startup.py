@@ -78,6 +78,7 @@ def test_kernel_set_choice(monkeypatch):
     monkeypatch.delenv("PERSONAPLEX_NO_COMPILE", raising=False)
     assert resolve_kernel_set("auto", torch.device("cpu")) == "eager"
     assert resolve_kernel_set("triton", torch.device("cpu")) == "triton"
+    assert GPU_DEFAULT == "triton"  # a GPU server starts in seconds: nothing is compiled by default
     if triton_available():
         assert resolve_kernel_set("auto", torch.device("cuda")) == GPU_DEFAULT
         monkeypatch.setenv("PERSONAPLEX_NO_COMPILE", "1")

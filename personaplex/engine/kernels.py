@@ -29,8 +29,9 @@ from ..lm.model import LMModel
 
 log = logging.getLogger("personaplex.engine")
 
-# What "auto" picks on a CUDA device with Triton.
-GPU_DEFAULT = "compile"
+# What "auto" picks on a CUDA device with Triton: the set that starts in seconds and steps 64 conversations
+# faster than the compiled one (bench/NOTES.md, H200); "compile" stays available for comparison.
+GPU_DEFAULT = "triton"
 # Mimi's streaming transformers under each set (``personaplex.codec.transformer.stream_function``).
 CODEC_KIND = {"eager": "eager", "triton": "triton", "compile": "compile"}
 
