@@ -165,7 +165,7 @@ def test_golden_session_through_the_gpu_engine(golden, golden_config, configs, r
     lm = load_lm(golden / golden_config["lm"]["file"], configs[0], device="cuda", dtype=torch.float32)
     mimi = load_mimi(golden / golden_config["mimi"]["file"], configs[1], device="cuda")
     engine = Engine(lm, mimi, max_slots=2)
-    assert engine.kernels.name == "compile"  # the GPU default ("auto") without PERSONAPLEX_KERNELS
+    assert engine.kernels.name == "triton"  # the GPU default ("auto") without PERSONAPLEX_KERNELS
     tokens, pcm = run_golden_through_engine(engine, lm, mimi, "voice_prompt.pt")
     assert torch.equal(tokens, session["replay_step_out_tokens"][-len(tokens):])
     torch.testing.assert_close(pcm, session["replay_agent_pcm"], atol=1e-5, rtol=0)
