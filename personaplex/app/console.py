@@ -18,6 +18,17 @@ def log_to_stderr(level: int | str = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def announce_ready(info: dict, url: str, extra: str = "") -> None:
+    """A server's "ready" lines on stdout (what scripts and the start-up bench wait for): the model, slots and
+    queue from ``info`` (``ConversationHub.describe()``), then the address of its web page."""
+    from .. import startup
+
+    startup.report("ready to serve, since the process started", startup.seconds_since_process_start())
+    print(f"personaplex server ready: model {info['model']}, {info['slots']} conversation slots, "
+          f"queue {info['max_queue']}{extra}", flush=True)
+    print(f"Access the Web UI directly at {url}", flush=True)
+
+
 def run_command(action: Callable[[], None]) -> int:
     """Run a command; a user-facing error becomes one line on stderr and exit status 2, never a traceback."""
     try:

@@ -35,6 +35,7 @@ from collections import deque
 from pathlib import Path
 
 from .. import startup
+from ..app.console import announce_ready
 from ..errors import PersonaplexError
 from .listener import bind_listening
 
@@ -259,11 +260,7 @@ async def serve_with_front_ends(hub, args, *, work: str, listening: list[socket.
             if not starting.cancelled() and starting.exception() is not None:
                 raise starting.exception()
         if not stop.is_set():
-            info = hub.describe()
-            startup.report("ready to serve, since the process started", startup.seconds_since_process_start())
-            print(f"personaplex server ready: model {info['model']}, {info['slots']} conversation slots, "
-                  f"queue {info['max_queue']}, {count} front-end processes", flush=True)
-            print(f"Access the Web UI directly at {url}", flush=True)
+            announce_ready(hub.describe(), url, f", {count} front-end processes")
             await stop.wait()
         print("shutting down: ending conversations", flush=True)
     finally:

@@ -16,8 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import startup
-from ..app.console import log_to_stderr, run_command
+from ..app.console import announce_ready, log_to_stderr, run_command
 # The flags live in flags.py (``personaplex scale serve`` takes them too). The server's modules (aiohttp, the
 # engine, torch) are imported only when it starts, so that --help and argument errors answer at once.
 from .flags import DEFAULT_STATIC, ServerError, access_host, build_parser, static_folder
@@ -149,11 +148,7 @@ async def serve(hub, **options) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    info = hub.describe()
-    startup.report("ready to serve, since the process started", startup.seconds_since_process_start())
-    print(f"personaplex server ready: model {info['model']}, {info['slots']} conversation slots, "
-          f"queue {info['max_queue']}", flush=True)
-    print(f"Access the Web UI directly at {server.url}", flush=True)
+    announce_ready(hub.describe(), server.url)
     await stop.wait()
     print("shutting down: ending conversations", flush=True)
     await stop_server(server, hub)
