@@ -24,14 +24,10 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask:
     """``scaled_dot_product_attention`` as plain matmuls and a softmax.
 
     For float32 paths with a couple of queries (Mimi's streaming transformers): there the generic float32
-    attention kernel costs ~30 us a call on an H100, these few kernels less. ``attn_mask``: boolean
-    [B, 1, T, K] (True = visible), or the same visibility as an additive mask from ``additive_mask``
-    ([B * H, T, K], made once for all layers), with which scaling and masking ride in the score matmul.
+    attention kernel costs ~30 us a call on an H100, these few kernels less. ``attn_mask``: the visibility as
+    an additive mask from ``additive_mask`` ([B * H, T, K], made once for all layers), with which scaling and
+    masking ride in the score matmul.
     """
-    if attn_mask.dtype == torch.bool:
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ v
     batch, heads, steps, dim = q.shape
     keys = k.reshape(batch * heads, -1, dim)
     scores = torch.baddbmm(attn_mask, q.reshape(batch * heads, steps, dim), keys.transpose(1, 2), alpha=dim ** -0.5)
