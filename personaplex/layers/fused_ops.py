@@ -164,29 +164,34 @@ if triton is not None:
         tl.store(out_ptr + row * hidden + cols, _cast(silu * value, out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _e4m3_grid(y):
-        """Round float32 y (|y| <= 448) to the nearest e4m3 value, ties to even, as float32.
+    def _e4m3_bytes(y):
+        """The e4m3 bytes (int32 0..255) of float32 y (|y| <= 448), rounded to nearest, ties to even.
 
-        The cast to FP8 after it is then exact: hardware casts round the same way, Triton's interpreter
-        does not (it misses the carry into the exponent)."""
+        Integer arithmetic, bit for bit the conversion torch uses, so that the bytes do not depend on how
+        a backend casts to FP8 (Triton's interpreter truncates, GPUs differed from torch for float32)."""
         bits = y.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)  # 3 mantissa bits
-        tiny = (tl.abs(y) + 24576.0) - 24576.0  # 1.5 * 2**14: a multiple of 2**-9, e4m3's subnormal step
-        tiny = tl.where(bits < 0, -tiny, tiny)
-        return tl.where(tl.abs(y) < 0.015625, tiny, normal)  # below 2**-6: subnormal
+        magnitude = bits & 0x7FFFFFFF
+        # Normal (|y| >= 2**-6): rebias the exponent (127 -> 7), round the mantissa to 3 bits.
+        normal = (magnitude - (120 << 23) + 0x7FFFF + ((magnitude >> 20) & 1)) >> 20
+        # Subnormal: adding 2**14 rounds |y| to a multiple of 2**-9 (e4m3's step there); the low bits count them.
+        tiny = (tl.abs(y) + 16384.0).to(tl.int32, bitcast=True) - (141 << 23)
+        code = tl.where(magnitude < (121 << 23), tiny, normal)
+        code = tl.where(magnitude > 0x7F800000, 0x7F, code)  # NaN stays NaN
+        return tl.where(bits < 0, code | 0x80, code)
 
     @triton.jit
     def _store_pairs(real, imag, inside, out_ptr, scale_ptr, dst, FP8: tl.constexpr):
-        """Store interleaved pairs (float32 values of the model dtype) at ``dst``, ``dst + 1``; for FP8 as
-        ``kv_ring.quantize_fp8`` does: one scale per vector (rounded to its dtype first), values clamped."""
+        """Store interleaved pairs (float32 values of the model dtype) at ``dst``, ``dst + 1``; for FP8 (out_ptr
+        then a uint8 view) as ``kv_ring.quantize_fp8`` does: one scale per vector (rounded to its dtype first),
+        values clamped."""
         if FP8:
             top = tl.maximum(tl.max(tl.where(inside, tl.abs(real), 0.0), axis=0),
                              tl.max(tl.where(inside, tl.abs(imag), 0.0), axis=0))
             scale = _cast(tl.math.div_rn(tl.maximum(top, 1e-12), 448.0), scale_ptr.dtype.element_ty)
             tl.store(scale_ptr, scale)
             scale = tl.zeros_like(real) + scale.to(tl.float32)
-            real = _e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(real, scale), -448.0), 448.0))
-            imag = _e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(imag, scale), -448.0), 448.0))
+            real = _e4m3_bytes(tl.minimum(tl.maximum(tl.math.div_rn(real, scale), -448.0), 448.0))
+            imag = _e4m3_bytes(tl.minimum(tl.maximum(tl.math.div_rn(imag, scale), -448.0), 448.0))
         tl.store(out_ptr + dst, real.to(out_ptr.dtype.element_ty), mask=inside)
         tl.store(out_ptr + dst + 1, imag.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -349,8 +354,9 @@ def qkv_heads(
         k_scale = torch.empty(scale_shape, device=qkv.device, dtype=fp8_scale_dtype)
         v_scale = torch.empty(scale_shape, device=qkv.device, dtype=fp8_scale_dtype)
     cs_sb = cos_sin.stride(0) if cos_sin.shape[0] > 1 else 0  # one rotation may serve the whole batch
+    stored = (k, v) if fp8_scale_dtype is None else (k.view(torch.uint8), v.view(torch.uint8))
     _qkv_heads_kernel[(batch * steps, num_heads)](
-        qkv, cos_sin, q, k, v, k_scale, v_scale, steps, num_heads, head_dim, cs_sb, cos_sin.stride(2),
+        qkv, cos_sin, q, *stored, k_scale, v_scale, steps, num_heads, head_dim, cs_sb, cos_sin.stride(2),
         PAIRS=triton.next_power_of_2(head_dim // 2), FP8=fp8_scale_dtype is not None,
     )
     if fp8_scale_dtype is None:
