@@ -5,8 +5,8 @@
 #                                    # warm start with 64 slots and offline's first frame; the persona-flood
 #                                    # bench on 12 of the host's cores meanwhile (the demo model on the CPU)
 #   bash bench/fast_start_gpu.sh b   # cold start with 128 slots, then the GPU tests of the kernels
-#   bash bench/fast_start_gpu.sh c   # one call: step speed + profile, cold start with 128 slots, the GPU tests
-#                                    # of the kernels, and the persona floods beside them
+#   bash bench/fast_start_gpu.sh c   # one call: step speed + profile, the GPU tests of the kernels, cold start
+#                                    # with 128 slots (the host otherwise quiet)
 OUT=${OUT:-/tmp/fast_start_out}
 source bench/gpu_host_env.sh
 cores=$(nproc)
@@ -30,8 +30,6 @@ b)
   tail -3 "$OUT/gpu_tests.txt"
   ;;
 c)
-  ( taskset -c 0-$((cores - 5)) env OUT="$OUT" bash bench/hardening_quiet_host.sh persona_flood \
-      > "$OUT/hardening.log" 2>&1 ) &
   $GPU timeout 170 python3 bench/engine.py --kernels triton --kv fp8 --slots 1 64 --steps 100 --warmup 30 \
     --no-spread-join --profile > "$OUT/engine_triton.txt" 2>&1
   PERSONAPLEX_GOLDEN_DIR=$PWD/.golden $GPU timeout 150 python3 -m pytest -q -p no:cacheprovider \
@@ -39,7 +37,6 @@ c)
   # Last, so that a run cut short keeps the rest: the 128-slot cold start.
   $GPU timeout 110 python3 bench/startup.py --kernels triton --runs cold --max-conversations 128 \
     --json "$OUT/startup_triton_128.json" > "$OUT/startup_triton_128.txt" 2>&1
-  wait
   ;;
 esac
 tail -n 4 "$OUT"/*.txt

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -140,17 +141,68 @@ class ServerOutput(threading.Thread):
         self.ready.set()
 
 
+def cpu_seconds(stat_path: Path) -> float:
+    """User + system CPU seconds of a process or thread, from its /proc stat line (0 once it is gone)."""
+    try:
+        fields = stat_path.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def process_tree(root: int) -> list[int]:
+    """root and its descendants (Linux /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    tree, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        tree.append(pid)
+        queue.extend(parents.get(pid, []))
+    return tree
+
+
+def server_cpu(root: int) -> dict[str, float]:
+    """CPU seconds of the server so far: per process of its tree and per thread of its first process (the
+    engine's: its busiest thread is the engine thread or the event loop)."""
+    return {**{f"process {pid}": cpu_seconds(Path(f"/proc/{pid}/stat")) for pid in process_tree(root)},
+            **{f"thread {task.name}": cpu_seconds(task / "stat") for task in Path(f"/proc/{root}/task").glob("*")}}
+
+
+def cpu_use(before: dict[str, float], after: dict[str, float], seconds: float, root: int) -> dict[str, float]:
+    """Cores used between two ``server_cpu`` samples: the whole tree, its first process, its busiest other
+    process (a front end or an Opus worker) and the first process's busiest thread."""
+    used = {key: (value - before.get(key, 0.0)) / max(seconds, 1e-9) for key, value in after.items()}
+    processes = {key: value for key, value in used.items() if key.startswith("process")}
+    return {
+        "server_cores": sum(processes.values()),
+        "engine_process_cores": processes.get(f"process {root}", 0.0),
+        "busiest_other_process_cores": max((v for k, v in processes.items() if k != f"process {root}"), default=0.0),
+        "busiest_engine_thread_cores": max((v for k, v in used.items() if k.startswith("thread")), default=0.0),
+    }
+
+
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         return response.read().decode()
 
 
-def run_load(url: str, count: int, duration: float, processes: int, report: Path, timeout: float) -> float:
-    """One ``personaplex loadtest`` run; returns its wall time."""
+def run_load(
+    url: str, count: int, duration: float, processes: int, report: Path, timeout: float,
+) -> tuple[float, float]:
+    """One ``personaplex loadtest`` run; returns its wall time and the CPU seconds it used (all its processes:
+    the load generator shares the host, and a saturated one would measure itself, not the server)."""
     command = [sys.executable, "-m", "personaplex", "loadtest", "--url", url.replace("http", "ws") + "/api/chat",
                "-n", str(count), "--duration", str(duration), "--processes", str(min(processes, count)),
                "--json", str(report), "--max-missing", "100", "--max-late", "100"]  # measured here, not judged
     started = time.perf_counter()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     load = subprocess.Popen(command, cwd=ROOT)
     try:
         load.wait(timeout=max(1.0, timeout))
@@ -162,10 +214,11 @@ def run_load(url: str, count: int, duration: float, processes: int, report: Path
         except subprocess.TimeoutExpired:
             load.kill()
             load.wait()
-    return time.perf_counter() - started
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - started, (used.ru_utime - children.ru_utime) + (used.ru_stime - children.ru_stime)
 
 
-def measure(count: int, results: list[dict], before: str, after: str, seconds: float) -> dict:
+def measure(count: int, results: list[dict], before: str, after: str, seconds: float, cpu: dict[str, float]) -> dict:
     """One row of the table from the load test's per-caller results and the server's metrics."""
     def delta(name: str) -> float:
         return metric(after, name) - metric(before, name)
@@ -202,6 +255,7 @@ def measure(count: int, results: list[dict], before: str, after: str, seconds: f
         "skipped_ticks": skipped,
         "seconds": round(seconds, 1),
         "errors": errors[:3],
+        **{key: round(value, 2) for key, value in cpu.items()},
     }
     row["sustained"] = bool(count and ok == count and expected and (late + missing) < 0.01 * expected and skipped == 0)
     return row
@@ -220,6 +274,15 @@ def format_table(result: dict) -> str:
             f"{ms(row['latency_p50'])} | {ms(row['latency_p99_worst'])} | {ms(row['tick_p50'], 1)} | "
             f"{ms(row['tick_p99'], 1)} | {row['late_ticks']:.0f} | {row['skipped_ticks']:.0f} | "
             f"{'yes' if row['sustained'] else 'no'} |")
+    lines.append("")
+    lines.append(f"CPU cores used ({os.cpu_count()} on the host), averaged over each count's run:")
+    lines.append("| callers | load test | server, all processes | engine process | its busiest thread "
+                 "| busiest front end / Opus worker |")
+    lines.append("|---|---|---|---|---|---|")
+    for row in sorted(result["rows"], key=lambda r: r["callers"]):
+        lines.append(f"| {row['callers']} | {row.get('loadtest_cores', 0):.2f} | {row.get('server_cores', 0):.2f} | "
+                     f"{row.get('engine_process_cores', 0):.2f} | {row.get('busiest_engine_thread_cores', 0):.2f} | "
+                     f"{row.get('busiest_other_process_cores', 0):.2f} |")
     best = result.get("largest_sustained")
     slots = result.get("slots")
     lines.append("")
@@ -336,12 +399,13 @@ def main() -> None:
                 result["skipped"].append(count)
                 continue
             report = work / f"load_{count}.json"
-            before = scrape(url)
-            seconds = run_load(url, count, args.duration, args.processes, report, left())
-            after = scrape(url)
+            before, cpu_before = scrape(url), server_cpu(server.pid)
+            seconds, load_cpu = run_load(url, count, args.duration, args.processes, report, left())
+            after, cpu_after = scrape(url), server_cpu(server.pid)
+            cpu = {"loadtest_cores": load_cpu / seconds, **cpu_use(cpu_before, cpu_after, seconds, server.pid)}
             overhead = max(overhead, seconds - args.duration)
             results = json.loads(report.read_text()) if report.exists() else []
-            row = measure(count, results, before, after, seconds)
+            row = measure(count, results, before, after, seconds, cpu)
             result["rows"].append(row)
             save()
             print(f"{count} callers: {row['ok']} ok, late {row['late']:.2%}, missing {row['missing']:.2%}, "
