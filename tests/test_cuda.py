@@ -276,3 +276,20 @@ def test_pinned_and_sliding_slots_past_the_context_through_cuda_graphs(kv_dtype)
         if graphs:
             assert set(engine._graphs) == captured  # nothing captured while conversations ran
     assert torch.equal(runs[0], runs[1])
+
+
+def test_more_slots_than_the_gpu_holds_are_refused_before_any_state_is_allocated():
+    from personaplex.config import DEMO_LM, SMALL_MIMI
+    from personaplex.engine import check_slots_fit, slots_that_fit
+    from personaplex.errors import UsageError
+    from personaplex.lm.model import LMModel
+    from personaplex.random_weights import random_mimi
+
+    lm = LMModel(DEMO_LM).cuda()
+    mimi = random_mimi(SMALL_MIMI, torch.device("cuda"))
+    fit = slots_that_fit(lm, mimi, "fp8")
+    check_slots_fit(lm, mimi, fit, "fp8")  # what fits is accepted
+    allocated = torch.cuda.memory_allocated()
+    with pytest.raises(UsageError, match=f"room for {fit}"):
+        check_slots_fit(lm, mimi, fit + 1, "fp8")
+    assert torch.cuda.memory_allocated() == allocated

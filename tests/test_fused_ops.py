@@ -94,7 +94,8 @@ def test_qkv_heads_quantises_k_and_v_like_quantize_fp8(ops, dtype, batch, steps,
     assert k_scale.shape == (batch, heads, steps, 1)
     torch.testing.assert_close(q, ref_q, **tolerance(dtype))
     # v is quantised from the same values: same scales and bytes.
-    assert torch.equal(v_scale, ref_v_scale) and torch.equal(v8.view(torch.uint8), ref_v8.view(torch.uint8))
+    assert torch.equal(v_scale, ref_v_scale)
+    assert torch.equal(v8.view(torch.uint8), ref_v8.view(torch.uint8))
     # k is rotated first (float32 summation order may differ in the last bit): bytes equal but for rare ties.
     torch.testing.assert_close(k_scale, ref_k_scale, **tolerance(dtype))
     differ = (k8.view(torch.uint8) != ref_k8.view(torch.uint8)).float().mean().item()

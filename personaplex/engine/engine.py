@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 
 from .. import startup
+from ..errors import UsageError
 from ..cuda_graph import CapturedStep
 from ..lm.generator import BatchSampling, Generator, GeneratorState
 from ..lm.model import LMState
@@ -108,6 +109,22 @@ def slots_that_fit(
     per_slot = slot_bytes(lm, mimi, kv_dtype)
     scratch = per_slot * min(SCRATCH_FRAMES, lm.config.context) // lm.config.context
     return max(1, (free - reserve_bytes - prefix_cache_bytes - scratch) // per_slot)
+
+
+def check_slots_fit(lm, mimi, slots: int, kv_dtype: str = "model") -> None:
+    """Refuse, before any state is allocated, a slot count the free device memory cannot hold (a GPU that
+    runs out while capturing graphs fails a minute later, with a CUDA traceback)."""
+    if lm.device.type != "cuda":
+        return
+    fit = slots_that_fit(lm, mimi, kv_dtype)
+    if slots > fit:
+        per_slot = slot_bytes(lm, mimi, kv_dtype) / 2**30
+        free = torch.cuda.mem_get_info(lm.device)[0] / 2**30
+        hint = "" if kv_dtype == "fp8" else " or use --kv-dtype fp8 (about half the memory a slot)"
+        raise UsageError(f"--max-conversations {slots} does not fit the GPU: {free:.1f} GiB are free after the "
+                         f"weights and a slot takes {per_slot:.2f} GiB ({kv_dtype} KV rings at full context), which "
+                         f"leaves room for {fit} beside the graphs, activations and persona cache. Give at most {fit}"
+                         f"{hint}.")
 
 
 def batch_buckets(max_slots: int) -> list[int]:

@@ -37,7 +37,10 @@ def quantize_fp8(x: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tup
     of magnitude across positions, a shared scale would flush the small ones to zero. The scale is
     rounded to its storage dtype first and the values clamped, so that no value overflows e4m3.
     """
-    scale = (x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX).to(scale_dtype or x.dtype)
+    # Divided by a device tensor: CUDA divides by a Python number as a product with its reciprocal, which
+    # differs in the last bit from the division a CPU (and the fused kernel) does.
+    top = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    scale = (top / top.new_tensor(FP8_MAX)).to(scale_dtype or x.dtype)
     return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 

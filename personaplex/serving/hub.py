@@ -56,7 +56,7 @@ import numpy as np
 from .. import startup
 from ..app import model as model_flags
 from ..config import FRAME_RATE, FRAME_SIZE
-from ..engine import Engine, SamplingConfig, slots_that_fit
+from ..engine import Engine, SamplingConfig, check_slots_fit, slots_that_fit
 from ..engine.engine import CONTEXT_POLICIES
 from ..errors import PersonaplexError, UsageError
 from ..persona import BuildCancelled
@@ -358,6 +358,8 @@ class ConversationHub:
             model = model_flags.load_model_for_args(args, model_flags.resolve_model_assets(args), slots=slots)
         if getattr(args, "max_conversations", None) is None:
             options.max_conversations = min(64, slots_that_fit(model.lm, model.mimi, options.kv_dtype))
+        else:
+            check_slots_fit(model.lm, model.mimi, options.max_conversations, options.kv_dtype)
         with startup.phase(f"engine state for {options.max_conversations} slots"):
             return cls(model, options)
 
