@@ -187,7 +187,7 @@ if triton is not None:
         if FP8:
             top = tl.maximum(tl.max(tl.where(inside, tl.abs(real), 0.0), axis=0),
                              tl.max(tl.where(inside, tl.abs(imag), 0.0), axis=0))
-            scale = _cast(tl.math.div_rn(tl.maximum(top, 1e-12), 448.0), scale_ptr.dtype.element_ty)
+            scale = _cast(tl.maximum(top, 1e-12) * (1.0 / 448.0), scale_ptr.dtype.element_ty)  # as quantize_fp8
             tl.store(scale_ptr, scale)
             scale = tl.zeros_like(real) + scale.to(tl.float32)
             real = _e4m3_bytes(tl.minimum(tl.maximum(tl.math.div_rn(real, scale), -448.0), 448.0))

@@ -28,6 +28,7 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value
+FP8_RECIPROCAL = 1.0 / FP8_MAX
 
 
 def quantize_fp8(x: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,10 +38,10 @@ def quantize_fp8(x: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tup
     of magnitude across positions, a shared scale would flush the small ones to zero. The scale is
     rounded to its storage dtype first and the values clamped, so that no value overflows e4m3.
     """
-    # Divided by a device tensor: CUDA divides by a Python number as a product with its reciprocal, which
-    # differs in the last bit from the division a CPU (and the fused kernel) does.
+    # A product with the reciprocal, not a division: CUDA divides by a Python number that way and a CPU does
+    # not, so only the product gives the same last bit on both (and in the fused kernel).
     top = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    scale = (top / top.new_tensor(FP8_MAX)).to(scale_dtype or x.dtype)
+    scale = (top * FP8_RECIPROCAL).to(scale_dtype or x.dtype)
     return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
