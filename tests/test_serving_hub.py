@@ -424,3 +424,38 @@ def test_a_conversation_goes_on_past_the_context(short_context_demo):
     # The engine may have stepped a few frames the test did not read before the close reached it.
     length = float(metrics.split("personaplex_conversation_seconds_sum ")[1].split()[0])
     assert wanted / 12.5 <= length <= (wanted + 30) / 12.5
+
+
+def test_a_burst_of_joins_waits_for_room_in_the_tick_instead_of_making_it_late(demo_model):
+    """Joins applied before a tick's step delay it: while others talk, a join runs only if it and the step
+    (their measured averages) still fit before the tick's end; the others wait, in order, for the next tick."""
+    import threading
+    import time
+
+    from personaplex.serving.hub import _Join
+
+    class Gone:  # a caller that hung up before its join was applied: the hub skips it
+        closed = threading.Event()
+        closed.set()
+
+    hub = ConversationHub(demo_model, HubOptions(max_conversations=2))
+    joins = [_Join(Gone(), None, SamplingConfig(), "sliding") for _ in range(3)]
+    hub._live[0] = object()  # someone is talking
+    hub._cached_join_seconds, hub._step_seconds = 0.002, 0.060
+
+    for command in joins:
+        hub._commands.put(command)
+    hub._apply_commands(until=time.perf_counter() + 0.050)  # the step alone does not fit any more
+    assert [hub._next_command() for _ in joins] == joins  # none applied, the order kept
+    assert hub._next_command() is None
+
+    for command in joins:
+        hub._commands.put(command)
+    hub._apply_commands(until=time.perf_counter() + 10.0)  # room for all
+    assert hub._next_command() is None and not hub._deferred
+
+    hub._live.clear()  # nobody to make late: every join runs at once
+    for command in joins:
+        hub._commands.put(command)
+    hub._apply_commands(until=time.perf_counter() - 1.0)
+    assert hub._next_command() is None

@@ -287,6 +287,7 @@ class ConversationHub:
         self.metrics.slots.set(self.engine.max_slots)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._deferred: deque = deque()  # commands a full tick left for the next one
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -312,6 +313,8 @@ class ConversationHub:
         self.ticks = 0
         self.longest_tick_seconds = 0.0  # engine work of the longest tick so far (a forced join block shows here)
         self._join_block_seconds = 0.0  # moving average of one prefill block
+        self._cached_join_seconds = 0.0  # moving average of a join from the prefix cache
+        self._step_seconds = 0.0  # moving average of a tick's step (audio in, engine step, frames out)
         self._join_waited = 0  # ticks the pending joins found no room
 
     # --- construction ----------------------------------------------------------------------------------
@@ -616,7 +619,7 @@ class ConversationHub:
         pcm = torch.zeros(engine.max_slots, FRAME_SIZE, pin_memory=engine.device.type == "cuda")
         deadline = time.perf_counter()
         while not self._stopping.is_set():
-            if not self._live and not self._joining and not self._waiting_for_audio and self._commands.empty():
+            if not (self._live or self._joining or self._waiting_for_audio or self._deferred) and self._commands.empty():
                 # Nothing to do: sleep until a request arrives, then restart the schedule.
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
@@ -626,10 +629,12 @@ class ConversationHub:
             try:
                 for hook in self.before_tick:
                     hook()
-                self._apply_commands()
+                self._apply_commands(deadline + period if period > 0 else None)
                 self._start_on_audio()
                 if self._live:
+                    stepped = time.perf_counter()
                     self._tick(pcm)
+                    self._step_seconds = _moving_average(self._step_seconds, time.perf_counter() - stepped)
                 self._advance_joins(deadline + period if period > 0 else None)
             except Exception:  # an engine failure ends the conversations it touched, not the server
                 log.exception("engine failure")
@@ -656,14 +661,26 @@ class ConversationHub:
             if delay > 0:
                 time.sleep(delay)
 
-    def _apply_commands(self) -> None:
+    def _next_command(self):
+        if self._deferred:
+            return self._deferred.popleft()
+        try:
+            return self._commands.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _apply_commands(self, until: float | None = None) -> None:
+        """Apply the queued requests in order. While others talk, a join from the prefix cache runs only if
+        the tick still has room for it and the step before ``until`` (perf_counter; measured averages):
+        a burst of callers joins over a few ticks instead of making one tick miss real time."""
         engine = self.engine
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        while (command := self._next_command()) is not None:
             conversation = command.conversation
+            if (isinstance(command, _Join) and until is not None and self._live
+                    and time.perf_counter() + self._cached_join_seconds + self._step_seconds
+                    > until - TICK_MARGIN_SECONDS):
+                self._deferred.appendleft(command)
+                return
             if isinstance(command, _Leave):
                 self._release_slot(conversation)
                 continue
@@ -681,6 +698,7 @@ class ConversationHub:
             conversation.prompt_frames = prompt.num_steps
             conversation.context_policy = command.context_policy
             try:
+                began = time.perf_counter()
                 cached = engine.begin_join(slot, slot + 1, prompt, command.sampling,
                                            context_policy=command.context_policy, hold=conversation.start_on_audio)
             except ValueError as exc:  # sampling settings out of range
@@ -688,6 +706,7 @@ class ConversationHub:
                 continue
             self.metrics.joins.labels(context_policy=command.context_policy).inc()
             if cached:
+                self._cached_join_seconds = _moving_average(self._cached_join_seconds, time.perf_counter() - began)
                 self.metrics.prefix_cache_hits.inc()
                 conversation.cached_persona = True
                 self._go_live(conversation, time.perf_counter())
@@ -717,8 +736,7 @@ class ConversationHub:
                 conversation, granted = self._joining.pop(slot)
                 self._go_live(conversation, granted)
             spent = time.perf_counter() - started
-            self._join_block_seconds = spent if not self._join_block_seconds else \
-                0.8 * self._join_block_seconds + 0.2 * spent
+            self._join_block_seconds = _moving_average(self._join_block_seconds, spent)
             self._join_waited = 0
             if until is None:
                 return
@@ -806,6 +824,11 @@ class ConversationHub:
 def _deliver_all(deliveries: list[tuple[Conversation, AgentFrame]]) -> None:
     for conversation, frame in deliveries:
         conversation._deliver(frame)
+
+
+def _moving_average(average: float, sample: float) -> float:
+    """Of per-tick costs: the first sample, then mostly the past (one slow tick does not swing it)."""
+    return sample if not average else 0.8 * average + 0.2 * sample
 
 
 def _resolve(future: asyncio.Future) -> None:
