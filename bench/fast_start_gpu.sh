@@ -26,14 +26,14 @@ b)
   $GPU timeout 150 python3 bench/startup.py --kernels triton --runs cold --max-conversations 128 \
     --json "$OUT/startup_triton_128.json" > "$OUT/startup_triton_128.txt" 2>&1
   PERSONAPLEX_GOLDEN_DIR=$PWD/.golden $GPU timeout 300 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_fused_ops.py tests/test_sampling_kernel.py tests/test_sampling.py tests/test_cuda.py > "$OUT/gpu_tests.txt" 2>&1
+    tests/layers/test_fused_ops.py tests/lm/test_sampling_kernel.py tests/lm/test_sampling.py tests/engine/test_cuda.py > "$OUT/gpu_tests.txt" 2>&1
   tail -3 "$OUT/gpu_tests.txt"
   ;;
 c)
   $GPU timeout 170 python3 bench/engine.py --kernels triton --kv fp8 --slots 1 64 --steps 100 --warmup 30 \
     --no-spread-join --profile > "$OUT/engine_triton.txt" 2>&1
   PERSONAPLEX_GOLDEN_DIR=$PWD/.golden $GPU timeout 150 python3 -m pytest -q -p no:cacheprovider \
-    tests/test_fused_ops.py tests/test_sampling_kernel.py tests/test_cuda.py -k "not compile" > "$OUT/gpu_tests.txt" 2>&1
+    tests/layers/test_fused_ops.py tests/lm/test_sampling_kernel.py tests/engine/test_cuda.py -k "not compile" > "$OUT/gpu_tests.txt" 2>&1
   # Last, so that a run cut short keeps the rest: the 128-slot cold start.
   $GPU timeout 110 python3 bench/startup.py --kernels triton --runs cold --max-conversations 128 \
     --json "$OUT/startup_triton_128.json" > "$OUT/startup_triton_128.txt" 2>&1

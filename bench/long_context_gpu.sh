@@ -16,7 +16,7 @@ if [ "$1" = pinned ]; then
   done
   exit
 fi
-PERSONAPLEX_GOLDEN_DIR=$PWD/.golden timeout 180 python3 -m pytest -q tests/test_decode_attention.py tests/test_cuda.py 2>&1 \
+PERSONAPLEX_GOLDEN_DIR=$PWD/.golden timeout 180 python3 -m pytest -q tests/layers/test_decode_attention.py tests/engine/test_cuda.py 2>&1 \
   | tail -15 | tee "$OUT/cuda_tests.txt"
 for kv in fp8 model; do
   timeout 240 python3 bench/engine.py --kernels triton --kv $kv --slots 1 64 --steps 50 --warmup 10 --no-spread-join \

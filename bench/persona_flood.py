@@ -265,8 +265,8 @@ def unique_voice(worker: int, count: int) -> bytes:
 
 
 def flac_bomb() -> bytes:
-    """A 68 kB FLAC whose header claims 5 s and whose frames hold 300 s (see tests/test_voice_limits.py)."""
-    sys.path.insert(0, str(REPO / "tests"))
+    """A 68 kB FLAC whose header claims 5 s and whose frames hold 300 s (see tests/server/test_voice_limits.py)."""
+    sys.path.insert(0, str(REPO / "tests" / "server"))
     from test_voice_limits import flac_bomb as make
 
     return make(48000, 5, 300)

@@ -8,6 +8,6 @@ cores=$(nproc)
 taskset -c $((cores - 4))-$((cores - 1)) timeout 500 python3 bench/fidelity.py --steps 200 ${FIDELITY_PATHS:+--paths $FIDELITY_PATHS} \
   --json "$OUT/fidelity.json" > "$OUT/fidelity.txt" 2>&1
 wait
-PERSONAPLEX_GOLDEN_DIR=$PWD/.golden timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k pinned \
+PERSONAPLEX_GOLDEN_DIR=$PWD/.golden timeout 60 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py -k pinned \
   > "$OUT/cuda_pinned.txt" 2>&1
 tail -5 "$OUT/cuda_pinned.txt"

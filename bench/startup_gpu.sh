@@ -22,6 +22,6 @@ b)
   python3 bench/startup.py --kernels compile --runs cold,warm --cache-home /tmp/compile_cache --limit 330 \
     --json "$OUT/startup_compile_64.json" 2>&1 | tee "$OUT/startup_compile_64.txt"
   XDG_CACHE_HOME=/tmp/compile_cache timeout 150 python3 $ENGINE --kernels compile 2>&1 | tee "$OUT/engine_compile.txt"
-  PERSONAPLEX_GOLDEN_DIR=$PWD/.golden timeout 120 python3 -m pytest -q tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.txt"
+  PERSONAPLEX_GOLDEN_DIR=$PWD/.golden timeout 120 python3 -m pytest -q tests/engine/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.txt"
   ;;
 esac

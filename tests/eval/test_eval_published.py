@@ -17,7 +17,7 @@ from personaplex.eval import layout, published, synthetic
 from personaplex.eval.report import better, comparison_rows, markdown, quirks_note
 from personaplex.eval.scoring import AGGREGATES, summarize
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_bundled_file_loads_and_every_row_names_its_source():

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STATIC = REPO / "personaplex" / "server" / "static"
 LAN_HOST = "lan.test"  # resolved to 127.0.0.1 by the browsers: not "localhost", so plain http is not secure
 TONE_HZ = 440.0
@@ -36,7 +36,7 @@ PROXY_PREFIX = "/voice/agent"
 # run far slower than real time; a wait fails only when what it waits for never comes.
 MIN_WAIT_SECONDS = 90.0
 # Notices that report a problem. The demo model's notice is always there, and the behind-real-time one
-# depends on how busy the machine is (tests/test_web_ui_notices.py checks both).
+# depends on how busy the machine is (tests/server/test_web_ui_notices.py checks both).
 PROBLEM_NOTICES = "personaplex.notices.filter(n => !['demo-model', 'behind'].includes(n.id))"
 
 pytestmark = pytest.mark.slow

@@ -38,7 +38,7 @@ from test_server_protocol import opus_pages
 
 from personaplex.serving.frame_channels import INPUT_RING_SAMPLES, OUTPUT_RING_FRAMES, ChannelBlock, ChannelBroken
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 START_SECONDS = 300  # model load and two interpreters starting on a loaded 2-core machine
 SLOTS = 4
 

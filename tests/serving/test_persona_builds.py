@@ -30,7 +30,7 @@ from test_server_protocol import opus_pages
 
 from personaplex.ogg import parse_pages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class ServerThread(ProtocolServerThread):

@@ -38,7 +38,7 @@ TOKEN = "s3cret"
 # Attackers connect from here, standing for another machine (Linux routes all of 127/8 to the loopback):
 # the ordinary callers, on 127.0.0.1, keep their own budget of new connections per address.
 ATTACKER = "127.0.0.2"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
