@@ -8,7 +8,6 @@ records the Ogg stream the page sends, so its structure and content can be check
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from loopback import LoopbackServer
 
 REPO = Path(__file__).resolve().parents[2]
 STATIC = REPO / "personaplex" / "server" / "static"
@@ -587,7 +587,7 @@ def test_a_client_timed_like_the_reference_hears_the_agent_from_the_first_frame(
 # --- a server that speaks only kinds 0-2, as the reference does -------------------------------------------------
 
 
-class MinimalServer:
+class MinimalServer(LoopbackServer):
     """Handshake, then one 80 ms frame of a 330 Hz tone per 80 ms of decoded input, and a text piece every
     fifth frame; no metadata, no errors, no /api/voices. Keeps the raw Ogg bytes each client sent."""
 
@@ -595,8 +595,7 @@ class MinimalServer:
         self.streams: list[bytearray] = []
         self.queries: list[dict] = []
         self.paths: list[str] = []
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
+        super().__init__()
 
     async def chat(self, request):
         import sphn
@@ -643,29 +642,7 @@ class MinimalServer:
         app.router.add_get(f"{PROXY_PREFIX}/", index)
         app.router.add_static(f"{PROXY_PREFIX}/", STATIC)
         app.router.add_static("/", STATIC)
-        started = threading.Event()
-
-        async def serve():
-            self.runner = web.AppRunner(app)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-            started.set()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(serve())
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert started.wait(10)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.serve(app)
 
 
 @pytest.fixture(scope="module")

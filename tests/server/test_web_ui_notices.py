@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 
 import numpy as np
 import pytest
+from loopback import LoopbackServer
 from test_web_ui import STATIC, browser, open_page, start_conversation, stop_conversation  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
 
-class SlowDemoServer:
+class SlowDemoServer(LoopbackServer):
     """Claims the demo model; answers one 80 ms frame every 160 ms whatever it hears (half real time)."""
 
     def __init__(self, *, untrained: bool = True, frame_interval: float = 0.16):
         self.untrained = untrained
         self.frame_interval = frame_interval
-        self.loop = asyncio.new_event_loop()
+        super().__init__()
 
     async def health(self, request):
         from aiohttp import web
@@ -77,29 +77,7 @@ class SlowDemoServer:
         app.router.add_get("/api/chat", self.chat)
         app.router.add_get("/", index)
         app.router.add_static("/", STATIC)
-        started = threading.Event()
-
-        async def serve():
-            self.runner = web.AppRunner(app)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]
-            started.set()
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(serve())
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        assert started.wait(10)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self.serve(app)
 
 
 @pytest.fixture
