@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# OpenMP threads that wait for work sleep instead of spinning. On a CPU shared with other work a spinning
+# thread holds a core that its sibling needs to finish the same operation: a test that takes 3 s this way
+# took 48 s with the default policy under `stress-ng --cpu 2` on 2 cores (bench/NOTES.md, tests under load).
+# Read once, when torch loads its OpenMP runtime, so it is set before the import; servers and commands
+# that tests start as subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402  (after the OpenMP policy above)
 
 # Without a GPU, Triton kernels (the decode attention) are tested in Triton's interpreter. The switch is
 # read when Triton's own functions are defined, so it must be set before anything imports Triton.
