@@ -394,7 +394,7 @@ def test_triton_kernels_give_the_same_conversations(models, kv_dtype):
     require_triton_kernels()
     lm, mimi = models
     prompt = persona(lm, 1)
-    audio = user_audio(6, 10)
+    audio = user_audio(6, 3)  # every kernel runs in each frame; in the interpreter a frame takes seconds
     runs = {}
     for name in ("eager", "triton"):
         engine = Engine(lm, mimi, max_slots=3, kv_dtype=kv_dtype, kernels=name)
@@ -452,21 +452,31 @@ def test_slots_with_different_context_policies_step_together_past_the_context(mo
 @pytest.mark.parametrize("kv_dtype", ["model", "fp8"])
 def test_triton_kernels_step_pinned_and_sliding_slots_like_eager_past_the_context(models, kv_dtype):
     """The Triton decode attention's pinned path (second query for the prompt's entries) in a batch of a
-    pin-persona and a sliding slot, 1.6 contexts long: same tokens as the eager set."""
+    pin-persona and a sliding slot, 1.6 contexts long: same tokens as the eager set.
+
+    Only the decode attention differs from the eager set here: the pinned path is all in that kernel, and the
+    whole "triton" set (which the test above steps) takes seconds a frame in Triton's interpreter."""
     from conftest import require_triton_kernels
+
+    from personaplex.engine.kernels import EngineKernels
+    from personaplex.lm.fused import gpu_write_and_attend
 
     require_triton_kernels()
     _, mimi = models
-    # A shorter ring than the other tests' (the prompt's 19 frames still fit): on a CPU every fused kernel runs
-    # in Triton's interpreter (seconds a frame), and 1.6 contexts already wrap the ring past its pinned part.
+    # A shorter ring than the other tests' (the prompt's 19 frames still fit): 1.6 contexts wrap it past its
+    # pinned part.
     context = 32
     lm = randomize_(LMModel(dataclasses.replace(DEMO_LM, context=context, num_layers=2)), seed=1)
     lm = lm.eval().requires_grad_(False)
     frames = int(1.6 * context)
     audio = [user_audio(seed, frames) for seed in (7, 8)]
+    triton_attention = EngineKernels(
+        "triton", dataclasses.replace(step_kernels(lm), name="triton", write_and_attend=gpu_write_and_attend),
+        mimi.stream_kernels(),
+    )
     runs = {}
-    for name in ("eager", "triton"):
-        engine = Engine(lm, mimi, max_slots=2, kv_dtype=kv_dtype, kernels=name)
+    for name, kernels in (("eager", "eager"), ("triton", triton_attention)):
+        engine = Engine(lm, mimi, max_slots=2, kv_dtype=kv_dtype, kernels=kernels)
         engine.join(0, 1, persona(lm, 1), SamplingConfig(seed=21), context_policy="pin-persona")
         engine.join(1, 2, persona(lm, 2), SamplingConfig(greedy=True), context_policy="sliding")
         runs[name] = [engine.step(torch.stack([a[t] for a in audio])) for t in range(frames)]
@@ -485,13 +495,14 @@ def test_a_head_dim_that_is_not_a_power_of_two_runs_through_the_triton_kernels(m
     config = dataclasses.replace(DEMO_LM, context=CONTEXT, num_layers=1, dim=192, num_heads=4)
     assert config.head_dim == 48
     lm = randomize_(LMModel(config), seed=3).eval().requires_grad_(False)
-    audio = [user_audio(seed, 12) for seed in (9, 10)]
+    frames = 4  # the whole "triton" set: seconds a frame in Triton's interpreter
+    audio = [user_audio(seed, frames) for seed in (9, 10)]
     runs = {}
     for name in ("eager", "triton"):
         engine = Engine(lm, mimi, max_slots=2, kv_dtype="fp8", kernels=name)
         engine.join(0, 1, persona(lm, 1), SamplingConfig(seed=3), context_policy="pin-persona")
         engine.join(1, 2, persona(lm, 2), SamplingConfig(seed=4))
-        runs[name] = [engine.step(torch.stack([a[t] for a in audio])) for t in range(12)]
+        runs[name] = [engine.step(torch.stack([a[t] for a in audio])) for t in range(frames)]
     for plain, fast in zip(runs["eager"], runs["triton"]):
         assert torch.equal(plain.tokens, fast.tokens)
         torch.testing.assert_close(plain.pcm, fast.pcm, atol=1e-5, rtol=0)
