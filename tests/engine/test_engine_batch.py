@@ -46,6 +46,16 @@ def persona(lm, seed: int):
     return build_system_prompt(config, voice, text)
 
 
+def triton_attention_only(lm, mimi):
+    """The eager kernel set with the GPU's decode attention (the Triton kernel) in place of its own, named
+    "triton" as the engine's GPU default is."""
+    from personaplex.engine.kernels import EngineKernels
+    from personaplex.lm.fused import gpu_write_and_attend
+
+    lm_kernels = dataclasses.replace(step_kernels(lm), name="triton", write_and_attend=gpu_write_and_attend)
+    return EngineKernels("triton", lm_kernels, mimi.stream_kernels())
+
+
 def user_audio(seed: int, frames: int) -> torch.Tensor:
     return 0.1 * torch.randn(frames, 1920, generator=torch.Generator().manual_seed(seed))
 
@@ -108,15 +118,9 @@ def test_idle_slots_do_not_stretch_the_ring_read(models):
 def test_fp8_rings_through_the_triton_kernel_need_no_length_buckets(models):
     """The GPU's FP8 decode attention reads each slot only up to its own length: one ring length (the
     whole context) serves every step, so a server captures one graph per batch bucket, not per length."""
-    from personaplex.engine.kernels import EngineKernels
-    from personaplex.lm.fused import gpu_write_and_attend, step_kernels
-
     lm, mimi = models
     # As the "triton" set (nothing runs here: only the bucket choice is checked, no Triton needed).
-    triton_like = EngineKernels(
-        "triton", dataclasses.replace(step_kernels(lm), name="triton", write_and_attend=gpu_write_and_attend),
-        mimi.stream_kernels(),
-    )
+    triton_like = triton_attention_only(lm, mimi)
     for kv_dtype, own_lengths in (("fp8", True), ("model", False)):
         engine = Engine(lm, mimi, max_slots=4, kv_dtype=kv_dtype)
         engine.join(2, 3, persona(lm, 1), SamplingConfig(greedy=True))
@@ -458,9 +462,6 @@ def test_triton_kernels_step_pinned_and_sliding_slots_like_eager_past_the_contex
     whole "triton" set (which the test above steps) takes seconds a frame in Triton's interpreter."""
     from conftest import require_triton_kernels
 
-    from personaplex.engine.kernels import EngineKernels
-    from personaplex.lm.fused import gpu_write_and_attend
-
     require_triton_kernels()
     _, mimi = models
     # A shorter ring than the other tests' (the prompt's 19 frames still fit): 1.6 contexts wrap it past its
@@ -470,10 +471,7 @@ def test_triton_kernels_step_pinned_and_sliding_slots_like_eager_past_the_contex
     lm = lm.eval().requires_grad_(False)
     frames = int(1.6 * context)
     audio = [user_audio(seed, frames) for seed in (7, 8)]
-    triton_attention = EngineKernels(
-        "triton", dataclasses.replace(step_kernels(lm), name="triton", write_and_attend=gpu_write_and_attend),
-        mimi.stream_kernels(),
-    )
+    triton_attention = triton_attention_only(lm, mimi)
     runs = {}
     for name, kernels in (("eager", "eager"), ("triton", triton_attention)):
         engine = Engine(lm, mimi, max_slots=2, kv_dtype=kv_dtype, kernels=kernels)
