@@ -316,6 +316,7 @@ class ConversationHub:
         self._cached_join_seconds = 0.0  # moving average of a join from the prefix cache
         self._step_seconds = 0.0  # moving average of a tick's step (audio in, engine step, frames out)
         self._join_waited = 0  # ticks the pending joins found no room
+        self._joins_deferred = 0  # ticks the next join request found no room
 
     # --- construction ----------------------------------------------------------------------------------
 
@@ -672,15 +673,21 @@ class ConversationHub:
     def _apply_commands(self, until: float | None = None) -> None:
         """Apply the queued requests in order. While others talk, a join from the prefix cache runs only if
         the tick still has room for it and the step before ``until`` (perf_counter; measured averages):
-        a burst of callers joins over a few ticks instead of making one tick miss real time."""
+        a burst of callers joins over a few ticks instead of making one tick miss real time. A join that
+        found no room for ``JOIN_PATIENCE_TICKS`` ticks runs anyway: on a machine whose step alone overruns
+        the tick there is never room, and one late tick is better than callers that never join."""
         engine = self.engine
         while (command := self._next_command()) is not None:
             conversation = command.conversation
             if (isinstance(command, _Join) and until is not None and self._live
+                    and self._joins_deferred < JOIN_PATIENCE_TICKS
                     and time.perf_counter() + self._cached_join_seconds + self._step_seconds
                     > until - TICK_MARGIN_SECONDS):
+                self._joins_deferred += 1
                 self._deferred.appendleft(command)
                 return
+            if isinstance(command, _Join):
+                self._joins_deferred = 0
             if isinstance(command, _Leave):
                 self._release_slot(conversation)
                 continue

@@ -786,10 +786,12 @@ def test_eight_simultaneous_conversations(demo_model):
 
     async def scenario():
         everyone_live = asyncio.Event()
+        someone_refused = asyncio.Event()  # a caller closed before its handshake: the others stop too
         live = []
 
         async def caller(index):
-            pages = opus_pages(4.0, seed=index)
+            rng = np.random.default_rng(index)
+            writer = sphn.OpusStreamWriter(24000)
             received = Received()
             url = chat_url(eight.url, seed=index, voice_prompt=f"NATM{index % 4}")
             async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
@@ -798,14 +800,18 @@ def test_eight_simultaneous_conversations(demo_model):
                         live.append(index)
                         if len(live) == 8:
                             everyone_live.set()
-                    return everyone_live.is_set() and len(r.of(0x01)) >= 30
+                    return someone_refused.is_set() or (everyone_live.is_set() and len(r.of(0x01)) >= 30)
                 reader = asyncio.create_task(read_all(ws, received, until=enough))
-                while 0x00 not in received.kinds():
+                while 0x00 not in received.kinds() and not reader.done():
                     await asyncio.sleep(0.01)
-                for page in pages:  # talk (at real time) until everyone has talked a while
-                    if reader.done():
-                        break
-                    await ws.send_bytes(b"\x01" + page)
+                if 0x00 not in received.kinds():
+                    someone_refused.set()
+                # Talk at real time until this caller has heard enough: not a fixed length, since on a loaded
+                # machine the last caller can go live long after the first.
+                while not reader.done():
+                    pcm = (0.1 * rng.standard_normal(FRAME)).astype(np.float32)
+                    for page in parse_pages(writer.append_pcm(pcm)):
+                        await ws.send_bytes(b"\x01" + page.to_bytes())
                     await asyncio.sleep(0.08)
                 await reader
             return received

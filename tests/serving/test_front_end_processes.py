@@ -123,7 +123,8 @@ def test_a_malformed_control_message_ends_only_that_front_ends_calls(demo_model,
             remotes[0]._writer.write(b"\x00\x00\x00\x05\x00\x00\x00\x00{bad}")  # not a JSON object
             assert await asyncio.wait_for(calls[0].ended(), 60)
             await wait_until(lambda: hub.load()["slots_busy"] == 1)  # its slot is free at once
-            assert remotes[0].lost.is_set() and not remotes[1].lost.is_set()
+            await asyncio.wait_for(remotes[0].lost.wait(), 60)
+            assert not remotes[1].lost.is_set()
             before = received[1]
             await wait_until(lambda: received[1] >= before + 5)  # the other front end's call goes on
             assert calls[1].end_reason is None and host.protocol_errors == 1
@@ -602,13 +603,17 @@ def test_one_notice_per_tick_per_process_and_a_broken_ring_ends_only_its_process
 
             listeners = [asyncio.create_task(listen(i)) for i in range(3)]
             await wait_until(lambda: min(received[:2]) >= 10)
-            notices, frames = busy.tick_notices, received[0] + received[1]
-            assert notices <= max(received[:2]) + 2 < frames, (notices, received)
+            # Frames the process took from its rings, read in the same instant as the notices (what the
+            # listeners have consumed lags behind on a loaded machine).
+            taken = [call.frames_sent for call in calls[:2]]
+            notices = busy.tick_notices
+            assert notices <= max(taken) + 2 < sum(taken), (notices, taken)
             # An impossible input counter in the busy process's shared memory.
             calls[0]._channel.input._counters[0] = 10**15
             await asyncio.wait_for(calls[0].ended(), 60)
             await asyncio.wait_for(calls[1].ended(), 60)
-            assert busy.lost.is_set() and host.protocol_errors == 1
+            await asyncio.wait_for(busy.lost.wait(), 60)
+            assert host.protocol_errors == 1
             await wait_until(lambda: hub.load()["slots_busy"] == 1)
             before = received[2]
             await wait_until(lambda: received[2] >= before + 5)

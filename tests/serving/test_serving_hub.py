@@ -432,7 +432,7 @@ def test_a_burst_of_joins_waits_for_room_in_the_tick_instead_of_making_it_late(d
     import threading
     import time
 
-    from personaplex.serving.hub import _Join
+    from personaplex.serving.hub import JOIN_PATIENCE_TICKS, _Join
 
     class Gone:  # a caller that hung up before its join was applied: the hub skips it
         closed = threading.Event()
@@ -453,6 +453,17 @@ def test_a_burst_of_joins_waits_for_room_in_the_tick_instead_of_making_it_late(d
         hub._commands.put(command)
     hub._apply_commands(until=time.perf_counter() + 10.0)  # room for all
     assert hub._next_command() is None and not hub._deferred
+
+    # A machine whose step alone overruns every tick: a join waits JOIN_PATIENCE_TICKS ticks, then runs
+    # anyway (one at a time), rather than never.
+    for command in joins:
+        hub._commands.put(command)
+    for _ in range(JOIN_PATIENCE_TICKS):
+        hub._apply_commands(until=time.perf_counter() - 1.0)
+        assert len(hub._deferred) + hub._commands.qsize() == len(joins)
+    hub._apply_commands(until=time.perf_counter() - 1.0)
+    assert [hub._next_command() for _ in joins[1:]] == joins[1:]  # the first ran, the next ones wait again
+    assert hub._next_command() is None
 
     hub._live.clear()  # nobody to make late: every join runs at once
     for command in joins:
