@@ -28,6 +28,7 @@ import hmac
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable
 
 from ..engine import SamplingConfig
@@ -125,6 +126,9 @@ class EngineHost:
         self.links: dict[int, FrontEndLink] = {}
         self._server: asyncio.AbstractServer | None = None
         self._inputs: dict[str, tuple[object, object, FrontEndLink]] = {}  # id -> (conversation, input ring, link)
+        # Held by the engine thread while it reads input rings, and by the event loop to change ``_inputs``
+        # or unmap a block: a block unmapped under a read in progress would crash the engine process.
+        self._inputs_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state_task: asyncio.Task | None = None
         self._connections: set[asyncio.Task] = set()
@@ -162,17 +166,18 @@ class EngineHost:
 
     def _take_input(self) -> None:
         """Engine thread, start of a tick: every channel's new audio into its conversation's jitter buffer."""
-        for conversation, ring, link in list(self._inputs.values()):
-            try:
-                pcm = ring.take()
-            except ChannelBroken as exc:
-                self._loop.call_soon_threadsafe(self._broken, link, str(exc))
-                continue
-            except Exception:  # noqa: BLE001 - never let one channel stop the tick
-                log.exception("reading a front end's audio failed")
-                continue
-            if pcm is not None:
-                conversation.send_audio(pcm)
+        with self._inputs_lock:
+            for conversation, ring, link in self._inputs.values():
+                try:
+                    pcm = ring.take()
+                except ChannelBroken as exc:
+                    self._loop.call_soon_threadsafe(self._broken, link, str(exc))
+                    continue
+                except Exception:  # noqa: BLE001 - never let one channel stop the tick
+                    log.exception("reading a front end's audio failed")
+                    continue
+                if pcm is not None:
+                    conversation.send_audio(pcm)
 
     def _broken(self, link: FrontEndLink, what: str) -> None:
         self.protocol_errors += 1
@@ -334,7 +339,8 @@ class EngineHost:
         channel.reset()
         call = _Call(conversation, index, channel)
         link.calls[call.id] = call
-        self._inputs[call.id] = (conversation, channel.input, link)
+        with self._inputs_lock:
+            self._inputs[call.id] = (conversation, channel.input, link)
         link.send({"t": "opened", "id": request_id, "c": call.id, "channel": index, "slot": conversation.slot,
                    "max_frames": conversation.max_frames, "prompt_frames": conversation.prompt_frames,
                    "context_policy": conversation.context_policy, "cached_persona": conversation.cached_persona,
@@ -350,7 +356,8 @@ class EngineHost:
                 ring.put(frame.pcm, frame.text)
                 link.frames_ready()
         finally:
-            self._inputs.pop(call.id, None)
+            with self._inputs_lock:
+                self._inputs.pop(call.id, None)
             link.send({"t": "ended", "c": call.id, "reason": conversation.end_reason or "ended",
                        "frames": ring.written})
             call.pump_done = True
@@ -369,8 +376,10 @@ class EngineHost:
         if self.links.get(link.index) is link:
             del self.links[link.index]
         calls = list(link.calls.values())
+        with self._inputs_lock:
+            for call in calls:
+                self._inputs.pop(call.id, None)
         for call in calls:
-            self._inputs.pop(call.id, None)
             await call.conversation.close("the server's front-end process for this call stopped")
         for task in list(link.tasks):
             task.cancel()
@@ -378,7 +387,8 @@ class EngineHost:
         log.log(logging.INFO if self.stopping else logging.WARNING, "front-end process %d (pid %d) is gone (%s): "
                 "%d of its calls ended", link.index, link.pid, reason, len(calls))
         link.calls.clear()
-        link.block.close()
+        with self._inputs_lock:  # no read of its rings is in progress (none can start: they left _inputs)
+            link.block.close()
 
     async def _send_states(self) -> None:
         metrics = self.hub.metrics

@@ -146,6 +146,70 @@ def test_a_malformed_control_message_ends_only_that_front_ends_calls(demo_model,
     asyncio.run(asyncio.wait_for(scenario(), 240))
 
 
+def test_a_front_end_dropped_while_the_engine_reads_its_ring_leaves_the_engine_running(demo_model, tmp_path,
+                                                                                        monkeypatch):
+    """The engine thread reads a front end's input ring while the event loop drops that front end and unmaps
+    its shared memory: the unmapping waits for the read. (It did not: a front end ending while the engine
+    thread was preempted mid-read crashed the engine process with a segmentation fault, every call with it.)"""
+    import threading
+
+    from personaplex.serving import frame_channels
+    from personaplex.serving.engine_host import EngineHost
+    from personaplex.serving.hub import ConversationHub, HubOptions, PersonaRequest
+    from personaplex.serving.remote_hub import RemoteHub
+
+    original_take = frame_channels.InputRing.take
+    stalled_ring, inside = [], threading.Event()
+
+    def take_after_a_stall(ring):
+        if stalled_ring and ring is stalled_ring[0]:
+            stalled_ring.clear()
+            inside.set()
+            time.sleep(1.0)  # an engine thread preempted mid-read, as on a loaded machine
+        return original_take(ring)
+
+    monkeypatch.setattr(frame_channels.InputRing, "take", take_after_a_stall)
+
+    async def scenario():
+        hub = ConversationHub(demo_model, HubOptions(max_conversations=2, max_queue=0, input_timeout_seconds=None))
+        await hub.start()
+        host = EngineHost(hub, key="k", front_ends=2, config_for=lambda index: {})
+        path = str(tmp_path / "control.sock")
+        await host.start(path)
+        leaving, staying = RemoteHub(path, "k", 0), RemoteHub(path, "k", 1)
+        try:
+            for remote in (leaving, staying):
+                await remote.connect()
+                await remote.start()
+            calls = [await leaving.open(PersonaRequest(), front_end="chat"),
+                     await staying.open(PersonaRequest(), front_end="chat")]
+            received = [0, 0]
+
+            async def listen(index):
+                async for _ in calls[index].frames():
+                    received[index] += 1
+                    calls[index].send_audio(np.zeros(1920, np.float32))
+
+            listeners = [asyncio.create_task(listen(i)) for i in range(2)]
+            await wait_until(lambda: min(received) >= 3)
+            stalled_ring.append(host._inputs[calls[0].id][1])  # the engine's view of the leaving call's ring
+            assert await asyncio.to_thread(inside.wait, 60)
+            await leaving.close()  # its connection ends: the host drops it and unmaps its block
+            await wait_until(lambda: hub.load()["slots_busy"] == 1 and not host.links.get(0))
+            before = received[1]
+            await wait_until(lambda: received[1] >= before + 5)  # the engine thread goes on
+            assert calls[1].end_reason is None
+            for task in listeners:
+                task.cancel()
+        finally:
+            for remote in (leaving, staying):
+                await remote.close()
+            await host.close()
+            await hub.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 240))
+
+
 async def wait_until(condition, deadline: float = 120.0) -> None:
     end = time.monotonic() + deadline
     while not condition():
