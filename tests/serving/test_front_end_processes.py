@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import json
 import os
@@ -89,32 +90,54 @@ def test_rings_carry_audio_and_frames_and_refuse_out_of_range_counters():
 # --- engine host and remote hubs in one process -----------------------------------------------------------------
 
 
-def test_a_malformed_control_message_ends_only_that_front_ends_calls(demo_model, tmp_path):
+@contextlib.asynccontextmanager
+async def engine_and_two_front_ends(model, tmp_path, max_conversations: int):
+    """A started hub and engine host, and two connected front ends (``RemoteHub`` 0 and 1) whose hello
+    answer carries their index; all closed on the way out."""
     from personaplex.serving.engine_host import EngineHost
-    from personaplex.serving.hub import ConversationHub, HubOptions, PersonaError, PersonaRequest
+    from personaplex.serving.hub import ConversationHub, HubOptions
     from personaplex.serving.remote_hub import RemoteHub
 
+    hub = ConversationHub(model, HubOptions(max_conversations=max_conversations, max_queue=0,
+                                            input_timeout_seconds=None))
+    await hub.start()
+    host = EngineHost(hub, key="k", front_ends=2, config_for=lambda index: {"index": index})
+    path = str(tmp_path / "control.sock")
+    await host.start(path)
+    remotes = [RemoteHub(path, "k", index) for index in range(2)]
+    try:
+        for remote in remotes:
+            assert (await remote.connect()) == {"index": remote.index}
+            await remote.start()
+        yield hub, host, remotes
+    finally:
+        for remote in remotes:
+            await remote.close()
+        await host.close()
+        await hub.close()
+
+
+def count_frames(calls, received: list[int], answer: bool = False) -> list[asyncio.Task]:
+    """A listener per call counting its agent frames in ``received`` (answering each with a frame of
+    silence when ``answer``); cancel the tasks when done."""
+    async def listen(index):
+        async for _ in calls[index].frames():
+            received[index] += 1
+            if answer:
+                calls[index].send_audio(np.zeros(1920, np.float32))
+
+    return [asyncio.create_task(listen(index)) for index in range(len(calls))]
+
+
+def test_a_malformed_control_message_ends_only_that_front_ends_calls(demo_model, tmp_path):
+    from personaplex.serving.hub import PersonaError, PersonaRequest
+
     async def scenario():
-        hub = ConversationHub(demo_model, HubOptions(max_conversations=2, max_queue=0, input_timeout_seconds=None))
-        await hub.start()
-        host = EngineHost(hub, key="k", front_ends=2, config_for=lambda index: {"index": index})
-        path = str(tmp_path / "control.sock")
-        await host.start(path)
-        remotes = [RemoteHub(path, "k", index) for index in range(2)]
-        try:
-            for remote in remotes:
-                assert (await remote.connect()) == {"index": remote.index}
-                await remote.start()
+        async with engine_and_two_front_ends(demo_model, tmp_path, max_conversations=2) as (hub, host, remotes):
             calls = [await remote.open(PersonaRequest(), front_end="chat") for remote in remotes]
             assert sorted(call.slot for call in calls) == [0, 1]
             received = [0, 0]
-
-            async def listen(index):
-                async for _ in calls[index].frames():
-                    received[index] += 1
-                    calls[index].send_audio(np.zeros(1920, np.float32))
-
-            listeners = [asyncio.create_task(listen(i)) for i in range(2)]
+            listeners = count_frames(calls, received, answer=True)
             await wait_until(lambda: min(received) >= 3)
             # What the engine process would refuse is refused to its caller, before it is sent.
             with pytest.raises(PersonaError, match="far longer"):
@@ -129,7 +152,7 @@ def test_a_malformed_control_message_ends_only_that_front_ends_calls(demo_model,
             await wait_until(lambda: received[1] >= before + 5)  # the other front end's call goes on
             assert calls[1].end_reason is None and host.protocol_errors == 1
             # A connection that does not say hello with the key gets nothing and breaks nothing.
-            reader, writer = await asyncio.open_unix_connection(path)
+            reader, writer = await asyncio.open_unix_connection(remotes[0].socket_path)
             writer.write(b"\xff" * 64)
             assert await asyncio.wait_for(reader.read(), 30) == b""
             assert host.protocol_errors == 2 and calls[1].end_reason is None
@@ -137,11 +160,6 @@ def test_a_malformed_control_message_ends_only_that_front_ends_calls(demo_model,
             await wait_until(lambda: hub.load()["slots_busy"] == 0)
             for task in listeners:
                 task.cancel()
-        finally:
-            for remote in remotes:
-                await remote.close()
-            await host.close()
-            await hub.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 240))
 
@@ -154,9 +172,7 @@ def test_a_front_end_dropped_while_the_engine_reads_its_ring_leaves_the_engine_r
     import threading
 
     from personaplex.serving import frame_channels
-    from personaplex.serving.engine_host import EngineHost
-    from personaplex.serving.hub import ConversationHub, HubOptions, PersonaRequest
-    from personaplex.serving.remote_hub import RemoteHub
+    from personaplex.serving.hub import PersonaRequest
 
     original_take = frame_channels.InputRing.take
     stalled_ring, inside = [], threading.Event()
@@ -171,26 +187,11 @@ def test_a_front_end_dropped_while_the_engine_reads_its_ring_leaves_the_engine_r
     monkeypatch.setattr(frame_channels.InputRing, "take", take_after_a_stall)
 
     async def scenario():
-        hub = ConversationHub(demo_model, HubOptions(max_conversations=2, max_queue=0, input_timeout_seconds=None))
-        await hub.start()
-        host = EngineHost(hub, key="k", front_ends=2, config_for=lambda index: {})
-        path = str(tmp_path / "control.sock")
-        await host.start(path)
-        leaving, staying = RemoteHub(path, "k", 0), RemoteHub(path, "k", 1)
-        try:
-            for remote in (leaving, staying):
-                await remote.connect()
-                await remote.start()
-            calls = [await leaving.open(PersonaRequest(), front_end="chat"),
-                     await staying.open(PersonaRequest(), front_end="chat")]
+        async with engine_and_two_front_ends(demo_model, tmp_path, max_conversations=2) as (hub, host, remotes):
+            leaving, _ = remotes
+            calls = [await remote.open(PersonaRequest(), front_end="chat") for remote in remotes]
             received = [0, 0]
-
-            async def listen(index):
-                async for _ in calls[index].frames():
-                    received[index] += 1
-                    calls[index].send_audio(np.zeros(1920, np.float32))
-
-            listeners = [asyncio.create_task(listen(i)) for i in range(2)]
+            listeners = count_frames(calls, received, answer=True)
             await wait_until(lambda: min(received) >= 3)
             stalled_ring.append(host._inputs[calls[0].id][1])  # the engine's view of the leaving call's ring
             assert await asyncio.to_thread(inside.wait, 60)
@@ -201,11 +202,6 @@ def test_a_front_end_dropped_while_the_engine_reads_its_ring_leaves_the_engine_r
             assert calls[1].end_reason is None
             for task in listeners:
                 task.cancel()
-        finally:
-            for remote in (leaving, staying):
-                await remote.close()
-            await host.close()
-            await hub.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 240))
 
@@ -642,30 +638,15 @@ def test_one_notice_per_tick_per_process_and_a_broken_ring_ends_only_its_process
     """Two calls on one front-end process get one tick notice per engine tick between them (system calls
     grow with processes, not callers); a process that writes an impossible counter into its shared memory
     loses its calls, the other process's call goes on."""
-    from personaplex.serving.engine_host import EngineHost
-    from personaplex.serving.hub import ConversationHub, HubOptions, PersonaRequest
-    from personaplex.serving.remote_hub import RemoteHub
+    from personaplex.serving.hub import PersonaRequest
 
     async def scenario():
-        hub = ConversationHub(demo_model, HubOptions(max_conversations=3, max_queue=0, input_timeout_seconds=None))
-        await hub.start()
-        host = EngineHost(hub, key="k", front_ends=2, config_for=lambda index: {})
-        path = str(tmp_path / "control.sock")
-        await host.start(path)
-        busy, other = RemoteHub(path, "k", 0), RemoteHub(path, "k", 1)
-        try:
-            for remote in (busy, other):
-                await remote.connect()
-                await remote.start()
+        async with engine_and_two_front_ends(demo_model, tmp_path, max_conversations=3) as (hub, host, remotes):
+            busy, other = remotes
             calls = [await busy.open(PersonaRequest(), front_end="chat") for _ in range(2)]
             calls.append(await other.open(PersonaRequest(), front_end="chat"))
             received = [0, 0, 0]
-
-            async def listen(index):
-                async for _ in calls[index].frames():
-                    received[index] += 1
-
-            listeners = [asyncio.create_task(listen(i)) for i in range(3)]
+            listeners = count_frames(calls, received)
             await wait_until(lambda: min(received[:2]) >= 10)
             # Frames the process took from its rings, read in the same instant as the notices (what the
             # listeners have consumed lags behind on a loaded machine).
@@ -684,11 +665,6 @@ def test_one_notice_per_tick_per_process_and_a_broken_ring_ends_only_its_process
             assert calls[2].end_reason is None
             for task in listeners:
                 task.cancel()
-        finally:
-            for remote in (busy, other):
-                await remote.close()
-            await host.close()
-            await hub.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 240))
 
