@@ -325,7 +325,7 @@ def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
         out.setsampwidth(2)
         out.setframerate(48_000)
         out.writeframes((12000 * np.sin(2 * np.pi * 440 * t) * (0.55 + 0.45 * np.sin(6 * np.pi * t))).astype("<i2"))
-    from test_web_ui import PROBLEM_NOTICES
+    from test_web_ui import PROBLEM_NOTICES, Page
 
     from personaplex.scaleout.stats import replica_names
 
@@ -334,22 +334,20 @@ def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
             "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={microphone}"])
         try:
             context = browser.new_context(permissions=["microphone"])
-            page = context.new_page()
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(f"http://{cluster}/")
-            page.wait_for_selector("body[data-ready]", timeout=DEADLINE * 1000)
-            assert "NATF2" in page.evaluate("personaplex.voices")
+            page = Page(context.new_page(), context)  # its waits say what the page saw when they time out
+            page.page.on("pageerror", lambda error: page.errors.append(str(error)))
+            page.page.goto(f"http://{cluster}/")
+            page.page.wait_for_selector("body[data-ready]", timeout=DEADLINE * 1000)
+            assert "NATF2" in page.js("personaplex.voices")
             page.click("#start")
-            page.wait_for_function("personaplex.state === 'connected'", timeout=DEADLINE * 1000)
-            page.wait_for_function("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 2",
-                                   timeout=DEADLINE * 1000)
-            welcome = page.evaluate("personaplex.metadata[0]")
+            page.wait("personaplex.state === 'connected'", timeout=DEADLINE)
+            page.wait("personaplex.stats.playback && personaplex.stats.playback.playedSeconds > 2", timeout=DEADLINE)
+            welcome = page.js("personaplex.metadata[0]")
             assert welcome["model"] == "demo" and welcome["replica"] in replica_names()
-            assert page.evaluate("personaplex.counters.pagesOut") > 20  # the microphone's Ogg/Opus went out
+            assert page.js("personaplex.counters.pagesOut") > 20  # the microphone's Ogg/Opus went out
             page.click("#stop")
-            page.wait_for_function("personaplex.state === 'closed'", timeout=DEADLINE * 1000)
-            assert page.evaluate(PROBLEM_NOTICES) == [] and errors == []
+            page.wait("personaplex.state === 'closed'", timeout=DEADLINE)
+            assert page.js(PROBLEM_NOTICES) == [] and page.errors == []
         finally:
             browser.close()
 
