@@ -306,9 +306,23 @@ def test_replicas_serve_the_single_servers_routes(cluster):
     asyncio.run(asyncio.wait_for(scenario(), 4 * DEADLINE))
 
 
+async def _warm_every_replica(address: str) -> None:
+    """One short conversation on every slot (so on every replica). A replica's first conversation pays a
+    one-time cost in Ray Serve's streaming path before its first audio: 0.4 s on a quiet 2-core machine,
+    18-24 s under `stress-ng --cpu 2` (bench/NOTES.md), longer than the page's 10 s silence watchdog."""
+    callers = [Caller(address, seed) for seed in range(2 * SLOTS)]
+    for caller in callers:
+        caller.start()
+    await _started(callers)
+    await _pages_grow(callers, 1)
+    for caller in callers:
+        await caller.close()
+
+
 @pytest.mark.slow
 def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
-    """The single server's web page in headless Chromium (fake microphone), served and answered by a replica."""
+    """The single server's web page in headless Chromium (fake microphone), served and answered by a replica
+    (warmed first: see ``_warm_every_replica``)."""
     import shutil
     import wave
 
@@ -329,6 +343,7 @@ def test_web_page_holds_a_conversation_through_the_replicas(cluster, tmp_path):
 
     from personaplex.scaleout.stats import replica_names
 
+    asyncio.run(asyncio.wait_for(_warm_every_replica(cluster), SCENARIO_LIMIT))
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=[
             "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={microphone}"])
