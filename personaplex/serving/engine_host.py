@@ -387,8 +387,7 @@ class EngineHost:
         log.log(logging.INFO if self.stopping else logging.WARNING, "front-end process %d (pid %d) is gone (%s): "
                 "%d of its calls ended", link.index, link.pid, reason, len(calls))
         link.calls.clear()
-        with self._inputs_lock:  # no read of its rings is in progress (none can start: they left _inputs)
-            link.block.close()
+        link.block.close()  # safe: its rings left _inputs under the lock, so no engine-thread read is in progress
 
     async def _send_states(self) -> None:
         metrics = self.hub.metrics
