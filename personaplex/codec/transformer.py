@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compiled import compile_step_function
 from ..config import MimiTransformerConfig
 from ..layers.attention import additive_mask, math_attention, merge_heads, ring_attention
 from ..layers.fused_ops import EAGER_OPS, TRITON_OPS, LayerOps
@@ -247,5 +248,5 @@ def stream_function(stack: TransformerStack, kind: str = "eager") -> Callable:
         return stack.stream(x, state, math_attention, ops)
 
     if kind == "compile":
-        return torch.compile(with_math_attention, fullgraph=True, dynamic=True)
+        return compile_step_function(with_math_attention)
     return with_math_attention

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..compiled import compile_step_function
 from ..layers.attention import merge_heads, pinned_math_attention
 from ..layers.decode_attention import decode_attention, decode_attention_available
 from ..layers.fused_ops import EAGER_OPS, TRITON_OPS, EmbeddingSum, LayerOps, rms_norm_reference
@@ -201,10 +202,7 @@ def step_kernels(model, name: str = "eager") -> StepKernels:
     if model.device.type != "cuda":
         raise ValueError("the 'compile' kernels need a CUDA device (Inductor's CPU code differs in rounding)")
     if model not in _compiled:
-        def fused(fn: Callable) -> Callable:
-            # Batch sizes vary between steps (batch buckets), ring lengths too: dynamic dimensions.
-            return torch.compile(fn, fullgraph=True, dynamic=True)
-
+        fused = compile_step_function
         _compiled[model] = StepKernels(
             name, fused(model.embed), fused(attention_input), fused(attention_output_and_ffn), attend,
             fused(model.forward_depth), fused(choose_tokens), fused(write_given), fused(commit),

@@ -51,9 +51,9 @@ def teacher_forced(
         for _ in range(frames):
             forced = torch.randint(0, cfg.card, (slots, cfg.num_channels), generator=draw)
             forced[:, 0] = torch.randint(0, cfg.text_card, (slots,), generator=draw)
-            result = generator.step(gen_state, lm_state, forced, return_audio_logits=True)
-            text.append(result.text_logits.float())
-            audio.append(result.audio_logits.float())
+            result = generator.step(gen_state, lm_state, forced.to(model.device), return_audio_logits=True)
+            text.append(result.text_logits.float().cpu())
+            audio.append(result.audio_logits.float().cpu())
     return torch.stack(text), torch.stack(audio)
 
 
@@ -91,11 +91,13 @@ def test_logits_stay_close_to_the_unquantized_model(checkpoint, mode, tolerance)
 
 
 def test_triton_kernels_take_quantized_weights(checkpoint):
-    """The "triton" kernel set (Triton's interpreter here) steps a quantized model as the eager set does."""
+    """The "triton" kernel set steps a quantized model as the eager set does (on a GPU where there is one,
+    else in Triton's interpreter: real Triton launches only take GPU tensors)."""
     from conftest import require_triton_kernels
 
     require_triton_kernels()
-    model = load_lm(checkpoint, CONFIG, dtype=torch.float32, quantize="int8")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_lm(checkpoint, CONFIG, device=device, dtype=torch.float32, quantize="int8")
     frames = 3  # in Triton's interpreter a frame takes seconds; every kernel runs in each
     text, audio = teacher_forced(model, frames)
     text_fused, audio_fused = teacher_forced(model, frames, kernels="triton")
