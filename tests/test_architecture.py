@@ -26,8 +26,8 @@ COMMANDS = ("personaplex.offline", "personaplex.client", "personaplex.loadtest",
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation: errors, presets, text, Ogg pages", (
         "personaplex", "personaplex.errors", "personaplex.config", "personaplex.text", "personaplex.startup",
-        "personaplex.compile_cache", "personaplex.cuda_graph", "personaplex.assets_data", "personaplex.ogg",
-        "personaplex.devices",
+        "personaplex.compile_cache", "personaplex.compiled", "personaplex.cuda_graph", "personaplex.assets_data",
+        "personaplex.ogg", "personaplex.devices",
     )),
     ("model: codec, LM, weights, personas, engine, loading", (
         "personaplex.layers", "personaplex.codec", "personaplex.lm", "personaplex.checkpoint", "personaplex.model_assets",
