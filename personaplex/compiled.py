@@ -19,10 +19,8 @@ RECOMPILE_LIMIT = 64
 def raise_recompile_limit(limit: int = RECOMPILE_LIMIT) -> None:
     """Allow at least ``limit`` compiled variants per function (never lowers a larger setting)."""
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    setattr(config, name, max(getattr(config, name), limit))
-    if hasattr(config, "accumulated_recompile_limit"):
-        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * limit)
 
 
 def compile_step_function(fn: Callable) -> Callable:
